@@ -1,0 +1,127 @@
+//! Network namespaces and the agent's sockets inside them. All `unsafe` of the agent lives here,
+//! but for the registration of the kernel log ring buffer in `capture`.
+//!
+//! The agent runs in its node's netns and holds sockets inside every local pod's netns. A socket
+//! belongs to the netns its creating thread was in at `socket()` time, so [`Netns::run`] moves the
+//! calling thread into the pod's netns, runs a short synchronous closure (create, bind), and moves
+//! it back — no other code runs on that thread meanwhile.
+
+use std::fs::File;
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, AsRawFd};
+use std::path::Path;
+
+use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+
+use meshless_common::AGENT_MARK;
+
+/// `SO_NETNS_COOKIE` (Linux ≥ 5.14), not yet in every libc release.
+const SO_NETNS_COOKIE: libc::c_int = 71;
+
+#[derive(Debug)]
+pub struct Netns {
+    file: File,
+}
+
+impl Netns {
+    pub fn open(path: &Path) -> io::Result<Netns> {
+        let file = File::open(path).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("network namespace {}: {e}", path.display()),
+            )
+        })?;
+        Ok(Netns { file })
+    }
+
+    /// The netns of the calling thread.
+    pub fn current() -> io::Result<Netns> {
+        Netns::open(Path::new("/proc/thread-self/ns/net"))
+    }
+
+    /// Runs `f` with the calling thread inside this netns, then returns the thread to `home`.
+    pub fn run<T>(&self, home: &Netns, f: impl FnOnce() -> T) -> io::Result<T> {
+        setns(&self.file)?;
+        let out = f();
+        if let Err(e) = setns(&home.file) {
+            // The thread would keep running in a pod's netns: every later socket on it would be
+            // created in the wrong place. There is no safe way on; stop the process.
+            eprintln!("fatal: cannot return to the agent's network namespace: {e}");
+            std::process::abort();
+        }
+        Ok(out)
+    }
+}
+
+fn setns(file: &File) -> io::Result<()> {
+    // SAFETY: setns(2) on an open netns fd only changes the calling thread's netns; the fd stays
+    // valid for the call because we borrow the File.
+    let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// A TCP socket marked as the agent's own (never captured), non-blocking.
+pub fn agent_socket(addr: &SocketAddr) -> io::Result<Socket> {
+    let s = Socket::new(
+        Domain::for_address(*addr),
+        Type::STREAM.nonblocking(),
+        Some(Protocol::TCP),
+    )?;
+    s.set_mark(AGENT_MARK)?;
+    s.set_tcp_nodelay(true)?;
+    Ok(s)
+}
+
+/// A listening socket bound to `addr`: SO_REUSEPORT so a new agent can bind before the old one
+/// leaves; IPv6 wildcard listeners are dual-stack, IPv6 loopback ones are v6-only.
+pub fn listener(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    let s = agent_socket(&addr)?;
+    s.set_reuse_address(true)?;
+    s.set_reuse_port(true)?;
+    if let SocketAddr::V6(v6) = addr {
+        s.set_only_v6(!v6.ip().is_unspecified())?;
+    }
+    s.bind(&SockAddr::from(addr))
+        .map_err(|e| io::Error::new(e.kind(), format!("binding {addr}: {e}")))?;
+    s.listen(1024)?;
+    Ok(s.into())
+}
+
+/// The cookie of the netns a socket lives in (what the kernel programs see).
+pub fn netns_cookie(sock: &impl AsFd) -> io::Result<u64> {
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: getsockopt(2) writes at most `len` bytes into `cookie`, a valid, aligned u64 we
+    // own; `len` tells it the size. The fd is borrowed for the duration of the call.
+    let rc = unsafe {
+        libc::getsockopt(
+            sock.as_fd().as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cookie)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listeners_have_a_netns_cookie_and_the_same_netns_gives_the_same_cookie() {
+        let a = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let b = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let (ca, cb) = (netns_cookie(&a).unwrap(), netns_cookie(&b).unwrap());
+        assert_ne!(ca, 0);
+        assert_eq!(ca, cb);
+    }
+}

@@ -1,0 +1,311 @@
+//! The HBONE tunnel: HTTP/2 `CONNECT` over mutual TLS 1.3 to the destination pod's port 15008.
+//!
+//! The client side ([`connect`]) opens one TLS connection presenting the source pod's SVID,
+//! requires the destination pod's SPIFFE ID, and sends `CONNECT` with `:authority` = the original
+//! destination `ip:port`. The server side ([`serve`]) accepts streams and hands each to a callback
+//! that decides (status code) and delivers. [`H2Stream`] turns a CONNECT stream into a byte stream
+//! for `copy_bidirectional`, with half-close mapped to HTTP/2 END_STREAM.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes};
+use h2::{RecvStream, SendStream};
+use http::{Method, Request, Response, StatusCode};
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+
+use crate::identity::{spiffe_id_of, SpiffeId};
+
+/// Flow-control windows: large enough that one stream is not window-bound on a fast link.
+const STREAM_WINDOW: u32 = 4 << 20;
+const CONNECTION_WINDOW: u32 = 16 << 20;
+const MAX_FRAME: u32 = 256 << 10;
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("TLS with the peer failed: {0}")]
+    Tls(io::Error),
+    #[error("TLS handshake timed out (is port 15008 reachable? a NetworkPolicy may block it)")]
+    Timeout,
+    #[error("HTTP/2 with the peer failed: {0}")]
+    H2(#[from] h2::Error),
+    #[error("peer refused the CONNECT with status {0}")]
+    Refused(StatusCode),
+    #[error("peer certificate: {0}")]
+    PeerId(String),
+    #[error("building the CONNECT request: {0}")]
+    Request(#[from] http::Error),
+}
+
+fn client_builder() -> h2::client::Builder {
+    let mut b = h2::client::Builder::new();
+    b.initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME)
+        .enable_push(false);
+    b
+}
+
+fn server_builder() -> h2::server::Builder {
+    let mut b = h2::server::Builder::new();
+    b.initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME)
+        .max_concurrent_streams(1000);
+    b
+}
+
+/// The HBONE `CONNECT` request for `target`.
+pub fn connect_request(target: SocketAddr) -> Result<Request<()>, http::Error> {
+    Request::builder()
+        .method(Method::CONNECT)
+        .uri(target.to_string())
+        .version(http::Version::HTTP_2)
+        .body(())
+}
+
+/// Parses the target of an HBONE request: method CONNECT, authority `ip:port`.
+pub fn parse_target<B>(req: &Request<B>) -> Result<SocketAddr, &'static str> {
+    if req.method() != Method::CONNECT {
+        return Err("HBONE requests must use CONNECT");
+    }
+    let authority = req.uri().authority().ok_or("CONNECT without :authority")?;
+    authority
+        .as_str()
+        .parse()
+        .map_err(|_| ":authority must be ip:port")
+}
+
+/// Opens an HBONE stream to `target` over `tcp` (already connected to the peer's 15008).
+pub async fn connect(
+    tcp: TcpStream,
+    tls: Arc<rustls::ClientConfig>,
+    target: SocketAddr,
+) -> Result<H2Stream, Error> {
+    let name = ServerName::IpAddress(target.ip().into());
+    let handshake = tokio_rustls::TlsConnector::from(tls).connect(name, tcp);
+    let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
+        .await
+        .map_err(|_| Error::Timeout)?
+        .map_err(Error::Tls)?;
+    let (send_request, conn) = client_builder().handshake(tls).await?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(error = %e, "HBONE client connection ended with an error");
+        }
+    });
+    let mut send_request = send_request.ready().await?;
+    let (response, send) = send_request.send_request(connect_request(target)?, false)?;
+    let response = response.await?;
+    if response.status() != StatusCode::OK {
+        return Err(Error::Refused(response.status()));
+    }
+    Ok(H2Stream::new(send, response.into_body()))
+}
+
+/// What the server side decided for one CONNECT stream.
+pub enum Decision<T> {
+    /// Answer 200 and hand the stream and `T` (the delivery socket) to the copier.
+    Accept(T),
+    /// Answer with this status and close the stream.
+    Refuse(StatusCode),
+}
+
+/// Serves HBONE on one accepted TLS connection: verifies the client (by the `ServerConfig`),
+/// then runs `decide` for every CONNECT and `carry` for each accepted one.
+pub async fn serve<D, DF, T, C, CF>(
+    tcp: TcpStream,
+    tls: Arc<rustls::ServerConfig>,
+    decide: D,
+    carry: C,
+) -> Result<(), Error>
+where
+    D: Fn(SpiffeId, Result<SocketAddr, &'static str>) -> DF + Clone + Send + 'static,
+    DF: Future<Output = Decision<T>> + Send,
+    T: Send + 'static,
+    C: Fn(H2Stream, T) -> CF + Clone + Send + 'static,
+    CF: Future<Output = ()> + Send,
+{
+    let accept = tokio_rustls::TlsAcceptor::from(tls).accept(tcp);
+    let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, accept)
+        .await
+        .map_err(|_| Error::Timeout)?
+        .map_err(Error::Tls)?;
+    let peer = {
+        let (_, conn) = tls.get_ref();
+        let cert = conn
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .ok_or_else(|| Error::PeerId("none presented".into()))?;
+        spiffe_id_of(cert).map_err(Error::PeerId)?
+    };
+    let mut conn = server_builder().handshake(tls).await?;
+    while let Some(next) = conn.accept().await {
+        let (req, mut respond) = next?;
+        let (decide, carry, peer) = (decide.clone(), carry.clone(), peer.clone());
+        tokio::spawn(async move {
+            let target = parse_target(&req);
+            match decide(peer, target).await {
+                Decision::Refuse(status) => {
+                    let _ = respond.send_response(status_only(status), true);
+                }
+                Decision::Accept(upstream) => {
+                    match respond.send_response(status_only(StatusCode::OK), false) {
+                        Ok(send) => carry(H2Stream::new(send, req.into_body()), upstream).await,
+                        Err(e) => {
+                            tracing::debug!(error = %e, "client went away before the CONNECT answer")
+                        }
+                    }
+                }
+            }
+        });
+    }
+    Ok(())
+}
+
+fn status_only(status: StatusCode) -> Response<()> {
+    let mut r = Response::new(());
+    *r.status_mut() = status;
+    r
+}
+
+/// One HBONE CONNECT stream as a byte stream. Reading returns EOF at the peer's END_STREAM;
+/// shutting down writing sends END_STREAM (half-close).
+pub struct H2Stream {
+    send: SendStream<Bytes>,
+    recv: RecvStream,
+    pending: Bytes,
+    recv_done: bool,
+    send_done: bool,
+}
+
+impl H2Stream {
+    fn new(send: SendStream<Bytes>, recv: RecvStream) -> H2Stream {
+        H2Stream {
+            send,
+            recv,
+            pending: Bytes::new(),
+            recv_done: false,
+            send_done: false,
+        }
+    }
+}
+
+fn h2_io(e: h2::Error) -> io::Error {
+    if e.is_io() {
+        e.into_io()
+            .unwrap_or_else(|| io::Error::other("HTTP/2 I/O error"))
+    } else {
+        io::Error::other(e)
+    }
+}
+
+impl AsyncRead for H2Stream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        out: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        loop {
+            if !self.pending.is_empty() {
+                let n = self.pending.len().min(out.remaining());
+                out.put_slice(&self.pending[..n]);
+                self.pending.advance(n);
+                return Poll::Ready(Ok(()));
+            }
+            if self.recv_done {
+                return Poll::Ready(Ok(()));
+            }
+            match ready!(self.recv.poll_data(cx)) {
+                Some(Ok(data)) => {
+                    // Give the window back at once: the data is ours now, so the peer may send more.
+                    let _ = self.recv.flow_control().release_capacity(data.len());
+                    self.pending = data;
+                }
+                Some(Err(e)) => return Poll::Ready(Err(h2_io(e))),
+                None => self.recv_done = true,
+            }
+        }
+    }
+}
+
+impl AsyncWrite for H2Stream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        if buf.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        self.send.reserve_capacity(buf.len());
+        match ready!(self.send.poll_capacity(cx)) {
+            Some(Ok(0)) => Poll::Pending,
+            Some(Ok(n)) => {
+                let n = n.min(buf.len());
+                self.send
+                    .send_data(Bytes::copy_from_slice(&buf[..n]), false)
+                    .map_err(h2_io)?;
+                Poll::Ready(Ok(n))
+            }
+            Some(Err(e)) => Poll::Ready(Err(h2_io(e))),
+            None => Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "HBONE stream closed by the peer",
+            ))),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // Frames are handed to the connection task as they are written.
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if !self.send_done {
+            self.send_done = true;
+            self.send.send_data(Bytes::new(), true).map_err(h2_io)?;
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connect_request_carries_the_target_as_authority() {
+        for target in ["198.19.2.10:8080", "[fd6d:6c00:2::10]:80"] {
+            let t: SocketAddr = target.parse().unwrap();
+            let req = connect_request(t).unwrap();
+            assert_eq!(req.method(), Method::CONNECT);
+            assert_eq!(req.uri().authority().unwrap().as_str(), target);
+            assert_eq!(parse_target(&req), Ok(t), "round trip of {target}");
+        }
+    }
+
+    #[test]
+    fn bad_hbone_requests_are_rejected_with_a_reason() {
+        let get = Request::builder()
+            .method(Method::GET)
+            .uri("http://198.19.2.10:80/")
+            .body(())
+            .unwrap();
+        assert_eq!(parse_target(&get), Err("HBONE requests must use CONNECT"));
+        let name = Request::builder()
+            .method(Method::CONNECT)
+            .uri("example.com:80")
+            .body(())
+            .unwrap();
+        assert_eq!(parse_target(&name), Err(":authority must be ip:port"));
+    }
+}

@@ -1,0 +1,113 @@
+//! Orchestration for meshless: `setup` (toolchain), `test` (whole suite), `bench`, `demo`.
+//!
+//! The eBPF object itself is built by `agent/build.rs`; this crate only installs what that build
+//! needs and runs the binaries on the namespace testbed from `meshless-tests`.
+
+mod bench;
+mod demo;
+mod setup;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use meshless_tests::mesh::Bins;
+
+#[derive(Parser)]
+#[command(name = "xtask", about = "meshless build, test, bench and demo tasks")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install the toolchain pieces (apt packages, rust-src, bpf-linker). Idempotent.
+    Setup,
+    /// Build the agent (with its embedded eBPF object) and the test tools, release profile.
+    Build,
+    /// Run the whole test suite: unit, in-process and privileged end-to-end tests.
+    Test {
+        /// Extra arguments passed to the test binaries (after `--`), e.g. a test name filter.
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+    /// Benchmark plaintext vs meshless on the namespace testbed.
+    Bench(bench::Args),
+    /// Start a two-node cluster in network namespaces, run real agents and show encrypted calls.
+    Demo(demo::Args),
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Setup => setup::run(),
+        Cmd::Build => {
+            setup::run()?;
+            build().map(|_| ())
+        }
+        Cmd::Test { args } => {
+            setup::run()?;
+            test(&args)
+        }
+        Cmd::Bench(args) => {
+            setup::run()?;
+            let bins = build()?;
+            bench::run(&bins, args)
+        }
+        Cmd::Demo(args) => {
+            setup::run()?;
+            let bins = build()?;
+            demo::run(&bins, args)
+        }
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives one level below the workspace root")
+        .to_path_buf()
+}
+
+fn cargo() -> Command {
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.current_dir(workspace_root());
+    cmd
+}
+
+fn build() -> Result<Bins> {
+    eprintln!(
+        "xtask: building meshless (release, with the embedded eBPF object) and the test tools"
+    );
+    setup::run_cmd(cargo().args([
+        "build",
+        "--release",
+        "-p",
+        "meshless-agent",
+        "-p",
+        "meshless-tests",
+        "--bins",
+    ]))?;
+    let target = workspace_root().join("target/release");
+    Ok(Bins {
+        meshless: target.join("meshless"),
+        testbin: target.join("meshless-testbin"),
+    })
+}
+
+fn test(extra: &[String]) -> Result<()> {
+    let bins = build()?;
+    eprintln!("xtask: running the whole test suite (unit, in-process, privileged end-to-end)");
+    let mut cmd = cargo();
+    cmd.args(["test", "--release", "--workspace"])
+        .env("MESHLESS_BIN", &bins.meshless)
+        .env("MESHLESS_TESTBIN", &bins.testbin)
+        .arg("--")
+        // The end-to-end tests each build a cluster of namespaces and run several processes; on two
+        // cores they are more reliable one at a time.
+        .arg("--test-threads=1")
+        .args(extra);
+    setup::run_cmd(&mut cmd).context("the test suite failed")
+}

@@ -1,0 +1,136 @@
+//! `cargo xtask setup`: installs, idempotently, everything building and testing meshless needs on
+//! a fresh Debian machine. Each step says what it does and skips itself when already done.
+
+use std::process::{Command, Stdio};
+
+use anyhow::{bail, Context, Result};
+
+/// Debian packages the build and the tests use.
+/// - llvm-22-dev: bpf-linker links against it.
+/// - iproute2: the namespace testbed (`ip netns`, veth, bridges).
+/// - tcpdump: the end-to-end tests capture the node-to-node link.
+/// - curl: the unmodified HTTP client of the end-to-end tests and the demo.
+/// - util-linux: `nsenter`, used by the demo's printed hints.
+const APT_PACKAGES: &[&str] = &["llvm-22-dev", "iproute2", "tcpdump", "curl", "util-linux"];
+
+const LLVM_BIN: &str = "/usr/lib/llvm-22/bin";
+
+pub fn run() -> Result<()> {
+    apt_packages()?;
+    rust_src()?;
+    bpf_linker()?;
+    eprintln!("setup: everything is in place");
+    Ok(())
+}
+
+fn step(what: &str) {
+    eprintln!("setup: {what}");
+}
+
+fn apt_packages() -> Result<()> {
+    let missing: Vec<&str> = APT_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| !dpkg_installed(p))
+        .collect();
+    if missing.is_empty() {
+        step(&format!(
+            "apt packages present ({}), skipping",
+            APT_PACKAGES.join(" ")
+        ));
+        return Ok(());
+    }
+    if !is_root() {
+        bail!(
+            "missing Debian packages {}: run `sudo apt-get update && sudo apt-get install -y {}` \
+             or run `cargo xtask setup` as root",
+            missing.join(" "),
+            missing.join(" ")
+        );
+    }
+    step(&format!("installing apt packages: {}", missing.join(" ")));
+    run_cmd(Command::new("apt-get").args(["update", "-qq"]))?;
+    run_cmd(
+        Command::new("apt-get")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+}
+
+fn dpkg_installed(pkg: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", pkg])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+        .unwrap_or(false)
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
+fn rust_src() -> Result<()> {
+    let out = Command::new("rustup")
+        .args(["component", "list", "--toolchain", "nightly", "--installed"])
+        .output()
+        .context(
+            "running rustup: is rustup installed? meshless needs rustup with a nightly toolchain",
+        )?;
+    if !out.status.success() {
+        bail!(
+            "no nightly toolchain: the eBPF programs need one; run `rustup toolchain install nightly \
+             --component rust-src` ({})",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    if String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .any(|l| l.starts_with("rust-src"))
+    {
+        step("nightly rust-src present, skipping");
+        return Ok(());
+    }
+    step("adding rust-src to the nightly toolchain (the eBPF build compiles core from source)");
+    run_cmd(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))
+}
+
+fn bpf_linker() -> Result<()> {
+    let works = Command::new("bpf-linker")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if works {
+        step("bpf-linker present, skipping");
+        return Ok(());
+    }
+    step("building bpf-linker against Debian's LLVM 22 (about a minute)");
+    let path = format!("{LLVM_BIN}:{}", std::env::var("PATH").unwrap_or_default());
+    run_cmd(
+        Command::new("cargo")
+            .args([
+                "install",
+                "bpf-linker",
+                "--locked",
+                "--no-default-features",
+                "--features",
+                "llvm-22",
+            ])
+            .env("PATH", path),
+    )
+}
+
+pub fn run_cmd(cmd: &mut Command) -> Result<()> {
+    let status = cmd.status().with_context(|| format!("starting {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed with {status}");
+    }
+    Ok(())
+}
