@@ -7,24 +7,15 @@ use std::path::Path;
 use anyhow::Context as _;
 
 fn main() -> anyhow::Result<()> {
-    let ebpf_dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .context("agent crate has a parent directory")?
-        .join("ebpf");
+    let ebpf_dir =
+        Path::new(env!("CARGO_MANIFEST_DIR")).parent().context("agent crate has a parent directory")?.join("ebpf");
     let ebpf_dir = ebpf_dir.to_str().context("workspace path is not UTF-8")?;
-    let skip =
-        std::env::var("AYA_BUILD_SKIP").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
+    let skip = std::env::var("AYA_BUILD_SKIP").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
     aya_build::build_ebpf(
-        [aya_build::Package {
-            name: "meshless-ebpf",
-            root_dir: ebpf_dir,
-            ..Default::default()
-        }],
+        [aya_build::Package { name: "meshless-ebpf", root_dir: ebpf_dir, ..Default::default() }],
         aya_build::Toolchain::default(),
     )
-    .context(
-        "building the eBPF programs failed; run `cargo xtask setup` (nightly rust-src, bpf-linker)",
-    )?;
+    .context("building the eBPF programs failed; run `cargo xtask setup` (nightly rust-src, bpf-linker)")?;
     if skip {
         // Give include_bytes_aligned! something to include; loading it fails with a clear error.
         let out = Path::new(&std::env::var("OUT_DIR")?).join("meshless-ebpf");

@@ -12,8 +12,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, SanType, PKCS_ECDSA_P256_SHA256,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, SanType, PKCS_ECDSA_P256_SHA256,
 };
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
@@ -22,8 +22,7 @@ use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::WebPkiClientVerifier;
 use rustls::sign::CertifiedKey;
 use rustls::{
-    ClientConfig, DigitallySignedStruct, DistinguishedName as TlsDn, RootCertStore, ServerConfig,
-    SignatureScheme,
+    ClientConfig, DigitallySignedStruct, DistinguishedName as TlsDn, RootCertStore, ServerConfig, SignatureScheme,
 };
 pub use spiffe::{SpiffeId, TrustDomain};
 
@@ -37,23 +36,11 @@ pub const ALPN_H2: &[u8] = b"h2";
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("CA directory {dir}: cannot read {file}: {source} (create a CA with `meshless ca init --out {dir}`)")]
-    CaMissing {
-        dir: PathBuf,
-        file: &'static str,
-        source: std::io::Error,
-    },
+    CaMissing { dir: PathBuf, file: &'static str, source: std::io::Error },
     #[error("CA directory {dir}: {file} is not a valid PEM {what}: {detail}")]
-    CaInvalid {
-        dir: PathBuf,
-        file: &'static str,
-        what: &'static str,
-        detail: String,
-    },
+    CaInvalid { dir: PathBuf, file: &'static str, what: &'static str, detail: String },
     #[error("writing the CA into {dir}: {source}")]
-    CaWrite {
-        dir: PathBuf,
-        source: std::io::Error,
-    },
+    CaWrite { dir: PathBuf, source: std::io::Error },
     #[error("CA directory {0} already holds a CA; refusing to overwrite it")]
     CaExists(PathBuf),
     #[error("issuing a certificate for {id}: {source}")]
@@ -79,8 +66,7 @@ pub fn workload_id(
 
 /// The one SPIFFE ID in a certificate's URI SANs. More than one URI SAN is invalid (X.509-SVID).
 pub fn spiffe_id_of(cert: &CertificateDer<'_>) -> Result<SpiffeId, String> {
-    let (_, parsed) = x509_parser::parse_x509_certificate(cert)
-        .map_err(|e| format!("unparsable certificate: {e}"))?;
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert).map_err(|e| format!("unparsable certificate: {e}"))?;
     let san = parsed
         .subject_alternative_name()
         .map_err(|e| format!("bad subjectAltName: {e}"))?
@@ -89,9 +75,7 @@ pub fn spiffe_id_of(cert: &CertificateDer<'_>) -> Result<SpiffeId, String> {
         x509_parser::extensions::GeneralName::URI(u) => Some(*u),
         _ => None,
     });
-    let uri = uris
-        .next()
-        .ok_or("certificate has no URI SAN, so no SPIFFE ID")?;
+    let uri = uris.next().ok_or("certificate has no URI SAN, so no SPIFFE ID")?;
     if uris.next().is_some() {
         return Err("certificate has more than one URI SAN; an X.509-SVID has exactly one".into());
     }
@@ -112,10 +96,7 @@ pub struct Ca {
 impl Ca {
     /// Creates a new root CA (ECDSA P-256, 10 years) and writes `ca.pem` and `ca-key.pem` (0600).
     pub fn init(dir: &Path, trust_domain: &TrustDomain) -> Result<(), Error> {
-        let wr = |source| Error::CaWrite {
-            dir: dir.into(),
-            source,
-        };
+        let wr = |source| Error::CaWrite { dir: dir.into(), source };
         if dir.join(CA_KEY_FILE).exists() {
             return Err(Error::CaExists(dir.into()));
         }
@@ -124,17 +105,11 @@ impl Ca {
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
         dn.push(DnType::OrganizationName, "meshless");
-        dn.push(
-            DnType::CommonName,
-            format!("meshless root CA for {trust_domain}"),
-        );
+        dn.push(DnType::CommonName, format!("meshless root CA for {trust_domain}"));
         params.distinguished_name = dn;
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
+        params.key_usages =
+            vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
         let now = time::OffsetDateTime::now_utc();
         params.not_before = now - time::Duration::minutes(5);
         params.not_after = now + time::Duration::days(3650);
@@ -142,10 +117,7 @@ impl Ca {
         if let Ok(uri) = rcgen::string::Ia5String::try_from(trust_domain.id_string()) {
             params.subject_alt_names = vec![SanType::URI(uri)];
         }
-        let cert = params.self_signed(&key).map_err(|source| Error::Issue {
-            id: trust_domain.id_string(),
-            source,
-        })?;
+        let cert = params.self_signed(&key).map_err(|source| Error::Issue { id: trust_domain.id_string(), source })?;
         fs::write(dir.join(CA_CERT_FILE), cert.pem()).map_err(wr)?;
         write_private(&dir.join(CA_KEY_FILE), key.serialize_pem().as_bytes()).map_err(wr)?;
         Ok(())
@@ -153,27 +125,17 @@ impl Ca {
 
     pub fn load(dir: &Path) -> Result<Ca, Error> {
         let read = |file: &'static str| {
-            fs::read_to_string(dir.join(file)).map_err(|source| Error::CaMissing {
-                dir: dir.into(),
-                file,
-                source,
-            })
+            fs::read_to_string(dir.join(file)).map_err(|source| Error::CaMissing { dir: dir.into(), file, source })
         };
         let (cert_pem, key_pem) = (read(CA_CERT_FILE)?, read(CA_KEY_FILE)?);
-        let invalid = |file, what, detail: String| Error::CaInvalid {
-            dir: dir.into(),
-            file,
-            what,
-            detail,
-        };
-        let key = KeyPair::from_pem(&key_pem)
-            .map_err(|e| invalid(CA_KEY_FILE, "private key", e.to_string()))?;
+        let invalid = |file, what, detail: String| Error::CaInvalid { dir: dir.into(), file, what, detail };
+        let key = KeyPair::from_pem(&key_pem).map_err(|e| invalid(CA_KEY_FILE, "private key", e.to_string()))?;
         let cert = rustls_pemfile::certs(&mut cert_pem.as_bytes())
             .next()
             .ok_or_else(|| invalid(CA_CERT_FILE, "certificate", "no CERTIFICATE block".into()))?
             .map_err(|e| invalid(CA_CERT_FILE, "certificate", e.to_string()))?;
-        let issuer = Issuer::from_ca_cert_der(&cert, key)
-            .map_err(|e| invalid(CA_CERT_FILE, "CA certificate", e.to_string()))?;
+        let issuer =
+            Issuer::from_ca_cert_der(&cert, key).map_err(|e| invalid(CA_CERT_FILE, "CA certificate", e.to_string()))?;
         Ok(Ca { cert, issuer })
     }
 
@@ -185,35 +147,21 @@ impl Ca {
     /// Issues an X.509-SVID for `id`: fresh ECDSA P-256 key, `id` as the only URI SAN, valid from
     /// five minutes ago (clock skew) for `ttl`, usable for both TLS client and server auth.
     pub fn issue(&self, id: &SpiffeId, ttl: Duration) -> Result<Svid, Error> {
-        let issue_err = |source| Error::Issue {
-            id: id.to_string(),
-            source,
-        };
+        let issue_err = |source| Error::Issue { id: id.to_string(), source };
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(Error::KeyGen)?;
         let mut params = CertificateParams::default();
         params.distinguished_name = DistinguishedName::new();
-        let uri = rcgen::string::Ia5String::try_from(id.to_string())
-            .map_err(|e| issue_err(rcgen::Error::from(e)))?;
+        let uri = rcgen::string::Ia5String::try_from(id.to_string()).map_err(|e| issue_err(rcgen::Error::from(e)))?;
         params.subject_alt_names = vec![SanType::URI(uri)];
         params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![
-            KeyUsagePurpose::DigitalSignature,
-            KeyUsagePurpose::KeyAgreement,
-        ];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyAgreement];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
         params.use_authority_key_identifier_extension = true;
         let now = time::OffsetDateTime::now_utc();
         params.not_before = now - time::Duration::minutes(5);
         params.not_after = now + ttl;
         let cert = params.signed_by(&key, &self.issuer).map_err(issue_err)?;
-        Ok(Svid {
-            id: id.clone(),
-            chain: vec![cert.der().clone()],
-            key: PrivatePkcs8KeyDer::from(key.serialize_der()),
-        })
+        Ok(Svid { id: id.clone(), chain: vec![cert.der().clone()], key: PrivatePkcs8KeyDer::from(key.serialize_der()) })
     }
 }
 
@@ -232,11 +180,7 @@ fn pem(label: &str, der: &[u8]) -> String {
 pub fn write_private(path: &Path, data: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)?;
+    let mut f = fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
     f.write_all(data)
 }
 
@@ -249,10 +193,7 @@ pub struct Svid {
 
 impl std::fmt::Debug for Svid {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Svid")
-            .field("id", &self.id.to_string())
-            .field("key", &"<redacted>")
-            .finish()
+        f.debug_struct("Svid").field("id", &self.id.to_string()).field("key", &"<redacted>").finish()
     }
 }
 
@@ -264,9 +205,7 @@ impl Svid {
     }
 
     fn certified_key(&self, provider: &CryptoProvider) -> Result<Arc<CertifiedKey>, Error> {
-        let key = provider
-            .key_provider
-            .load_private_key(PrivateKeyDer::Pkcs8(self.key.clone_key()))?;
+        let key = provider.key_provider.load_private_key(PrivateKeyDer::Pkcs8(self.key.clone_key()))?;
         Ok(Arc::new(CertifiedKey::new(self.chain.clone(), key)))
     }
 }
@@ -282,11 +221,7 @@ pub struct PodTls {
 }
 
 impl PodTls {
-    pub fn new(
-        svid: &Svid,
-        bundle: &[CertificateDer<'static>],
-        td: &TrustDomain,
-    ) -> Result<PodTls, Error> {
+    pub fn new(svid: &Svid, bundle: &[CertificateDer<'static>], td: &TrustDomain) -> Result<PodTls, Error> {
         let provider = provider();
         let mut roots = RootCertStore::empty();
         for c in bundle {
@@ -294,24 +229,14 @@ impl PodTls {
         }
         let roots = Arc::new(roots);
         let key = svid.certified_key(&provider)?;
-        let inner =
-            WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone()).build()?;
-        let verifier = Arc::new(SpiffeClientVerifier {
-            inner,
-            trust_domain: td.clone(),
-        });
+        let inner = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone()).build()?;
+        let verifier = Arc::new(SpiffeClientVerifier { inner, trust_domain: td.clone() });
         let mut server = ServerConfig::builder_with_provider(provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_client_cert_verifier(verifier)
             .with_cert_resolver(Arc::new(Fixed(key.clone())));
         server.alpn_protocols = vec![ALPN_H2.to_vec()];
-        Ok(PodTls {
-            id: svid.id.clone(),
-            server: Arc::new(server),
-            client_key: key,
-            roots,
-            provider,
-        })
+        Ok(PodTls { id: svid.id.clone(), server: Arc::new(server), client_key: key, roots, provider })
     }
 
     /// A client context presenting this pod's certificate and accepting only `peer`.
@@ -378,10 +303,7 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         )?;
         let id = spiffe_id_of(end_entity).map_err(rustls::Error::General)?;
         if id != self.expected {
-            return Err(rustls::Error::General(format!(
-                "peer presented SPIFFE ID {id}, expected {}",
-                self.expected
-            )));
+            return Err(rustls::Error::General(format!("peer presented SPIFFE ID {id}, expected {}", self.expected)));
         }
         Ok(ServerCertVerified::assertion())
     }
@@ -392,9 +314,7 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         _cert: &CertificateDer<'_>,
         _dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Err(rustls::Error::PeerIncompatible(
-            rustls::PeerIncompatible::Tls12NotOffered,
-        ))
+        Err(rustls::Error::PeerIncompatible(rustls::PeerIncompatible::Tls12NotOffered))
     }
 
     fn verify_tls13_signature(
@@ -403,18 +323,11 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
+        self.provider.signature_verification_algorithms.supported_schemes()
     }
 }
 
@@ -437,8 +350,7 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        self.inner
-            .verify_client_cert(end_entity, intermediates, now)?;
+        self.inner.verify_client_cert(end_entity, intermediates, now)?;
         let id = spiffe_id_of(end_entity).map_err(rustls::Error::General)?;
         if !id.is_member_of(&self.trust_domain) {
             return Err(rustls::Error::General(format!(
@@ -485,22 +397,15 @@ mod tests {
     }
 
     fn tmp(name: &str) -> PathBuf {
-        let d =
-            std::env::temp_dir().join(format!("meshless-identity-{}-{name}", std::process::id()));
+        let d = std::env::temp_dir().join(format!("meshless-identity-{}-{name}", std::process::id()));
         let _ = fs::remove_dir_all(&d);
         d
     }
 
     #[test]
     fn workload_ids_follow_the_kubernetes_shape_and_reject_bad_segments() {
-        assert_eq!(
-            workload_id(&td(), "shop", "web").unwrap().to_string(),
-            "spiffe://cluster.local/ns/shop/sa/web"
-        );
-        assert!(
-            workload_id(&td(), "a/b", "web").is_err(),
-            "a namespace cannot smuggle a path separator"
-        );
+        assert_eq!(workload_id(&td(), "shop", "web").unwrap().to_string(), "spiffe://cluster.local/ns/shop/sa/web");
+        assert!(workload_id(&td(), "a/b", "web").is_err(), "a namespace cannot smuggle a path separator");
         assert!(workload_id(&td(), "", "web").is_err());
     }
 
@@ -508,37 +413,21 @@ mod tests {
     fn issued_svid_carries_exactly_the_spiffe_id_and_chains_to_the_ca() {
         let dir = tmp("issue");
         Ca::init(&dir, &td()).unwrap();
-        assert!(
-            matches!(Ca::init(&dir, &td()), Err(Error::CaExists(_))),
-            "init must not overwrite a CA"
-        );
-        let mode = std::os::unix::fs::PermissionsExt::mode(
-            &fs::metadata(dir.join(CA_KEY_FILE)).unwrap().permissions(),
-        );
+        assert!(matches!(Ca::init(&dir, &td()), Err(Error::CaExists(_))), "init must not overwrite a CA");
+        let mode = std::os::unix::fs::PermissionsExt::mode(&fs::metadata(dir.join(CA_KEY_FILE)).unwrap().permissions());
         assert_eq!(mode & 0o777, 0o600, "CA key must be private");
         let ca = Ca::load(&dir).unwrap();
         let id = workload_id(&td(), "default", "client").unwrap();
         let svid = ca.issue(&id, SVID_TTL).unwrap();
         assert_eq!(spiffe_id_of(&svid.chain[0]).unwrap(), id);
         let (_, cert) = x509_parser::parse_x509_certificate(&svid.chain[0]).unwrap();
-        let lifetime =
-            cert.validity().not_after.timestamp() - cert.validity().not_before.timestamp();
-        assert_eq!(
-            lifetime,
-            24 * 3600 + 300,
-            "24 h plus 5 min of back-dating for clock skew"
-        );
-        assert!(
-            !format!("{svid:?}").contains("PRIVATE"),
-            "Debug must not print the key"
-        );
+        let lifetime = cert.validity().not_after.timestamp() - cert.validity().not_before.timestamp();
+        assert_eq!(lifetime, 24 * 3600 + 300, "24 h plus 5 min of back-dating for clock skew");
+        assert!(!format!("{svid:?}").contains("PRIVATE"), "Debug must not print the key");
         // Chains to the bundle: the client verifier accepts it.
         let tls = PodTls::new(&svid, &ca.bundle(), &td()).unwrap();
-        let v = WebPkiClientVerifier::builder_with_provider(tls.roots.clone(), provider())
-            .build()
-            .unwrap();
-        v.verify_client_cert(&svid.chain[0], &[], UnixTime::now())
-            .expect("SVID must chain to the CA");
+        let v = WebPkiClientVerifier::builder_with_provider(tls.roots.clone(), provider()).build().unwrap();
+        v.verify_client_cert(&svid.chain[0], &[], UnixTime::now()).expect("SVID must chain to the CA");
         fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -563,26 +452,13 @@ mod tests {
         let (ca, foreign) = (Ca::load(&d1).unwrap(), Ca::load(&d2).unwrap());
         let want = workload_id(&td(), "default", "server").unwrap();
         let other = workload_id(&td(), "default", "intruder").unwrap();
-        let v = SpiffeServerVerifier {
-            roots: Arc::new(roots(&ca)),
-            expected: want.clone(),
-            provider: provider(),
-        };
+        let v = SpiffeServerVerifier { roots: Arc::new(roots(&ca)), expected: want.clone(), provider: provider() };
         let name = ServerName::try_from("198.19.2.10").unwrap();
-        let check =
-            |svid: &Svid| v.verify_server_cert(&svid.chain[0], &[], &name, &[], UnixTime::now());
+        let check = |svid: &Svid| v.verify_server_cert(&svid.chain[0], &[], &name, &[], UnixTime::now());
         check(&ca.issue(&want, SVID_TTL).unwrap()).expect("right CA, right ID");
-        let e = check(&ca.issue(&other, SVID_TTL).unwrap())
-            .unwrap_err()
-            .to_string();
-        assert!(
-            e.contains("expected spiffe://cluster.local/ns/default/sa/server"),
-            "{e}"
-        );
-        assert!(
-            check(&foreign.issue(&want, SVID_TTL).unwrap()).is_err(),
-            "a foreign CA must be refused"
-        );
+        let e = check(&ca.issue(&other, SVID_TTL).unwrap()).unwrap_err().to_string();
+        assert!(e.contains("expected spiffe://cluster.local/ns/default/sa/server"), "{e}");
+        assert!(check(&foreign.issue(&want, SVID_TTL).unwrap()).is_err(), "a foreign CA must be refused");
         fs::remove_dir_all(&d1).unwrap();
         fs::remove_dir_all(&d2).unwrap();
     }

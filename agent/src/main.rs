@@ -16,11 +16,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 
 #[derive(Parser, Debug)]
-#[command(
-    name = "meshless",
-    version,
-    about = "Sidecar-free, eBPF-captured mTLS for pods"
-)]
+#[command(name = "meshless", version, about = "Sidecar-free, eBPF-captured mTLS for pods")]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -99,28 +95,14 @@ fn main() {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
-        Cmd::Ca {
-            cmd: CaCmd::Init { out, trust_domain },
-        } => {
-            let td = identity::TrustDomain::new(&trust_domain)
-                .with_context(|| format!("trust domain {trust_domain:?}"))?;
+        Cmd::Ca { cmd: CaCmd::Init { out, trust_domain } } => {
+            let td =
+                identity::TrustDomain::new(&trust_domain).with_context(|| format!("trust domain {trust_domain:?}"))?;
             identity::Ca::init(&out, &td)?;
-            println!(
-                "wrote {}/ca.pem and {}/ca-key.pem",
-                out.display(),
-                out.display()
-            );
+            println!("wrote {}/ca.pem and {}/ca-key.pem", out.display(), out.display());
             Ok(())
         }
-        Cmd::Ca {
-            cmd:
-                CaCmd::Issue {
-                    ca_dir,
-                    id,
-                    out,
-                    name,
-                },
-        } => {
+        Cmd::Ca { cmd: CaCmd::Issue { ca_dir, id, out, name } } => {
             let ca = identity::Ca::load(&ca_dir)?;
             let id = identity::SpiffeId::new(&id).with_context(|| format!("SPIFFE ID {id:?}"))?;
             let (chain, key) = ca.issue(&id, identity::SVID_TTL)?.to_pem();
@@ -128,10 +110,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             std::fs::write(out.join(format!("{name}.pem")), chain)?;
             identity::write_private(&out.join(format!("{name}-key.pem")), key.as_bytes())
                 .with_context(|| format!("writing {name}-key.pem into {}", out.display()))?;
-            println!(
-                "wrote {}/{name}.pem and {name}-key.pem for {id}",
-                out.display()
-            );
+            println!("wrote {}/{name}.pem and {name}-key.pem for {id}", out.display());
             Ok(())
         }
         Cmd::Agent(cfg) => agent(cfg),
@@ -144,14 +123,9 @@ fn agent(cfg: AgentConfig) -> anyhow::Result<()> {
     let state = state::State::load(&cfg.state)?;
     let ca = identity::Ca::load(&cfg.ca_dir)?;
     let rt = if cfg.workers <= 1 {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?
+        tokio::runtime::Builder::new_current_thread().enable_all().build()?
     } else {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(cfg.workers)
-            .enable_all()
-            .build()?
+        tokio::runtime::Builder::new_multi_thread().worker_threads(cfg.workers).enable_all().build()?
     };
     rt.block_on(async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -164,17 +138,11 @@ fn agent(cfg: AgentConfig) -> anyhow::Result<()> {
 }
 
 fn init_tracing(cfg: &AgentConfig) -> anyhow::Result<()> {
-    let filter = tracing_subscriber::EnvFilter::try_new(&cfg.log)
-        .with_context(|| format!("log filter {:?}", cfg.log))?;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let filter =
+        tracing_subscriber::EnvFilter::try_new(&cfg.log).with_context(|| format!("log filter {:?}", cfg.log))?;
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match cfg.log_format {
-        LogFormat::Json => builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(true)
-            .try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).try_init(),
         LogFormat::Text => builder.try_init(),
     }
     .map_err(|e| anyhow::anyhow!("initializing logging: {e}"))

@@ -26,12 +26,8 @@ pub struct Netns {
 
 impl Netns {
     pub fn open(path: &Path) -> io::Result<Netns> {
-        let file = File::open(path).map_err(|e| {
-            io::Error::new(
-                e.kind(),
-                format!("network namespace {}: {e}", path.display()),
-            )
-        })?;
+        let file = File::open(path)
+            .map_err(|e| io::Error::new(e.kind(), format!("network namespace {}: {e}", path.display())))?;
         Ok(Netns { file })
     }
 
@@ -66,11 +62,7 @@ fn setns(file: &File) -> io::Result<()> {
 
 /// A TCP socket marked as the agent's own (never captured), non-blocking.
 pub fn agent_socket(addr: &SocketAddr) -> io::Result<Socket> {
-    let s = Socket::new(
-        Domain::for_address(*addr),
-        Type::STREAM.nonblocking(),
-        Some(Protocol::TCP),
-    )?;
+    let s = Socket::new(Domain::for_address(*addr), Type::STREAM.nonblocking(), Some(Protocol::TCP))?;
     s.set_mark(AGENT_MARK)?;
     s.set_tcp_nodelay(true)?;
     Ok(s)
@@ -85,8 +77,7 @@ pub fn listener(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     if let SocketAddr::V6(v6) = addr {
         s.set_only_v6(!v6.ip().is_unspecified())?;
     }
-    s.bind(&SockAddr::from(addr))
-        .map_err(|e| io::Error::new(e.kind(), format!("binding {addr}: {e}")))?;
+    s.bind(&SockAddr::from(addr)).map_err(|e| io::Error::new(e.kind(), format!("binding {addr}: {e}")))?;
     s.listen(1024)?;
     Ok(s.into())
 }

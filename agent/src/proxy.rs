@@ -29,16 +29,9 @@ pub enum Error {
     #[error("pod {pod}: {source}")]
     Netns { pod: String, source: std::io::Error },
     #[error("pod {pod}: cannot listen on {addr} inside its netns: {source} (is another agent or app using the port?)")]
-    Listen {
-        pod: String,
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
+    Listen { pod: String, addr: SocketAddr, source: std::io::Error },
     #[error("pod {pod}: identity: {source}")]
-    Identity {
-        pod: String,
-        source: crate::identity::Error,
-    },
+    Identity { pod: String, source: crate::identity::Error },
     #[error(transparent)]
     Capture(#[from] crate::capture::Error),
 }
@@ -67,78 +60,38 @@ impl Proxy {
     /// Prepares every local enrolled pod (netns, listeners, certificate), attaches the capture and
     /// enrolls the pods, then serves until the returned future is dropped.
     pub async fn run(state: State, ca: Ca, kernel_log: bool) -> Result<(), Error> {
-        let home = Netns::current().map_err(|source| Error::Netns {
-            pod: "<agent>".into(),
-            source,
-        })?;
+        let home = Netns::current().map_err(|source| Error::Netns { pod: "<agent>".into(), source })?;
         let bundle = ca.bundle();
         let mut prepared = Vec::new();
         for pod in state.local_pods().filter(|p| p.enrolled) {
             let key = pod.key();
-            let path = pod
-                .netns
-                .as_ref()
-                .expect("validated: local enrolled pods have a netns");
-            let netns = Netns::open(path).map_err(|source| Error::Netns {
-                pod: key.clone(),
-                source,
-            })?;
+            let path = pod.netns.as_ref().expect("validated: local enrolled pods have a netns");
+            let netns = Netns::open(path).map_err(|source| Error::Netns { pod: key.clone(), source })?;
             let listeners = netns
                 .run(&home, || open_listeners(&key))
-                .map_err(|source| Error::Netns {
-                    pod: key.clone(),
-                    source,
-                })??;
-            let cookie = netns::netns_cookie(&listeners.tunnel).map_err(|source| Error::Netns {
-                pod: key.clone(),
-                source,
-            })?;
-            let svid = ca
-                .issue(&pod.identity, SVID_TTL)
-                .map_err(|source| Error::Identity {
-                    pod: key.clone(),
-                    source,
-                })?;
-            let tls = PodTls::new(&svid, &bundle, &state.trust_domain).map_err(|source| {
-                Error::Identity {
-                    pod: key.clone(),
-                    source,
-                }
-            })?;
+                .map_err(|source| Error::Netns { pod: key.clone(), source })??;
+            let cookie =
+                netns::netns_cookie(&listeners.tunnel).map_err(|source| Error::Netns { pod: key.clone(), source })?;
+            let svid =
+                ca.issue(&pod.identity, SVID_TTL).map_err(|source| Error::Identity { pod: key.clone(), source })?;
+            let tls = PodTls::new(&svid, &bundle, &state.trust_domain)
+                .map_err(|source| Error::Identity { pod: key.clone(), source })?;
             info!(pod = %key, id = %svid.id, netns_cookie = cookie, "workload certificate issued");
-            prepared.push((
-                Arc::new(LocalPod {
-                    pod: pod.clone(),
-                    netns,
-                    cookie,
-                    tls,
-                }),
-                listeners,
-            ));
+            prepared.push((Arc::new(LocalPod { pod: pod.clone(), netns, cookie, tls }), listeners));
         }
         let capture = Capture::attach(&state.cgroup_parent, kernel_log)?;
         for (pod, _) in &prepared {
             capture.enroll(pod.cookie, &pod.pod.ips)?;
         }
-        let proxy = Arc::new(Proxy {
-            state,
-            home,
-            capture,
-            pods: prepared.iter().map(|(p, _)| p.clone()).collect(),
-        });
+        let proxy = Arc::new(Proxy { state, home, capture, pods: prepared.iter().map(|(p, _)| p.clone()).collect() });
         let mut tasks = tokio::task::JoinSet::new();
         for (pod, listeners) in prepared {
             for l in listeners.outbound {
-                let l = TcpListener::from_std(l).map_err(|source| Error::Netns {
-                    pod: pod.pod.key(),
-                    source,
-                })?;
+                let l = TcpListener::from_std(l).map_err(|source| Error::Netns { pod: pod.pod.key(), source })?;
                 tasks.spawn(outbound_loop(proxy.clone(), pod.clone(), l));
             }
-            let l = TcpListener::from_std(listeners.tunnel).map_err(|source| Error::Netns {
-                pod: pod.pod.key(),
-                source,
-            })?;
+            let l = TcpListener::from_std(listeners.tunnel)
+                .map_err(|source| Error::Netns { pod: pod.pod.key(), source })?;
             tasks.spawn(tunnel_loop(proxy.clone(), pod.clone(), l));
         }
         info!(node = %proxy.state.node, pods = proxy.pods.len(), "agent ready");
@@ -148,25 +101,14 @@ impl Proxy {
 }
 
 fn open_listeners(pod: &str) -> Result<Listeners, Error> {
-    let listen = |addr: SocketAddr| {
-        netns::listener(addr).map_err(|source| Error::Listen {
-            pod: pod.to_string(),
-            addr,
-            source,
-        })
-    };
+    let listen =
+        |addr: SocketAddr| netns::listener(addr).map_err(|source| Error::Listen { pod: pod.to_string(), addr, source });
     Ok(Listeners {
         outbound: vec![
             listen(SocketAddr::from((Ipv4Addr::LOCALHOST, OUTBOUND_PORT)))?,
-            listen(SocketAddr::from((
-                std::net::Ipv6Addr::LOCALHOST,
-                OUTBOUND_PORT,
-            )))?,
+            listen(SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, OUTBOUND_PORT)))?,
         ],
-        tunnel: listen(SocketAddr::from((
-            std::net::Ipv6Addr::UNSPECIFIED,
-            TUNNEL_PORT,
-        )))?,
+        tunnel: listen(SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, TUNNEL_PORT)))?,
     })
 }
 
@@ -202,12 +144,7 @@ async fn connect_from(
     let sock = TcpSocket::from_std_stream(sock.into());
     tokio::time::timeout(CONNECT_TIMEOUT, sock.connect(to))
         .await
-        .map_err(|_| {
-            std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                format!("connect to {to} timed out"),
-            )
-        })?
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, format!("connect to {to} timed out")))?
 }
 
 async fn outbound(proxy: Arc<Proxy>, pod: Arc<LocalPod>, app: TcpStream, peer: SocketAddr) {
@@ -229,13 +166,9 @@ async fn outbound(proxy: Arc<Proxy>, pod: Arc<LocalPod>, app: TcpStream, peer: S
     let dst_id = dst_pod.identity.clone();
     let tunnel_addr = SocketAddr::new(dst.ip(), TUNNEL_PORT);
     let result = async {
-        let tcp = connect_from(&proxy, &pod.netns, None, tunnel_addr)
-            .await
-            .map_err(|e| e.to_string())?;
+        let tcp = connect_from(&proxy, &pod.netns, None, tunnel_addr).await.map_err(|e| e.to_string())?;
         let tls = pod.tls.client(&dst_id).map_err(|e| e.to_string())?;
-        tunnel::connect(tcp, tls, dst)
-            .await
-            .map_err(|e| e.to_string())
+        tunnel::connect(tcp, tls, dst).await.map_err(|e| e.to_string())
     }
     .await;
     match result {

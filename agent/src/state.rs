@@ -15,15 +15,9 @@ use crate::identity::{SpiffeId, TrustDomain};
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("cannot read state file {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("state file {path} is not valid: {source}")]
-    Parse {
-        path: PathBuf,
-        source: serde_yaml::Error,
-    },
+    Parse { path: PathBuf, source: serde_yaml::Error },
     #[error("state file {path}: {msg}")]
     Invalid { path: PathBuf, msg: String },
 }
@@ -95,24 +89,14 @@ pub struct State {
 
 impl State {
     pub fn load(path: &Path) -> Result<State, Error> {
-        let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
-            path: path.into(),
-            source,
-        })?;
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Read { path: path.into(), source })?;
         State::parse(path, &text)
     }
 
     pub fn parse(path: &Path, text: &str) -> Result<State, Error> {
-        let raw: RawState = serde_yaml::from_str(text).map_err(|source| Error::Parse {
-            path: path.into(),
-            source,
-        })?;
-        let invalid = |msg: String| Error::Invalid {
-            path: path.into(),
-            msg,
-        };
-        let trust_domain = TrustDomain::new(&raw.trust_domain)
-            .map_err(|e| invalid(format!("trustDomain: {e}")))?;
+        let raw: RawState = serde_yaml::from_str(text).map_err(|source| Error::Parse { path: path.into(), source })?;
+        let invalid = |msg: String| Error::Invalid { path: path.into(), msg };
+        let trust_domain = TrustDomain::new(&raw.trust_domain).map_err(|e| invalid(format!("trustDomain: {e}")))?;
         if raw.node.is_empty() {
             return Err(invalid("node must name this node".into()));
         }
@@ -122,9 +106,7 @@ impl State {
         for (i, p) in raw.pods.into_iter().enumerate() {
             let at = format!("pods[{i}] ({}/{})", p.namespace, p.name);
             if p.name.is_empty() || p.namespace.is_empty() || p.service_account.is_empty() {
-                return Err(invalid(format!(
-                    "{at}: name, namespace and serviceAccount must not be empty"
-                )));
+                return Err(invalid(format!("{at}: name, namespace and serviceAccount must not be empty")));
             }
             if !names.insert((p.namespace.clone(), p.name.clone())) {
                 return Err(invalid(format!("{at}: listed twice")));
@@ -134,20 +116,14 @@ impl State {
             }
             let enrolled = p.enrolled && !p.host_network;
             if p.node == raw.node && enrolled && p.netns.is_none() {
-                return Err(invalid(format!(
-                    "{at}: runs on this node and is enrolled, so it needs `netns`"
-                )));
+                return Err(invalid(format!("{at}: runs on this node and is enrolled, so it needs `netns`")));
             }
-            let identity =
-                crate::identity::workload_id(&trust_domain, &p.namespace, &p.service_account)
-                    .map_err(|e| invalid(format!("{at}: {e}")))?;
+            let identity = crate::identity::workload_id(&trust_domain, &p.namespace, &p.service_account)
+                .map_err(|e| invalid(format!("{at}: {e}")))?;
             for ip in &p.ips {
                 if let Some(other) = by_ip.insert(*ip, pods.len()) {
                     let other: &Pod = &pods[other];
-                    return Err(invalid(format!(
-                        "{at}: IP {ip} is already used by {}",
-                        other.key()
-                    )));
+                    return Err(invalid(format!("{at}: IP {ip} is already used by {}", other.key())));
                 }
             }
             pods.push(Pod {
@@ -162,13 +138,7 @@ impl State {
                 identity,
             });
         }
-        Ok(State {
-            trust_domain,
-            node: raw.node,
-            cgroup_parent: raw.cgroup_parent,
-            pods,
-            by_ip,
-        })
+        Ok(State { trust_domain, node: raw.node, cgroup_parent: raw.cgroup_parent, pods, by_ip })
     }
 
     /// Pods scheduled on this node.
@@ -228,21 +198,10 @@ pods:
         assert_eq!(s.trust_domain.as_str(), "cluster.local");
         assert_eq!(s.local_pods().count(), 2);
         let server = s.pod_by_ip("198.19.2.10".parse().unwrap()).unwrap();
-        assert_eq!(
-            server.identity.to_string(),
-            "spiffe://cluster.local/ns/shop/sa/web"
-        );
+        assert_eq!(server.identity.to_string(), "spiffe://cluster.local/ns/shop/sa/web");
         let mapped: IpAddr = "::ffff:198.19.2.10".parse().unwrap();
-        assert_eq!(
-            s.pod_by_ip(mapped).unwrap().name,
-            "server",
-            "v4-mapped addresses find the IPv4 pod"
-        );
-        assert!(
-            !s.pod_by_ip("198.19.1.11".parse().unwrap())
-                .unwrap()
-                .enrolled
-        );
+        assert_eq!(s.pod_by_ip(mapped).unwrap().name, "server", "v4-mapped addresses find the IPv4 pod");
+        assert!(!s.pod_by_ip("198.19.1.11".parse().unwrap()).unwrap().enrolled);
         assert!(s.pod_by_ip("198.19.9.9".parse().unwrap()).is_none());
     }
 
@@ -260,14 +219,8 @@ pods:
         ];
         for (input, want) in cases {
             let err = parse(input).expect_err(input).to_string();
-            assert!(
-                err.contains(want),
-                "error for {input:?} should mention {want:?}, got: {err}"
-            );
-            assert!(
-                err.contains("test.yaml"),
-                "error should name the file: {err}"
-            );
+            assert!(err.contains(want), "error for {input:?} should mention {want:?}, got: {err}");
+            assert!(err.contains("test.yaml"), "error should name the file: {err}");
         }
     }
 

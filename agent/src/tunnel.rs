@@ -65,11 +65,7 @@ fn server_builder() -> h2::server::Builder {
 
 /// The HBONE `CONNECT` request for `target`.
 pub fn connect_request(target: SocketAddr) -> Result<Request<()>, http::Error> {
-    Request::builder()
-        .method(Method::CONNECT)
-        .uri(target.to_string())
-        .version(http::Version::HTTP_2)
-        .body(())
+    Request::builder().method(Method::CONNECT).uri(target.to_string()).version(http::Version::HTTP_2).body(())
 }
 
 /// Parses the target of an HBONE request: method CONNECT, authority `ip:port`.
@@ -78,24 +74,15 @@ pub fn parse_target<B>(req: &Request<B>) -> Result<SocketAddr, &'static str> {
         return Err("HBONE requests must use CONNECT");
     }
     let authority = req.uri().authority().ok_or("CONNECT without :authority")?;
-    authority
-        .as_str()
-        .parse()
-        .map_err(|_| ":authority must be ip:port")
+    authority.as_str().parse().map_err(|_| ":authority must be ip:port")
 }
 
 /// Opens an HBONE stream to `target` over `tcp` (already connected to the peer's 15008).
-pub async fn connect(
-    tcp: TcpStream,
-    tls: Arc<rustls::ClientConfig>,
-    target: SocketAddr,
-) -> Result<H2Stream, Error> {
+pub async fn connect(tcp: TcpStream, tls: Arc<rustls::ClientConfig>, target: SocketAddr) -> Result<H2Stream, Error> {
     let name = ServerName::IpAddress(target.ip().into());
     let handshake = tokio_rustls::TlsConnector::from(tls).connect(name, tcp);
-    let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
-        .await
-        .map_err(|_| Error::Timeout)?
-        .map_err(Error::Tls)?;
+    let tls =
+        tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await.map_err(|_| Error::Timeout)?.map_err(Error::Tls)?;
     let (send_request, conn) = client_builder().handshake(tls).await?;
     tokio::spawn(async move {
         if let Err(e) = conn.await {
@@ -135,16 +122,11 @@ where
     CF: Future<Output = ()> + Send,
 {
     let accept = tokio_rustls::TlsAcceptor::from(tls).accept(tcp);
-    let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, accept)
-        .await
-        .map_err(|_| Error::Timeout)?
-        .map_err(Error::Tls)?;
+    let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, accept).await.map_err(|_| Error::Timeout)?.map_err(Error::Tls)?;
     let peer = {
         let (_, conn) = tls.get_ref();
-        let cert = conn
-            .peer_certificates()
-            .and_then(|c| c.first())
-            .ok_or_else(|| Error::PeerId("none presented".into()))?;
+        let cert =
+            conn.peer_certificates().and_then(|c| c.first()).ok_or_else(|| Error::PeerId("none presented".into()))?;
         spiffe_id_of(cert).map_err(Error::PeerId)?
     };
     let mut conn = server_builder().handshake(tls).await?;
@@ -157,14 +139,12 @@ where
                 Decision::Refuse(status) => {
                     let _ = respond.send_response(status_only(status), true);
                 }
-                Decision::Accept(upstream) => {
-                    match respond.send_response(status_only(StatusCode::OK), false) {
-                        Ok(send) => carry(H2Stream::new(send, req.into_body()), upstream).await,
-                        Err(e) => {
-                            tracing::debug!(error = %e, "client went away before the CONNECT answer")
-                        }
+                Decision::Accept(upstream) => match respond.send_response(status_only(StatusCode::OK), false) {
+                    Ok(send) => carry(H2Stream::new(send, req.into_body()), upstream).await,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "client went away before the CONNECT answer")
                     }
-                }
+                },
             }
         });
     }
@@ -189,31 +169,20 @@ pub struct H2Stream {
 
 impl H2Stream {
     fn new(send: SendStream<Bytes>, recv: RecvStream) -> H2Stream {
-        H2Stream {
-            send,
-            recv,
-            pending: Bytes::new(),
-            recv_done: false,
-            send_done: false,
-        }
+        H2Stream { send, recv, pending: Bytes::new(), recv_done: false, send_done: false }
     }
 }
 
 fn h2_io(e: h2::Error) -> io::Error {
     if e.is_io() {
-        e.into_io()
-            .unwrap_or_else(|| io::Error::other("HTTP/2 I/O error"))
+        e.into_io().unwrap_or_else(|| io::Error::other("HTTP/2 I/O error"))
     } else {
         io::Error::other(e)
     }
 }
 
 impl AsyncRead for H2Stream {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        out: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, out: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         loop {
             if !self.pending.is_empty() {
                 let n = self.pending.len().min(out.remaining());
@@ -238,11 +207,7 @@ impl AsyncRead for H2Stream {
 }
 
 impl AsyncWrite for H2Stream {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         if buf.is_empty() {
             return Poll::Ready(Ok(0));
         }
@@ -251,16 +216,11 @@ impl AsyncWrite for H2Stream {
             Some(Ok(0)) => Poll::Pending,
             Some(Ok(n)) => {
                 let n = n.min(buf.len());
-                self.send
-                    .send_data(Bytes::copy_from_slice(&buf[..n]), false)
-                    .map_err(h2_io)?;
+                self.send.send_data(Bytes::copy_from_slice(&buf[..n]), false).map_err(h2_io)?;
                 Poll::Ready(Ok(n))
             }
             Some(Err(e)) => Poll::Ready(Err(h2_io(e))),
-            None => Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::BrokenPipe,
-                "HBONE stream closed by the peer",
-            ))),
+            None => Poll::Ready(Err(io::Error::new(io::ErrorKind::BrokenPipe, "HBONE stream closed by the peer"))),
         }
     }
 
@@ -293,19 +253,110 @@ mod tests {
         }
     }
 
+    use crate::identity::{workload_id, Ca, PodTls, TrustDomain, SVID_TTL};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    struct Pki {
+        client: PodTls,
+        server: PodTls,
+        server_id: SpiffeId,
+        _dir: std::path::PathBuf,
+    }
+
+    fn pki(name: &str) -> Pki {
+        let dir = std::env::temp_dir().join(format!("meshless-tunnel-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let td = TrustDomain::new("cluster.local").unwrap();
+        Ca::init(&dir, &td).unwrap();
+        let ca = Ca::load(&dir).unwrap();
+        let (cid, sid) =
+            (workload_id(&td, "default", "client").unwrap(), workload_id(&td, "default", "server").unwrap());
+        let client = PodTls::new(&ca.issue(&cid, SVID_TTL).unwrap(), &ca.bundle(), &td).unwrap();
+        let server = PodTls::new(&ca.issue(&sid, SVID_TTL).unwrap(), &ca.bundle(), &td).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        Pki { client, server, server_id: sid, _dir: dir }
+    }
+
+    /// Runs an HBONE server on loopback whose streams echo, then send "<n>" after the client's
+    /// END_STREAM; CONNECTs to port 1 are refused with 503. Reports the client IDs it saw.
+    async fn echo_server(tls: Arc<rustls::ServerConfig>) -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<String>) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            loop {
+                let (tcp, _) = l.accept().await.unwrap();
+                let (tls, tx) = (tls.clone(), tx.clone());
+                tokio::spawn(async move {
+                    let decide = move |id: SpiffeId, target: Result<SocketAddr, &'static str>| {
+                        let _ = tx.send(id.to_string());
+                        async move {
+                            match target {
+                                Ok(t) if t.port() == 1 => Decision::Refuse(StatusCode::SERVICE_UNAVAILABLE),
+                                Ok(_) => Decision::Accept(()),
+                                Err(_) => Decision::Refuse(StatusCode::BAD_REQUEST),
+                            }
+                        }
+                    };
+                    let carry = |mut s: H2Stream, ()| async move {
+                        let mut all = Vec::new();
+                        s.read_to_end(&mut all).await.unwrap();
+                        s.write_all(&all).await.unwrap();
+                        s.write_all(format!("<{}>", all.len()).as_bytes()).await.unwrap();
+                        s.shutdown().await.unwrap();
+                    };
+                    let _ = serve(tcp, tls, decide, carry).await;
+                });
+            }
+        });
+        (addr, rx)
+    }
+
+    #[tokio::test]
+    async fn hbone_carries_bytes_both_ways_with_half_close_and_the_client_identity() {
+        let p = pki("echo");
+        let (addr, mut seen) = echo_server(p.server.server.clone()).await;
+        let payload: Vec<u8> = (0..3_000_000u32).map(|i| i as u8).collect();
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let mut s =
+            connect(tcp, p.client.client(&p.server_id).unwrap(), "127.0.0.1:8080".parse().unwrap()).await.unwrap();
+        let (mut r, mut w) = tokio::io::split(&mut s);
+        let writer = async {
+            w.write_all(&payload).await.unwrap();
+            w.shutdown().await.unwrap();
+        };
+        let mut back = Vec::new();
+        let reader = r.read_to_end(&mut back);
+        let (_, n) = tokio::join!(writer, reader);
+        n.unwrap();
+        let suffix = format!("<{}>", payload.len());
+        assert_eq!(back.len(), payload.len() + suffix.len(), "all bytes must come back, then the count sent after EOF");
+        assert!(back[..payload.len()] == payload[..], "bytes must come back unchanged");
+        assert_eq!(&back[payload.len()..], suffix.as_bytes());
+        assert_eq!(seen.recv().await.unwrap(), "spiffe://cluster.local/ns/default/sa/client");
+    }
+
+    #[tokio::test]
+    async fn refused_connects_and_wrong_peer_identities_fail_the_client() {
+        let p = pki("refuse");
+        let (addr, _seen) = echo_server(p.server.server.clone()).await;
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let err =
+            connect(tcp, p.client.client(&p.server_id).unwrap(), "127.0.0.1:1".parse().unwrap()).await.err().unwrap();
+        assert!(matches!(err, Error::Refused(StatusCode::SERVICE_UNAVAILABLE)), "got {err}");
+        // The client expects another identity than the server presents: the handshake fails.
+        let other = workload_id(&TrustDomain::new("cluster.local").unwrap(), "default", "someone-else").unwrap();
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let err =
+            connect(tcp, p.client.client(&other).unwrap(), "127.0.0.1:8080".parse().unwrap()).await.err().unwrap();
+        assert!(err.to_string().contains("expected spiffe://cluster.local/ns/default/sa/someone-else"), "got {err}");
+    }
+
     #[test]
     fn bad_hbone_requests_are_rejected_with_a_reason() {
-        let get = Request::builder()
-            .method(Method::GET)
-            .uri("http://198.19.2.10:80/")
-            .body(())
-            .unwrap();
+        let get = Request::builder().method(Method::GET).uri("http://198.19.2.10:80/").body(()).unwrap();
         assert_eq!(parse_target(&get), Err("HBONE requests must use CONNECT"));
-        let name = Request::builder()
-            .method(Method::CONNECT)
-            .uri("example.com:80")
-            .body(())
-            .unwrap();
+        let name = Request::builder().method(Method::CONNECT).uri("example.com:80").body(()).unwrap();
         assert_eq!(parse_target(&name), Err(":authority must be ip:port"));
     }
 }

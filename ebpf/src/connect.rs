@@ -11,9 +11,7 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use aya_log_ebpf::debug;
-use meshless_common::{
-    mode, EnrolledPod, OrigDst, AF_INET, AF_INET6, AGENT_MARK, OUTBOUND_PORT, TUNNEL_PORT,
-};
+use meshless_common::{mode, EnrolledPod, OrigDst, AF_INET, AF_INET6, AGENT_MARK, OUTBOUND_PORT, TUNNEL_PORT};
 
 use crate::maps::{ENROLLED, PENDING};
 
@@ -82,12 +80,7 @@ fn dst_port(sa: *mut bpf_sock_addr) -> u16 {
 
 fn redirect_port(sa: *mut bpf_sock_addr) {
     // SAFETY: writing user_port is allowed for connect hooks; network order in the low 16 bits.
-    unsafe {
-        write_volatile(
-            addr_of_mut!((*sa).user_port),
-            u32::from(OUTBOUND_PORT.to_be()),
-        )
-    };
+    unsafe { write_volatile(addr_of_mut!((*sa).user_port), u32::from(OUTBOUND_PORT.to_be())) };
 }
 
 fn remember(ctx: &SockAddrContext, orig: &OrigDst) -> Result<(), i32> {
@@ -107,16 +100,7 @@ fn try_connect4(ctx: &SockAddrContext) -> Result<(), i32> {
     if !capture_ipv4(ip, &pod, port) {
         return Ok(());
     }
-    remember(
-        ctx,
-        &OrigDst {
-            addr: [ip, 0, 0, 0],
-            port,
-            family: AF_INET,
-            listener_family: AF_INET,
-            _pad: 0,
-        },
-    )?;
+    remember(ctx, &OrigDst { addr: [ip, 0, 0, 0], port, family: AF_INET, listener_family: AF_INET, _pad: 0 })?;
     // SAFETY: writing user_ip4 is allowed for connect4.
     unsafe { write_volatile(addr_of_mut!((*sa).user_ip4), LOOPBACK4) };
     redirect_port(sa);
@@ -152,16 +136,7 @@ fn try_connect6(ctx: &SockAddrContext) -> Result<(), i32> {
         if !capture_ipv4(ip[3], &pod, port) {
             return Ok(());
         }
-        remember(
-            ctx,
-            &OrigDst {
-                addr: [ip[3], 0, 0, 0],
-                port,
-                family: AF_INET,
-                listener_family: AF_INET,
-                _pad: 0,
-            },
-        )?;
+        remember(ctx, &OrigDst { addr: [ip[3], 0, 0, 0], port, family: AF_INET, listener_family: AF_INET, _pad: 0 })?;
         // SAFETY: writing user_ip6 words is allowed for connect6.
         unsafe { write_volatile(addr_of_mut!((*sa).user_ip6[3]), LOOPBACK4) };
     } else {
@@ -170,16 +145,7 @@ fn try_connect6(ctx: &SockAddrContext) -> Result<(), i32> {
         if unspecified || loopback || ip == pod.ipv6 || port == TUNNEL_PORT || port == 0 {
             return Ok(());
         }
-        remember(
-            ctx,
-            &OrigDst {
-                addr: ip,
-                port,
-                family: AF_INET6,
-                listener_family: AF_INET6,
-                _pad: 0,
-            },
-        )?;
+        remember(ctx, &OrigDst { addr: ip, port, family: AF_INET6, listener_family: AF_INET6, _pad: 0 })?;
         // SAFETY: writing user_ip6 words is allowed for connect6.
         unsafe {
             write_volatile(addr_of_mut!((*sa).user_ip6[0]), 0);

@@ -48,11 +48,7 @@ impl Netns {
     }
 
     /// A command that will run inside this namespace (and, if given, inside `cgroup`).
-    pub fn command(
-        &self,
-        program: impl AsRef<std::ffi::OsStr>,
-        cgroup: Option<&Path>,
-    ) -> Result<Command> {
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>, cgroup: Option<&Path>) -> Result<Command> {
         let ns = File::open(self.path()).with_context(|| format!("opening netns {}", self.name))?;
         let procs = match cgroup {
             Some(cg) => Some(
@@ -88,11 +84,7 @@ impl Netns {
     pub fn sh(&self, script: &str) -> Result<Output> {
         let out = self.command("sh", None)?.arg("-c").arg(script).output()?;
         if !out.status.success() {
-            bail!(
-                "in netns {}: `{script}` failed: {}",
-                self.name,
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
+            bail!("in netns {}: `{script}` failed: {}", self.name, String::from_utf8_lossy(&out.stderr).trim());
         }
         Ok(out)
     }
@@ -178,11 +170,7 @@ fn gw_ipv6(node: usize) -> Ipv6Addr {
 impl Testbed {
     /// Builds the cluster. Requires root (CAP_NET_ADMIN, CAP_SYS_ADMIN).
     pub fn new(layout: Layout<'_>) -> Result<Testbed> {
-        assert!(
-            !layout.pods.is_empty()
-                && layout.pods.len() < 200
-                && layout.pods.iter().all(|&p| p < 200)
-        );
+        assert!(!layout.pods.is_empty() && layout.pods.len() < 200 && layout.pods.iter().all(|&p| p < 200));
         require_root()?;
         cleanup_leftovers();
         let cgroup2 = cgroup2_mount()?;
@@ -190,9 +178,7 @@ impl Testbed {
         let cgroup_root = cgroup2.join(CGROUP_DIR).join(&id[PREFIX.len()..]);
         let dir = std::env::temp_dir().join(&id);
         let mut tb = Testbed {
-            fabric: Netns {
-                name: format!("{id}-fab"),
-            },
+            fabric: Netns { name: format!("{id}-fab") },
             id: id.clone(),
             nodes: Vec::new(),
             cgroup_root: cgroup_root.clone(),
@@ -201,8 +187,7 @@ impl Testbed {
         };
         // From here on, Drop cleans up whatever was made, also when a step fails.
         fs::create_dir_all(&dir)?;
-        fs::create_dir_all(&cgroup_root)
-            .with_context(|| format!("creating cgroup {}", cgroup_root.display()))?;
+        fs::create_dir_all(&cgroup_root).with_context(|| format!("creating cgroup {}", cgroup_root.display()))?;
         add_netns(&tb.fabric)?;
         tb.fabric.ip("link add br0 type bridge")?;
         tb.fabric.ip("link set br0 up")?;
@@ -214,28 +199,19 @@ impl Testbed {
         for node in &tb.nodes {
             for other in tb.nodes.iter().filter(|o| o.index != node.index) {
                 let k = other.index;
-                node.netns
-                    .ip(&format!("route add 198.19.{k}.0/24 via {}", node_ipv4(k)))?;
-                node.netns.ip(&format!(
-                    "-6 route add fd6d:6c00:{k:x}::/64 via {}",
-                    node_ipv6(k)
-                ))?;
+                node.netns.ip(&format!("route add 198.19.{k}.0/24 via {}", node_ipv4(k)))?;
+                node.netns.ip(&format!("-6 route add fd6d:6c00:{k:x}::/64 via {}", node_ipv6(k)))?;
             }
         }
         Ok(tb)
     }
 
     fn add_node(&self, i: usize, pods: usize) -> Result<Node> {
-        let netns = Netns {
-            name: format!("{}-n{i}", self.id),
-        };
+        let netns = Netns { name: format!("{}-n{i}", self.id) };
         add_netns(&netns)?;
         netns.sh("echo 1 > /proc/sys/net/ipv4/ip_forward && \
              echo 1 > /proc/sys/net/ipv6/conf/all/forwarding")?;
-        netns.ip(&format!(
-            "link add eth0 type veth peer name n{i} netns {}",
-            self.fabric.name
-        ))?;
+        netns.ip(&format!("link add eth0 type veth peer name n{i} netns {}", self.fabric.name))?;
         self.fabric.ip(&format!("link set n{i} master br0 up"))?;
         netns.ip(&format!("addr add {}/24 dev eth0", node_ipv4(i)))?;
         netns.ip(&format!("addr add {}/64 dev eth0 nodad", node_ipv6(i)))?;
@@ -264,14 +240,9 @@ impl Testbed {
 
     fn add_pod(&self, node: &Node, j: usize) -> Result<Pod> {
         let i = node.index;
-        let netns = Netns {
-            name: format!("{}-n{i}p{j}", self.id),
-        };
+        let netns = Netns { name: format!("{}-n{i}p{j}", self.id) };
         add_netns(&netns)?;
-        node.netns.ip(&format!(
-            "link add p{j} type veth peer name eth0 netns {}",
-            netns.name
-        ))?;
+        node.netns.ip(&format!("link add p{j} type veth peer name eth0 netns {}", netns.name))?;
         node.netns.ip(&format!("link set p{j} master cbr0 up"))?;
         let (ipv4, ipv6) = (pod_ipv4(i, j), pod_ipv6(i, j));
         netns.ip(&format!("addr add {ipv4}/24 dev eth0"))?;
@@ -281,14 +252,7 @@ impl Testbed {
         netns.ip(&format!("-6 route add default via {}", gw_ipv6(i)))?;
         let cgroup = node.cgroup.join(format!("pod{j}"));
         fs::create_dir_all(&cgroup)?;
-        Ok(Pod {
-            name: format!("pod{j}"),
-            node: i,
-            netns,
-            ipv4,
-            ipv6,
-            cgroup,
-        })
+        Ok(Pod { name: format!("pod{j}"), node: i, netns, ipv4, ipv6, cgroup })
     }
 
     pub fn node(&self, i: usize) -> &Node {
@@ -322,12 +286,7 @@ impl Testbed {
 
     /// Writes the embedded-mode state file for `node` (see the README for the format).
     /// `enrolled` says which pods are in the mesh (all others are listed as not enrolled).
-    pub fn state_file(
-        &self,
-        node: usize,
-        trust_domain: &str,
-        enrolled: &dyn Fn(&Pod) -> bool,
-    ) -> Result<PathBuf> {
+    pub fn state_file(&self, node: usize, trust_domain: &str, enrolled: &dyn Fn(&Pod) -> bool) -> Result<PathBuf> {
         let mut y = String::new();
         writeln!(y, "trustDomain: {trust_domain}")?;
         writeln!(y, "node: node{node}")?;
@@ -350,22 +309,13 @@ impl Testbed {
 
     /// The SPIFFE ID the state file gives `pod`.
     pub fn spiffe_id(&self, trust_domain: &str, pod: &Pod) -> String {
-        format!(
-            "spiffe://{trust_domain}/ns/default/sa/sa-{}-n{}",
-            pod.name, pod.node
-        )
+        format!("spiffe://{trust_domain}/ns/default/sa/sa-{}-n{}", pod.name, pod.node)
     }
 }
 
 impl Drop for Testbed {
     fn drop(&mut self) {
-        for mut child in self
-            .children
-            .0
-            .lock()
-            .map(|mut c| std::mem::take(&mut *c))
-            .unwrap_or_default()
-        {
+        for mut child in self.children.0.lock().map(|mut c| std::mem::take(&mut *c)).unwrap_or_default() {
             terminate(&mut child);
         }
         for node in &self.nodes {
@@ -405,10 +355,7 @@ pub fn ip(args: &str) -> Result<()> {
         .output()
         .context("running `ip` (is iproute2 installed? `cargo xtask setup` installs it)")?;
     if !out.status.success() {
-        bail!(
-            "`ip {args}` failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+        bail!("`ip {args}` failed: {}", String::from_utf8_lossy(&out.stderr).trim());
     }
     Ok(())
 }
@@ -423,10 +370,7 @@ fn add_netns(ns: &Netns) -> Result<()> {
 
 /// Kills every process still inside the namespace, then deletes it.
 fn del_netns(ns: &Netns) {
-    if let Ok(out) = Command::new("ip")
-        .args(["netns", "pids", &ns.name])
-        .output()
-    {
+    if let Ok(out) = Command::new("ip").args(["netns", "pids", &ns.name]).output() {
         for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
             if let Ok(pid) = pid.parse::<i32>() {
                 // SAFETY: plain kill(2) on a pid that `ip netns pids` reported inside our namespace.
@@ -436,10 +380,7 @@ fn del_netns(ns: &Netns) {
             }
         }
     }
-    let _ = Command::new("ip")
-        .args(["netns", "del", &ns.name])
-        .stderr(Stdio::null())
-        .status();
+    let _ = Command::new("ip").args(["netns", "del", &ns.name]).stderr(Stdio::null()).status();
 }
 
 /// Removes a cgroup directory tree, killing whatever still runs in it.
@@ -454,9 +395,7 @@ fn remove_cgroup_tree(path: &Path) {
         collect_dirs(path, &mut dirs);
         // Deepest first.
         dirs.sort_by_key(|d| std::cmp::Reverse(d.components().count()));
-        let all_gone = dirs
-            .iter()
-            .all(|d| fs::remove_dir(d).is_ok() || !d.exists());
+        let all_gone = dirs.iter().all(|d| fs::remove_dir(d).is_ok() || !d.exists());
         if all_gone || Instant::now() > deadline {
             return;
         }
@@ -478,10 +417,7 @@ fn collect_dirs(path: &Path, out: &mut Vec<PathBuf>) {
 /// Removes namespaces and cgroups of earlier testbeds whose creating process is gone.
 fn cleanup_leftovers() {
     let dead = |name: &str| -> bool {
-        let pid = name
-            .strip_prefix(PREFIX)
-            .and_then(|r| r.split('-').next())
-            .and_then(|p| p.parse::<u32>().ok());
+        let pid = name.strip_prefix(PREFIX).and_then(|r| r.split('-').next()).and_then(|p| p.parse::<u32>().ok());
         match pid {
             Some(pid) => !Path::new(&format!("/proc/{pid}")).exists(),
             None => false,
@@ -527,14 +463,9 @@ pub fn cgroup2_mount() -> Result<PathBuf> {
         return Ok(p);
     }
     fs::create_dir_all(OWN_CGROUP2_MOUNT)?;
-    let out = Command::new("mount")
-        .args(["-t", "cgroup2", "none", OWN_CGROUP2_MOUNT])
-        .output()?;
+    let out = Command::new("mount").args(["-t", "cgroup2", "none", OWN_CGROUP2_MOUNT]).output()?;
     if !out.status.success() {
-        bail!(
-            "mounting cgroup2 at {OWN_CGROUP2_MOUNT} failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+        bail!("mounting cgroup2 at {OWN_CGROUP2_MOUNT} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
     }
     Ok(PathBuf::from(OWN_CGROUP2_MOUNT))
 }
@@ -542,18 +473,14 @@ pub fn cgroup2_mount() -> Result<PathBuf> {
 fn require_root() -> Result<()> {
     // SAFETY: geteuid(2) has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        return Err(anyhow!(
-            "the namespace testbed needs root (CAP_NET_ADMIN, CAP_SYS_ADMIN, CAP_BPF): run as root"
-        ));
+        return Err(anyhow!("the namespace testbed needs root (CAP_NET_ADMIN, CAP_SYS_ADMIN, CAP_BPF): run as root"));
     }
     Ok(())
 }
 
 /// Whether privileged tests must run: under `CI=true` a missing capability is a failure.
 pub fn ci() -> bool {
-    std::env::var("CI")
-        .map(|v| v == "true" || v == "1")
-        .unwrap_or(false)
+    std::env::var("CI").map(|v| v == "true" || v == "1").unwrap_or(false)
 }
 
 /// Polls `f` until it returns `Some` or `timeout` passes.
@@ -577,10 +504,7 @@ pub fn sockaddr(ip: IpAddr, port: u16) -> String {
 
 /// Appends a line to a file (used to collect logs of processes).
 pub fn append(path: &Path, line: &str) -> Result<()> {
-    let mut f = fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)?;
+    let mut f = fs::OpenOptions::new().create(true).append(true).open(path)?;
     writeln!(f, "{line}")?;
     Ok(())
 }

@@ -27,47 +27,26 @@ pub struct Mesh {
 impl Mesh {
     /// Creates the CA, writes the state files and starts one agent per node, waiting until every
     /// agent reports ready. `enrolled` chooses the pods in the mesh.
-    pub fn start(
-        tb: &Testbed,
-        bins: &Bins,
-        enrolled: &dyn Fn(&Pod) -> bool,
-        extra_args: &[&str],
-    ) -> Result<Mesh> {
+    pub fn start(tb: &Testbed, bins: &Bins, enrolled: &dyn Fn(&Pod) -> bool, extra_args: &[&str]) -> Result<Mesh> {
         let ca_dir = tb.dir.join("ca");
         run_ok(
-            Command::new(&bins.meshless)
-                .args(["ca", "init", "--trust-domain", TRUST_DOMAIN, "--out"])
-                .arg(&ca_dir),
+            Command::new(&bins.meshless).args(["ca", "init", "--trust-domain", TRUST_DOMAIN, "--out"]).arg(&ca_dir),
         )?;
-        let mut mesh = Mesh {
-            ca_dir,
-            logs: Vec::new(),
-            agents: Vec::new(),
-        };
+        let mut mesh = Mesh { ca_dir, logs: Vec::new(), agents: Vec::new() };
         for node in &tb.nodes {
             let state = tb.state_file(node.index, TRUST_DOMAIN, enrolled)?;
             let log = tb.dir.join(format!("agent-node{}.log", node.index));
             let mut cmd = node.netns.command(&bins.meshless, None)?;
-            cmd.args([
-                "agent",
-                "--log-format",
-                "json",
-                "--log",
-                "info,meshless=debug",
-                "--state",
-            ])
-            .arg(&state)
-            .arg("--ca-dir")
-            .arg(&mesh.ca_dir)
-            .args(extra_args)
-            // The glibc memcpy trap of this machine kind (shared/PERFORMANCE.md): rustls'
-            // receive path is much faster without `rep movsb`.
-            .env(
-                "GLIBC_TUNABLES",
-                "glibc.cpu.x86_rep_movsb_threshold=4294967295",
-            )
-            .stdout(Stdio::null())
-            .stderr(fs::File::create(&log)?);
+            cmd.args(["agent", "--log-format", "json", "--log", "info,meshless=debug", "--state"])
+                .arg(&state)
+                .arg("--ca-dir")
+                .arg(&mesh.ca_dir)
+                .args(extra_args)
+                // The glibc memcpy trap of this machine kind (shared/PERFORMANCE.md): rustls'
+                // receive path is much faster without `rep movsb`.
+                .env("GLIBC_TUNABLES", "glibc.cpu.x86_rep_movsb_threshold=4294967295")
+                .stdout(Stdio::null())
+                .stderr(fs::File::create(&log)?);
             mesh.agents.push(tb.spawn(&mut cmd)?);
             mesh.logs.push(log);
         }
@@ -77,10 +56,7 @@ impl Mesh {
                 if !Path::new(&format!("/proc/{pid}")).exists() || is_zombie(pid) {
                     return Some(false);
                 }
-                fs::read_to_string(log)
-                    .ok()?
-                    .contains("\"agent ready\"")
-                    .then_some(true)
+                fs::read_to_string(log).ok()?.contains("\"agent ready\"").then_some(true)
             });
             if ready != Some(true) {
                 bail!(
@@ -110,31 +86,21 @@ impl Mesh {
         pred: impl Fn(&serde_json::Value) -> bool,
     ) -> Option<serde_json::Value> {
         wait_for(Duration::from_secs(10), || {
-            self.log_lines(node)
-                .into_iter()
-                .find(|l| l["message"] == message && pred(l))
+            self.log_lines(node).into_iter().find(|l| l["message"] == message && pred(l))
         })
     }
 }
 
 fn is_zombie(pid: u32) -> bool {
     fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| {
-            s.rsplit(')')
-                .next()
-                .map(|r| r.trim_start().starts_with('Z'))
-                .unwrap_or(false)
-        })
+        .map(|s| s.rsplit(')').next().map(|r| r.trim_start().starts_with('Z')).unwrap_or(false))
         .unwrap_or(true)
 }
 
 pub fn run_ok(cmd: &mut Command) -> Result<String> {
     let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
     if !out.status.success() {
-        bail!(
-            "{cmd:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+        bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }

@@ -15,11 +15,7 @@ fn enrolled(p: &Pod) -> bool {
 }
 
 fn cluster(label: &str, bins: &support::Bins) -> (Testbed, Mesh) {
-    let tb = Testbed::new(Layout {
-        label,
-        pods: &[2, 2],
-    })
-    .expect("building the testbed");
+    let tb = Testbed::new(Layout { label, pods: &[2, 2] }).expect("building the testbed");
     let mesh = Mesh::start(&tb, bins, &enrolled, &[]).expect("starting the agents");
     (tb, mesh)
 }
@@ -27,14 +23,7 @@ fn cluster(label: &str, bins: &support::Bins) -> (Testbed, Mesh) {
 fn curl(pod: &Pod, url: &str, marker: &str) -> std::process::Output {
     pod.command("curl")
         .unwrap()
-        .args([
-            "-sS",
-            "--max-time",
-            "10",
-            "-H",
-            &format!("X-Marker: {marker}"),
-            url,
-        ])
+        .args(["-sS", "--max-time", "10", "-H", &format!("X-Marker: {marker}"), url])
         .output()
         .expect("running curl")
 }
@@ -47,13 +36,7 @@ fn curl_across_nodes_is_carried_over_mtls_with_the_source_pods_identity() {
     let (tb, mesh) = cluster("curl", &bins);
     let (client, outsider, server) = (tb.pod(1, 1), tb.pod(1, 2), tb.pod(2, 1));
     let body = "response-body-marker-7d1e";
-    tb.spawn(
-        server
-            .command(&bins.testbin)
-            .unwrap()
-            .args(["http-serve", "8080", body]),
-    )
-    .unwrap();
+    tb.spawn(server.command(&bins.testbin).unwrap().args(["http-serve", "8080", body])).unwrap();
     wait_listening(&server.netns, 8080).unwrap();
 
     // Capture everything on node 1's link to the other nodes.
@@ -65,18 +48,7 @@ fn curl_across_nodes_is_carried_over_mtls_with_the_source_pods_identity() {
                 .netns
                 .command("tcpdump", None)
                 .unwrap()
-                .args([
-                    "-i",
-                    "eth0",
-                    "-n",
-                    "-s",
-                    "0",
-                    "-U",
-                    "--immediate-mode",
-                    "-Z",
-                    "root",
-                    "-w",
-                ])
+                .args(["-i", "eth0", "-n", "-s", "0", "-U", "--immediate-mode", "-Z", "root", "-w"])
                 .arg(&pcap_path)
                 .stderr(fs::File::create(&dump_log).unwrap()),
         )
@@ -103,11 +75,7 @@ fn curl_across_nodes_is_carried_over_mtls_with_the_source_pods_identity() {
 
     // Control: the pod outside the mesh talks plaintext, and the capture must see it.
     let plain = "plaintext-control-marker-44c2";
-    let out = curl(
-        outsider,
-        &format!("http://{}:8080/{plain}", server.ipv4),
-        plain,
-    );
+    let out = curl(outsider, &format!("http://{}:8080/{plain}", server.ipv4), plain);
     assert_eq!(
         String::from_utf8_lossy(&out.stdout),
         body,
@@ -119,60 +87,36 @@ fn curl_across_nodes_is_carried_over_mtls_with_the_source_pods_identity() {
 
     let file = fs::read(&pcap_path).expect("reading the capture");
     let segs = pcap::tcp_segments(&file).expect("parsing the capture");
-    let all: Vec<u8> = segs
-        .iter()
-        .flat_map(|s| s.payload.iter().copied())
-        .collect();
+    let all: Vec<u8> = segs.iter().flat_map(|s| s.payload.iter().copied()).collect();
     assert!(
         pcap::contains(&all, plain.as_bytes()),
         "control failed: the capture should show the non-enrolled pod's plaintext"
     );
-    assert!(
-        !pcap::contains(&all, secret.as_bytes()),
-        "the meshed request's marker crossed the wire in plaintext"
-    );
+    assert!(!pcap::contains(&all, secret.as_bytes()), "the meshed request's marker crossed the wire in plaintext");
     assert!(
         segs.iter()
             .filter(|s| s.dst_port == 15008 && s.payload.len() > 5)
             .all(|s| s.payload[0] == 0x16 || s.payload[0] == 0x17 || s.payload[0] == 0x14),
         "every segment to the tunnel port starts a TLS record"
     );
-    let tunneled = segs
-        .iter()
-        .filter(|s| s.dst_port == 15008 || s.src_port == 15008);
-    let records: Vec<&pcap::Segment> = tunneled
-        .filter(|s| s.payload.starts_with(&[0x17, 0x03, 0x03]))
-        .collect();
-    assert!(
-        !records.is_empty(),
-        "no TLS application-data records on port 15008 in the capture"
-    );
-    let meshed_plain_8080 = segs
-        .iter()
-        .any(|s| s.dst_port == 8080 && pcap::contains(&s.payload, secret.as_bytes()));
-    assert!(
-        !meshed_plain_8080,
-        "the meshed request went to port 8080 directly"
-    );
+    let tunneled = segs.iter().filter(|s| s.dst_port == 15008 || s.src_port == 15008);
+    let records: Vec<&pcap::Segment> = tunneled.filter(|s| s.payload.starts_with(&[0x17, 0x03, 0x03])).collect();
+    assert!(!records.is_empty(), "no TLS application-data records on port 15008 in the capture");
+    let meshed_plain_8080 = segs.iter().any(|s| s.dst_port == 8080 && pcap::contains(&s.payload, secret.as_bytes()));
+    assert!(!meshed_plain_8080, "the meshed request went to port 8080 directly");
 
     // The server-side agent authorized the connection with the client pod's identity.
     let want_src = tb.spiffe_id(TRUST_DOMAIN, client);
     let want_dst = tb.spiffe_id(TRUST_DOMAIN, server);
-    let line = mesh.wait_log(2, "inbound connection authorized", |l| {
-        l["src_id"] == want_src.as_str()
-    });
+    let line = mesh.wait_log(2, "inbound connection authorized", |l| l["src_id"] == want_src.as_str());
     let line = line.unwrap_or_else(|| {
-        panic!(
-            "node2's agent never logged {want_src} as an authorized source; log: {:?}",
-            mesh.log_lines(2)
-        )
+        panic!("node2's agent never logged {want_src} as an authorized source; log: {:?}", mesh.log_lines(2))
     });
     assert_eq!(line["dst_id"], want_dst.as_str());
     assert_eq!(line["dst_addr"], format!("{}:8080", server.ipv4).as_str());
     // And the client-side agent used the client's identity, towards the server's.
     assert!(
-        mesh.wait_log(1, "outbound connection over HBONE", |l| l["src_id"]
-            == want_src.as_str()
+        mesh.wait_log(1, "outbound connection over HBONE", |l| l["src_id"] == want_src.as_str()
             && l["dst_id"] == want_dst.as_str())
             .is_some(),
         "node1's agent did not log the outbound HBONE connection"
@@ -186,25 +130,14 @@ fn ipv4_and_ipv6_work_and_half_close_is_honoured() {
     };
     let (tb, mesh) = cluster("v6", &bins);
     let (client, server) = (tb.pod(1, 1), tb.pod(2, 2));
-    tb.spawn(
-        server
-            .command(&bins.testbin)
-            .unwrap()
-            .args(["echo-serve", "7000"]),
-    )
-    .unwrap();
+    tb.spawn(server.command(&bins.testbin).unwrap().args(["echo-serve", "7000"])).unwrap();
     wait_listening(&server.netns, 7000).unwrap();
     for ip in [server.ipv4.into(), server.ipv6.into()] {
         let addr = sockaddr(ip, 7000);
         // `send` writes, half-closes its side, and reads until EOF; the echo server writes its
         // byte count *after* seeing EOF, which only arrives if the half-close crossed the tunnel
         // while the other direction stayed open.
-        let out = client
-            .command(&bins.testbin)
-            .unwrap()
-            .args(["send", &addr, "half-close-probe"])
-            .output()
-            .unwrap();
+        let out = client.command(&bins.testbin).unwrap().args(["send", &addr, "half-close-probe"]).output().unwrap();
         assert_eq!(
             String::from_utf8_lossy(&out.stdout),
             "half-close-probe<16 bytes>",
@@ -214,8 +147,7 @@ fn ipv4_and_ipv6_work_and_half_close_is_honoured() {
         let want_src = tb.spiffe_id(TRUST_DOMAIN, client);
         let target = addr.clone();
         assert!(
-            mesh.wait_log(2, "inbound connection authorized", |l| l["src_id"]
-                == want_src.as_str()
+            mesh.wait_log(2, "inbound connection authorized", |l| l["src_id"] == want_src.as_str()
                 && l["dst_addr"] == target.as_str())
                 .is_some(),
             "{addr} was not carried by the mesh (no inbound authorization on node2)"
@@ -236,17 +168,7 @@ fn tunnel_port_refuses_clients_without_a_certificate_from_the_trust_bundle() {
         node1
             .command("curl", None)
             .unwrap()
-            .args([
-                "-sS",
-                "-k",
-                "--http2",
-                "--max-time",
-                "10",
-                "-o",
-                "/dev/null",
-                "-w",
-                "%{http_code}",
-            ])
+            .args(["-sS", "-k", "--http2", "--max-time", "10", "-o", "/dev/null", "-w", "%{http_code}"])
             .args(extra)
             .arg(&url)
             .output()
@@ -258,9 +180,7 @@ fn tunnel_port_refuses_clients_without_a_certificate_from_the_trust_bundle() {
     for (ca, out) in [(&foreign, "foreign"), (&mesh.ca_dir, "genuine")] {
         if !ca.join("ca.pem").exists() {
             meshless_tests::mesh::run_ok(
-                std::process::Command::new(&bins.meshless)
-                    .args(["ca", "init", "--out"])
-                    .arg(ca),
+                std::process::Command::new(&bins.meshless).args(["ca", "init", "--out"]).arg(ca),
             )
             .unwrap();
         }
@@ -273,60 +193,27 @@ fn tunnel_port_refuses_clients_without_a_certificate_from_the_trust_bundle() {
         )
         .unwrap();
     }
-    let cert = |n: &str| {
-        [
-            tb.dir.join(format!("{n}.pem")),
-            tb.dir.join(format!("{n}-key.pem")),
-        ]
-    };
+    let cert = |n: &str| [tb.dir.join(format!("{n}.pem")), tb.dir.join(format!("{n}-key.pem"))];
 
     let none = https(&[]);
-    assert!(
-        !none.status.success(),
-        "a client without a certificate got through: {:?}",
-        none
-    );
+    assert!(!none.status.success(), "a client without a certificate got through: {:?}", none);
     let [c, k] = cert("foreign");
     let bad = https(&["--cert", c.to_str().unwrap(), "--key", k.to_str().unwrap()]);
-    assert!(
-        !bad.status.success(),
-        "a client with a foreign-CA certificate got through: {:?}",
-        bad
-    );
+    assert!(!bad.status.success(), "a client with a foreign-CA certificate got through: {:?}", bad);
     // Control: the genuine certificate passes TLS and reaches HTTP/2, where a GET (not CONNECT)
     // is answered 400 — so the two refusals above were the certificate's doing.
     let [c, k] = cert("genuine");
     let good = https(&["--cert", c.to_str().unwrap(), "--key", k.to_str().unwrap()]);
-    assert_eq!(
-        String::from_utf8_lossy(&good.stdout),
-        "400",
-        "genuine certificate should reach HBONE: {:?}",
-        good
-    );
+    assert_eq!(String::from_utf8_lossy(&good.stdout), "400", "genuine certificate should reach HBONE: {:?}", good);
 
     // Garbage on the tunnel port costs that connection only; the agent keeps serving.
-    let garbage = node1_send(
-        &bins,
-        node1,
-        &sockaddr(server.ipv4.into(), 15008),
-        "\x16\x03\x01\x01\x05hello-not-tls",
-    );
+    let garbage = node1_send(&bins, node1, &sockaddr(server.ipv4.into(), 15008), "\x16\x03\x01\x01\x05hello-not-tls");
+    assert!(garbage.is_empty() || !garbage.contains("HTTP"), "garbage must not get an answer: {garbage}");
     assert!(
-        garbage.is_empty() || !garbage.contains("HTTP"),
-        "garbage must not get an answer: {garbage}"
-    );
-    assert!(
-        mesh.wait_log(2, "inbound tunnel connection refused or failed", |_| true)
-            .is_some(),
+        mesh.wait_log(2, "inbound tunnel connection refused or failed", |_| true).is_some(),
         "the agent should log the refused connections"
     );
-    tb.spawn(
-        server
-            .command(&bins.testbin)
-            .unwrap()
-            .args(["echo-serve", "7001"]),
-    )
-    .unwrap();
+    tb.spawn(server.command(&bins.testbin).unwrap().args(["echo-serve", "7001"])).unwrap();
     wait_listening(&server.netns, 7001).unwrap();
     let out = tb
         .pod(1, 1)
@@ -335,19 +222,10 @@ fn tunnel_port_refuses_clients_without_a_certificate_from_the_trust_bundle() {
         .args(["send", &sockaddr(server.ipv4.into(), 7001), "still-alive"])
         .output()
         .unwrap();
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout),
-        "still-alive<11 bytes>",
-        "agent should survive bad input"
-    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "still-alive<11 bytes>", "agent should survive bad input");
 }
 
 fn node1_send(bins: &support::Bins, ns: &meshless_tests::Netns, addr: &str, text: &str) -> String {
-    let out = ns
-        .command(&bins.testbin, None)
-        .unwrap()
-        .args(["send", addr, text])
-        .output()
-        .unwrap();
+    let out = ns.command(&bins.testbin, None).unwrap().args(["send", addr, text]).output().unwrap();
     String::from_utf8_lossy(&out.stdout).into_owned()
 }

@@ -12,28 +12,13 @@ fn pods_reach_pods_on_other_nodes_and_cleanup_removes_everything() {
     let Some(bins) = support::privileged("testbed") else {
         return;
     };
-    let tb = Testbed::new(Layout {
-        label: "tb",
-        pods: &[1, 1],
-    })
-    .expect("building testbed");
+    let tb = Testbed::new(Layout { label: "tb", pods: &[1, 1] }).expect("building testbed");
     let (client, server) = (tb.pod(1, 1), tb.pod(2, 1));
-    let pid = tb
-        .spawn(
-            server
-                .command(&bins.testbin)
-                .unwrap()
-                .args(["echo-serve", "7000"]),
-        )
-        .unwrap();
+    let pid = tb.spawn(server.command(&bins.testbin).unwrap().args(["echo-serve", "7000"])).unwrap();
     meshless_tests::mesh::wait_listening(&server.netns, 7000).unwrap();
     for ip in [server.ipv4.to_string(), format!("[{}]", server.ipv6)] {
-        let out = client
-            .command(&bins.testbin)
-            .unwrap()
-            .args(["send", &format!("{ip}:7000"), "ping"])
-            .output()
-            .unwrap();
+        let out =
+            client.command(&bins.testbin).unwrap().args(["send", &format!("{ip}:7000"), "ping"]).output().unwrap();
         assert_eq!(
             String::from_utf8_lossy(&out.stdout),
             "ping<4 bytes>",
@@ -46,10 +31,7 @@ fn pods_reach_pods_on_other_nodes_and_cleanup_removes_everything() {
     let cgroup = tb.cgroup_root.clone();
     drop(tb);
     for n in names {
-        assert!(
-            !Path::new("/run/netns").join(&n).exists(),
-            "netns {n} left behind"
-        );
+        assert!(!Path::new("/run/netns").join(&n).exists(), "netns {n} left behind");
     }
     assert!(!cgroup.exists(), "cgroup {} left behind", cgroup.display());
 }

@@ -39,23 +39,10 @@ pub fn run(bins: &Bins, args: Args) -> Result<()> {
     if !(0.5..=120.0).contains(&args.seconds) || !(1000..=1_000_000).contains(&args.count) {
         bail!("--seconds must be in 0.5..=120 and --count in 1000..=1000000");
     }
-    let tb = Testbed::new(Layout {
-        label: "bench",
-        pods: &[1, 1],
-    })?;
+    let tb = Testbed::new(Layout { label: "bench", pods: &[1, 1] })?;
     let (client, server) = (tb.pod(1, 1), tb.pod(2, 1));
-    tb.spawn(
-        server
-            .command(&bins.testbin)?
-            .args(["sink", "9000"])
-            .stderr(Stdio::null()),
-    )?;
-    tb.spawn(
-        server
-            .command(&bins.testbin)?
-            .args(["echo-serve", "9001"])
-            .stderr(Stdio::null()),
-    )?;
+    tb.spawn(server.command(&bins.testbin)?.args(["sink", "9000"]).stderr(Stdio::null()))?;
+    tb.spawn(server.command(&bins.testbin)?.args(["echo-serve", "9001"]).stderr(Stdio::null()))?;
     wait_listening(&server.netns, 9000)?;
     wait_listening(&server.netns, 9001)?;
 
@@ -66,52 +53,32 @@ pub fn run(bins: &Bins, args: Args) -> Result<()> {
             &sockaddr(server.ipv4.into(), 9000),
             &args.seconds.to_string(),
         ]))?)?;
-        eprintln!(
-            "bench: {label}: {} round trips of {} B",
-            args.count, args.size
-        );
+        eprintln!("bench: {label}: {} round trips of {} B", args.count, args.size);
         let rr = json(&run_ok(client.command(&bins.testbin)?.args([
             "rr",
             &sockaddr(server.ipv4.into(), 9001),
             &args.size.to_string(),
             &args.count.to_string(),
         ]))?)?;
-        Ok(Figures {
-            gbit: num(&bulk, "gbit_per_s")?,
-            p50: num(&rr, "p50_us")?,
-            p99: num(&rr, "p99_us")?,
-        })
+        Ok(Figures { gbit: num(&bulk, "gbit_per_s")?, p50: num(&rr, "p50_us")?, p99: num(&rr, "p99_us")? })
     };
 
     let plain = measure("plaintext (no agents)")?;
     let mesh = Mesh::start(&tb, bins, &|_| true, &[])?;
     std::thread::sleep(Duration::from_millis(500));
-    let rss_rest: Vec<u64> = mesh
-        .agents
-        .iter()
-        .map(|&pid| rss_kib(pid))
-        .collect::<Result<_>>()?;
+    let rss_rest: Vec<u64> = mesh.agents.iter().map(|&pid| rss_kib(pid)).collect::<Result<_>>()?;
     let meshed = measure("meshless (eBPF capture + HBONE mTLS)")?;
-    let rss_after: Vec<u64> = mesh
-        .agents
-        .iter()
-        .map(|&pid| rss_kib(pid))
-        .collect::<Result<_>>()?;
-    let carried = mesh
-        .log_lines(2)
-        .iter()
-        .filter(|l| l["message"] == "inbound connection authorized")
-        .count();
+    let rss_after: Vec<u64> = mesh.agents.iter().map(|&pid| rss_kib(pid)).collect::<Result<_>>()?;
+    let carried = mesh.log_lines(2).iter().filter(|l| l["message"] == "inbound connection authorized").count();
     if carried < 2 {
         bail!("the meshless runs were not carried by the mesh (node2 authorized {carried} connections)");
     }
 
     println!();
-    println!("meshless bench — 2 nodes x 1 pod, namespaces on this machine; client, server and both agents share the cores");
     println!(
-        "{:<34} {:>12} {:>12} {:>10}",
-        "", "plaintext", "meshless", "ratio"
+        "meshless bench — 2 nodes x 1 pod, namespaces on this machine; client, server and both agents share the cores"
     );
+    println!("{:<34} {:>12} {:>12} {:>10}", "", "plaintext", "meshless", "ratio");
     println!(
         "{:<34} {:>12.2} {:>12.2} {:>9.2}x",
         "1 stream throughput (Gbit/s)",
@@ -133,12 +100,7 @@ pub fn run(bins: &Bins, args: Args) -> Result<()> {
         meshed.p99,
         meshed.p99 / plain.p99
     );
-    println!(
-        "{:<34} {:>12} {:>12.1}",
-        "added p50 latency (us)",
-        "",
-        meshed.p50 - plain.p50
-    );
+    println!("{:<34} {:>12} {:>12.1}", "added p50 latency (us)", "", meshed.p50 - plain.p50);
     println!(
         "{:<34} {:>12} {:>12}",
         "agent RSS at rest / after (MiB)",
@@ -168,13 +130,12 @@ fn json(s: &str) -> Result<Value> {
 }
 
 fn num(v: &Value, k: &str) -> Result<f64> {
-    v[k].as_f64()
-        .with_context(|| format!("result has no {k}: {v}"))
+    v[k].as_f64().with_context(|| format!("result has no {k}: {v}"))
 }
 
 fn rss_kib(pid: u32) -> Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .with_context(|| format!("agent {pid} is gone"))?;
+    let status =
+        std::fs::read_to_string(format!("/proc/{pid}/status")).with_context(|| format!("agent {pid} is gone"))?;
     status
         .lines()
         .find_map(|l| l.strip_prefix("VmRSS:"))

@@ -28,31 +28,19 @@ pub fn run(bins: &Bins, args: Args) -> Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
     {
         let stop = stop.clone();
-        ctrlc::set_handler(move || stop.store(true, Ordering::SeqCst))
-            .context("installing the Ctrl-C handler")?;
+        ctrlc::set_handler(move || stop.store(true, Ordering::SeqCst)).context("installing the Ctrl-C handler")?;
     }
     println!("== building the cluster: 2 nodes (network namespaces), 3 pods (each its own netns and cgroup)");
-    let tb = Testbed::new(Layout {
-        label: "demo",
-        pods: &[2, 1],
-    })?;
+    let tb = Testbed::new(Layout { label: "demo", pods: &[2, 1] })?;
     let (frontend, legacy, backend) = (tb.pod(1, 1), tb.pod(1, 2), tb.pod(2, 1));
-    for (role, pod) in [
-        ("frontend", frontend),
-        ("legacy  ", legacy),
-        ("backend ", backend),
-    ] {
+    for (role, pod) in [("frontend", frontend), ("legacy  ", legacy), ("backend ", backend)] {
         println!(
             "   {role} {}  node{}  {} / {}  {}",
             pod.name,
             pod.node,
             pod.ipv4,
             pod.ipv6,
-            if enrolled(pod) {
-                tb.spiffe_id(TRUST_DOMAIN, pod)
-            } else {
-                "(not in the mesh)".into()
-            }
+            if enrolled(pod) { tb.spiffe_id(TRUST_DOMAIN, pod) } else { "(not in the mesh)".into() }
         );
     }
     println!("== starting one meshless agent per node (local CA, eBPF capture on each node's pod cgroup)");
@@ -71,28 +59,12 @@ pub fn run(bins: &Bins, args: Args) -> Result<()> {
         tb.node(1)
             .netns
             .command("tcpdump", None)?
-            .args([
-                "-i",
-                "eth0",
-                "-n",
-                "-s",
-                "0",
-                "-U",
-                "--immediate-mode",
-                "-Z",
-                "root",
-                "-w",
-            ])
+            .args(["-i", "eth0", "-n", "-s", "0", "-U", "--immediate-mode", "-Z", "root", "-w"])
             .arg(&pcap_path)
             .stderr(fs::File::create(&dump_log)?),
     )?;
-    wait_for(Duration::from_secs(10), || {
-        fs::read_to_string(&dump_log)
-            .ok()?
-            .contains("listening on")
-            .then_some(())
-    })
-    .context("tcpdump did not start")?;
+    wait_for(Duration::from_secs(10), || fs::read_to_string(&dump_log).ok()?.contains("listening on").then_some(()))
+        .context("tcpdump did not start")?;
 
     let calls: [(&Pod, IpAddr, &str); 3] = [
         (frontend, backend.ipv4.into(), "marker-frontend-v4"),
@@ -102,21 +74,14 @@ pub fn run(bins: &Bins, args: Args) -> Result<()> {
     println!("== unmodified curl in one pod calls the backend pod by its IP");
     for (from, ip, marker) in calls {
         let url = format!("http://{}/{marker}", sockaddr(ip, 8080));
-        let body = run_ok(
-            from.command("curl")?
-                .args(["-sS", "--max-time", "10", &url]),
-        )?;
+        let body = run_ok(from.command("curl")?.args(["-sS", "--max-time", "10", &url]))?;
         println!("   {} $ curl {url}\n     -> {}", from.name, body.trim());
     }
     std::thread::sleep(Duration::from_millis(300));
     tb.stop(dump);
 
     println!("== what the agents saw (identities from the mTLS handshakes)");
-    for l in mesh
-        .log_lines(2)
-        .iter()
-        .filter(|l| l["message"] == "inbound connection authorized")
-    {
+    for l in mesh.log_lines(2).iter().filter(|l| l["message"] == "inbound connection authorized") {
         println!(
             "   node2 agent: {} -> {}  ({})",
             l["src_id"].as_str().unwrap_or("?"),
@@ -128,23 +93,15 @@ pub fn run(bins: &Bins, args: Args) -> Result<()> {
     let segs = pcap::tcp_segments(&fs::read(&pcap_path)?)?;
     let records = segs
         .iter()
-        .filter(|s| {
-            (s.dst_port == 15008 || s.src_port == 15008) && s.payload.starts_with(&[0x17, 3, 3])
-        })
+        .filter(|s| (s.dst_port == 15008 || s.src_port == 15008) && s.payload.starts_with(&[0x17, 3, 3]))
         .count();
     println!("   TLS 1.3 application-data records on port 15008: {records}");
     for (from, _, marker) in calls {
-        let seen = segs
-            .iter()
-            .any(|s| pcap::contains(&s.payload, marker.as_bytes()));
+        let seen = segs.iter().any(|s| pcap::contains(&s.payload, marker.as_bytes()));
         println!(
             "   request marker {marker:<20} from {:<8} seen in plaintext on the wire: {}",
             from.name,
-            if seen {
-                "YES (not in the mesh)"
-            } else {
-                "no (encrypted)"
-            }
+            if seen { "YES (not in the mesh)" } else { "no (encrypted)" }
         );
     }
     if args.once {
@@ -159,11 +116,7 @@ pub fn run(bins: &Bins, args: Args) -> Result<()> {
         frontend.netns.path().display(),
         backend.ipv4
     );
-    println!(
-        "   agent logs: {} {}",
-        mesh.logs[0].display(),
-        mesh.logs[1].display()
-    );
+    println!("   agent logs: {} {}", mesh.logs[0].display(), mesh.logs[1].display());
     while !stop.load(Ordering::SeqCst) {
         std::thread::sleep(Duration::from_millis(200));
     }

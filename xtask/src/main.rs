@@ -78,30 +78,17 @@ fn cargo() -> Command {
 }
 
 fn build() -> Result<Bins> {
-    eprintln!(
-        "xtask: building meshless (release, with the embedded eBPF object) and the test tools"
-    );
-    setup::run_cmd(cargo().args([
-        "build",
-        "--release",
-        "-p",
-        "meshless-agent",
-        "-p",
-        "meshless-tests",
-        "--bins",
-    ]))?;
+    eprintln!("xtask: building meshless (release, with the embedded eBPF object) and the test tools");
+    setup::run_cmd(cargo().args(["build", "--release", "-p", "meshless-agent", "-p", "meshless-tests", "--bins"]))?;
     let target = workspace_root().join("target/release");
-    Ok(Bins {
-        meshless: target.join("meshless"),
-        testbin: target.join("meshless-testbin"),
-    })
+    Ok(Bins { meshless: target.join("meshless"), testbin: target.join("meshless-testbin") })
 }
 
 fn test(extra: &[String]) -> Result<()> {
     let bins = build()?;
     eprintln!("xtask: running the whole test suite (unit, in-process, privileged end-to-end)");
     let mut cmd = cargo();
-    cmd.args(["test", "--release", "--workspace"])
+    cmd.args(["test", "--release"])
         .env("MESHLESS_BIN", &bins.meshless)
         .env("MESHLESS_TESTBIN", &bins.testbin)
         .arg("--")

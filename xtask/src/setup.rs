@@ -28,16 +28,9 @@ fn step(what: &str) {
 }
 
 fn apt_packages() -> Result<()> {
-    let missing: Vec<&str> = APT_PACKAGES
-        .iter()
-        .copied()
-        .filter(|p| !dpkg_installed(p))
-        .collect();
+    let missing: Vec<&str> = APT_PACKAGES.iter().copied().filter(|p| !dpkg_installed(p)).collect();
     if missing.is_empty() {
-        step(&format!(
-            "apt packages present ({}), skipping",
-            APT_PACKAGES.join(" ")
-        ));
+        step(&format!("apt packages present ({}), skipping", APT_PACKAGES.join(" ")));
         return Ok(());
     }
     if !is_root() {
@@ -67,20 +60,14 @@ fn dpkg_installed(pkg: &str) -> bool {
 }
 
 fn is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-        .unwrap_or(false)
+    Command::new("id").arg("-u").output().map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0").unwrap_or(false)
 }
 
 fn rust_src() -> Result<()> {
     let out = Command::new("rustup")
         .args(["component", "list", "--toolchain", "nightly", "--installed"])
         .output()
-        .context(
-            "running rustup: is rustup installed? meshless needs rustup with a nightly toolchain",
-        )?;
+        .context("running rustup: is rustup installed? meshless needs rustup with a nightly toolchain")?;
     if !out.status.success() {
         bail!(
             "no nightly toolchain: the eBPF programs need one; run `rustup toolchain install nightly \
@@ -88,10 +75,7 @@ fn rust_src() -> Result<()> {
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
-    if String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .any(|l| l.starts_with("rust-src"))
-    {
+    if String::from_utf8_lossy(&out.stdout).lines().any(|l| l.starts_with("rust-src")) {
         step("nightly rust-src present, skipping");
         return Ok(());
     }
@@ -115,14 +99,7 @@ fn bpf_linker() -> Result<()> {
     let path = format!("{LLVM_BIN}:{}", std::env::var("PATH").unwrap_or_default());
     run_cmd(
         Command::new("cargo")
-            .args([
-                "install",
-                "bpf-linker",
-                "--locked",
-                "--no-default-features",
-                "--features",
-                "llvm-22",
-            ])
+            .args(["install", "bpf-linker", "--locked", "--no-default-features", "--features", "llvm-22"])
             .env("PATH", path),
     )
 }

@@ -32,11 +32,7 @@ fn main() {
         "sink" => serve(a(1), sink),
         "send" => send(a(1), a(2)),
         "bulk" => bulk(a(1), a(2).parse().expect("seconds")),
-        "rr" => rr(
-            a(1),
-            a(2).parse().expect("size"),
-            a(3).parse().expect("count"),
-        ),
+        "rr" => rr(a(1), a(2).parse().expect("size"), a(3).parse().expect("count")),
         other => {
             eprintln!("meshless-testbin: unknown command {other}");
             std::process::exit(2)
@@ -84,11 +80,7 @@ fn http(s: TcpStream, body: &[u8]) -> std::io::Result<()> {
             }
         }
         eprintln!("{peer} {request_line}");
-        write!(
-            w,
-            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nContent-Type: text/plain\r\n\r\n",
-            body.len()
-        )?;
+        write!(w, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nContent-Type: text/plain\r\n\r\n", body.len())?;
         w.write_all(body)?;
     }
 }
@@ -125,9 +117,7 @@ fn sink(mut s: TcpStream) -> std::io::Result<()> {
 }
 
 fn connect(addr: &str) -> std::io::Result<TcpStream> {
-    let addr: SocketAddr = addr
-        .parse()
-        .map_err(|e| std::io::Error::other(format!("{addr}: {e}")))?;
+    let addr: SocketAddr = addr.parse().map_err(|e| std::io::Error::other(format!("{addr}: {e}")))?;
     let s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
     s.set_read_timeout(Some(Duration::from_secs(20)))?;
     s.set_write_timeout(Some(Duration::from_secs(20)))?;
@@ -158,19 +148,11 @@ fn bulk(addr: &str, seconds: f64) -> std::io::Result<()> {
     let mut reply = String::new();
     s.read_to_string(&mut reply)?;
     let secs = start.elapsed().as_secs_f64();
-    let received: u64 = reply
-        .trim()
-        .parse()
-        .map_err(|_| std::io::Error::other(format!("bad sink reply {reply:?}")))?;
+    let received: u64 = reply.trim().parse().map_err(|_| std::io::Error::other(format!("bad sink reply {reply:?}")))?;
     if received != sent {
-        return Err(std::io::Error::other(format!(
-            "sink received {received} of {sent} bytes"
-        )));
+        return Err(std::io::Error::other(format!("sink received {received} of {sent} bytes")));
     }
-    println!(
-        "{{\"bytes\":{sent},\"seconds\":{secs:.3},\"gbit_per_s\":{:.3}}}",
-        sent as f64 * 8.0 / secs / 1e9
-    );
+    println!("{{\"bytes\":{sent},\"seconds\":{secs:.3},\"gbit_per_s\":{:.3}}}", sent as f64 * 8.0 / secs / 1e9);
     Ok(())
 }
 
@@ -197,13 +179,7 @@ fn rr(addr: &str, size: usize, count: usize) -> std::io::Result<()> {
         }
     }
     samples.sort_unstable();
-    let pct = |p: f64| {
-        samples[((samples.len() as f64 * p) as usize).min(samples.len() - 1)] as f64 / 1000.0
-    };
-    println!(
-        "{{\"count\":{count},\"p50_us\":{:.1},\"p99_us\":{:.1}}}",
-        pct(0.50),
-        pct(0.99)
-    );
+    let pct = |p: f64| samples[((samples.len() as f64 * p) as usize).min(samples.len() - 1)] as f64 / 1000.0;
+    println!("{{\"count\":{count},\"p50_us\":{:.1},\"p99_us\":{:.1}}}", pct(0.50), pct(0.99));
     Ok(())
 }

@@ -13,8 +13,7 @@ pub fn privileged(test: &str) -> Option<Bins> {
     } else {
         match bins() {
             Some(b) => return Some(b),
-            None => "MESHLESS_BIN/MESHLESS_TESTBIN not set: run it through `cargo xtask test`"
-                .to_string(),
+            None => "MESHLESS_BIN/MESHLESS_TESTBIN not set: run it through `cargo xtask test`".to_string(),
         }
     };
     if ci() {
@@ -26,14 +25,8 @@ pub fn privileged(test: &str) -> Option<Bins> {
 
 /// The binaries built by `cargo xtask test`; under `CI=true` their absence is a failure.
 pub fn bins() -> Option<Bins> {
-    match (
-        std::env::var_os("MESHLESS_BIN"),
-        std::env::var_os("MESHLESS_TESTBIN"),
-    ) {
-        (Some(m), Some(t)) => Some(Bins {
-            meshless: m.into(),
-            testbin: t.into(),
-        }),
+    match (std::env::var_os("MESHLESS_BIN"), std::env::var_os("MESHLESS_TESTBIN")) {
+        (Some(m), Some(t)) => Some(Bins { meshless: m.into(), testbin: t.into() }),
         _ if ci() => {
             panic!("MESHLESS_BIN/MESHLESS_TESTBIN not set under CI=true: run `cargo xtask test`")
         }

@@ -1,0 +1,103 @@
+//! Bad input to the `meshless` binary ends it with one clear error line and exit status 1, never
+//! a panic: malformed state file, missing CA, missing netns, missing cgroup, port in use.
+
+mod support;
+
+use std::fs;
+use std::path::Path;
+use std::process::{Command, Output};
+
+use meshless_tests::mesh::{run_ok, wait_listening};
+use meshless_tests::{Layout, Testbed};
+
+fn scratch(name: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("meshless-cli-{}-{name}", std::process::id()));
+    let _ = fs::remove_dir_all(&d);
+    fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// Asserts a clean failure: status 1, no panic, one `meshless: error:` line containing `want`.
+fn assert_clean_error(out: &Output, want: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "expected exit 1; stderr:\n{stderr}");
+    assert!(!stderr.contains("panicked"), "the agent panicked:\n{stderr}");
+    let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("meshless: error:")).collect();
+    assert_eq!(errors.len(), 1, "expected exactly one error line:\n{stderr}");
+    assert!(errors[0].contains(want), "error line should mention {want:?}: {}", errors[0]);
+}
+
+/// Runs `meshless agent` through `cmd` (the binary, possibly inside a namespace) to its exit.
+fn agent_with(mut cmd: Command, state: &Path, ca: &Path) -> Output {
+    cmd.args(["agent", "--state"]).arg(state).arg("--ca-dir").arg(ca).output().unwrap()
+}
+
+fn agent(bin: &Path, state: &Path, ca: &Path) -> Output {
+    agent_with(Command::new(bin), state, ca)
+}
+
+const STATE_HEAD: &str = "trustDomain: cluster.local\nnode: node1\ncgroupParent: /nonexistent/cgroup\n";
+
+#[test]
+fn bad_state_files_and_a_missing_ca_give_one_clear_error_line() {
+    let Some(bins) = support::bins() else {
+        return eprintln!("SKIPPED: run through `cargo xtask test`");
+    };
+    let dir = scratch("state");
+    let ca = dir.join("ca");
+    run_ok(Command::new(&bins.meshless).args(["ca", "init", "--out"]).arg(&ca)).unwrap();
+    let again = Command::new(&bins.meshless).args(["ca", "init", "--out"]).arg(&ca).output().unwrap();
+    assert_clean_error(&again, "refusing to overwrite");
+
+    let cases = [
+        ("malformed.yaml", "pods: [unclosed", "malformed.yaml"),
+        ("unknown.yaml", "trustDomain: cluster.local\nnode: n\ncgroupParent: /x\ntypo: 1\n", "unknown field `typo`"),
+        (
+            "noip.yaml",
+            &format!(
+                "{STATE_HEAD}pods:\n - {{name: a, namespace: d, serviceAccount: s, node: node1, ips: [], netns: /x}}\n"
+            ),
+            "needs at least one IP",
+        ),
+    ];
+    for (file, text, want) in cases {
+        let path = dir.join(file);
+        fs::write(&path, text).unwrap();
+        assert_clean_error(&agent(&bins.meshless, &path, &ca), want);
+    }
+    let missing = agent(&bins.meshless, &dir.join("absent.yaml"), &ca);
+    assert_clean_error(&missing, "cannot read state file");
+
+    let ok_state = dir.join("ok.yaml");
+    fs::write(&ok_state, format!("{STATE_HEAD}pods:\n - {{name: a, namespace: d, serviceAccount: s, node: node1, ips: [198.19.1.11], netns: /nonexistent/netns}}\n")).unwrap();
+    assert_clean_error(&agent(&bins.meshless, &ok_state, &dir.join("no-ca")), "meshless ca init --out");
+    assert_clean_error(&agent(&bins.meshless, &ok_state, &ca), "network namespace /nonexistent/netns");
+    fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_taken_tunnel_port_or_a_missing_cgroup_gives_one_clear_error_line() {
+    let Some(bins) = support::privileged("port_in_use") else {
+        return;
+    };
+    let tb = Testbed::new(Layout { label: "cli", pods: &[1] }).expect("building the testbed");
+    let pod = tb.pod(1, 1);
+    let ca = tb.dir.join("ca");
+    run_ok(Command::new(&bins.meshless).args(["ca", "init", "--out"]).arg(&ca)).unwrap();
+    let state = tb.state_file(1, "cluster.local", &|_| true).unwrap();
+
+    // The cgroup the programs attach to is gone.
+    let text = fs::read_to_string(&state).unwrap();
+    let cg = tb.node(1).cgroup.display().to_string();
+    let no_cgroup = tb.dir.join("no-cgroup.yaml");
+    fs::write(&no_cgroup, text.replace(&format!("cgroupParent: {cg}"), "cgroupParent: /nonexistent/cgroup")).unwrap();
+    let in_node = || tb.node(1).netns.command(&bins.meshless, None).unwrap();
+    let out = agent_with(in_node(), &no_cgroup, &ca);
+    assert_clean_error(&out, "cgroup /nonexistent/cgroup");
+
+    // An app already holds the tunnel port inside the pod.
+    tb.spawn(pod.command(&bins.testbin).unwrap().args(["echo-serve", "15008"])).unwrap();
+    wait_listening(&pod.netns, 15008).unwrap();
+    let out = agent_with(in_node(), &state, &ca);
+    assert_clean_error(&out, "cannot listen on [::]:15008");
+}
