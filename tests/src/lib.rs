@@ -326,6 +326,10 @@ impl Drop for Testbed {
         }
         del_netns(&self.fabric);
         remove_cgroup_tree(&self.cgroup_root);
+        // The shared parent goes too once the last testbed has left it (fails harmlessly if not).
+        if let Some(parent) = self.cgroup_root.parent() {
+            let _ = fs::remove_dir(parent);
+        }
         if std::env::var_os("MESHLESS_TESTBED_KEEP_DIR").is_none() {
             let _ = fs::remove_dir_all(&self.dir);
         }

@@ -156,6 +156,41 @@ fn ipv4_and_ipv6_work_and_half_close_is_honoured() {
 }
 
 #[test]
+fn destinations_outside_the_mesh_are_passed_through_from_the_pods_own_address() {
+    let Some(bins) = support::privileged("passthrough") else {
+        return;
+    };
+    let (tb, mesh) = cluster("pass", &bins);
+    let (client, outsider) = (tb.pod(1, 1), tb.pod(1, 2));
+    let server_log = tb.dir.join("outsider-http.log");
+    tb.spawn(
+        outsider
+            .command(&bins.testbin)
+            .unwrap()
+            .args(["http-serve", "8081", "outside-the-mesh"])
+            .stderr(fs::File::create(&server_log).unwrap()),
+    )
+    .unwrap();
+    wait_listening(&outsider.netns, 8081).unwrap();
+    let url = format!("http://{}:8081/pass", outsider.ipv4);
+    let out = curl(client, &url, "passthrough");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "outside-the-mesh", "{}", String::from_utf8_lossy(&out.stderr));
+    // The enrolled client's connect was captured, and the agent passed it through…
+    let dst = format!("{}:8081", outsider.ipv4);
+    assert!(
+        mesh.wait_log(1, "passthrough (destination is not in the mesh)", |l| l["dst_addr"] == dst.as_str()).is_some(),
+        "node1's agent did not pass the connection through: {:?}",
+        mesh.log_lines(1)
+    );
+    // …from inside the client pod's netns, so the server sees the client pod's own address.
+    let seen = fs::read_to_string(&server_log).unwrap();
+    assert!(
+        seen.lines().any(|l| l.starts_with(&format!("[::ffff:{}]:", client.ipv4)) && l.contains("GET /pass")),
+        "server should see the client pod's address, saw: {seen}"
+    );
+}
+
+#[test]
 fn tunnel_port_refuses_clients_without_a_certificate_from_the_trust_bundle() {
     let Some(bins) = support::privileged("tunnel_refuses") else {
         return;

@@ -10,7 +10,10 @@ mod setup;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use anyhow::{Context, Result};
+use std::io::{BufRead, BufReader};
+use std::process::Stdio;
+
+use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use meshless_tests::mesh::Bins;
 
@@ -96,5 +99,35 @@ fn test(extra: &[String]) -> Result<()> {
         // cores they are more reliable one at a time.
         .arg("--test-threads=1")
         .args(extra);
-    setup::run_cmd(&mut cmd).context("the test suite failed")
+    // Forward the output as it comes and total the per-binary results, so that the run ends with
+    // one plain summary line (cargo's own last lines are per-binary, often a binary with no test).
+    cmd.stdout(Stdio::piped());
+    let mut child = cmd.spawn().context("starting cargo test")?;
+    let (mut passed, mut failed, mut ignored) = (0u64, 0u64, 0u64);
+    for line in BufReader::new(child.stdout.take().expect("piped stdout")).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            for part in rest.split(['.', ';']) {
+                let mut words = part.split_whitespace();
+                if let (Some(n), Some(what)) = (words.next().and_then(|n| n.parse::<u64>().ok()), words.next()) {
+                    match what {
+                        "passed" => passed += n,
+                        "failed" => failed += n,
+                        "ignored" => ignored += n,
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
+    let status = child.wait()?;
+    println!("meshless: {passed} passed, {failed} failed, {ignored} skipped");
+    if !status.success() {
+        bail!("the test suite failed ({status})");
+    }
+    if passed == 0 {
+        bail!("the test suite ran no test");
+    }
+    Ok(())
 }
