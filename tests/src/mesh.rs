@@ -27,7 +27,8 @@ pub struct Mesh {
 impl Mesh {
     /// Creates the CA, writes the state files and starts one agent per node, waiting until every
     /// agent reports ready. `enrolled` chooses the pods in the mesh.
-    pub fn start(tb: &Testbed, bins: &Bins, enrolled: &dyn Fn(&Pod) -> bool, extra_args: &[&str]) -> Result<Mesh> {
+    /// `node1_args` are extra agent arguments for node 1's agent only (e.g. to compare two settings).
+    pub fn start(tb: &Testbed, bins: &Bins, enrolled: &dyn Fn(&Pod) -> bool, node1_args: &[&str]) -> Result<Mesh> {
         let ca_dir = tb.dir.join("ca");
         run_ok(
             Command::new(&bins.meshless).args(["ca", "init", "--trust-domain", TRUST_DOMAIN, "--out"]).arg(&ca_dir),
@@ -41,7 +42,7 @@ impl Mesh {
                 .arg(&state)
                 .arg("--ca-dir")
                 .arg(&mesh.ca_dir)
-                .args(extra_args)
+                .args(if node.index == 1 { node1_args } else { &[] })
                 // The glibc memcpy trap of this machine kind (shared/PERFORMANCE.md): rustls'
                 // receive path is much faster without `rep movsb`.
                 .env("GLIBC_TUNABLES", "glibc.cpu.x86_rep_movsb_threshold=4294967295")

@@ -153,6 +153,58 @@ fn ipv4_and_ipv6_work_and_half_close_is_honoured() {
             "{addr} was not carried by the mesh (no inbound authorization on node2)"
         );
     }
+    // Two pods on the same node: still over the mesh, through the node's one agent.
+    let neighbour = tb.pod(2, 1);
+    let addr = sockaddr(server.ipv4.into(), 7000);
+    let out = neighbour.command(&bins.testbin).unwrap().args(["send", &addr, "same-node"]).output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "same-node<9 bytes>", "{}", String::from_utf8_lossy(&out.stderr));
+    let want_src = tb.spiffe_id(TRUST_DOMAIN, neighbour);
+    assert!(
+        mesh.wait_log(2, "inbound connection authorized", |l| l["src_id"] == want_src.as_str()).is_some(),
+        "a same-node call was not carried by the mesh"
+    );
+}
+
+#[test]
+fn kernel_program_logs_reach_the_agent_log_only_when_asked_for() {
+    let Some(bins) = support::privileged("kernel_log") else {
+        return;
+    };
+    let tb = Testbed::new(Layout { label: "klog", pods: &[1, 1] }).expect("building the testbed");
+    // Node 1's agent forwards the kernel programs' aya-log records; node 2's does not.
+    let mesh = Mesh::start(&tb, &bins, &|_| true, &["--kernel-log"]).expect("starting the agents");
+    let (client, server) = (tb.pod(1, 1), tb.pod(2, 1));
+    tb.spawn(server.command(&bins.testbin).unwrap().args(["echo-serve", "7000"])).unwrap();
+    wait_listening(&server.netns, 7000).unwrap();
+    let out = client
+        .command(&bins.testbin)
+        .unwrap()
+        .args(["send", &sockaddr(server.ipv4.into(), 7000), "x"])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "x<1 bytes>");
+    let want = format!("captured connect to {}:7000", server.ipv4);
+    assert!(
+        mesh.wait_log(1, &want, |_| true).is_some(),
+        "the kernel program's log record {want:?} did not reach node1's agent log: {:?}",
+        mesh.log_lines(1)
+    );
+    // Node 2's agent, without the flag, captures a connect of its own but logs nothing of it.
+    tb.spawn(client.command(&bins.testbin).unwrap().args(["echo-serve", "7001"])).unwrap();
+    wait_listening(&client.netns, 7001).unwrap();
+    let out = server
+        .command(&bins.testbin)
+        .unwrap()
+        .args(["send", &sockaddr(client.ipv4.into(), 7001), "y"])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "y<1 bytes>");
+    assert!(mesh.wait_log(2, "outbound connection over HBONE", |_| true).is_some(), "node2 should have captured it");
+    let leaked = mesh
+        .log_lines(2)
+        .into_iter()
+        .find(|l| l["message"].as_str().is_some_and(|m| m.starts_with("captured connect")));
+    assert!(leaked.is_none(), "kernel log records reached node2's log without --kernel-log: {leaked:?}");
 }
 
 #[test]
