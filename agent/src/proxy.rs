@@ -174,7 +174,7 @@ async fn outbound(proxy: Arc<Proxy>, pod: Arc<LocalPod>, app: TcpStream, peer: S
     match result {
         Ok(stream) => {
             info!(src_id = %pod.tls.id, dst_id = %dst_id, dst_addr = %dst, "outbound connection over HBONE");
-            copy(app, stream, "outbound").await;
+            splice(stream, app, "outbound").await;
         }
         Err(e) => {
             warn!(src_id = %pod.tls.id, dst_id = %dst_id, dst_addr = %dst, error = %e, "HBONE connect failed; closing the app's connection")
@@ -200,7 +200,7 @@ async fn tunnel_loop(proxy: Arc<Proxy>, pod: Arc<LocalPod>, listener: TcpListene
                         };
                         let carry = |stream: H2Stream, (app, src, target): (TcpStream, SpiffeId, SocketAddr)| async move {
                             let span = info_span!("stream", src_id = %src, dst_addr = %target);
-                            copy(stream, app, "inbound").instrument(span).await
+                            splice(stream, app, "inbound").instrument(span).await
                         };
                         if let Err(e) = tunnel::serve(sock, pod.tls.server.clone(), decide, carry).await {
                             warn!(error = %e, "inbound tunnel connection refused or failed");
@@ -248,6 +248,13 @@ async fn decide(
             warn!(src_id = %src, dst_addr = %target, error = %e, "delivery to the app failed");
             Decision::Refuse(StatusCode::SERVICE_UNAVAILABLE)
         }
+    }
+}
+
+async fn splice(stream: H2Stream, app: TcpStream, what: &'static str) {
+    match stream.splice(app).await {
+        Ok((tx, rx)) => debug!(what, bytes_to_tunnel = tx, bytes_from_tunnel = rx, "connection closed"),
+        Err(e) => debug!(what, error = %e, "connection ended with an error"),
     }
 }
 

@@ -3,22 +3,20 @@
 //! The client side ([`connect`]) opens one TLS connection presenting the source pod's SVID,
 //! requires the destination pod's SPIFFE ID, and sends `CONNECT` with `:authority` = the original
 //! destination `ip:port`. The server side ([`serve`]) accepts streams and hands each to a callback
-//! that decides (status code) and delivers. [`H2Stream`] turns a CONNECT stream into a byte stream
-//! for `copy_bidirectional`, with half-close mapped to HTTP/2 END_STREAM.
+//! that decides (status code) and delivers. [`H2Stream::splice`] joins a CONNECT stream to a TCP
+//! connection, with half-close mapped to HTTP/2 END_STREAM.
 
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
-use bytes::{Buf, Bytes};
+use bytes::{Bytes, BytesMut};
 use h2::{RecvStream, SendStream};
 use http::{Method, Request, Response, StatusCode};
 use rustls::pki_types::ServerName;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::identity::{spiffe_id_of, SpiffeId};
@@ -157,21 +155,16 @@ fn status_only(status: StatusCode) -> Response<()> {
     r
 }
 
-/// One HBONE CONNECT stream as a byte stream. Reading returns EOF at the peer's END_STREAM;
-/// shutting down writing sends END_STREAM (half-close).
+/// One HBONE CONNECT stream. [`H2Stream::splice`] joins it to a TCP connection: reading EOF from
+/// the TCP side sends END_STREAM (half-close), and the peer's END_STREAM shuts down writing on the
+/// TCP side, while the other direction goes on.
 pub struct H2Stream {
     send: SendStream<Bytes>,
     recv: RecvStream,
-    pending: Bytes,
-    recv_done: bool,
-    send_done: bool,
 }
 
-impl H2Stream {
-    fn new(send: SendStream<Bytes>, recv: RecvStream) -> H2Stream {
-        H2Stream { send, recv, pending: Bytes::new(), recv_done: false, send_done: false }
-    }
-}
+/// How much is read from the TCP side at once; each read becomes HTTP/2 DATA without a copy.
+const READ_CHUNK: usize = 256 << 10;
 
 fn h2_io(e: h2::Error) -> io::Error {
     if e.is_io() {
@@ -181,60 +174,59 @@ fn h2_io(e: h2::Error) -> io::Error {
     }
 }
 
-impl AsyncRead for H2Stream {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, out: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        loop {
-            if !self.pending.is_empty() {
-                let n = self.pending.len().min(out.remaining());
-                out.put_slice(&self.pending[..n]);
-                self.pending.advance(n);
-                return Poll::Ready(Ok(()));
-            }
-            if self.recv_done {
-                return Poll::Ready(Ok(()));
-            }
-            match ready!(self.recv.poll_data(cx)) {
-                Some(Ok(data)) => {
-                    // Give the window back at once: the data is ours now, so the peer may send more.
-                    let _ = self.recv.flow_control().release_capacity(data.len());
-                    self.pending = data;
+impl H2Stream {
+    fn new(send: SendStream<Bytes>, recv: RecvStream) -> H2Stream {
+        H2Stream { send, recv }
+    }
+
+    /// Copies both ways between `tcp` and this stream until both directions have ended, handing
+    /// buffers to and from h2 as `Bytes` (no intermediate copy). An error in either direction ends
+    /// both (the stream is reset). Returns the bytes carried (TCP→tunnel, tunnel→TCP).
+    pub async fn splice(self, mut tcp: TcpStream) -> io::Result<(u64, u64)> {
+        let H2Stream { mut send, mut recv } = self;
+        let (mut rd, mut wr) = tcp.split();
+        let up = async {
+            let mut buf = BytesMut::new();
+            let mut total = 0u64;
+            loop {
+                buf.reserve(READ_CHUNK);
+                let n = rd.read_buf(&mut buf).await?;
+                if n == 0 {
+                    send.send_data(Bytes::new(), true).map_err(h2_io)?;
+                    return Ok::<u64, io::Error>(total);
                 }
-                Some(Err(e)) => return Poll::Ready(Err(h2_io(e))),
-                None => self.recv_done = true,
+                total += n as u64;
+                let mut chunk = buf.split().freeze();
+                while !chunk.is_empty() {
+                    send.reserve_capacity(chunk.len());
+                    let granted = match std::future::poll_fn(|cx| send.poll_capacity(cx)).await {
+                        Some(Ok(n)) => n,
+                        Some(Err(e)) => return Err(h2_io(e)),
+                        None => {
+                            return Err(io::Error::new(io::ErrorKind::BrokenPipe, "HBONE stream closed by the peer"))
+                        }
+                    };
+                    if granted == 0 {
+                        tokio::task::yield_now().await;
+                        continue;
+                    }
+                    send.send_data(chunk.split_to(granted.min(chunk.len())), false).map_err(h2_io)?;
+                }
             }
-        }
-    }
-}
-
-impl AsyncWrite for H2Stream {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        if buf.is_empty() {
-            return Poll::Ready(Ok(0));
-        }
-        self.send.reserve_capacity(buf.len());
-        match ready!(self.send.poll_capacity(cx)) {
-            Some(Ok(0)) => Poll::Pending,
-            Some(Ok(n)) => {
-                let n = n.min(buf.len());
-                self.send.send_data(Bytes::copy_from_slice(&buf[..n]), false).map_err(h2_io)?;
-                Poll::Ready(Ok(n))
+        };
+        let down = async {
+            let mut total = 0u64;
+            while let Some(data) = recv.data().await {
+                let data = data.map_err(h2_io)?;
+                // The data is ours now: give the window back so the peer may send more meanwhile.
+                let _ = recv.flow_control().release_capacity(data.len());
+                wr.write_all(&data).await?;
+                total += data.len() as u64;
             }
-            Some(Err(e)) => Poll::Ready(Err(h2_io(e))),
-            None => Poll::Ready(Err(io::Error::new(io::ErrorKind::BrokenPipe, "HBONE stream closed by the peer"))),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        // Frames are handed to the connection task as they are written.
-        Poll::Ready(Ok(()))
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        if !self.send_done {
-            self.send_done = true;
-            self.send.send_data(Bytes::new(), true).map_err(h2_io)?;
-        }
-        Poll::Ready(Ok(()))
+            wr.shutdown().await?;
+            Ok::<u64, io::Error>(total)
+        };
+        tokio::try_join!(up, down)
     }
 }
 
@@ -254,7 +246,14 @@ mod tests {
     }
 
     use crate::identity::{workload_id, Ca, PodTls, TrustDomain, SVID_TTL};
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// Two ends of a loopback TCP connection: (the agent's end, the app's end).
+    async fn tcp_pair() -> (TcpStream, TcpStream) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let app = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (agent, _) = l.accept().await.unwrap();
+        (agent, app)
+    }
 
     struct Pki {
         client: PodTls,
@@ -298,12 +297,17 @@ mod tests {
                             }
                         }
                     };
-                    let carry = |mut s: H2Stream, ()| async move {
-                        let mut all = Vec::new();
-                        s.read_to_end(&mut all).await.unwrap();
-                        s.write_all(&all).await.unwrap();
-                        s.write_all(format!("<{}>", all.len()).as_bytes()).await.unwrap();
-                        s.shutdown().await.unwrap();
+                    // Deliver to an "app" that echoes, then writes its byte count after EOF.
+                    let carry = |s: H2Stream, ()| async move {
+                        let (app, mut app_side) = tcp_pair().await;
+                        tokio::spawn(async move {
+                            let mut all = Vec::new();
+                            app_side.read_to_end(&mut all).await.unwrap();
+                            app_side.write_all(&all).await.unwrap();
+                            app_side.write_all(format!("<{}>", all.len()).as_bytes()).await.unwrap();
+                            app_side.shutdown().await.unwrap();
+                        });
+                        s.splice(app).await.unwrap();
                     };
                     let _ = serve(tcp, tls, decide, carry).await;
                 });
@@ -318,9 +322,11 @@ mod tests {
         let (addr, mut seen) = echo_server(p.server.server.clone()).await;
         let payload: Vec<u8> = (0..3_000_000u32).map(|i| i as u8).collect();
         let tcp = TcpStream::connect(addr).await.unwrap();
-        let mut s =
-            connect(tcp, p.client.client(&p.server_id).unwrap(), "127.0.0.1:8080".parse().unwrap()).await.unwrap();
-        let (mut r, mut w) = tokio::io::split(&mut s);
+        let s = connect(tcp, p.client.client(&p.server_id).unwrap(), "127.0.0.1:8080".parse().unwrap()).await.unwrap();
+        // The client app's connection, spliced onto the stream as the outbound proxy does.
+        let (agent_end, app) = tcp_pair().await;
+        let splice = tokio::spawn(s.splice(agent_end));
+        let (mut r, mut w) = app.into_split();
         let writer = async {
             w.write_all(&payload).await.unwrap();
             w.shutdown().await.unwrap();
@@ -333,6 +339,8 @@ mod tests {
         assert_eq!(back.len(), payload.len() + suffix.len(), "all bytes must come back, then the count sent after EOF");
         assert!(back[..payload.len()] == payload[..], "bytes must come back unchanged");
         assert_eq!(&back[payload.len()..], suffix.as_bytes());
+        let (up, down) = splice.await.unwrap().unwrap();
+        assert_eq!((up, down), (payload.len() as u64, back.len() as u64), "splice reports what it carried");
         assert_eq!(seen.recv().await.unwrap(), "spiffe://cluster.local/ns/default/sa/client");
     }
 
