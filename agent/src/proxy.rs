@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::StatusCode;
-use meshless_common::{OUTBOUND_PORT, TUNNEL_PORT};
+use meshless_common::{INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT, TUNNEL_PORT};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tracing::{debug, info, info_span, warn, Instrument};
@@ -231,9 +231,9 @@ async fn decide(
             return Decision::Refuse(StatusCode::BAD_REQUEST);
         }
     };
-    if !pod.pod.ips.contains(&target.ip()) {
-        warn!(src_id = %src, dst_addr = %target, "HBONE target is not this pod; refusing");
-        return Decision::Refuse(StatusCode::MISDIRECTED_REQUEST);
+    if let Err((status, why)) = check_target(&pod.pod.ips, target) {
+        warn!(src_id = %src, dst_addr = %target, why, "refusing HBONE request");
+        return Decision::Refuse(status);
     }
     let bind = match target.ip() {
         IpAddr::V4(_) => Some(SocketAddr::from((DELIVERY_SOURCE_V4, 0))),
@@ -258,6 +258,18 @@ async fn splice(stream: H2Stream, app: TcpStream, what: &'static str) {
     }
 }
 
+/// Whether an inbound CONNECT may be delivered: only to this pod's own addresses, and never to
+/// the agent's ports (a CONNECT there would loop through the agent).
+fn check_target(pod_ips: &[IpAddr], target: SocketAddr) -> Result<(), (StatusCode, &'static str)> {
+    if [OUTBOUND_PORT, INBOUND_PLAINTEXT_PORT, TUNNEL_PORT].contains(&target.port()) {
+        return Err((StatusCode::BAD_REQUEST, "target is one of the agent's ports"));
+    }
+    if !pod_ips.contains(&target.ip()) {
+        return Err((StatusCode::MISDIRECTED_REQUEST, "target is not this pod"));
+    }
+    Ok(())
+}
+
 /// Copies both ways until both sides are done; an EOF on one side half-closes the other.
 async fn copy<A, B>(mut a: A, mut b: B, what: &'static str)
 where
@@ -267,5 +279,23 @@ where
     match tokio::io::copy_bidirectional_with_sizes(&mut a, &mut b, COPY_BUF, COPY_BUF).await {
         Ok((tx, rx)) => debug!(what, bytes_out = tx, bytes_in = rx, "connection closed"),
         Err(e) => debug!(what, error = %e, "connection ended with an error"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn inbound_targets_are_limited_to_the_pods_own_addresses_and_app_ports() {
+        let ips: Vec<IpAddr> = vec!["198.19.2.11".parse().unwrap(), "fd6d:6c00:2::11".parse().unwrap()];
+        assert!(check_target(&ips, "198.19.2.11:8080".parse().unwrap()).is_ok());
+        assert!(check_target(&ips, "[fd6d:6c00:2::11]:8080".parse().unwrap()).is_ok());
+        let refused = |t: &str| check_target(&ips, t.parse().unwrap()).unwrap_err().0;
+        assert_eq!(refused("198.19.2.12:8080"), StatusCode::MISDIRECTED_REQUEST, "another pod");
+        assert_eq!(refused("127.0.0.1:8080"), StatusCode::MISDIRECTED_REQUEST, "loopback of the pod");
+        for port in [15001, 15006, 15008] {
+            assert_eq!(refused(&format!("198.19.2.11:{port}")), StatusCode::BAD_REQUEST, "agent port {port}");
+        }
     }
 }

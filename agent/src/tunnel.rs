@@ -31,7 +31,7 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub enum Error {
     #[error("TLS with the peer failed: {0}")]
     Tls(io::Error),
-    #[error("TLS handshake timed out (is port 15008 reachable? a NetworkPolicy may block it)")]
+    #[error("tunnel handshake timed out (is port 15008 reachable? a NetworkPolicy may block it)")]
     Timeout,
     #[error("HTTP/2 with the peer failed: {0}")]
     H2(#[from] h2::Error),
@@ -77,23 +77,27 @@ pub fn parse_target<B>(req: &Request<B>) -> Result<SocketAddr, &'static str> {
 
 /// Opens an HBONE stream to `target` over `tcp` (already connected to the peer's 15008).
 pub async fn connect(tcp: TcpStream, tls: Arc<rustls::ClientConfig>, target: SocketAddr) -> Result<H2Stream, Error> {
-    let name = ServerName::IpAddress(target.ip().into());
-    let handshake = tokio_rustls::TlsConnector::from(tls).connect(name, tcp);
-    let tls =
-        tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await.map_err(|_| Error::Timeout)?.map_err(Error::Tls)?;
-    let (send_request, conn) = client_builder().handshake(tls).await?;
-    tokio::spawn(async move {
-        if let Err(e) = conn.await {
-            tracing::debug!(error = %e, "HBONE client connection ended with an error");
+    // One deadline for TLS, the HTTP/2 preface and the peer's answer: a peer that accepts TCP
+    // and then stalls must not hold the application's connection forever.
+    tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
+        let name = ServerName::IpAddress(target.ip().into());
+        let tls = tokio_rustls::TlsConnector::from(tls).connect(name, tcp).await.map_err(Error::Tls)?;
+        let (send_request, conn) = client_builder().handshake(tls).await?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "HBONE client connection ended with an error");
+            }
+        });
+        let mut send_request = send_request.ready().await?;
+        let (response, send) = send_request.send_request(connect_request(target)?, false)?;
+        let response = response.await?;
+        if response.status() != StatusCode::OK {
+            return Err(Error::Refused(response.status()));
         }
-    });
-    let mut send_request = send_request.ready().await?;
-    let (response, send) = send_request.send_request(connect_request(target)?, false)?;
-    let response = response.await?;
-    if response.status() != StatusCode::OK {
-        return Err(Error::Refused(response.status()));
-    }
-    Ok(H2Stream::new(send, response.into_body()))
+        Ok(H2Stream::new(send, response.into_body()))
+    })
+    .await
+    .map_err(|_| Error::Timeout)?
 }
 
 /// What the server side decided for one CONNECT stream.
@@ -127,7 +131,9 @@ where
             conn.peer_certificates().and_then(|c| c.first()).ok_or_else(|| Error::PeerId("none presented".into()))?;
         spiffe_id_of(cert).map_err(Error::PeerId)?
     };
-    let mut conn = server_builder().handshake(tls).await?;
+    let mut conn = tokio::time::timeout(HANDSHAKE_TIMEOUT, server_builder().handshake(tls))
+        .await
+        .map_err(|_| Error::Timeout)??;
     while let Some(next) = conn.accept().await {
         let (req, mut respond) = next?;
         let (decide, carry, peer) = (decide.clone(), carry.clone(), peer.clone());
@@ -358,6 +364,22 @@ mod tests {
         let err =
             connect(tcp, p.client.client(&other).unwrap(), "127.0.0.1:8080".parse().unwrap()).await.err().unwrap();
         assert!(err.to_string().contains("expected spiffe://cluster.local/ns/default/sa/someone-else"), "got {err}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_peer_that_accepts_and_stalls_times_out_on_both_sides() {
+        let p = pki("stall");
+        // Client side: the peer accepts TCP and never speaks TLS.
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let _held = tokio::spawn(async move { l.accept().await });
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let err = connect(tcp, p.client.client(&p.server_id).unwrap(), "127.0.0.1:8080".parse().unwrap()).await;
+        assert!(matches!(err, Err(Error::Timeout)), "client must give up on a silent peer");
+        // Server side: a client connects and never sends a ClientHello.
+        let (agent_end, _silent_client) = tcp_pair().await;
+        let served = serve(agent_end, p.server.server.clone(), |_, _| async { Decision::Accept(()) }, |_, ()| async {});
+        assert!(matches!(served.await, Err(Error::Timeout)), "server must give up on a silent client");
     }
 
     #[test]
