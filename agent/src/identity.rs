@@ -151,7 +151,7 @@ impl Ca {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(Error::KeyGen)?;
         let mut params = CertificateParams::default();
         params.distinguished_name = DistinguishedName::new();
-        let uri = rcgen::string::Ia5String::try_from(id.to_string()).map_err(|e| issue_err(rcgen::Error::from(e)))?;
+        let uri = rcgen::string::Ia5String::try_from(id.to_string()).map_err(issue_err)?;
         params.subject_alt_names = vec![SanType::URI(uri)];
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyAgreement];

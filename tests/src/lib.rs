@@ -328,7 +328,11 @@ impl Drop for Testbed {
         remove_cgroup_tree(&self.cgroup_root);
         // The shared parent goes too once the last testbed has left it (fails harmlessly if not).
         if let Some(parent) = self.cgroup_root.parent() {
-            let _ = fs::remove_dir(parent);
+            let last = fs::remove_dir(parent).is_ok();
+            // …and so does the cgroup2 mount the testbed made on a machine that had none.
+            if last && parent.starts_with(OWN_CGROUP2_MOUNT) {
+                let _ = Command::new("umount").arg(OWN_CGROUP2_MOUNT).status();
+            }
         }
         if std::env::var_os("MESHLESS_TESTBED_KEEP_DIR").is_none() {
             let _ = fs::remove_dir_all(&self.dir);
