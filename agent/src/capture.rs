@@ -54,7 +54,7 @@ impl Capture {
                 Err(e) => tracing::warn!(error = %e, "kernel program logging unavailable"),
             }
         }
-        for name in [programs::CONNECT4, programs::CONNECT6] {
+        for name in [programs::CONNECT4, programs::CONNECT6, programs::GETPEERNAME4, programs::GETPEERNAME6] {
             let prog: &mut CgroupSockAddr = ebpf
                 .program_mut(name)
                 .ok_or(Error::Missing(name))?
@@ -76,7 +76,7 @@ impl Capture {
 
         let enrolled = take_map(&mut ebpf, maps::ENROLLED)?;
         let orig = take_map(&mut ebpf, maps::ORIG_DST)?;
-        tracing::info!(cgroup = %cgroup_parent.display(), "eBPF capture attached (connect4, connect6, sock_ops)");
+        tracing::info!(cgroup = %cgroup_parent.display(), "eBPF capture attached (connect4/6, getpeername4/6, sock_ops)");
         Ok(Capture { _ebpf: ebpf, enrolled: Mutex::new(enrolled), orig: Mutex::new(orig) })
     }
 

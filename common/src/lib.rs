@@ -35,6 +35,8 @@ pub mod programs {
     pub const CONNECT4: &str = "meshless_connect4";
     pub const CONNECT6: &str = "meshless_connect6";
     pub const SOCK_OPS: &str = "meshless_sock_ops";
+    pub const GETPEERNAME4: &str = "meshless_getpeername4";
+    pub const GETPEERNAME6: &str = "meshless_getpeername6";
 }
 
 /// Capture mode of an enrolled pod.

@@ -1,5 +1,6 @@
 //! `cgroup/connect4` and `cgroup/connect6`: redirect an enrolled pod's outbound TCP connects to
-//! the agent's outbound listener inside the same pod netns.
+//! the agent's outbound listener inside the same pod netns. `cgroup/getpeername4` and
+//! `cgroup/getpeername6`: show the application the peer it asked for, not the agent.
 
 use core::ffi::c_void;
 use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
@@ -13,7 +14,7 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 use meshless_common::{mode, EnrolledPod, OrigDst, AF_INET, AF_INET6, AGENT_MARK, OUTBOUND_PORT, TUNNEL_PORT};
 
-use crate::maps::{ENROLLED, PENDING};
+use crate::maps::{ENROLLED, SOCK_ORIG};
 
 const SOCK_STREAM: u32 = 1;
 /// Verdict that lets the connect proceed (rewritten or not). 0 would fail it with EPERM.
@@ -86,7 +87,7 @@ fn redirect_port(sa: *mut bpf_sock_addr) {
 fn remember(ctx: &SockAddrContext, orig: &OrigDst) -> Result<(), i32> {
     // SAFETY: bpf_get_socket_cookie accepts the sock_addr context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr as *mut c_void) };
-    PENDING.insert(&cookie, orig, 0)
+    SOCK_ORIG.insert(&cookie, orig, 0)
 }
 
 fn try_connect4(ctx: &SockAddrContext) -> Result<(), i32> {
@@ -157,4 +158,42 @@ fn try_connect6(ctx: &SockAddrContext) -> Result<(), i32> {
     redirect_port(sa);
     debug!(ctx, "captured connect6 to port {}", port);
     Ok(())
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn meshless_getpeername4(ctx: SockAddrContext) -> i32 {
+    // SAFETY: bpf_get_socket_cookie accepts the sock_addr context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr as *mut c_void) };
+    // SAFETY: copied out at once.
+    if let Some(orig) = unsafe { SOCK_ORIG.get(&cookie).copied() } {
+        if orig.family == AF_INET {
+            // SAFETY: getpeername4 may write user_ip4 and user_port (kernel ≥ 5.8).
+            unsafe {
+                write_volatile(addr_of_mut!((*ctx.sock_addr).user_ip4), orig.addr[0]);
+                write_volatile(addr_of_mut!((*ctx.sock_addr).user_port), u32::from(orig.port.to_be()));
+            }
+        }
+    }
+    ALLOW
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn meshless_getpeername6(ctx: SockAddrContext) -> i32 {
+    // SAFETY: bpf_get_socket_cookie accepts the sock_addr context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr as *mut c_void) };
+    // SAFETY: copied out at once.
+    if let Some(orig) = unsafe { SOCK_ORIG.get(&cookie).copied() } {
+        // An IPv4 destination reached through a dual-stack socket is shown v4-mapped.
+        let ip = if orig.family == AF_INET { [0, 0, V4_MAPPED_PREFIX, orig.addr[0]] } else { orig.addr };
+        // SAFETY: getpeername6 may write user_ip6 (one u32 word at a time) and user_port.
+        unsafe {
+            let sa = ctx.sock_addr;
+            write_volatile(addr_of_mut!((*sa).user_ip6[0]), ip[0]);
+            write_volatile(addr_of_mut!((*sa).user_ip6[1]), ip[1]);
+            write_volatile(addr_of_mut!((*sa).user_ip6[2]), ip[2]);
+            write_volatile(addr_of_mut!((*sa).user_ip6[3]), ip[3]);
+            write_volatile(addr_of_mut!((*sa).user_port), u32::from(orig.port.to_be()));
+        }
+    }
+    ALLOW
 }

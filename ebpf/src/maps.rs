@@ -12,13 +12,14 @@ use meshless_common::{EnrolledPod, OrigDst, OrigDstKey};
 #[map]
 pub static ENROLLED: HashMap<u64, EnrolledPod> = HashMap::with_max_entries(4096, 0);
 
-/// Hand-off from connect4/6 to sock_ops: the original destination of a socket whose connect was
-/// just rewritten, before the kernel has chosen its source port.
-/// Key: socket cookie. Value: [`OrigDst`].
-/// Written by connect4/6; read and deleted by sock_ops at `TCP_CONNECT_CB`. LRU so that entries of
-/// connects that fail before the SYN (no route, no port) age out instead of filling the map.
+/// Original destination of each captured socket, by socket cookie (unique for the life of the
+/// system, never reused). Key: socket cookie. Value: [`OrigDst`].
+/// Written by connect4/6; read by sock_ops at `TCP_CONNECT_CB` (to file it under the source port for
+/// the agent) and by getpeername4/6 (to show the application the peer it asked for). LRU: there is
+/// no hook at close, so entries of closed sockets age out; a live socket evicted after 65536 newer
+/// captures shows the agent's address to getpeername, nothing worse.
 #[map]
-pub static PENDING: LruHashMap<u64, OrigDst> = LruHashMap::with_max_entries(16384, 0);
+pub static SOCK_ORIG: LruHashMap<u64, OrigDst> = LruHashMap::with_max_entries(65536, 0);
 
 /// Original destination of every captured connection, for the agent.
 /// Key: [`OrigDstKey`] (netns cookie, source port, listener family). Value: [`OrigDst`].

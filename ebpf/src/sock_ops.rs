@@ -12,7 +12,7 @@ use aya_ebpf::{
 };
 use meshless_common::OrigDstKey;
 
-use crate::maps::{ORIG_DST, PENDING};
+use crate::maps::{ORIG_DST, SOCK_ORIG};
 
 #[sock_ops]
 pub fn meshless_sock_ops(ctx: SockOpsContext) -> u32 {
@@ -27,11 +27,10 @@ fn try_sock_ops(ctx: &SockOpsContext) -> Result<(), i32> {
     }
     // SAFETY: bpf_get_socket_cookie accepts the sock_ops context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.ops as *mut c_void) };
-    // SAFETY: copied out at once, before the delete below.
-    let Some(orig) = (unsafe { PENDING.get(&cookie).copied() }) else {
+    // SAFETY: copied out at once; the entry stays for getpeername.
+    let Some(orig) = (unsafe { SOCK_ORIG.get(&cookie).copied() }) else {
         return Ok(());
     };
-    let _ = PENDING.remove(&cookie);
     let key = OrigDstKey {
         // SAFETY: bpf_get_netns_cookie accepts the sock_ops context (kernel ≥ 5.15).
         netns_cookie: unsafe { bpf_get_netns_cookie(ctx.ops as *mut c_void) },

@@ -132,26 +132,41 @@ fn ipv4_and_ipv6_work_and_half_close_is_honoured() {
     let (client, server) = (tb.pod(1, 1), tb.pod(2, 2));
     tb.spawn(server.command(&bins.testbin).unwrap().args(["echo-serve", "7000"])).unwrap();
     wait_listening(&server.netns, 7000).unwrap();
-    for ip in [server.ipv4.into(), server.ipv6.into()] {
-        let addr = sockaddr(ip, 7000);
-        // `send` writes, half-closes its side, and reads until EOF; the echo server writes its
-        // byte count *after* seeing EOF, which only arrives if the half-close crossed the tunnel
-        // while the other direction stayed open.
-        let out = client.command(&bins.testbin).unwrap().args(["send", &addr, "half-close-probe"]).output().unwrap();
+    let mapped = format!("[::ffff:{}]:7000", server.ipv4);
+    let mut carried: Vec<String> = Vec::new();
+    // IPv4, IPv6, and IPv4 through a dual-stack IPv6 socket (v4-mapped, connect6's other branch).
+    for (addr, carried_as) in [
+        (sockaddr(server.ipv4.into(), 7000), sockaddr(server.ipv4.into(), 7000)),
+        (sockaddr(server.ipv6.into(), 7000), sockaddr(server.ipv6.into(), 7000)),
+        (mapped.clone(), sockaddr(server.ipv4.into(), 7000)),
+    ] {
+        // `peer` prints getpeername(), writes, half-closes its side, and reads until EOF; the echo
+        // server writes its byte count *after* seeing EOF, which only arrives if the half-close
+        // crossed the tunnel while the other direction stayed open.
+        let out = client.command(&bins.testbin).unwrap().args(["peer", &addr, "half-close-probe"]).output().unwrap();
         assert_eq!(
             String::from_utf8_lossy(&out.stdout),
-            "half-close-probe<16 bytes>",
-            "echo through the mesh to {addr}: {}",
+            format!("{addr}\nhalf-close-probe<16 bytes>"),
+            "echo through the mesh to {addr}, and getpeername() must show the pod dialed, not the agent: {}",
             String::from_utf8_lossy(&out.stderr)
         );
         let want_src = tb.spiffe_id(TRUST_DOMAIN, client);
-        let target = addr.clone();
-        assert!(
-            mesh.wait_log(2, "inbound connection authorized", |l| l["src_id"] == want_src.as_str()
-                && l["dst_addr"] == target.as_str())
-                .is_some(),
-            "{addr} was not carried by the mesh (no inbound authorization on node2)"
-        );
+        // One more authorization for this target than before: this very connection was carried.
+        carried.push(carried_as.clone());
+        let want = carried.iter().filter(|c| **c == carried_as).count();
+        let seen = wait_for(Duration::from_secs(10), || {
+            let n = mesh
+                .log_lines(2)
+                .iter()
+                .filter(|l| {
+                    l["message"] == "inbound connection authorized"
+                        && l["src_id"] == want_src.as_str()
+                        && l["dst_addr"] == carried_as.as_str()
+                })
+                .count();
+            (n >= want).then_some(())
+        });
+        assert!(seen.is_some(), "{addr} was not carried by the mesh (no new inbound authorization on node2)");
     }
     // Two pods on the same node: still over the mesh, through the node's one agent.
     let neighbour = tb.pod(2, 1);

@@ -7,6 +7,7 @@
 //! meshless-testbin echo-serve <port>             echoes bytes; on EOF echoes "<n bytes>" and closes
 //! meshless-testbin sink <port>                   reads to EOF, then answers the byte count
 //! meshless-testbin send <addr> <text>            sends text, half-closes, prints the reply
+//! meshless-testbin peer <addr> <text>            as send, but first prints getpeername() and a newline
 //! meshless-testbin bulk <addr> <seconds>         one stream to a sink; prints {"gbit_per_s":..}
 //! meshless-testbin rr <addr> <size> <count>      request/response on one connection; prints p50/p99
 //! ```
@@ -30,7 +31,8 @@ fn main() {
         }
         "echo-serve" => serve(a(1), echo),
         "sink" => serve(a(1), sink),
-        "send" => send(a(1), a(2)),
+        "send" => send(a(1), a(2), false),
+        "peer" => send(a(1), a(2), true),
         "bulk" => bulk(a(1), a(2).parse().expect("seconds")),
         "rr" => rr(a(1), a(2).parse().expect("size"), a(3).parse().expect("count")),
         other => {
@@ -124,8 +126,11 @@ fn connect(addr: &str) -> std::io::Result<TcpStream> {
     Ok(s)
 }
 
-fn send(addr: &str, text: &str) -> std::io::Result<()> {
+fn send(addr: &str, text: &str, show_peer: bool) -> std::io::Result<()> {
     let mut s = connect(addr)?;
+    if show_peer {
+        println!("{}", s.peer_addr()?);
+    }
     s.write_all(text.as_bytes())?;
     s.shutdown(Shutdown::Write)?;
     let mut out = Vec::new();
