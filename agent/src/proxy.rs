@@ -112,19 +112,31 @@ fn open_listeners(pod: &str) -> Result<Listeners, Error> {
     })
 }
 
-async fn outbound_loop(proxy: Arc<Proxy>, pod: Arc<LocalPod>, listener: TcpListener) {
+/// Accepts on `listener` forever, handing each connection to `handle`. Accept errors (fd limits,
+/// aborted handshakes) are logged and retried after a pause instead of ending the listener.
+async fn accept_loop(
+    pod: Arc<LocalPod>,
+    listener: TcpListener,
+    what: &'static str,
+    handle: impl Fn(TcpStream, SocketAddr),
+) {
     loop {
         match listener.accept().await {
-            Ok((sock, peer)) => {
-                let span = info_span!("outbound", pod = %pod.pod.key(), %peer);
-                tokio::spawn(outbound(proxy.clone(), pod.clone(), sock, peer).instrument(span));
-            }
+            Ok((sock, peer)) => handle(sock, peer),
             Err(e) => {
-                warn!(pod = %pod.pod.key(), error = %e, "outbound accept failed");
+                warn!(pod = %pod.pod.key(), what, error = %e, "accept failed; retrying");
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
     }
+}
+
+async fn outbound_loop(proxy: Arc<Proxy>, pod: Arc<LocalPod>, listener: TcpListener) {
+    accept_loop(pod.clone(), listener, "outbound", |sock, peer| {
+        let span = info_span!("outbound", pod = %pod.pod.key(), %peer);
+        tokio::spawn(outbound(proxy.clone(), pod.clone(), sock, peer).instrument(span));
+    })
+    .await
 }
 
 /// Opens a TCP connection from inside `pod`'s netns, marked as the agent's (never captured).
@@ -183,38 +195,31 @@ async fn outbound(proxy: Arc<Proxy>, pod: Arc<LocalPod>, app: TcpStream, peer: S
 }
 
 async fn tunnel_loop(proxy: Arc<Proxy>, pod: Arc<LocalPod>, listener: TcpListener) {
-    loop {
-        match listener.accept().await {
-            Ok((sock, peer)) => {
-                let _ = sock.set_nodelay(true);
-                let span = info_span!("inbound", pod = %pod.pod.key(), %peer);
-                let (proxy, pod) = (proxy.clone(), pod.clone());
-                tokio::spawn(
-                    async move {
-                        let decide = {
-                            let (proxy, pod) = (proxy.clone(), pod.clone());
-                            move |src: SpiffeId, target: Result<SocketAddr, &'static str>| {
-                                let (proxy, pod) = (proxy.clone(), pod.clone());
-                                async move { decide(&proxy, &pod, src, target).await }
-                            }
-                        };
-                        let carry = |stream: H2Stream, (app, src, target): (TcpStream, SpiffeId, SocketAddr)| async move {
-                            let span = info_span!("stream", src_id = %src, dst_addr = %target);
-                            splice(stream, app, "inbound").instrument(span).await
-                        };
-                        if let Err(e) = tunnel::serve(sock, pod.tls.server.clone(), decide, carry).await {
-                            warn!(error = %e, "inbound tunnel connection refused or failed");
-                        }
+    accept_loop(pod.clone(), listener, "tunnel", |sock, peer| {
+        let _ = sock.set_nodelay(true);
+        let span = info_span!("inbound", pod = %pod.pod.key(), %peer);
+        let (proxy, pod) = (proxy.clone(), pod.clone());
+        tokio::spawn(
+            async move {
+                let decide = {
+                    let (proxy, pod) = (proxy.clone(), pod.clone());
+                    move |src: SpiffeId, target: Result<SocketAddr, &'static str>| {
+                        let (proxy, pod) = (proxy.clone(), pod.clone());
+                        async move { decide(&proxy, &pod, src, target).await }
                     }
-                    .instrument(span),
-                );
+                };
+                let carry = |stream: H2Stream, (app, src, target): (TcpStream, SpiffeId, SocketAddr)| async move {
+                    let span = info_span!("stream", src_id = %src, dst_addr = %target);
+                    splice(stream, app, "inbound").instrument(span).await
+                };
+                if let Err(e) = tunnel::serve(sock, pod.tls.server.clone(), decide, carry).await {
+                    warn!(error = %e, "inbound tunnel connection refused or failed");
+                }
             }
-            Err(e) => {
-                warn!(pod = %pod.pod.key(), error = %e, "tunnel accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    }
+            .instrument(span),
+        );
+    })
+    .await
 }
 
 /// Decides one inbound CONNECT: the target must be this pod, then connects to the app inside it.
