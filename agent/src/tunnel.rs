@@ -205,7 +205,13 @@ impl H2Stream {
                 let mut chunk = buf.split().freeze();
                 while !chunk.is_empty() {
                     send.reserve_capacity(chunk.len());
-                    let granted = match std::future::poll_fn(|cx| send.poll_capacity(cx)).await {
+                    // Capacity already assigned is used first: poll_capacity only wakes when the
+                    // capacity *grows*, so waiting on it with capacity in hand could hang forever.
+                    let granted = match send.capacity() {
+                        0 => std::future::poll_fn(|cx| send.poll_capacity(cx)).await,
+                        n => Some(Ok(n)),
+                    };
+                    let granted = match granted {
                         Some(Ok(n)) => n,
                         Some(Err(e)) => return Err(h2_io(e)),
                         None => {
