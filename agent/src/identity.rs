@@ -87,6 +87,34 @@ pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// A boxed future, for the asynchronous methods of object-safe traits.
+pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
+
+/// Where the agent gets its pods' certificates: the local CA of the embedded mode today, the
+/// node-scoped issuer later. Injected, so tests can build the real agent with a CA of their own.
+pub trait CertificateSource: Send + Sync + 'static {
+    /// A fresh X.509-SVID (new key) for `id`.
+    fn issue<'a>(&'a self, id: &'a SpiffeId) -> BoxFuture<'a, Result<Svid, Error>>;
+    /// The roots peers' certificates must chain to.
+    fn bundle(&self) -> Vec<CertificateDer<'static>>;
+}
+
+/// The local CA as a [`CertificateSource`], issuing certificates valid for `ttl`.
+pub struct LocalCa {
+    pub ca: Ca,
+    pub ttl: Duration,
+}
+
+impl CertificateSource for LocalCa {
+    fn issue<'a>(&'a self, id: &'a SpiffeId) -> BoxFuture<'a, Result<Svid, Error>> {
+        Box::pin(async move { self.ca.issue(id, self.ttl) })
+    }
+
+    fn bundle(&self) -> Vec<CertificateDer<'static>> {
+        self.ca.bundle()
+    }
+}
+
 /// The local certificate authority of the embedded mode.
 pub struct Ca {
     cert: CertificateDer<'static>,
@@ -423,11 +451,38 @@ mod tests {
         let (_, cert) = x509_parser::parse_x509_certificate(&svid.chain[0]).unwrap();
         let lifetime = cert.validity().not_after.timestamp() - cert.validity().not_before.timestamp();
         assert_eq!(lifetime, 24 * 3600 + 300, "24 h plus 5 min of back-dating for clock skew");
-        assert!(!format!("{svid:?}").contains("PRIVATE"), "Debug must not print the key");
+        assert_key_not_in(&format!("{svid:?}"), &svid);
         // Chains to the bundle: the client verifier accepts it.
         let tls = PodTls::new(&svid, &ca.bundle(), &td()).unwrap();
         let v = WebPkiClientVerifier::builder_with_provider(tls.roots.clone(), provider()).build().unwrap();
         v.verify_client_cert(&svid.chain[0], &[], UnixTime::now()).expect("SVID must chain to the CA");
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Fails if `text` holds the SVID's private key in any form Debug or a log could print it:
+    /// the DER bytes as a Debug list, as hex, or as base64 (PEM body).
+    fn assert_key_not_in(text: &str, svid: &Svid) {
+        use base64::Engine as _;
+        let der = svid.key.secret_pkcs8_der();
+        let as_list = format!("{:?}", der);
+        let as_list = &as_list[1..as_list.len() - 1];
+        let as_hex: String = der.iter().map(|b| format!("{b:02x}")).collect();
+        let as_b64 = base64::engine::general_purpose::STANDARD.encode(der);
+        for (form, needle) in [("a Debug byte list", as_list), ("hex", &as_hex), ("base64", &as_b64[20..60])] {
+            assert!(!text.contains(needle), "the private key appears as {form} in: {text}");
+        }
+    }
+
+    #[test]
+    fn the_key_check_catches_a_key_that_leaks() {
+        let dir = tmp("leak");
+        Ca::init(&dir, &td()).unwrap();
+        let svid = Ca::load(&dir).unwrap().issue(&workload_id(&td(), "d", "s").unwrap(), SVID_TTL).unwrap();
+        // A Debug that printed the key bytes, and the PEM of the key, are both caught.
+        let leaky = format!("Svid {{ key: {:?} }}", svid.key.secret_pkcs8_der());
+        assert!(std::panic::catch_unwind(|| assert_key_not_in(&leaky, &svid)).is_err());
+        let (_, pem) = svid.to_pem();
+        assert!(std::panic::catch_unwind(|| assert_key_not_in(&pem, &svid)).is_err());
         fs::remove_dir_all(&dir).unwrap();
     }
 

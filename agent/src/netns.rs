@@ -68,18 +68,40 @@ pub fn agent_socket(addr: &SocketAddr) -> io::Result<Socket> {
     Ok(s)
 }
 
-/// A listening socket bound to `addr`: SO_REUSEPORT so a new agent can bind before the old one
-/// leaves; IPv6 wildcard listeners are dual-stack, IPv6 loopback ones are v6-only.
+/// TCP keepalive for tunnel connections: a peer that vanished without a FIN is found in about
+/// a minute even when HTTP/2 is idle and no PING is in flight.
+pub fn tunnel_keepalive(s: &impl AsFd) -> io::Result<()> {
+    use std::time::Duration;
+    let ka = socket2::TcpKeepalive::new()
+        .with_time(Duration::from_secs(30))
+        .with_interval(Duration::from_secs(10))
+        .with_retries(3);
+    socket2::SockRef::from(s).set_tcp_keepalive(&ka)
+}
+
+/// A listening socket bound to `addr`; IPv6 wildcard listeners are dual-stack, IPv6 loopback
+/// ones are v6-only. No SO_REUSEPORT: a successor agent gets these very sockets handed over
+/// (`handover`), and no app in the pod can join the port.
 pub fn listener(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     let s = agent_socket(&addr)?;
     s.set_reuse_address(true)?;
-    s.set_reuse_port(true)?;
     if let SocketAddr::V6(v6) = addr {
         s.set_only_v6(!v6.ip().is_unspecified())?;
     }
     s.bind(&SockAddr::from(addr)).map_err(|e| io::Error::new(e.kind(), format!("binding {addr}: {e}")))?;
-    s.listen(1024)?;
+    s.listen(4096)?;
     Ok(s.into())
+}
+
+/// Whether an error from creating or binding an IPv6 socket means the netns has no IPv6.
+pub fn ipv6_unavailable(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EAFNOSUPPORT) | Some(libc::EADDRNOTAVAIL))
+}
+
+/// The cookie of the netns the calling thread is in (what the kernel programs see).
+pub fn current_cookie() -> io::Result<u64> {
+    let probe = Socket::new(Domain::IPV4, Type::DGRAM, None)?;
+    netns_cookie(&probe)
 }
 
 /// The cookie of the netns a socket lives in (what the kernel programs see).

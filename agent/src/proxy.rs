@@ -1,152 +1,89 @@
-//! The proxy: per local pod, an outbound listener (127.0.0.1:15001, [::1]:15001) and the tunnel
-//! listener ([::]:15008), all inside the pod's netns; outbound connections go over HBONE with the
-//! pod's own identity, inbound tunnel streams are delivered into the pod.
+//! The data path of one enrolled pod: its outbound listener (captured connections → a pooled
+//! HBONE stream with the pod's own identity, or plaintext passthrough to destinations outside the
+//! mesh) and its tunnel listener (mTLS → the inbound decision → delivery into the pod). Reads the
+//! workload store without locks; every connection runs in a task of its pod's tracker.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
 use http::StatusCode;
-use meshless_common::{INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT, TUNNEL_PORT};
-use tokio::io::{AsyncRead, AsyncWrite};
+use meshless_common::TUNNEL_PORT;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, info_span, warn, Instrument};
 
-use crate::capture::Capture;
-use crate::identity::{Ca, PodTls, SpiffeId, SVID_TTL};
+use crate::app::Shared;
+use crate::authorize::{self, Verdict};
+use crate::handover::Role;
 use crate::netns::{self, Netns};
-use crate::state::{self, State};
-use crate::tunnel::{self, Decision, H2Stream};
+use crate::pods::{Listeners, LocalPod};
+use crate::pool::PoolKey;
+use crate::tunnel::{self, ActivityGuard, Ended, Inbound};
+use crate::workloads::canonical;
 
 /// Source address of deliveries into a pod (the app sees connections from 127.0.0.6).
 const DELIVERY_SOURCE_V4: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 6);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// Copy buffer per direction: large, so bulk transfers move in few system calls.
-const COPY_BUF: usize = 256 << 10;
 
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error("pod {pod}: {source}")]
-    Netns { pod: String, source: std::io::Error },
-    #[error("pod {pod}: cannot listen on {addr} inside its netns: {source} (is another agent or app using the port?)")]
-    Listen { pod: String, addr: SocketAddr, source: std::io::Error },
-    #[error("pod {pod}: identity: {source}")]
-    Identity { pod: String, source: crate::identity::Error },
-    #[error(transparent)]
-    Capture(#[from] crate::capture::Error),
-}
-
-/// A pod of this node, enrolled: its netns, its identity and its listeners.
-pub struct LocalPod {
-    pub pod: state::Pod,
-    netns: Netns,
-    cookie: u64,
-    tls: PodTls,
-}
-
-pub struct Proxy {
-    state: State,
-    home: Netns,
-    capture: Capture,
-    pods: Vec<Arc<LocalPod>>,
-}
-
-struct Listeners {
-    outbound: Vec<std::net::TcpListener>,
-    tunnel: std::net::TcpListener,
-}
-
-impl Proxy {
-    /// Prepares every local enrolled pod (netns, listeners, certificate), attaches the capture and
-    /// enrolls the pods, then serves until the returned future is dropped.
-    pub async fn run(state: State, ca: Ca, kernel_log: bool) -> Result<(), Error> {
-        let home = Netns::current().map_err(|source| Error::Netns { pod: "<agent>".into(), source })?;
-        let bundle = ca.bundle();
-        let mut prepared = Vec::new();
-        for pod in state.local_pods().filter(|p| p.enrolled) {
-            let key = pod.key();
-            let path = pod.netns.as_ref().expect("validated: local enrolled pods have a netns");
-            let netns = Netns::open(path).map_err(|source| Error::Netns { pod: key.clone(), source })?;
-            let listeners = netns
-                .run(&home, || open_listeners(&key))
-                .map_err(|source| Error::Netns { pod: key.clone(), source })??;
-            let cookie =
-                netns::netns_cookie(&listeners.tunnel).map_err(|source| Error::Netns { pod: key.clone(), source })?;
-            let svid =
-                ca.issue(&pod.identity, SVID_TTL).map_err(|source| Error::Identity { pod: key.clone(), source })?;
-            let tls = PodTls::new(&svid, &bundle, &state.trust_domain)
-                .map_err(|source| Error::Identity { pod: key.clone(), source })?;
-            info!(pod = %key, id = %svid.id, netns_cookie = cookie, "workload certificate issued");
-            prepared.push((Arc::new(LocalPod { pod: pod.clone(), netns, cookie, tls }), listeners));
-        }
-        let capture = Capture::attach(&state.cgroup_parent, kernel_log)?;
-        for (pod, _) in &prepared {
-            capture.enroll(pod.cookie, &pod.pod.ips)?;
-        }
-        let proxy = Arc::new(Proxy { state, home, capture, pods: prepared.iter().map(|(p, _)| p.clone()).collect() });
-        let mut tasks = tokio::task::JoinSet::new();
-        for (pod, listeners) in prepared {
-            for l in listeners.outbound {
-                let l = TcpListener::from_std(l).map_err(|source| Error::Netns { pod: pod.pod.key(), source })?;
-                tasks.spawn(outbound_loop(proxy.clone(), pod.clone(), l));
-            }
-            let l = TcpListener::from_std(listeners.tunnel)
-                .map_err(|source| Error::Netns { pod: pod.pod.key(), source })?;
-            tasks.spawn(tunnel_loop(proxy.clone(), pod.clone(), l));
-        }
-        info!(node = %proxy.state.node, pods = proxy.pods.len(), "agent ready");
-        while tasks.join_next().await.is_some() {}
-        Ok(())
+/// Starts the accept loops of `pod`'s listeners; they stop when `accepting` is cancelled.
+pub fn serve_pod(
+    shared: &Arc<Shared>,
+    pod: &Arc<LocalPod>,
+    listeners: Listeners,
+    accepting: &CancellationToken,
+) -> std::io::Result<()> {
+    for (spec, l) in listeners.0 {
+        l.set_nonblocking(true)?;
+        let l = TcpListener::from_std(l)?;
+        let (shared, pod, accepting) = (shared.clone(), pod.clone(), accepting.clone());
+        match spec.role {
+            Role::Outbound => tokio::spawn(accept_loop(l, accepting, "outbound", move |sock, peer| {
+                let span = info_span!("outbound", pod = %pod.key, %peer);
+                pod.conns.spawn(outbound(shared.clone(), pod.clone(), sock, peer).instrument(span));
+            })),
+            Role::Tunnel => tokio::spawn(accept_loop(l, accepting, "tunnel", move |sock, peer| {
+                let span = info_span!("inbound", pod = %pod.key, %peer);
+                pod.conns.spawn(tunnel_connection(shared.clone(), pod.clone(), sock, peer).instrument(span));
+            })),
+        };
     }
+    Ok(())
 }
 
-fn open_listeners(pod: &str) -> Result<Listeners, Error> {
-    let listen =
-        |addr: SocketAddr| netns::listener(addr).map_err(|source| Error::Listen { pod: pod.to_string(), addr, source });
-    Ok(Listeners {
-        outbound: vec![
-            listen(SocketAddr::from((Ipv4Addr::LOCALHOST, OUTBOUND_PORT)))?,
-            listen(SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, OUTBOUND_PORT)))?,
-        ],
-        tunnel: listen(SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, TUNNEL_PORT)))?,
-    })
-}
-
-/// Accepts on `listener` forever, handing each connection to `handle`. Accept errors (fd limits,
-/// aborted handshakes) are logged and retried after a pause instead of ending the listener.
+/// Accepts on `listener` until `accepting` is cancelled, handing each connection to `handle`.
+/// Accept errors (fd limits, aborted handshakes) are logged and retried after a pause instead of
+/// ending the listener.
 async fn accept_loop(
-    pod: Arc<LocalPod>,
     listener: TcpListener,
+    accepting: CancellationToken,
     what: &'static str,
     handle: impl Fn(TcpStream, SocketAddr),
 ) {
     loop {
-        match listener.accept().await {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = accepting.cancelled() => return,
+        };
+        match accepted {
             Ok((sock, peer)) => handle(sock, peer),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionAborted => {}
             Err(e) => {
-                warn!(pod = %pod.pod.key(), what, error = %e, "accept failed; retrying");
+                warn!(what, error = %e, "accept failed; retrying");
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
     }
 }
 
-async fn outbound_loop(proxy: Arc<Proxy>, pod: Arc<LocalPod>, listener: TcpListener) {
-    accept_loop(pod.clone(), listener, "outbound", |sock, peer| {
-        let span = info_span!("outbound", pod = %pod.pod.key(), %peer);
-        tokio::spawn(outbound(proxy.clone(), pod.clone(), sock, peer).instrument(span));
-    })
-    .await
-}
-
-/// Opens a TCP connection from inside `pod`'s netns, marked as the agent's (never captured).
+/// Opens a TCP connection from inside `ns` (a pod's netns), marked as the agent's (never captured).
 async fn connect_from(
-    proxy: &Proxy,
+    home: &Netns,
     ns: &Netns,
     bind: Option<SocketAddr>,
     to: SocketAddr,
 ) -> std::io::Result<TcpStream> {
-    let sock = ns.run(&proxy.home, || -> std::io::Result<socket2::Socket> {
+    let sock = ns.run(home, || -> std::io::Result<socket2::Socket> {
         let s = netns::agent_socket(&to)?;
         if let Some(b) = bind {
             s.bind(&b.into())?;
@@ -159,148 +96,136 @@ async fn connect_from(
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, format!("connect to {to} timed out")))?
 }
 
-async fn outbound(proxy: Arc<Proxy>, pod: Arc<LocalPod>, app: TcpStream, peer: SocketAddr) {
-    let Some(dst) = proxy.capture.take_orig_dst(pod.cookie, peer) else {
-        warn!("no original destination recorded for this connection; closing it");
+async fn outbound(shared: Arc<Shared>, pod: Arc<LocalPod>, app: TcpStream, peer: SocketAddr) {
+    let Some(dst) = pod.orig.take(peer) else {
+        warn!("no original destination recorded for this connection; resetting it");
+        tunnel::reset(app);
         return;
     };
-    let dst = SocketAddr::new(state::canonical(dst.ip()), dst.port());
-    let dst_pod = proxy.state.pod_by_ip(dst.ip()).filter(|p| p.enrolled);
+    let dst = SocketAddr::new(canonical(dst.ip()), dst.port());
+    let dst_pod = shared.store.load().pod_by_ip(dst.ip()).filter(|p| p.mesh).cloned();
     let Some(dst_pod) = dst_pod else {
         // Not a mesh destination: pass through, in plaintext, from the pod's own netns.
         debug!(dst_addr = %dst, "passthrough (destination is not in the mesh)");
-        match connect_from(&proxy, &pod.netns, None, dst).await {
-            Ok(up) => copy(app, up, "passthrough").await,
-            Err(e) => warn!(dst_addr = %dst, error = %e, "passthrough connect failed"),
+        match connect_from(&shared.home, &pod.netns, None, dst).await {
+            Ok(up) => passthrough(app, up, &pod.stop).await,
+            Err(e) => {
+                warn!(dst_addr = %dst, error = %e, "passthrough connect failed");
+                tunnel::reset(app);
+            }
         }
         return;
     };
-    let dst_id = dst_pod.identity.clone();
+    let src_id = pod.tls.id.clone();
     let tunnel_addr = SocketAddr::new(dst.ip(), TUNNEL_PORT);
-    let result = async {
-        let tcp = connect_from(&proxy, &pod.netns, None, tunnel_addr).await.map_err(|e| e.to_string())?;
-        let tls = pod.tls.client(&dst_id).map_err(|e| e.to_string())?;
-        tunnel::connect(tcp, tls, dst).await.map_err(|e| e.to_string())
-    }
-    .await;
-    match result {
-        Ok(stream) => {
-            info!(src_id = %pod.tls.id, dst_id = %dst_id, dst_addr = %dst, "outbound connection over HBONE");
-            splice(stream, app, "outbound").await;
+    let key = PoolKey { src: pod.cookie, dst: tunnel_addr, dst_id: dst_pod.identity.clone() };
+    let connect = || async {
+        let tcp = connect_from(&shared.home, &pod.netns, None, tunnel_addr).await.map_err(tunnel::Error::Tcp)?;
+        let _ = netns::tunnel_keepalive(&tcp);
+        let tls = pod.tls.client(&dst_pod.identity).map_err(|e| tunnel::Error::Connect(e.to_string()))?;
+        tunnel::handshake(tcp, tls, tunnel_addr, &shared.config.tunnel).await
+    };
+    match shared.pool.stream(&key, dst, connect).await {
+        Ok(pooled) => {
+            info!(src_id = %src_id, dst_id = %dst_pod.identity, dst_addr = %dst, "outbound connection over HBONE");
+            let ended = pooled.stream.splice(app, &pod.stop).await;
+            log_end("outbound", &ended);
         }
         Err(e) => {
-            warn!(src_id = %pod.tls.id, dst_id = %dst_id, dst_addr = %dst, error = %e, "HBONE connect failed; closing the app's connection")
+            warn!(src_id = %src_id, dst_id = %dst_pod.identity, dst_addr = %dst, error = %e,
+                "HBONE connect failed; resetting the app's connection");
+            tunnel::reset(app);
         }
     }
 }
 
-async fn tunnel_loop(proxy: Arc<Proxy>, pod: Arc<LocalPod>, listener: TcpListener) {
-    accept_loop(pod.clone(), listener, "tunnel", |sock, peer| {
-        let _ = sock.set_nodelay(true);
-        let span = info_span!("inbound", pod = %pod.pod.key(), %peer);
-        let (proxy, pod) = (proxy.clone(), pod.clone());
-        tokio::spawn(
-            async move {
-                let decide = {
-                    let (proxy, pod) = (proxy.clone(), pod.clone());
-                    move |src: SpiffeId, target: Result<SocketAddr, &'static str>| {
-                        let (proxy, pod) = (proxy.clone(), pod.clone());
-                        async move { decide(&proxy, &pod, src, target).await }
-                    }
-                };
-                let carry = |stream: H2Stream, (app, src, target): (TcpStream, SpiffeId, SocketAddr)| async move {
-                    let span = info_span!("stream", src_id = %src, dst_addr = %target);
-                    splice(stream, app, "inbound").instrument(span).await
-                };
-                if let Err(e) = tunnel::serve(sock, pod.tls.server.clone(), decide, carry).await {
-                    warn!(error = %e, "inbound tunnel connection refused or failed");
-                }
-            }
-            .instrument(span),
-        );
-    })
-    .await
+fn log_end(what: &'static str, ended: &Ended) {
+    match ended {
+        Ended::Clean(up, down) => debug!(what, bytes_up = up, bytes_down = down, "connection closed"),
+        Ended::Reset(e) => debug!(what, error = %e, "connection reset"),
+        Ended::Cancelled => debug!(what, "connection reset at the drain deadline"),
+    }
 }
 
-/// Decides one inbound CONNECT: the target must be this pod, then connects to the app inside it.
-async fn decide(
-    proxy: &Proxy,
-    pod: &LocalPod,
-    src: SpiffeId,
-    target: Result<SocketAddr, &'static str>,
-) -> Decision<(TcpStream, SpiffeId, SocketAddr)> {
-    let target = match target {
-        Ok(t) => SocketAddr::new(state::canonical(t.ip()), t.port()),
-        Err(reason) => {
-            warn!(src_id = %src, reason, "bad HBONE request");
-            return Decision::Refuse(StatusCode::BAD_REQUEST);
+/// Copies both ways between two plain TCP connections; a failure on one side resets the other.
+async fn passthrough(mut a: TcpStream, mut b: TcpStream, stop: &CancellationToken) {
+    let copied = tokio::select! {
+        r = tokio::io::copy_bidirectional(&mut a, &mut b) => r,
+        _ = stop.cancelled() => Err(std::io::Error::other("drain deadline")),
+    };
+    match copied {
+        Ok((tx, rx)) => debug!(bytes_out = tx, bytes_in = rx, "passthrough closed"),
+        Err(e) => {
+            debug!(error = %e, "passthrough reset");
+            tunnel::reset(a);
+            tunnel::reset(b);
+        }
+    }
+}
+
+/// One connection on a pod's tunnel port: the handshake cap, then HBONE.
+async fn tunnel_connection(shared: Arc<Shared>, pod: Arc<LocalPod>, tcp: TcpStream, peer: SocketAddr) {
+    let Some(permit) = shared.handshakes.try_acquire(canonical(peer.ip())) else {
+        debug!(refused_total = shared.handshakes.refused(), "too many TLS handshakes in progress; refusing");
+        tunnel::reset(tcp);
+        return;
+    };
+    let _ = tcp.set_nodelay(true);
+    let _ = netns::tunnel_keepalive(&tcp);
+    let handler = {
+        let (shared, pod) = (shared.clone(), pod.clone());
+        move |inbound: Inbound, guard: ActivityGuard| {
+            let (shared, pod) = (shared.clone(), pod.clone());
+            let span = info_span!("stream", src_id = %inbound.peer);
+            async move { inbound_stream(shared, pod, inbound, guard).await }.instrument(span)
         }
     };
-    if let Err((status, why)) = check_target(&pod.pod.ips, target) {
-        warn!(src_id = %src, dst_addr = %target, why, "refusing HBONE request");
-        return Decision::Refuse(status);
+    let limits = &shared.config.tunnel;
+    if let Err(e) = tunnel::serve(tcp, pod.tls.server.clone(), limits, permit, pod.draining.clone(), handler).await {
+        warn!(error = %e, "inbound tunnel connection refused or failed");
+    }
+}
+
+/// Decides one inbound CONNECT, then connects to the app inside the pod and splices.
+async fn inbound_stream(shared: Arc<Shared>, pod: Arc<LocalPod>, inbound: Inbound, _guard: ActivityGuard) {
+    let target = match inbound.target {
+        Ok(t) => SocketAddr::new(canonical(t.ip()), t.port()),
+        Err(reason) => {
+            warn!(reason, "bad HBONE request");
+            inbound.refuse(StatusCode::BAD_REQUEST);
+            return;
+        }
+    };
+    let workload = pod.workload();
+    let src = inbound.peer.clone();
+    if let Verdict::Deny { status, reason } =
+        authorize::decide(&authorize::Request { src: &src, dst: &workload, target })
+    {
+        warn!(src_id = %src, dst_addr = %target, why = reason, "refusing HBONE request");
+        inbound.refuse(status);
+        return;
     }
     let bind = match target.ip() {
         IpAddr::V4(_) => Some(SocketAddr::from((DELIVERY_SOURCE_V4, 0))),
         IpAddr::V6(_) => None,
     };
-    match connect_from(proxy, &pod.netns, bind, target).await {
-        Ok(app) => {
-            info!(src_id = %src, dst_id = %pod.tls.id, dst_addr = %target, "inbound connection authorized");
-            Decision::Accept((app, src, target))
-        }
+    let app = match connect_from(&shared.home, &pod.netns, bind, target).await {
+        Ok(app) => app,
         Err(e) => {
             warn!(src_id = %src, dst_addr = %target, error = %e, "delivery to the app failed");
-            Decision::Refuse(StatusCode::SERVICE_UNAVAILABLE)
+            inbound.refuse(StatusCode::SERVICE_UNAVAILABLE);
+            return;
         }
-    }
-}
-
-async fn splice(stream: H2Stream, app: TcpStream, what: &'static str) {
-    match stream.splice(app).await {
-        Ok((tx, rx)) => debug!(what, bytes_to_tunnel = tx, bytes_from_tunnel = rx, "connection closed"),
-        Err(e) => debug!(what, error = %e, "connection ended with an error"),
-    }
-}
-
-/// Whether an inbound CONNECT may be delivered: only to this pod's own addresses, and never to
-/// the agent's ports (a CONNECT there would loop through the agent).
-fn check_target(pod_ips: &[IpAddr], target: SocketAddr) -> Result<(), (StatusCode, &'static str)> {
-    if [OUTBOUND_PORT, INBOUND_PLAINTEXT_PORT, TUNNEL_PORT].contains(&target.port()) {
-        return Err((StatusCode::BAD_REQUEST, "target is one of the agent's ports"));
-    }
-    if !pod_ips.contains(&target.ip()) {
-        return Err((StatusCode::MISDIRECTED_REQUEST, "target is not this pod"));
-    }
-    Ok(())
-}
-
-/// Copies both ways until both sides are done; an EOF on one side half-closes the other.
-async fn copy<A, B>(mut a: A, mut b: B, what: &'static str)
-where
-    A: AsyncRead + AsyncWrite + Unpin,
-    B: AsyncRead + AsyncWrite + Unpin,
-{
-    match tokio::io::copy_bidirectional_with_sizes(&mut a, &mut b, COPY_BUF, COPY_BUF).await {
-        Ok((tx, rx)) => debug!(what, bytes_out = tx, bytes_in = rx, "connection closed"),
-        Err(e) => debug!(what, error = %e, "connection ended with an error"),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn inbound_targets_are_limited_to_the_pods_own_addresses_and_app_ports() {
-        let ips: Vec<IpAddr> = vec!["198.19.2.11".parse().unwrap(), "fd6d:6c00:2::11".parse().unwrap()];
-        assert!(check_target(&ips, "198.19.2.11:8080".parse().unwrap()).is_ok());
-        assert!(check_target(&ips, "[fd6d:6c00:2::11]:8080".parse().unwrap()).is_ok());
-        let refused = |t: &str| check_target(&ips, t.parse().unwrap()).unwrap_err().0;
-        assert_eq!(refused("198.19.2.12:8080"), StatusCode::MISDIRECTED_REQUEST, "another pod");
-        assert_eq!(refused("127.0.0.1:8080"), StatusCode::MISDIRECTED_REQUEST, "loopback of the pod");
-        for port in [15001, 15006, 15008] {
-            assert_eq!(refused(&format!("198.19.2.11:{port}")), StatusCode::BAD_REQUEST, "agent port {port}");
+    };
+    match inbound.accept() {
+        Ok(stream) => {
+            info!(src_id = %src, dst_id = %pod.tls.id, dst_addr = %target, "inbound connection authorized");
+            let ended = stream.splice(app, &pod.stop).await;
+            log_end("inbound", &ended);
+        }
+        Err(e) => {
+            debug!(error = %e, "client went away before the CONNECT answer");
+            tunnel::reset(app);
         }
     }
 }

@@ -1,10 +1,13 @@
 //! The HBONE tunnel: HTTP/2 `CONNECT` over mutual TLS 1.3 to the destination pod's port 15008.
 //!
-//! The client side ([`connect`]) opens one TLS connection presenting the source pod's SVID,
-//! requires the destination pod's SPIFFE ID, and sends `CONNECT` with `:authority` = the original
-//! destination `ip:port`. The server side ([`serve`]) accepts streams and hands each to a callback
-//! that decides (status code) and delivers. [`H2Stream::splice`] joins a CONNECT stream to a TCP
-//! connection, with half-close mapped to HTTP/2 END_STREAM.
+//! Client side: [`handshake`] opens one TLS + HTTP/2 connection presenting the source pod's SVID
+//! and requiring the destination pod's SPIFFE ID (the pool keeps it for many streams), and
+//! [`open`] sends one `CONNECT` with `:authority` = the original destination `ip:port`.
+//! Server side: [`serve`] verifies the client, bounds the HTTP/2 session (header list, streams,
+//! deadlines, keepalive, idle) and hands each CONNECT to a handler as an [`Inbound`].
+//! [`H2Stream::splice`] joins a CONNECT stream to a TCP connection: a clean end on one side is a
+//! clean end on the other (END_STREAM ⇄ FIN), a failure or reset on one side is a reset on the
+//! other (RST_STREAM ⇄ TCP RST), so a truncated transfer never looks complete.
 
 use std::future::Future;
 use std::io;
@@ -13,51 +16,80 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use h2::{RecvStream, SendStream};
+use h2::{Reason, RecvStream, SendStream};
 use http::{Method, Request, Response, StatusCode};
 use rustls::pki_types::ServerName;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
+use crate::config::{TunnelLimits, MAX_HEADER_LIST};
 use crate::identity::{spiffe_id_of, SpiffeId};
 
 /// Flow-control windows: large enough that one stream is not window-bound on a fast link.
 const STREAM_WINDOW: u32 = 4 << 20;
 const CONNECTION_WINDOW: u32 = 16 << 20;
 const MAX_FRAME: u32 = 256 << 10;
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Data a stream may have queued for sending before it waits (hyper's and ztunnel's bound).
+const MAX_SEND_BUFFER: usize = 400 << 10;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    #[error("TCP connect to the peer's tunnel port failed: {0}")]
+    Tcp(io::Error),
+    #[error("connecting to the peer failed: {0}")]
+    Connect(String),
     #[error("TLS with the peer failed: {0}")]
     Tls(io::Error),
     #[error("tunnel handshake timed out (is port 15008 reachable? a NetworkPolicy may block it)")]
     Timeout,
+    #[error("no CONNECT within the deadline after the HTTP/2 preface")]
+    NoRequest,
     #[error("HTTP/2 with the peer failed: {0}")]
     H2(#[from] h2::Error),
     #[error("peer refused the CONNECT with status {0}")]
     Refused(StatusCode),
+    #[error("peer did not answer the CONNECT in time")]
+    AnswerTimeout,
     #[error("peer certificate: {0}")]
     PeerId(String),
     #[error("building the CONNECT request: {0}")]
     Request(#[from] http::Error),
+    #[error("peer stopped answering keepalive pings")]
+    KeepaliveTimeout,
 }
 
-fn client_builder() -> h2::client::Builder {
+impl Error {
+    /// Whether the CONNECT was certainly not processed by the peer, so it may be sent again on
+    /// another connection: the connection was going away or gone before the stream started.
+    pub fn retryable(&self) -> bool {
+        match self {
+            Error::H2(e) => e.is_go_away() || e.reason() == Some(Reason::REFUSED_STREAM) || e.is_io(),
+            _ => false,
+        }
+    }
+}
+
+fn client_builder(limits: &TunnelLimits) -> h2::client::Builder {
     let mut b = h2::client::Builder::new();
     b.initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(MAX_FRAME)
+        .max_header_list_size(MAX_HEADER_LIST)
+        .max_send_buffer_size(MAX_SEND_BUFFER)
+        .initial_max_send_streams(limits.max_streams as usize)
         .enable_push(false);
     b
 }
 
-fn server_builder() -> h2::server::Builder {
+fn server_builder(limits: &TunnelLimits) -> h2::server::Builder {
     let mut b = h2::server::Builder::new();
     b.initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(MAX_FRAME)
-        .max_concurrent_streams(1000);
+        .max_header_list_size(MAX_HEADER_LIST)
+        .max_send_buffer_size(MAX_SEND_BUFFER)
+        .max_concurrent_streams(limits.max_streams);
     b
 }
 
@@ -75,84 +107,216 @@ pub fn parse_target<B>(req: &Request<B>) -> Result<SocketAddr, &'static str> {
     authority.as_str().parse().map_err(|_| ":authority must be ip:port")
 }
 
-/// Opens an HBONE stream to `target` over `tcp` (already connected to the peer's 15008).
-pub async fn connect(tcp: TcpStream, tls: Arc<rustls::ClientConfig>, target: SocketAddr) -> Result<H2Stream, Error> {
-    // One deadline for TLS, the HTTP/2 preface and the peer's answer: a peer that accepts TCP
-    // and then stalls must not hold the application's connection forever.
-    tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
-        let name = ServerName::IpAddress(target.ip().into());
-        let tls = tokio_rustls::TlsConnector::from(tls).connect(name, tcp).await.map_err(Error::Tls)?;
-        let (send_request, conn) = client_builder().handshake(tls).await?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "HBONE client connection ended with an error");
+/// Counts what is in progress on a connection (streams), and tells when it has been idle.
+#[derive(Clone)]
+pub struct Activity(Arc<watch::Sender<usize>>);
+
+/// Held while a stream is in progress; dropping it ends the stream's share of the activity.
+pub struct ActivityGuard(Arc<watch::Sender<usize>>);
+
+impl Default for Activity {
+    fn default() -> Self {
+        Activity(Arc::new(watch::channel(0).0))
+    }
+}
+
+impl Activity {
+    pub fn enter(&self) -> ActivityGuard {
+        self.0.send_modify(|n| *n += 1);
+        ActivityGuard(self.0.clone())
+    }
+
+    pub fn active(&self) -> usize {
+        *self.0.borrow()
+    }
+
+    /// Resolves once nothing has been in progress for `idle`.
+    pub async fn idle_for(&self, idle: Duration) {
+        let mut rx = self.0.subscribe();
+        loop {
+            let _ = rx.wait_for(|n| *n == 0).await;
+            match tokio::time::timeout(idle, rx.wait_for(|n| *n > 0)).await {
+                Err(_) => return,
+                Ok(_) => continue,
             }
-        });
-        let mut send_request = send_request.ready().await?;
-        let (response, send) = send_request.send_request(connect_request(target)?, false)?;
-        let response = response.await?;
-        if response.status() != StatusCode::OK {
-            return Err(Error::Refused(response.status()));
         }
-        Ok(H2Stream::new(send, response.into_body()))
+    }
+}
+
+impl Drop for ActivityGuard {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n -= 1);
+    }
+}
+
+/// Sends a PING every `interval` and resolves when one is not answered within `timeout` (or the
+/// connection can no longer send them): the peer is gone or half-open.
+async fn keepalive(mut ping: h2::PingPong, interval: Duration, timeout: Duration) {
+    loop {
+        tokio::time::sleep(interval).await;
+        match tokio::time::timeout(timeout, ping.ping(h2::Ping::opaque())).await {
+            Ok(Ok(_pong)) => {}
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "keepalive ping failed");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!("keepalive ping not answered in time");
+                return;
+            }
+        }
+    }
+}
+
+/// A client connection to a peer's tunnel port: clone the handle to open streams.
+pub struct ClientConn {
+    pub send: h2::client::SendRequest<Bytes>,
+    /// Flips to true when the connection has ended (closed, failed, or keepalive timed out).
+    pub closed: watch::Receiver<bool>,
+    /// Dropping this sender closes the connection at once.
+    pub close: tokio::sync::oneshot::Sender<()>,
+}
+
+/// Opens a tunnel connection over `tcp` (connected to the peer's 15008): TLS presenting our
+/// certificate (from `tls`), HTTP/2 preface, all within the handshake deadline. The connection is
+/// driven by a task of its own with keepalive pings.
+pub async fn handshake(
+    tcp: TcpStream,
+    tls: Arc<rustls::ClientConfig>,
+    peer: SocketAddr,
+    limits: &TunnelLimits,
+) -> Result<ClientConn, Error> {
+    let (send, mut conn) = tokio::time::timeout(limits.handshake_timeout, async {
+        let name = ServerName::IpAddress(peer.ip().into());
+        let tls = tokio_rustls::TlsConnector::from(tls).connect(name, tcp).await.map_err(Error::Tls)?;
+        Ok::<_, Error>(client_builder(limits).handshake::<_, Bytes>(tls).await?)
     })
     .await
-    .map_err(|_| Error::Timeout)?
+    .map_err(|_| Error::Timeout)??;
+    let (closed_tx, closed) = watch::channel(false);
+    let (close, close_rx) = tokio::sync::oneshot::channel::<()>();
+    let ping = conn.ping_pong().expect("a new connection has its ping-pong");
+    let (interval, timeout) = (limits.keepalive_interval, limits.keepalive_timeout);
+    tokio::spawn(async move {
+        tokio::select! {
+            r = &mut conn => if let Err(e) = r {
+                tracing::debug!(error = %e, "HBONE client connection ended with an error");
+            },
+            _ = keepalive(ping, interval, timeout) => tracing::debug!("HBONE client connection: peer stopped answering pings; closing"),
+            _ = close_rx => {}
+        }
+        let _ = closed_tx.send(true);
+    });
+    Ok(ClientConn { send, closed, close })
 }
 
-/// What the server side decided for one CONNECT stream.
-pub enum Decision<T> {
-    /// Answer 200 and hand the stream and `T` (the delivery socket) to the copier.
-    Accept(T),
-    /// Answer with this status and close the stream.
-    Refuse(StatusCode),
+/// Opens one CONNECT stream to `target` on a tunnel connection, waiting at most `timeout` for
+/// the answer.
+pub async fn open(
+    send: &h2::client::SendRequest<Bytes>,
+    target: SocketAddr,
+    timeout: Duration,
+) -> Result<H2Stream, Error> {
+    let mut send = send.clone().ready().await?;
+    let (response, stream) = send.send_request(connect_request(target)?, false)?;
+    let response = tokio::time::timeout(timeout, response).await.map_err(|_| Error::AnswerTimeout)??;
+    if response.status() != StatusCode::OK {
+        return Err(Error::Refused(response.status()));
+    }
+    Ok(H2Stream { send: stream, recv: response.into_body() })
 }
 
-/// Serves HBONE on one accepted TLS connection: verifies the client (by the `ServerConfig`),
-/// then runs `decide` for every CONNECT and `carry` for each accepted one.
-pub async fn serve<D, DF, T, C, CF>(
+/// One CONNECT received by the tunnel server, waiting for the handler's decision.
+pub struct Inbound {
+    /// The authenticated SPIFFE ID of the client certificate.
+    pub peer: SpiffeId,
+    /// The CONNECT target, or why the request was not a valid HBONE request.
+    pub target: Result<SocketAddr, &'static str>,
+    respond: h2::server::SendResponse<Bytes>,
+    body: RecvStream,
+}
+
+impl Inbound {
+    /// Answers 200 and returns the stream to splice.
+    pub fn accept(mut self) -> Result<H2Stream, Error> {
+        let send = self.respond.send_response(status_only(StatusCode::OK), false)?;
+        Ok(H2Stream { send, recv: self.body })
+    }
+
+    /// Answers with `status` and ends the stream.
+    pub fn refuse(mut self, status: StatusCode) {
+        let _ = self.respond.send_response(status_only(status), true);
+    }
+}
+
+/// Serves HBONE on one accepted TCP connection: TLS (client certificate verified by `tls`) and
+/// the HTTP/2 preface within the handshake deadline, the first CONNECT within the request
+/// deadline, then every CONNECT goes to `handler` in a task of its own. The connection ends when
+/// the peer closes it, stops answering pings, stays idle past the idle timeout, or `drain` fires
+/// (then a GOAWAY lets the streams in progress finish). `handshake_permit` is released as soon as
+/// the TLS handshake and preface are done.
+pub async fn serve<H, F>(
     tcp: TcpStream,
     tls: Arc<rustls::ServerConfig>,
-    decide: D,
-    carry: C,
+    limits: &TunnelLimits,
+    handshake_permit: impl Send,
+    drain: CancellationToken,
+    handler: H,
 ) -> Result<(), Error>
 where
-    D: Fn(SpiffeId, Result<SocketAddr, &'static str>) -> DF + Clone + Send + 'static,
-    DF: Future<Output = Decision<T>> + Send,
-    T: Send + 'static,
-    C: Fn(H2Stream, T) -> CF + Clone + Send + 'static,
-    CF: Future<Output = ()> + Send,
+    H: Fn(Inbound, ActivityGuard) -> F,
+    F: Future<Output = ()> + Send + 'static,
 {
-    let accept = tokio_rustls::TlsAcceptor::from(tls).accept(tcp);
-    let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, accept).await.map_err(|_| Error::Timeout)?.map_err(Error::Tls)?;
-    let peer = {
-        let (_, conn) = tls.get_ref();
-        let cert =
-            conn.peer_certificates().and_then(|c| c.first()).ok_or_else(|| Error::PeerId("none presented".into()))?;
-        spiffe_id_of(cert).map_err(Error::PeerId)?
-    };
-    let mut conn = tokio::time::timeout(HANDSHAKE_TIMEOUT, server_builder().handshake(tls))
-        .await
-        .map_err(|_| Error::Timeout)??;
-    while let Some(next) = conn.accept().await {
-        let (req, mut respond) = next?;
-        let (decide, carry, peer) = (decide.clone(), carry.clone(), peer.clone());
-        tokio::spawn(async move {
-            let target = parse_target(&req);
-            match decide(peer, target).await {
-                Decision::Refuse(status) => {
-                    let _ = respond.send_response(status_only(status), true);
-                }
-                Decision::Accept(upstream) => match respond.send_response(status_only(StatusCode::OK), false) {
-                    Ok(send) => carry(H2Stream::new(send, req.into_body()), upstream).await,
-                    Err(e) => {
-                        tracing::debug!(error = %e, "client went away before the CONNECT answer")
-                    }
-                },
+    let (peer, mut conn) = tokio::time::timeout(limits.handshake_timeout, async {
+        let tls = tokio_rustls::TlsAcceptor::from(tls).accept(tcp).await.map_err(Error::Tls)?;
+        let peer = {
+            let (_, c) = tls.get_ref();
+            let cert =
+                c.peer_certificates().and_then(|c| c.first()).ok_or_else(|| Error::PeerId("none presented".into()))?;
+            spiffe_id_of(cert).map_err(Error::PeerId)?
+        };
+        Ok::<_, Error>((peer, server_builder(limits).handshake::<_, Bytes>(tls).await?))
+    })
+    .await
+    .map_err(|_| Error::Timeout)??;
+    drop(handshake_permit);
+    let activity = Activity::default();
+    let mut first = true;
+    let ping = conn.ping_pong().expect("a new connection has its ping-pong");
+    let keepalive = keepalive(ping, limits.keepalive_interval, limits.keepalive_timeout);
+    tokio::pin!(keepalive);
+    let idle = activity.idle_for(limits.idle_timeout);
+    tokio::pin!(idle);
+    let mut draining = false;
+    loop {
+        let next = tokio::select! {
+            next = conn.accept() => next,
+            _ = tokio::time::sleep(limits.request_timeout), if first => return Err(Error::NoRequest),
+            _ = &mut keepalive => {
+                conn.abrupt_shutdown(Reason::NO_ERROR);
+                return Err(Error::KeepaliveTimeout);
             }
-        });
+            _ = &mut idle, if !draining => {
+                tracing::debug!("tunnel connection idle; closing it");
+                conn.graceful_shutdown();
+                draining = true;
+                continue;
+            }
+            _ = drain.cancelled(), if !draining => {
+                // GOAWAY: the peer opens new streams elsewhere; streams already sent are still
+                // accepted below until the final GOAWAY, so none is lost.
+                conn.graceful_shutdown();
+                draining = true;
+                continue;
+            }
+        };
+        let Some(next) = next else { return Ok(()) };
+        let (req, respond) = next?;
+        first = false;
+        let target = parse_target(&req);
+        let inbound = Inbound { peer: peer.clone(), target, respond, body: req.into_body() };
+        tokio::spawn(handler(inbound, activity.enter()));
     }
-    Ok(())
 }
 
 fn status_only(status: StatusCode) -> Response<()> {
@@ -161,90 +325,153 @@ fn status_only(status: StatusCode) -> Response<()> {
     r
 }
 
-/// One HBONE CONNECT stream. [`H2Stream::splice`] joins it to a TCP connection: reading EOF from
-/// the TCP side sends END_STREAM (half-close), and the peer's END_STREAM shuts down writing on the
-/// TCP side, while the other direction goes on.
+/// One HBONE CONNECT stream. [`H2Stream::splice`] joins it to a TCP connection.
 pub struct H2Stream {
     send: SendStream<Bytes>,
     recv: RecvStream,
 }
 
-/// How much is read from the TCP side at once; each read becomes HTTP/2 DATA without a copy.
-const READ_CHUNK: usize = 256 << 10;
+/// Reads from the TCP side start this big and double up to the maximum while reads fill them;
+/// an idle connection holds no buffer at all (it waits for readability first).
+const MIN_CHUNK: usize = 16 << 10;
+const MAX_CHUNK: usize = 256 << 10;
 
 fn h2_io(e: h2::Error) -> io::Error {
     if e.is_io() {
         e.into_io().unwrap_or_else(|| io::Error::other("HTTP/2 I/O error"))
     } else {
-        io::Error::other(e)
+        io::Error::new(io::ErrorKind::ConnectionReset, e)
     }
 }
 
-impl H2Stream {
-    fn new(send: SendStream<Bytes>, recv: RecvStream) -> H2Stream {
-        H2Stream { send, recv }
-    }
+/// How a spliced connection ended.
+#[derive(Debug)]
+pub enum Ended {
+    /// Both directions finished cleanly (FIN / END_STREAM both ways); bytes (TCP→tunnel,
+    /// tunnel→TCP).
+    Clean(u64, u64),
+    /// One side failed or was reset: the other side was reset too.
+    Reset(io::Error),
+    /// Stopped from outside (drain deadline): both sides were reset.
+    Cancelled,
+}
 
+impl H2Stream {
     /// Copies both ways between `tcp` and this stream until both directions have ended, handing
-    /// buffers to and from h2 as `Bytes` (no intermediate copy). An error in either direction ends
-    /// both (the stream is reset). Returns the bytes carried (TCP→tunnel, tunnel→TCP).
-    pub async fn splice(self, mut tcp: TcpStream) -> io::Result<(u64, u64)> {
+    /// buffers to and from h2 as `Bytes` (no intermediate copy). A clean end of one direction is
+    /// passed on as such (TCP EOF → END_STREAM, END_STREAM → TCP FIN) while the other goes on. An
+    /// error or reset on either side resets both: RST_STREAM to the peer, TCP RST to the app.
+    pub async fn splice(self, tcp: TcpStream, cancel: &CancellationToken) -> Ended {
         let H2Stream { mut send, mut recv } = self;
-        let (mut rd, mut wr) = tcp.split();
-        let up = async {
-            let mut buf = BytesMut::new();
-            let mut total = 0u64;
-            loop {
-                buf.reserve(READ_CHUNK);
-                let n = rd.read_buf(&mut buf).await?;
-                if n == 0 {
-                    send.send_data(Bytes::new(), true).map_err(h2_io)?;
-                    return Ok::<u64, io::Error>(total);
-                }
-                total += n as u64;
-                let mut chunk = buf.split().freeze();
-                while !chunk.is_empty() {
-                    send.reserve_capacity(chunk.len());
-                    // Capacity already assigned is used first: poll_capacity only wakes when the
-                    // capacity *grows*, so waiting on it with capacity in hand could hang forever.
-                    let granted = match send.capacity() {
-                        0 => std::future::poll_fn(|cx| send.poll_capacity(cx)).await,
-                        n => Some(Ok(n)),
-                    };
-                    let granted = match granted {
-                        Some(Ok(n)) => n,
-                        Some(Err(e)) => return Err(h2_io(e)),
-                        None => {
-                            return Err(io::Error::new(io::ErrorKind::BrokenPipe, "HBONE stream closed by the peer"))
-                        }
-                    };
-                    if granted == 0 {
-                        tokio::task::yield_now().await;
-                        continue;
-                    }
-                    send.send_data(chunk.split_to(granted.min(chunk.len())), false).map_err(h2_io)?;
-                }
+        let result = tokio::select! {
+            r = async { tokio::try_join!(upload(&tcp, &mut send), download(&tcp, &mut recv)) } => r,
+            _ = cancel.cancelled() => {
+                send.send_reset(Reason::CANCEL);
+                reset(tcp);
+                return Ended::Cancelled;
             }
         };
-        let down = async {
-            let mut total = 0u64;
-            while let Some(data) = recv.data().await {
-                let data = data.map_err(h2_io)?;
-                // The data is ours now: give the window back so the peer may send more meanwhile.
-                let _ = recv.flow_control().release_capacity(data.len());
-                wr.write_all(&data).await?;
-                total += data.len() as u64;
+        match result {
+            Ok((up, down)) => Ended::Clean(up, down),
+            Err(e) => {
+                send.send_reset(Reason::CANCEL);
+                reset(tcp);
+                Ended::Reset(e)
             }
-            wr.shutdown().await?;
-            Ok::<u64, io::Error>(total)
-        };
-        tokio::try_join!(up, down)
+        }
     }
+}
+
+/// TCP → tunnel.
+async fn upload(tcp: &TcpStream, send: &mut SendStream<Bytes>) -> io::Result<u64> {
+    let mut total = 0u64;
+    let mut chunk = MIN_CHUNK;
+    loop {
+        tokio::select! {
+            r = tcp.readable() => r?,
+            reason = std::future::poll_fn(|cx| send.poll_reset(cx)) => {
+                let why = reason.map(|r| format!("peer reset the stream ({r:?})")).unwrap_or_else(|e| e.to_string());
+                return Err(io::Error::new(io::ErrorKind::ConnectionReset, why));
+            }
+        }
+        let mut buf = BytesMut::with_capacity(chunk);
+        let n = match tcp.try_read_buf(&mut buf) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        };
+        if n == 0 {
+            send.send_data(Bytes::new(), true).map_err(h2_io)?;
+            return Ok(total);
+        }
+        total += n as u64;
+        chunk = if n == chunk {
+            (chunk * 2).min(MAX_CHUNK)
+        } else if n < chunk / 4 {
+            (chunk / 2).max(MIN_CHUNK)
+        } else {
+            chunk
+        };
+        let mut data = buf.freeze();
+        while !data.is_empty() {
+            send.reserve_capacity(data.len());
+            // Capacity already assigned is used first: poll_capacity only wakes when the
+            // capacity *grows*, so waiting on it with capacity in hand could hang forever.
+            let granted = match send.capacity() {
+                0 => std::future::poll_fn(|cx| send.poll_capacity(cx)).await,
+                n => Some(Ok(n)),
+            };
+            let granted = match granted {
+                Some(Ok(n)) => n,
+                Some(Err(e)) => return Err(h2_io(e)),
+                None => return Err(io::Error::new(io::ErrorKind::ConnectionReset, "HBONE stream closed by the peer")),
+            };
+            if granted == 0 {
+                tokio::task::yield_now().await;
+                continue;
+            }
+            send.send_data(data.split_to(granted.min(data.len())), false).map_err(h2_io)?;
+        }
+    }
+}
+
+/// Tunnel → TCP.
+async fn download(tcp: &TcpStream, recv: &mut RecvStream) -> io::Result<u64> {
+    let mut total = 0u64;
+    while let Some(data) = recv.data().await {
+        let data = data.map_err(h2_io)?;
+        // The data is ours now: give the window back so the peer may send more meanwhile.
+        let _ = recv.flow_control().release_capacity(data.len());
+        write_all(tcp, &data).await?;
+        total += data.len() as u64;
+    }
+    // The peer's END_STREAM: a clean end of this direction, passed on as FIN.
+    socket2::SockRef::from(tcp).shutdown(std::net::Shutdown::Write)?;
+    Ok(total)
+}
+
+async fn write_all(tcp: &TcpStream, mut data: &[u8]) -> io::Result<()> {
+    while !data.is_empty() {
+        tcp.writable().await?;
+        match tcp.try_write(data) {
+            Ok(n) => data = &data[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Closes `tcp` with a reset (RST), so the application sees a failure, not a clean end.
+pub fn reset(tcp: TcpStream) {
+    let _ = socket2::SockRef::from(&tcp).set_linger(Some(Duration::ZERO));
+    drop(tcp);
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     #[test]
     fn connect_request_carries_the_target_as_authority() {
@@ -255,6 +482,14 @@ mod tests {
             assert_eq!(req.uri().authority().unwrap().as_str(), target);
             assert_eq!(parse_target(&req), Ok(t), "round trip of {target}");
         }
+    }
+
+    #[test]
+    fn bad_hbone_requests_are_rejected_with_a_reason() {
+        let get = Request::builder().method(Method::GET).uri("http://198.19.2.10:80/").body(()).unwrap();
+        assert_eq!(parse_target(&get), Err("HBONE requests must use CONNECT"));
+        let name = Request::builder().method(Method::CONNECT).uri("example.com:80").body(()).unwrap();
+        assert_eq!(parse_target(&name), Err(":authority must be ip:port"));
     }
 
     use crate::identity::{workload_id, Ca, PodTls, TrustDomain, SVID_TTL};
@@ -271,7 +506,6 @@ mod tests {
         client: PodTls,
         server: PodTls,
         server_id: SpiffeId,
-        _dir: std::path::PathBuf,
     }
 
     fn pki(name: &str) -> Pki {
@@ -285,59 +519,95 @@ mod tests {
         let client = PodTls::new(&ca.issue(&cid, SVID_TTL).unwrap(), &ca.bundle(), &td).unwrap();
         let server = PodTls::new(&ca.issue(&sid, SVID_TTL).unwrap(), &ca.bundle(), &td).unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
-        Pki { client, server, server_id: sid, _dir: dir }
+        Pki { client, server, server_id: sid }
     }
 
-    /// Runs an HBONE server on loopback whose streams echo, then send "<n>" after the client's
-    /// END_STREAM; CONNECTs to port 1 are refused with 503. Reports the client IDs it saw.
-    async fn echo_server(tls: Arc<rustls::ServerConfig>) -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<String>) {
+    fn limits() -> TunnelLimits {
+        TunnelLimits::default()
+    }
+
+    /// What the test app behind the server does with a stream.
+    #[derive(Clone, Copy)]
+    enum App {
+        /// Echoes, then writes "<n>" after the client's EOF, then closes cleanly.
+        Echo,
+        /// Reads a little, then resets the connection.
+        ResetAfterRead,
+    }
+
+    /// Runs an HBONE server on loopback; CONNECTs to port 1 are refused with 503. Reports the
+    /// client IDs it saw, and how each splice ended.
+    async fn server(
+        tls: Arc<rustls::ServerConfig>,
+        app: App,
+    ) -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<String>, tokio::sync::mpsc::UnboundedReceiver<String>) {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
-        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let (ids_tx, ids) = tokio::sync::mpsc::unbounded_channel();
+        let (ends_tx, ends) = tokio::sync::mpsc::unbounded_channel();
         tokio::spawn(async move {
             loop {
                 let (tcp, _) = l.accept().await.unwrap();
-                let (tls, tx) = (tls.clone(), tx.clone());
+                let (tls, ids_tx, ends_tx) = (tls.clone(), ids_tx.clone(), ends_tx.clone());
                 tokio::spawn(async move {
-                    let decide = move |id: SpiffeId, target: Result<SocketAddr, &'static str>| {
-                        let _ = tx.send(id.to_string());
+                    let handler = move |inbound: Inbound, _guard: ActivityGuard| {
+                        let _ = ids_tx.send(inbound.peer.to_string());
+                        let ends_tx = ends_tx.clone();
                         async move {
-                            match target {
-                                Ok(t) if t.port() == 1 => Decision::Refuse(StatusCode::SERVICE_UNAVAILABLE),
-                                Ok(_) => Decision::Accept(()),
-                                Err(_) => Decision::Refuse(StatusCode::BAD_REQUEST),
+                            match inbound.target {
+                                Ok(t) if t.port() == 1 => inbound.refuse(StatusCode::SERVICE_UNAVAILABLE),
+                                Ok(_) => {
+                                    let stream = inbound.accept().unwrap();
+                                    let (agent_end, mut app_side) = tcp_pair().await;
+                                    tokio::spawn(async move {
+                                        match app {
+                                            App::Echo => {
+                                                let mut all = Vec::new();
+                                                app_side.read_to_end(&mut all).await.unwrap();
+                                                app_side.write_all(&all).await.unwrap();
+                                                app_side
+                                                    .write_all(format!("<{}>", all.len()).as_bytes())
+                                                    .await
+                                                    .unwrap();
+                                                app_side.shutdown().await.unwrap();
+                                            }
+                                            App::ResetAfterRead => {
+                                                let mut b = [0u8; 4];
+                                                let _ = app_side.read_exact(&mut b).await;
+                                                reset(app_side);
+                                            }
+                                        }
+                                    });
+                                    let ended = stream.splice(agent_end, &CancellationToken::new()).await;
+                                    let _ = ends_tx.send(format!("{ended:?}"));
+                                }
+                                Err(_) => inbound.refuse(StatusCode::BAD_REQUEST),
                             }
                         }
                     };
-                    // Deliver to an "app" that echoes, then writes its byte count after EOF.
-                    let carry = |s: H2Stream, ()| async move {
-                        let (app, mut app_side) = tcp_pair().await;
-                        tokio::spawn(async move {
-                            let mut all = Vec::new();
-                            app_side.read_to_end(&mut all).await.unwrap();
-                            app_side.write_all(&all).await.unwrap();
-                            app_side.write_all(format!("<{}>", all.len()).as_bytes()).await.unwrap();
-                            app_side.shutdown().await.unwrap();
-                        });
-                        s.splice(app).await.unwrap();
-                    };
-                    let _ = serve(tcp, tls, decide, carry).await;
+                    let _ = serve(tcp, tls, &limits(), (), CancellationToken::new(), handler).await;
                 });
             }
         });
-        (addr, rx)
+        (addr, ids, ends)
+    }
+
+    /// A stream over a new connection; the connection lives as long as the returned handle.
+    async fn client_stream(p: &Pki, addr: SocketAddr, target: &str) -> Result<(H2Stream, ClientConn), Error> {
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let conn = handshake(tcp, p.client.client(&p.server_id).unwrap(), addr, &limits()).await?;
+        Ok((open(&conn.send, target.parse().unwrap(), Duration::from_secs(5)).await?, conn))
     }
 
     #[tokio::test]
     async fn hbone_carries_bytes_both_ways_with_half_close_and_the_client_identity() {
         let p = pki("echo");
-        let (addr, mut seen) = echo_server(p.server.server.clone()).await;
+        let (addr, mut seen, mut ends) = server(p.server.server.clone(), App::Echo).await;
         let payload: Vec<u8> = (0..3_000_000u32).map(|i| i as u8).collect();
-        let tcp = TcpStream::connect(addr).await.unwrap();
-        let s = connect(tcp, p.client.client(&p.server_id).unwrap(), "127.0.0.1:8080".parse().unwrap()).await.unwrap();
+        let (s, _conn) = client_stream(&p, addr, "127.0.0.1:8080").await.unwrap();
         // The client app's connection, spliced onto the stream as the outbound proxy does.
         let (agent_end, app) = tcp_pair().await;
-        let splice = tokio::spawn(s.splice(agent_end));
+        let splice = tokio::spawn(async move { s.splice(agent_end, &CancellationToken::new()).await });
         let (mut r, mut w) = app.into_split();
         let writer = async {
             w.write_all(&payload).await.unwrap();
@@ -351,24 +621,41 @@ mod tests {
         assert_eq!(back.len(), payload.len() + suffix.len(), "all bytes must come back, then the count sent after EOF");
         assert!(back[..payload.len()] == payload[..], "bytes must come back unchanged");
         assert_eq!(&back[payload.len()..], suffix.as_bytes());
-        let (up, down) = splice.await.unwrap().unwrap();
-        assert_eq!((up, down), (payload.len() as u64, back.len() as u64), "splice reports what it carried");
+        match splice.await.unwrap() {
+            Ended::Clean(up, down) => {
+                assert_eq!((up, down), (payload.len() as u64, back.len() as u64), "splice reports what it carried")
+            }
+            other => panic!("a clean exchange must end cleanly, got {other:?}"),
+        }
         assert_eq!(seen.recv().await.unwrap(), "spiffe://cluster.local/ns/default/sa/client");
+        assert!(ends.recv().await.unwrap().starts_with("Clean"), "the server side ended cleanly too");
+    }
+
+    #[tokio::test]
+    async fn a_reset_on_the_far_side_reaches_the_app_as_a_reset_not_an_eof() {
+        let p = pki("reset");
+        let (addr, _seen, mut ends) = server(p.server.server.clone(), App::ResetAfterRead).await;
+        let (s, _conn) = client_stream(&p, addr, "127.0.0.1:8080").await.unwrap();
+        let (agent_end, mut app) = tcp_pair().await;
+        let splice = tokio::spawn(async move { s.splice(agent_end, &CancellationToken::new()).await });
+        app.write_all(b"ping").await.unwrap();
+        let mut buf = Vec::new();
+        let err = app.read_to_end(&mut buf).await.expect_err("the app must see an error, not a clean EOF");
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionReset, "{err}");
+        assert!(matches!(splice.await.unwrap(), Ended::Reset(_)));
+        assert!(ends.recv().await.unwrap().starts_with("Reset"), "the server side saw its app's reset");
     }
 
     #[tokio::test]
     async fn refused_connects_and_wrong_peer_identities_fail_the_client() {
         let p = pki("refuse");
-        let (addr, _seen) = echo_server(p.server.server.clone()).await;
-        let tcp = TcpStream::connect(addr).await.unwrap();
-        let err =
-            connect(tcp, p.client.client(&p.server_id).unwrap(), "127.0.0.1:1".parse().unwrap()).await.err().unwrap();
+        let (addr, _seen, _ends) = server(p.server.server.clone(), App::Echo).await;
+        let err = client_stream(&p, addr, "127.0.0.1:1").await.err().unwrap();
         assert!(matches!(err, Error::Refused(StatusCode::SERVICE_UNAVAILABLE)), "got {err}");
         // The client expects another identity than the server presents: the handshake fails.
         let other = workload_id(&TrustDomain::new("cluster.local").unwrap(), "default", "someone-else").unwrap();
         let tcp = TcpStream::connect(addr).await.unwrap();
-        let err =
-            connect(tcp, p.client.client(&other).unwrap(), "127.0.0.1:8080".parse().unwrap()).await.err().unwrap();
+        let err = handshake(tcp, p.client.client(&other).unwrap(), addr, &limits()).await.err().unwrap();
         assert!(err.to_string().contains("expected spiffe://cluster.local/ns/default/sa/someone-else"), "got {err}");
     }
 
@@ -380,19 +667,24 @@ mod tests {
         let addr = l.local_addr().unwrap();
         let _held = tokio::spawn(async move { l.accept().await });
         let tcp = TcpStream::connect(addr).await.unwrap();
-        let err = connect(tcp, p.client.client(&p.server_id).unwrap(), "127.0.0.1:8080".parse().unwrap()).await;
+        let err = handshake(tcp, p.client.client(&p.server_id).unwrap(), addr, &limits()).await;
         assert!(matches!(err, Err(Error::Timeout)), "client must give up on a silent peer");
         // Server side: a client connects and never sends a ClientHello.
         let (agent_end, _silent_client) = tcp_pair().await;
-        let served = serve(agent_end, p.server.server.clone(), |_, _| async { Decision::Accept(()) }, |_, ()| async {});
+        let limits = limits();
+        let served = serve(agent_end, p.server.server.clone(), &limits, (), CancellationToken::new(), |_, _| async {});
         assert!(matches!(served.await, Err(Error::Timeout)), "server must give up on a silent client");
     }
 
-    #[test]
-    fn bad_hbone_requests_are_rejected_with_a_reason() {
-        let get = Request::builder().method(Method::GET).uri("http://198.19.2.10:80/").body(()).unwrap();
-        assert_eq!(parse_target(&get), Err("HBONE requests must use CONNECT"));
-        let name = Request::builder().method(Method::CONNECT).uri("example.com:80").body(()).unwrap();
-        assert_eq!(parse_target(&name), Err(":authority must be ip:port"));
+    #[tokio::test]
+    async fn idle_activity_is_reported_after_the_last_guard_is_gone() {
+        let a = Activity::default();
+        let g = a.enter();
+        assert_eq!(a.active(), 1);
+        let idle = tokio::time::timeout(Duration::from_millis(100), a.idle_for(Duration::from_millis(10))).await;
+        assert!(idle.is_err(), "not idle while a guard is held");
+        drop(g);
+        let idle = tokio::time::timeout(Duration::from_secs(5), a.idle_for(Duration::from_millis(10))).await;
+        assert!(idle.is_ok(), "idle once the guard is dropped");
     }
 }

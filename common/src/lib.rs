@@ -24,10 +24,24 @@ pub const AGENT_MARK: u32 = 0x6d65_7368;
 pub const AF_INET: u16 = 2;
 pub const AF_INET6: u16 = 10;
 
+/// Version of the layout of the pinned maps (their keys, values and meaning). The agent pins
+/// under `<bpf dir>/v<LAYOUT_VERSION>/`; a new version means a new directory, and the agent that
+/// brings it removes the older ones once its own programs are attached.
+pub const LAYOUT_VERSION: u32 = 1;
+
+/// Entries of each pod's own original-destination map (the inner maps of `ORIG_DST`). Entries
+/// live from `connect()` to the agent's `accept()`, so this bounds a pod's connects in flight.
+pub const ORIG_DST_PER_POD: u32 = 1024;
+/// Most pods one node can have enrolled or known.
+pub const MAX_PODS: u32 = 4096;
+
 /// Names of the maps in the eBPF object, so user space cannot misspell them.
 pub mod maps {
     pub const ENROLLED: &str = "ENROLLED";
     pub const ORIG_DST: &str = "ORIG_DST";
+    pub const SOCK_ORIG: &str = "SOCK_ORIG";
+    /// Every map the agent pins (the others are the log ring buffer and globals).
+    pub const PINNED: [&str; 3] = [ENROLLED, ORIG_DST, SOCK_ORIG];
 }
 
 /// Names of the programs in the eBPF object.
@@ -37,12 +51,21 @@ pub mod programs {
     pub const SOCK_OPS: &str = "meshless_sock_ops";
     pub const GETPEERNAME4: &str = "meshless_getpeername4";
     pub const GETPEERNAME6: &str = "meshless_getpeername6";
+    pub const BIND4: &str = "meshless_bind4";
+    pub const BIND6: &str = "meshless_bind6";
 }
 
-/// Capture mode of an enrolled pod.
+/// Ports of the agent's listeners inside pods, which apps in pods may not bind.
+pub const AGENT_POD_PORTS: [u16; 3] = [OUTBOUND_PORT, INBOUND_PLAINTEXT_PORT, TUNNEL_PORT];
+
+/// What the kernel programs do with a pod, by the `mode` of its `ENROLLED` entry. A netns of the
+/// node's pod cgroup with no entry at all is a pod the agent does not know yet: its TCP connects
+/// to anything but loopback fail with `EPERM` until the agent has learned it (never plaintext).
 pub mod mode {
     /// Outbound TCP is captured and carried over the mesh.
     pub const CAPTURE: u32 = 1;
+    /// A pod the agent knows and leaves alone (not in the mesh, or the node's own netns).
+    pub const BYPASS: u32 = 2;
 }
 
 /// Value of the `ENROLLED` map, keyed by the pod's network-namespace cookie (`u64`).
@@ -78,19 +101,20 @@ pub struct OrigDst {
 }
 const _: () = assert!(core::mem::size_of::<OrigDst>() == 24);
 
-/// Key of the `ORIG_DST` map: which captured connection, as the agent sees it after `accept()`.
+/// Key of a pod's original-destination map (an inner map of `ORIG_DST`, which is keyed by the
+/// pod's netns cookie): the full source of a captured connection, as the agent sees the peer
+/// after `accept()`. Two sockets of one pod never share it while both are connected.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct OrigDstKey {
-    /// Network-namespace cookie of the pod that connected.
-    pub netns_cookie: u64,
-    /// Source port of the captured connection, host byte order.
-    pub src_port: u16,
-    /// `AF_INET` or `AF_INET6` of the agent listener that accepts it.
+    /// Source address: the IPv4 address in the first word (network order), or the IPv6 address.
+    pub addr: [u32; 4],
+    /// Source port, host byte order.
+    pub port: u16,
+    /// `AF_INET` or `AF_INET6`: the family of the agent listener that accepts the connection.
     pub family: u16,
-    pub _pad: u32,
 }
-const _: () = assert!(core::mem::size_of::<OrigDstKey>() == 16);
+const _: () = assert!(core::mem::size_of::<OrigDstKey>() == 20);
 
 #[cfg(feature = "user")]
 mod user {

@@ -2,12 +2,14 @@
 //!
 //! | program | hook | what it does |
 //! |---|---|---|
-//! | `meshless_connect4` / `meshless_connect6` | `cgroup/connect4`, `cgroup/connect6` | for a TCP connect from an enrolled pod to anything but loopback or the pod itself, remember the original destination and rewrite it to the pod-local outbound listener (127.0.0.1:15001 / [::1]:15001) |
-//! | `meshless_sock_ops` | `sock_ops`, `TCP_CONNECT_CB` | once the source port is known, file the original destination under (netns cookie, source port, family) for the agent to read after `accept()` |
+//! | `meshless_connect4` / `meshless_connect6` | `cgroup/connect4`, `cgroup/connect6` | for a TCP connect from an enrolled pod to anything but loopback or the pod itself, store the original destination on the socket and rewrite it to the pod-local outbound listener (127.0.0.1:15001 / [::1]:15001); from a pod the agent does not know yet, refuse TCP connects beyond loopback (`EPERM`) |
+//! | `meshless_sock_ops` | `sock_ops`, `TCP_CONNECT_CB` | once the source is known, file the original destination in the pod's own map under (source address, source port, family) for the agent to read after `accept()` |
+//! | `meshless_getpeername4` / `6` | `cgroup/getpeername4`, `6` | show a captured socket the peer it dialed |
+//! | `meshless_bind4` / `6` | `cgroup/bind4`, `6` | refuse apps in enrolled or unknown pods the agent's ports (15001, 15006, 15008) |
 //!
-//! Both attach to the cgroup that holds the node's pods. The maps are documented in [`maps`].
-//! Every program fails *open*: an error inside a program lets the application's connect proceed
-//! unchanged rather than failing it.
+//! All attach to the cgroup that holds the node's pods. The maps are documented in [`maps`].
+//! The programs fail *closed* for enrolled pods: a connect that should be captured but cannot be
+//! recorded is refused, never sent out unchanged.
 #![no_std]
 #![no_main]
 

@@ -1,29 +1,35 @@
-//! Every map of the kernel programs, in one place.
+//! Every map of the kernel programs, in one place. All three are pinned by the agent under
+//! `<bpf dir>/v<LAYOUT_VERSION>/maps/`, so they outlive any one agent process: programs attached
+//! by an earlier agent and by its successor share them.
 
 use aya_ebpf::{
-    macros::map,
-    maps::{HashMap, LruHashMap},
+    btf_maps::{HashMap, HashOfMaps, LruHashMap, SkStorage},
+    macros::btf_map,
 };
-use meshless_common::{EnrolledPod, OrigDst, OrigDstKey};
+use meshless_common::{EnrolledPod, OrigDst, OrigDstKey, MAX_PODS, ORIG_DST_PER_POD};
 
-/// Pods whose outbound TCP is captured.
-/// Key: network-namespace cookie of the pod. Value: [`EnrolledPod`].
-/// Written by the agent when it enrolls / removes a pod; read by connect4/connect6.
-#[map]
-pub static ENROLLED: HashMap<u64, EnrolledPod> = HashMap::with_max_entries(4096, 0);
+/// The pods of this node the agent knows, by the cookie of their network namespace.
+/// Key: netns cookie. Value: [`EnrolledPod`] (`mode` CAPTURE or BYPASS, the pod's addresses).
+/// Written by the agent (enroll, unenroll, forget); read by connect4/6 and bind4/6. A netns with
+/// no entry is a pod the agent has not learned yet (see `meshless_common::mode`).
+#[btf_map]
+pub static ENROLLED: HashMap<u64, EnrolledPod, { MAX_PODS as usize }> = HashMap::new();
 
-/// Original destination of each captured socket, by socket cookie (unique for the life of the
-/// system, never reused). Key: socket cookie. Value: [`OrigDst`].
-/// Written by connect4/6; read by sock_ops at `TCP_CONNECT_CB` (to file it under the source port for
-/// the agent) and by getpeername4/6 (to show the application the peer it asked for). LRU: there is
-/// no hook at close, so entries of closed sockets age out; a live socket evicted after 65536 newer
-/// captures shows the agent's address to getpeername, nothing worse.
-#[map]
-pub static SOCK_ORIG: LruHashMap<u64, OrigDst> = LruHashMap::with_max_entries(65536, 0);
+/// Original destination of each captured socket, stored on the socket itself (freed with it).
+/// Written by connect4/6; read by sock_ops at `TCP_CONNECT_CB` (to file it for the agent under the
+/// connection's source) and by getpeername4/6 (to show the application the peer it asked for).
+#[btf_map]
+pub static SOCK_ORIG: SkStorage<OrigDst> = SkStorage::new();
 
-/// Original destination of every captured connection, for the agent.
-/// Key: [`OrigDstKey`] (netns cookie, source port, listener family). Value: [`OrigDst`].
-/// Written by sock_ops; read and deleted by the agent after it accepts the connection. LRU so that
-/// connections the agent never accepted (the app gave up) age out.
-#[map]
-pub static ORIG_DST: LruHashMap<OrigDstKey, OrigDst> = LruHashMap::with_max_entries(65536, 0);
+/// One LRU map per enrolled pod, holding the original destination of each captured connection
+/// until the agent has accepted it. Outer key: netns cookie. Inner key: [`OrigDstKey`] (the
+/// connection's source address and port), value: [`OrigDst`].
+/// The agent creates a pod's inner map when it enrolls the pod and removes it when it unenrolls
+/// it; sock_ops writes entries; the agent reads and deletes them after `accept()`. Per-pod maps
+/// mean a pod flooding connects can only evict its own entries, never another pod's.
+#[btf_map]
+pub static ORIG_DST: HashOfMaps<
+    u64,
+    LruHashMap<OrigDstKey, OrigDst, { ORIG_DST_PER_POD as usize }>,
+    { MAX_PODS as usize },
+> = HashOfMaps::new();

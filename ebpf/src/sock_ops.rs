@@ -1,22 +1,24 @@
-//! `sock_ops`: at `TCP_CONNECT_CB` (source port chosen, SYN not yet sent) move the original
-//! destination a connect hook saved for this socket into `ORIG_DST`, keyed the way the agent can
-//! look it up after `accept()`: (netns cookie, source port, listener family).
+//! `sock_ops`: at `TCP_CONNECT_CB` (source address and port chosen, SYN not yet sent) copy the
+//! original destination a connect hook stored on this socket into the pod's own map, keyed by the
+//! connection's full source, so the agent can look it up after `accept()`.
 
 use core::ffi::c_void;
+use core::ptr::{addr_of, read_volatile};
 
 use aya_ebpf::{
     bindings::BPF_SOCK_OPS_TCP_CONNECT_CB,
-    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
+    helpers::{bpf_get_netns_cookie, bpf_sk_storage_get},
     macros::sock_ops,
     programs::SockOpsContext,
 };
-use meshless_common::OrigDstKey;
+use meshless_common::{OrigDst, OrigDstKey, AF_INET};
 
 use crate::maps::{ORIG_DST, SOCK_ORIG};
 
 #[sock_ops]
 pub fn meshless_sock_ops(ctx: SockOpsContext) -> u32 {
-    // Fail open: without the entry the agent refuses the one connection; the socket is unharmed.
+    // Without the entry the agent refuses the one connection (it cannot place it); the socket and
+    // every other connection are unharmed.
     let _ = try_sock_ops(&ctx);
     1
 }
@@ -25,19 +27,49 @@ fn try_sock_ops(ctx: &SockOpsContext) -> Result<(), i32> {
     if ctx.op() != BPF_SOCK_OPS_TCP_CONNECT_CB {
         return Ok(());
     }
-    // SAFETY: bpf_get_socket_cookie accepts the sock_ops context.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.ops as *mut c_void) };
-    // SAFETY: copied out at once; the entry stays for getpeername.
-    let Some(orig) = (unsafe { SOCK_ORIG.get(&cookie).copied() }) else {
+    let ops = ctx.ops;
+    // SAFETY: `ops` is the context pointer, valid for the invocation; `sk` is a full-width read
+    // of a field sock_ops programs may read (NULL checked below).
+    let sk = unsafe { read_volatile(addr_of!((*ops).__bindgen_anon_2.sk)) };
+    if sk.is_null() {
         return Ok(());
+    }
+    // SAFETY: SOCK_ORIG is a socket-storage map (its address is what the helper expects as map
+    // pointer, as aya's own SkStorage passes it); `sk` is this program's socket, non-NULL; without
+    // the create flag the helper only looks up.
+    let slot = unsafe {
+        bpf_sk_storage_get(core::ptr::addr_of!(SOCK_ORIG) as *mut c_void, sk as *mut c_void, core::ptr::null_mut(), 0)
+    } as *const OrigDst;
+    if slot.is_null() {
+        return Ok(()); // not a captured connection
+    }
+    // SAFETY: non-NULL pointers from bpf_sk_storage_get point at this socket's value; copied out.
+    let orig = unsafe { *slot };
+    // SAFETY: bpf_get_netns_cookie accepts the sock_ops context (kernel ≥ 5.15).
+    let netns = unsafe { bpf_get_netns_cookie(ops as *mut c_void) };
+    // SAFETY: the inner map reference is used at once, for one update.
+    let Some(pod_map) = (unsafe { ORIG_DST.get(&netns) }) else {
+        return Ok(()); // the pod is being unenrolled
     };
-    let key = OrigDstKey {
-        // SAFETY: bpf_get_netns_cookie accepts the sock_ops context (kernel ≥ 5.15).
-        netns_cookie: unsafe { bpf_get_netns_cookie(ctx.ops as *mut c_void) },
-        // local_port is in host byte order in bpf_sock_ops.
-        src_port: ctx.local_port() as u16,
-        family: orig.listener_family,
-        _pad: 0,
+    // Local addresses are in network order, as the agent reads them off the accepted peer; a
+    // dual-stack socket reaching an IPv4 destination has its IPv4 source in local_ip4. Every
+    // field is read at its own constant offset (the verifier refuses a computed context pointer,
+    // which is what choosing between them first would compile to).
+    // SAFETY: context pointer; full-width reads of fields sock_ops programs may read.
+    let (ip4, ip6, port) = unsafe {
+        (
+            read_volatile(addr_of!((*ops).local_ip4)),
+            [
+                read_volatile(addr_of!((*ops).local_ip6[0])),
+                read_volatile(addr_of!((*ops).local_ip6[1])),
+                read_volatile(addr_of!((*ops).local_ip6[2])),
+                read_volatile(addr_of!((*ops).local_ip6[3])),
+            ],
+            // local_port is in host byte order in bpf_sock_ops.
+            read_volatile(addr_of!((*ops).local_port)),
+        )
     };
-    ORIG_DST.insert(&key, &orig, 0)
+    let addr = if orig.listener_family == AF_INET { [ip4, 0, 0, 0] } else { ip6 };
+    let key = OrigDstKey { addr, port: port as u16, family: orig.listener_family };
+    pod_map.insert(&key, &orig, 0)
 }

@@ -33,6 +33,11 @@ const NETNS_DIR: &str = "/run/netns";
 const PREFIX: &str = "ml-";
 /// Where the testbed mounts cgroup2 when the machine has no cgroup2 mount.
 const OWN_CGROUP2_MOUNT: &str = "/run/meshless-testbed/cgroup2";
+/// The BPF file system; the testbed mounts it when the machine has none, and says so here.
+const BPFFS: &str = "/sys/fs/bpf";
+const OWN_BPFFS_MARKER: &str = "/run/meshless-testbed/bpffs-mounted";
+/// Directory below the BPF file system that holds every testbed's pinned programs and maps.
+const BPF_DIR: &str = "meshless-test";
 /// Directory below the cgroup2 root that holds every testbed's cgroups.
 const CGROUP_DIR: &str = "meshless-testbed";
 
@@ -135,6 +140,8 @@ pub struct Testbed {
     pub fabric: Netns,
     pub nodes: Vec<Node>,
     pub cgroup_root: PathBuf,
+    /// Where this testbed's agents pin their programs and maps (one subdirectory per node).
+    pub bpf_root: PathBuf,
     /// A scratch directory for state files, keys and logs; removed on drop unless `KEEP`.
     pub dir: PathBuf,
     children: Children,
@@ -174,6 +181,7 @@ impl Testbed {
         require_root()?;
         cleanup_leftovers();
         let cgroup2 = cgroup2_mount()?;
+        bpffs_mount()?;
         let id = format!("{PREFIX}{}-{}", std::process::id(), layout.label);
         let cgroup_root = cgroup2.join(CGROUP_DIR).join(&id[PREFIX.len()..]);
         let dir = std::env::temp_dir().join(&id);
@@ -182,6 +190,7 @@ impl Testbed {
             id: id.clone(),
             nodes: Vec::new(),
             cgroup_root: cgroup_root.clone(),
+            bpf_root: Path::new(BPFFS).join(BPF_DIR).join(&id[PREFIX.len()..]),
             dir: dir.clone(),
             children: Children::default(),
         };
@@ -259,6 +268,11 @@ impl Testbed {
         &self.nodes[i - 1]
     }
 
+    /// Where node `i`'s agent pins its kernel programs and maps.
+    pub fn bpf_dir(&self, i: usize) -> PathBuf {
+        self.bpf_root.join(format!("node{i}"))
+    }
+
     pub fn pod(&self, node: usize, j: usize) -> &Pod {
         &self.nodes[node - 1].pods[j - 1]
     }
@@ -325,6 +339,9 @@ impl Drop for Testbed {
             del_netns(&node.netns);
         }
         del_netns(&self.fabric);
+        // Unpinning detaches the programs the agents left attached (as they must, by design).
+        let _ = fs::remove_dir_all(&self.bpf_root);
+        release_bpffs();
         remove_cgroup_tree(&self.cgroup_root);
         // The shared parent goes too once the last testbed has left it (fails harmlessly if not).
         if let Some(parent) = self.cgroup_root.parent() {
@@ -449,6 +466,14 @@ fn cleanup_leftovers() {
             }
         }
     }
+    if let Ok(rd) = fs::read_dir(Path::new(BPFFS).join(BPF_DIR)) {
+        for e in rd.flatten() {
+            let name = format!("{PREFIX}{}", e.file_name().to_string_lossy());
+            if dead(&name) {
+                let _ = fs::remove_dir_all(e.path());
+            }
+        }
+    }
     if let Ok(rd) = fs::read_dir(std::env::temp_dir()) {
         for e in rd.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
@@ -476,6 +501,36 @@ pub fn cgroup2_mount() -> Result<PathBuf> {
         bail!("mounting cgroup2 at {OWN_CGROUP2_MOUNT} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
     }
     Ok(PathBuf::from(OWN_CGROUP2_MOUNT))
+}
+
+/// Mounts the BPF file system at /sys/fs/bpf if the machine has none there (and leaves a marker
+/// so that the last testbed unmounts it again).
+fn bpffs_mount() -> Result<()> {
+    let mounts = fs::read_to_string("/proc/self/mounts")?;
+    if mounts.lines().any(|l| l.split_whitespace().nth(1) == Some(BPFFS)) {
+        return Ok(());
+    }
+    let out = Command::new("mount").args(["-t", "bpf", "bpf", BPFFS]).output()?;
+    if !out.status.success() {
+        bail!("mounting a BPF file system at {BPFFS} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    fs::create_dir_all(Path::new(OWN_BPFFS_MARKER).parent().expect("marker has a parent"))?;
+    fs::write(OWN_BPFFS_MARKER, "")?;
+    Ok(())
+}
+
+/// Removes the testbeds' BPF directory once empty, and unmounts the BPF file system if a testbed
+/// mounted it and nothing else lives in it.
+fn release_bpffs() {
+    let dir = Path::new(BPFFS).join(BPF_DIR);
+    if fs::remove_dir(&dir).is_err() && dir.exists() {
+        return; // another testbed still uses it
+    }
+    let empty = fs::read_dir(BPFFS).map(|mut d| d.next().is_none()).unwrap_or(false);
+    if empty && Path::new(OWN_BPFFS_MARKER).exists() {
+        let _ = Command::new("umount").arg(BPFFS).status();
+        let _ = fs::remove_file(OWN_BPFFS_MARKER);
+    }
 }
 
 fn require_root() -> Result<()> {

@@ -42,6 +42,10 @@ impl Mesh {
                 .arg(&state)
                 .arg("--ca-dir")
                 .arg(&mesh.ca_dir)
+                .arg("--bpf-dir")
+                .arg(tb.bpf_dir(node.index))
+                .arg("--run-dir")
+                .arg(tb.dir.join(format!("run-node{}", node.index)))
                 .args(if node.index == 1 { node1_args } else { &[] })
                 // The glibc memcpy trap of this machine kind (shared/PERFORMANCE.md): rustls'
                 // receive path is much faster without `rep movsb`.

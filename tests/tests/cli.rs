@@ -1,5 +1,7 @@
 //! Bad input to the `meshless` binary ends it with one clear error line and exit status 1, never
-//! a panic: malformed state file, missing CA, missing netns, missing cgroup, port in use.
+//! a panic: malformed state file, missing CA, missing cgroup, a pin directory off the BPF file
+//! system or belonging to another cgroup. (A pod that cannot be set up is not fatal: see
+//! `lifecycle.rs`.)
 
 mod support;
 
@@ -7,7 +9,7 @@ use std::fs;
 use std::path::Path;
 use std::process::{Command, Output};
 
-use meshless_tests::mesh::{run_ok, wait_listening};
+use meshless_tests::mesh::run_ok;
 use meshless_tests::{Layout, Testbed};
 
 fn scratch(name: &str) -> std::path::PathBuf {
@@ -28,12 +30,12 @@ fn assert_clean_error(out: &Output, want: &str) {
 }
 
 /// Runs `meshless agent` through `cmd` (the binary, possibly inside a namespace) to its exit.
-fn agent_with(mut cmd: Command, state: &Path, ca: &Path) -> Output {
-    cmd.args(["agent", "--state"]).arg(state).arg("--ca-dir").arg(ca).output().unwrap()
+fn agent_with(mut cmd: Command, state: &Path, ca: &Path, bpf_dir: &Path) -> Output {
+    cmd.args(["agent", "--state"]).arg(state).arg("--ca-dir").arg(ca).arg("--bpf-dir").arg(bpf_dir).output().unwrap()
 }
 
 fn agent(bin: &Path, state: &Path, ca: &Path) -> Output {
-    agent_with(Command::new(bin), state, ca)
+    agent_with(Command::new(bin), state, ca, Path::new("/nonexistent/bpf"))
 }
 
 const STATE_HEAD: &str = "trustDomain: cluster.local\nnode: node1\ncgroupParent: /nonexistent/cgroup\n";
@@ -71,33 +73,51 @@ fn bad_state_files_and_a_missing_ca_give_one_clear_error_line() {
     let ok_state = dir.join("ok.yaml");
     fs::write(&ok_state, format!("{STATE_HEAD}pods:\n - {{name: a, namespace: d, serviceAccount: s, node: node1, ips: [198.19.1.11], netns: /nonexistent/netns}}\n")).unwrap();
     assert_clean_error(&agent(&bins.meshless, &ok_state, &dir.join("no-ca")), "meshless ca init --out");
-    assert_clean_error(&agent(&bins.meshless, &ok_state, &ca), "network namespace /nonexistent/netns");
     fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
-fn a_taken_tunnel_port_or_a_missing_cgroup_gives_one_clear_error_line() {
-    let Some(bins) = support::privileged("port_in_use") else {
+fn a_missing_cgroup_or_a_bad_pin_directory_gives_one_clear_error_line() {
+    let Some(bins) = support::privileged("bad_cgroup_or_pins") else {
         return;
     };
-    let tb = Testbed::new(Layout { label: "cli", pods: &[1] }).expect("building the testbed");
-    let pod = tb.pod(1, 1);
+    let tb = Testbed::new(Layout { label: "cli", pods: &[1, 1] }).expect("building the testbed");
     let ca = tb.dir.join("ca");
     run_ok(Command::new(&bins.meshless).args(["ca", "init", "--out"]).arg(&ca)).unwrap();
     let state = tb.state_file(1, "cluster.local", &|_| true).unwrap();
+    let in_node = |i: usize| tb.node(i).netns.command(&bins.meshless, None).unwrap();
 
     // The cgroup the programs attach to is gone.
     let text = fs::read_to_string(&state).unwrap();
     let cg = tb.node(1).cgroup.display().to_string();
     let no_cgroup = tb.dir.join("no-cgroup.yaml");
     fs::write(&no_cgroup, text.replace(&format!("cgroupParent: {cg}"), "cgroupParent: /nonexistent/cgroup")).unwrap();
-    let in_node = || tb.node(1).netns.command(&bins.meshless, None).unwrap();
-    let out = agent_with(in_node(), &no_cgroup, &ca);
-    assert_clean_error(&out, "cgroup /nonexistent/cgroup");
+    assert_clean_error(&agent_with(in_node(1), &no_cgroup, &ca, &tb.bpf_dir(1)), "cgroup /nonexistent/cgroup");
 
-    // An app already holds the tunnel port inside the pod.
-    tb.spawn(pod.command(&bins.testbin).unwrap().args(["echo-serve", "15008"])).unwrap();
-    wait_listening(&pod.netns, 15008).unwrap();
-    let out = agent_with(in_node(), &state, &ca);
-    assert_clean_error(&out, "cannot listen on [::]:15008");
+    // A pin directory that is not on a BPF file system.
+    let not_bpf = tb.dir.join("not-bpffs");
+    assert_clean_error(&agent_with(in_node(1), &state, &ca, &not_bpf), "is not on a BPF file system");
+
+    // Node 2's agent pointed at node 1's pin directory: it belongs to another cgroup.
+    let node1 = tb.spawn(
+        in_node(1)
+            .args(["agent", "--state"])
+            .arg(&state)
+            .arg("--ca-dir")
+            .arg(&ca)
+            .arg("--bpf-dir")
+            .arg(tb.bpf_dir(1))
+            .arg("--run-dir")
+            .arg(tb.dir.join("run1"))
+            .stderr(std::process::Stdio::null()),
+    );
+    let node1 = node1.unwrap();
+    let pinned = tb.bpf_dir(1).join("v1/CGROUP");
+    assert!(
+        meshless_tests::wait_for(std::time::Duration::from_secs(10), || pinned.exists().then_some(())).is_some(),
+        "node 1's agent did not pin its state"
+    );
+    let state2 = tb.state_file(2, "cluster.local", &|_| true).unwrap();
+    assert_clean_error(&agent_with(in_node(2), &state2, &ca, &tb.bpf_dir(1)), "belongs to another cgroup");
+    tb.stop(node1);
 }

@@ -1,0 +1,97 @@
+//! The agent's configuration: parsed once (flags or `MESHLESS_*` environment variables), logged at
+//! start, and shared read-only as `Arc<AgentConfig>`. Tests build it with [`AgentConfig::for_tests`]
+//! style literals rather than through the environment.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::ValueEnum;
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct AgentConfig {
+    /// Cluster state file (embedded mode; see README). Watched: changes apply live.
+    #[arg(long, env = "MESHLESS_STATE")]
+    pub state: PathBuf,
+    /// Directory holding the CA (ca.pem, ca-key.pem), as written by `meshless ca init`.
+    #[arg(long, env = "MESHLESS_CA_DIR")]
+    pub ca_dir: PathBuf,
+    /// Where the kernel programs' links and maps are pinned (on a BPF file system; one directory
+    /// per node agent). They outlive the agent, so pods never talk plaintext while it is away.
+    #[arg(long, env = "MESHLESS_BPF_DIR", default_value = "/sys/fs/bpf/meshless")]
+    pub bpf_dir: PathBuf,
+    /// Directory of the agent's unix sockets (the upgrade hand-over socket).
+    #[arg(long, env = "MESHLESS_RUN_DIR", default_value = "/run/meshless")]
+    pub run_dir: PathBuf,
+    #[arg(long, env = "MESHLESS_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    /// Log filter, tracing-subscriber syntax (e.g. `info`, `meshless=debug`).
+    #[arg(long, env = "MESHLESS_LOG", default_value = "info")]
+    pub log: String,
+    /// Forward the kernel programs' aya-log records into the agent's log (off by default: the
+    /// programs then skip their log statements entirely).
+    #[arg(long, env = "MESHLESS_KERNEL_LOG")]
+    pub kernel_log: bool,
+    /// Tokio worker threads. 1 keeps each connection's work on one core (no cross-core wake-ups).
+    #[arg(long, env = "MESHLESS_WORKERS", default_value_t = 1)]
+    pub workers: usize,
+    /// How long established connections may finish after the agent is told to stop, hands its
+    /// listeners to a successor, or a pod is removed; then they are reset.
+    #[arg(long, env = "MESHLESS_DRAIN_TIMEOUT", value_parser = humantime::parse_duration, default_value = "30s")]
+    pub drain_timeout: Duration,
+    #[command(flatten)]
+    pub tunnel: TunnelLimits,
+}
+
+/// Limits of the HBONE tunnel (port 15008) and of the connection pool towards it.
+#[derive(clap::Args, Debug, Clone)]
+pub struct TunnelLimits {
+    /// TLS handshakes in progress at once on all of this node's tunnel listeners; more are
+    /// refused at once (they retry) instead of queueing behind slow peers.
+    #[arg(long, env = "MESHLESS_MAX_HANDSHAKES", default_value_t = 512)]
+    pub max_handshakes: usize,
+    /// TLS handshakes in progress at once from one source address.
+    #[arg(long, env = "MESHLESS_MAX_HANDSHAKES_PER_SOURCE", default_value_t = 64)]
+    pub max_handshakes_per_source: usize,
+    /// Deadline for TCP accept to a finished TLS handshake and HTTP/2 preface, on either side.
+    #[arg(long, env = "MESHLESS_HANDSHAKE_TIMEOUT", value_parser = humantime::parse_duration, default_value = "10s")]
+    pub handshake_timeout: Duration,
+    /// Deadline for the first CONNECT on a new tunnel connection, and for a CONNECT's answer.
+    #[arg(long, env = "MESHLESS_REQUEST_TIMEOUT", value_parser = humantime::parse_duration, default_value = "10s")]
+    pub request_timeout: Duration,
+    /// A tunnel connection with no stream for this long is closed (pooled ones by the client).
+    #[arg(long, env = "MESHLESS_IDLE_TIMEOUT", value_parser = humantime::parse_duration, default_value = "5m")]
+    pub idle_timeout: Duration,
+    /// HTTP/2 PING interval on tunnel connections; a peer that does not answer within
+    /// `--keepalive-timeout` is dropped (half-open connections die).
+    #[arg(long, env = "MESHLESS_KEEPALIVE_INTERVAL", value_parser = humantime::parse_duration, default_value = "10s")]
+    pub keepalive_interval: Duration,
+    #[arg(long, env = "MESHLESS_KEEPALIVE_TIMEOUT", value_parser = humantime::parse_duration, default_value = "20s")]
+    pub keepalive_timeout: Duration,
+    /// Concurrent CONNECT streams per tunnel connection (the server's limit, and the pool's).
+    #[arg(long, env = "MESHLESS_MAX_STREAMS", default_value_t = 100)]
+    pub max_streams: u32,
+}
+
+impl Default for TunnelLimits {
+    fn default() -> Self {
+        TunnelLimits {
+            max_handshakes: 512,
+            max_handshakes_per_source: 64,
+            handshake_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(300),
+            keepalive_interval: Duration::from_secs(10),
+            keepalive_timeout: Duration::from_secs(20),
+            max_streams: 100,
+        }
+    }
+}
+
+/// Largest header list a tunnel peer may send (ztunnel's bound; h2's default is 16 MiB).
+pub const MAX_HEADER_LIST: u32 = 64 << 10;
+
+#[derive(ValueEnum, Clone, Copy, Debug)]
+pub enum LogFormat {
+    Text,
+    Json,
+}

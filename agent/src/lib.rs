@@ -1,0 +1,49 @@
+//! meshless: the node agent of a sidecar-free, eBPF-captured mTLS mesh, as a library.
+//!
+//! The `meshless` binary is a thin `main` over [`cli`]; tests build the whole agent in-process
+//! with [`app::run`] and injected parts ([`app::Deps`]: where workloads and certificates come
+//! from). One module per concern:
+//!
+//! | module | concern |
+//! |---|---|
+//! | [`workloads`] | the workload directory (snapshots, lock-free store) and its sources (state file) |
+//! | [`identity`] | SPIFFE IDs, the local CA, certificate sources, TLS configs and verifiers |
+//! | [`capture`] | the kernel programs: load, pin, attach, enrollment maps, original destinations |
+//! | [`pods`] | the lifecycle of this node's pods: enroll, update, unenroll, retry |
+//! | [`proxy`] | the data path: outbound, tunnel server, delivery |
+//! | [`authorize`] | the decision on an inbound stream (the policy engine's seam) |
+//! | [`tunnel`] | HBONE: HTTP/2 CONNECT over mTLS, limits, splice with RST/FIN semantics |
+//! | [`pool`] | pooled tunnel connections per (source pod, destination pod) |
+//! | [`handover`] | upgrades: listening sockets passed to a successor agent |
+//! | [`limits`] | handshake caps, open-files limit |
+//! | [`netns`] | network namespaces and the agent's sockets in them (the `unsafe` lives here) |
+
+pub mod app;
+pub mod authorize;
+pub mod capture;
+pub mod cli;
+pub mod config;
+pub mod handover;
+pub mod identity;
+pub mod limits;
+pub mod netns;
+pub mod pods;
+pub mod pool;
+pub mod proxy;
+pub mod tunnel;
+pub mod workloads;
+
+/// Errors that stop the agent (at start: a pod that cannot be set up is retried, not fatal).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    StateFile(#[from] workloads::statefile::Error),
+    #[error(transparent)]
+    Identity(#[from] identity::Error),
+    #[error(transparent)]
+    Capture(#[from] capture::Error),
+    #[error(transparent)]
+    Handover(#[from] handover::Error),
+    #[error("{0}: {1}")]
+    Io(String, std::io::Error),
+}

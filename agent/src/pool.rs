@@ -1,0 +1,163 @@
+//! The HBONE connection pool: tunnel connections kept per (source pod, destination pod), each
+//! carrying up to `--max-streams` CONNECT streams, so a new application connection costs one
+//! HTTP/2 stream instead of a TCP and TLS handshake, and an idle one costs a stream's state
+//! instead of a TLS session. Keyed by the source pod (its own certificate is presented) and the
+//! destination pod's tunnel address and identity (the server accepts CONNECTs to its own pod
+//! only). Connections idle past `--idle-timeout`, or found dead, leave the pool.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use tracing::debug;
+
+use crate::config::TunnelLimits;
+use crate::identity::SpiffeId;
+use crate::tunnel::{self, Activity, ActivityGuard, ClientConn, Error, H2Stream};
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PoolKey {
+    /// The source pod, by its netns cookie (unique for the pod's life).
+    pub src: u64,
+    /// The destination pod's tunnel address (`ip:15008`).
+    pub dst: SocketAddr,
+    /// The identity the destination must present.
+    pub dst_id: SpiffeId,
+}
+
+pub struct Pool {
+    limits: TunnelLimits,
+    slots: Mutex<HashMap<PoolKey, Arc<Slot>>>,
+}
+
+#[derive(Default)]
+struct Slot {
+    conns: Mutex<Vec<Arc<Pooled>>>,
+    /// Held while a new connection is being made, so a burst of new streams waits for one
+    /// handshake instead of starting one each.
+    connecting: tokio::sync::Mutex<Attempts>,
+}
+
+/// What the last connection attempts of a slot gave, so that callers queued behind a failing
+/// handshake fail with it at once instead of each waiting out a deadline of its own.
+#[derive(Default)]
+struct Attempts {
+    count: u64,
+    last_error: Option<String>,
+}
+
+struct Pooled {
+    conn: ClientConn,
+    activity: Activity,
+}
+
+impl Pooled {
+    fn usable(&self, max: usize) -> bool {
+        !*self.conn.closed.borrow() && self.activity.active() < max
+    }
+}
+
+/// A stream from the pool; the guard keeps its connection's slot counted until dropped.
+pub struct PooledStream {
+    pub stream: H2Stream,
+    pub guard: ActivityGuard,
+}
+
+impl Pool {
+    pub fn new(limits: TunnelLimits) -> Pool {
+        Pool { limits, slots: Mutex::new(HashMap::new()) }
+    }
+
+    /// Opens a CONNECT stream to `target` over a pooled connection for `key`, making a new
+    /// connection with `connect` when none has room. A stream refused because its connection was
+    /// going away (GOAWAY, reset, dead) is retried once on a fresh connection.
+    pub async fn stream<C, F>(&self, key: &PoolKey, target: SocketAddr, connect: C) -> Result<PooledStream, Error>
+    where
+        C: Fn() -> F,
+        F: Future<Output = Result<ClientConn, Error>>,
+    {
+        let slot = self.slot(key);
+        let max = self.limits.max_streams as usize;
+        let mut retried = false;
+        loop {
+            let (conn, guard) = match pick(&slot, max) {
+                Some(picked) => picked,
+                None => {
+                    let seen = slot.connecting.try_lock().map(|a| a.count).ok();
+                    let mut attempts = slot.connecting.lock().await;
+                    if let Some(picked) = pick(&slot, max) {
+                        picked
+                    } else if let (None, Some(e)) = (seen, attempts.last_error.as_ref()) {
+                        // We queued behind an attempt that failed: fail with it.
+                        return Err(Error::Connect(format!("{}: {e}", key.dst)));
+                    } else {
+                        attempts.count += 1;
+                        let conn = match connect().await {
+                            Ok(c) => {
+                                attempts.last_error = None;
+                                c
+                            }
+                            Err(e) => {
+                                attempts.last_error = Some(e.to_string());
+                                return Err(e);
+                            }
+                        };
+                        let pooled = Arc::new(Pooled { conn, activity: Activity::default() });
+                        let guard = pooled.activity.enter();
+                        slot.conns.lock().expect("pool lock").push(pooled.clone());
+                        tokio::spawn(evict_when_idle_or_closed(slot.clone(), pooled.clone(), self.limits.idle_timeout));
+                        (pooled, guard)
+                    }
+                }
+            };
+            match tunnel::open(&conn.conn.send, target, self.limits.request_timeout).await {
+                Ok(stream) => return Ok(PooledStream { stream, guard }),
+                Err(e) if e.retryable() && !retried => {
+                    debug!(dst = %key.dst, error = %e, "pooled tunnel connection went away; retrying on a new one");
+                    slot.conns.lock().expect("pool lock").retain(|c| !Arc::ptr_eq(c, &conn));
+                    retried = true;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Drops the pool's slots of a source pod (unenrolled); connections in use finish first.
+    pub fn forget_source(&self, src: u64) {
+        self.slots.lock().expect("pool lock").retain(|k, _| k.src != src);
+    }
+
+    /// Open tunnel connections, for tests and the bench.
+    pub fn connections(&self) -> usize {
+        self.slots.lock().expect("pool lock").values().map(|s| s.conns.lock().expect("pool lock").len()).sum()
+    }
+
+    fn slot(&self, key: &PoolKey) -> Arc<Slot> {
+        self.slots.lock().expect("pool lock").entry(key.clone()).or_default().clone()
+    }
+}
+
+/// A connection with room for one more stream, reserved for the caller (no await in between).
+fn pick(slot: &Slot, max: usize) -> Option<(Arc<Pooled>, ActivityGuard)> {
+    let conns = slot.conns.lock().expect("pool lock");
+    let c = conns.iter().find(|c| c.usable(max))?;
+    Some((c.clone(), c.activity.enter()))
+}
+
+async fn evict_when_idle_or_closed(slot: Arc<Slot>, conn: Arc<Pooled>, idle: std::time::Duration) {
+    let mut closed = conn.conn.closed.clone();
+    loop {
+        tokio::select! {
+            _ = conn.activity.idle_for(idle) => {}
+            _ = closed.wait_for(|c| *c) => {}
+        }
+        let mut conns = slot.conns.lock().expect("pool lock");
+        // Checked under the lock pickers reserve under: nobody took it meanwhile.
+        if conn.activity.active() == 0 || *conn.conn.closed.borrow() {
+            conns.retain(|c| !Arc::ptr_eq(c, &conn));
+            debug!("tunnel connection left the pool");
+            return; // the last reference goes with this task: the connection closes
+        }
+    }
+}

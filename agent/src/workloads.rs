@@ -1,0 +1,157 @@
+//! The workload directory: which pods exist, where they run, their addresses and identities.
+//!
+//! A [`Directory`] is an immutable snapshot; the agent keeps the current one in a [`Store`] and
+//! swaps it atomically when its source reports a change, so the data path reads it without locks.
+//! Where snapshots come from is a [`WorkloadSource`]: the state file of the embedded mode
+//! ([`statefile`]) today, the Kubernetes API later. Both feed the same store and the same
+//! per-pod lifecycle (`pods`), so their semantics cannot drift apart.
+
+pub mod statefile;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use tokio::sync::watch;
+
+use crate::identity::{SpiffeId, TrustDomain};
+
+/// A pod's name within its namespace: how the agent tells pods apart across snapshots.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+pub struct PodKey {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl fmt::Display for PodKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// One pod of the cluster, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Workload {
+    pub key: PodKey,
+    pub service_account: String,
+    /// The node the pod is scheduled on.
+    pub node: String,
+    pub ips: Vec<IpAddr>,
+    /// Path of the pod's network namespace (known for pods of this node).
+    pub netns: Option<PathBuf>,
+    pub cgroup: Option<PathBuf>,
+    /// Whether the pod is in the mesh. hostNetwork pods never are.
+    pub mesh: bool,
+    /// Runs in its node's network namespace.
+    pub host_network: bool,
+    pub identity: SpiffeId,
+}
+
+/// A snapshot of the cluster as one node's agent needs it.
+#[derive(Debug, Clone)]
+pub struct Directory {
+    pub trust_domain: TrustDomain,
+    /// The node this agent runs on.
+    pub node: String,
+    /// cgroup v2 directory holding this node's pods: where the kernel programs attach.
+    pub cgroup_parent: PathBuf,
+    pods: HashMap<PodKey, Arc<Workload>>,
+    by_ip: HashMap<IpAddr, Arc<Workload>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Invalid(pub String);
+
+impl Directory {
+    /// Builds a directory, checking that pod keys and IPs are unique.
+    pub fn new(
+        trust_domain: TrustDomain,
+        node: String,
+        cgroup_parent: PathBuf,
+        workloads: impl IntoIterator<Item = Workload>,
+    ) -> Result<Directory, Invalid> {
+        let mut pods = HashMap::new();
+        let mut by_ip: HashMap<IpAddr, Arc<Workload>> = HashMap::new();
+        for w in workloads {
+            let w = Arc::new(w);
+            for ip in &w.ips {
+                if let Some(other) = by_ip.insert(canonical(*ip), w.clone()) {
+                    return Err(Invalid(format!("{}: IP {ip} is already used by {}", w.key, other.key)));
+                }
+            }
+            if pods.insert(w.key.clone(), w.clone()).is_some() {
+                return Err(Invalid(format!("{}: listed twice", w.key)));
+            }
+        }
+        Ok(Directory { trust_domain, node, cgroup_parent, pods, by_ip })
+    }
+
+    /// An empty directory (before the first snapshot; in tests).
+    pub fn empty(trust_domain: TrustDomain, node: String, cgroup_parent: PathBuf) -> Directory {
+        Directory { trust_domain, node, cgroup_parent, pods: HashMap::new(), by_ip: HashMap::new() }
+    }
+
+    pub fn pods(&self) -> impl Iterator<Item = &Arc<Workload>> {
+        self.pods.values()
+    }
+
+    /// Pods scheduled on this node.
+    pub fn local_pods(&self) -> impl Iterator<Item = &Arc<Workload>> {
+        self.pods.values().filter(|p| p.node == self.node)
+    }
+
+    pub fn get(&self, key: &PodKey) -> Option<&Arc<Workload>> {
+        self.pods.get(key)
+    }
+
+    /// The pod that owns `ip`, on any node (IPv4-mapped addresses find the IPv4 pod).
+    pub fn pod_by_ip(&self, ip: IpAddr) -> Option<&Arc<Workload>> {
+        self.by_ip.get(&canonical(ip))
+    }
+
+    pub fn len(&self) -> usize {
+        self.pods.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.pods.is_empty()
+    }
+}
+
+/// The current directory, shared by the whole agent; readers never block.
+pub struct Store(ArcSwap<Directory>);
+
+impl Store {
+    pub fn new(dir: Arc<Directory>) -> Store {
+        Store(ArcSwap::new(dir))
+    }
+
+    /// The current snapshot.
+    pub fn load(&self) -> Arc<Directory> {
+        self.0.load_full()
+    }
+
+    pub fn store(&self, dir: Arc<Directory>) {
+        self.0.store(dir)
+    }
+}
+
+/// Where the agent learns the cluster from.
+pub trait WorkloadSource: Send + 'static {
+    /// Reads the first snapshot (an error here stops the agent: it has nothing to serve), then
+    /// keeps watching in the background and publishes every later *valid* snapshot on the
+    /// returned channel. An invalid update is reported and skipped; the previous one stays.
+    fn start(self: Box<Self>) -> Result<watch::Receiver<Arc<Directory>>, crate::Error>;
+}
+
+/// IPv4-mapped IPv6 addresses name the IPv4 pod.
+pub fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+        v4 => v4,
+    }
+}

@@ -1,0 +1,328 @@
+//! The embedded-mode state file: the workload directory when meshless runs without Kubernetes
+//! (`meshless agent --state <file>`), watched for changes.
+//!
+//! Parsing is strict (unknown fields are errors) so a typo cannot silently disable capture; every
+//! error names the file and the offending pod. A change to the file is validated as a whole and
+//! published only if valid: a bad edit is logged once and the previous state keeps serving.
+
+use std::collections::HashSet;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use notify::Watcher as _;
+use serde::Deserialize;
+use tokio::sync::{mpsc, watch};
+use tracing::{info, warn};
+
+use super::{Directory, PodKey, Workload, WorkloadSource};
+use crate::identity::{workload_id, TrustDomain};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot read state file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("state file {path} is not valid: {source}")]
+    Parse { path: PathBuf, source: serde_yaml::Error },
+    #[error("state file {path}: {msg}")]
+    Invalid { path: PathBuf, msg: String },
+    #[error("watching state file {path}: {source}")]
+    Watch { path: PathBuf, source: notify::Error },
+}
+
+/// The file as written (camelCase YAML; see the README for an example).
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawState {
+    trust_domain: String,
+    node: String,
+    cgroup_parent: PathBuf,
+    #[serde(default)]
+    pods: Vec<RawPod>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawPod {
+    name: String,
+    namespace: String,
+    service_account: String,
+    node: String,
+    ips: Vec<IpAddr>,
+    #[serde(default)]
+    netns: Option<PathBuf>,
+    #[serde(default)]
+    cgroup: Option<PathBuf>,
+    #[serde(default = "yes")]
+    enrolled: bool,
+    #[serde(default)]
+    host_network: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+pub fn load(path: &Path) -> Result<Directory, Error> {
+    let text = std::fs::read_to_string(path).map_err(|source| Error::Read { path: path.into(), source })?;
+    parse(path, &text)
+}
+
+pub fn parse(path: &Path, text: &str) -> Result<Directory, Error> {
+    let raw: RawState = serde_yaml::from_str(text).map_err(|source| Error::Parse { path: path.into(), source })?;
+    let invalid = |msg: String| Error::Invalid { path: path.into(), msg };
+    let trust_domain = TrustDomain::new(&raw.trust_domain).map_err(|e| invalid(format!("trustDomain: {e}")))?;
+    if raw.node.is_empty() {
+        return Err(invalid("node must name this node".into()));
+    }
+    let mut workloads = Vec::with_capacity(raw.pods.len());
+    let mut names = HashSet::new();
+    for (i, p) in raw.pods.into_iter().enumerate() {
+        let at = format!("pods[{i}] ({}/{})", p.namespace, p.name);
+        if p.name.is_empty() || p.namespace.is_empty() || p.service_account.is_empty() {
+            return Err(invalid(format!("{at}: name, namespace and serviceAccount must not be empty")));
+        }
+        if !names.insert((p.namespace.clone(), p.name.clone())) {
+            return Err(invalid(format!("{at}: listed twice")));
+        }
+        if p.ips.is_empty() {
+            return Err(invalid(format!("{at}: needs at least one IP in `ips`")));
+        }
+        if p.node == raw.node && !p.host_network && p.netns.is_none() {
+            return Err(invalid(format!(
+                "{at}: runs on this node, so it needs `netns` (the agent must know its network \
+                 namespace to carry its connections, or to leave it alone)"
+            )));
+        }
+        let identity =
+            workload_id(&trust_domain, &p.namespace, &p.service_account).map_err(|e| invalid(format!("{at}: {e}")))?;
+        workloads.push(Workload {
+            key: PodKey { namespace: p.namespace, name: p.name },
+            service_account: p.service_account,
+            node: p.node,
+            ips: p.ips,
+            netns: p.netns,
+            cgroup: p.cgroup,
+            mesh: p.enrolled && !p.host_network,
+            host_network: p.host_network,
+            identity,
+        });
+    }
+    Directory::new(trust_domain, raw.node, raw.cgroup_parent, workloads).map_err(|e| invalid(e.0))
+}
+
+/// The state file as a [`WorkloadSource`]: read at start, then watched (inotify on its directory,
+/// so editors that replace the file and Kubernetes ConfigMap symlink swaps are seen, plus a slow
+/// poll as a safety net).
+pub struct FileSource {
+    pub path: PathBuf,
+}
+
+/// How often the file is re-read even without a change notification.
+const POLL: Duration = Duration::from_secs(5);
+/// Changes are applied once the file has been quiet this long (editors write in several steps).
+const SETTLE: Duration = Duration::from_millis(100);
+
+impl WorkloadSource for FileSource {
+    fn start(self: Box<Self>) -> Result<watch::Receiver<Arc<Directory>>, crate::Error> {
+        let path = self.path;
+        let text = std::fs::read_to_string(&path).map_err(|source| Error::Read { path: path.clone(), source })?;
+        let first = Arc::new(parse(&path, &text)?);
+        let (tx, rx) = watch::channel(first);
+        let (events_tx, events) = mpsc::unbounded_channel();
+        let mut watcher = notify::recommended_watcher(move |_| {
+            let _ = events_tx.send(());
+        })
+        .map_err(|source| Error::Watch { path: path.clone(), source })?;
+        let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        watcher
+            .watch(dir, notify::RecursiveMode::NonRecursive)
+            .map_err(|source| Error::Watch { path: path.clone(), source })?;
+        tokio::spawn(watch_file(path, text, tx, events, watcher));
+        Ok(rx)
+    }
+}
+
+async fn watch_file(
+    path: PathBuf,
+    mut last: String,
+    tx: watch::Sender<Arc<Directory>>,
+    mut events: mpsc::UnboundedReceiver<()>,
+    _watcher: notify::RecommendedWatcher,
+) {
+    loop {
+        tokio::select! {
+            e = events.recv() => {
+                if e.is_none() {
+                    return;
+                }
+                // Let a burst of writes settle, then read once.
+                while tokio::time::timeout(SETTLE, events.recv()).await.is_ok_and(|e| e.is_some()) {}
+            }
+            _ = tokio::time::sleep(POLL) => {}
+            _ = tx.closed() => return,
+        }
+        let text = match tokio::fs::read_to_string(&path).await {
+            Ok(t) => t,
+            Err(e) => {
+                if last != "<unreadable>" {
+                    warn!(path = %path.display(), error = %e, "state file unreadable; the previous state keeps serving");
+                    last = "<unreadable>".into();
+                }
+                continue;
+            }
+        };
+        if text == last {
+            continue;
+        }
+        last = text;
+        let current = tx.borrow().clone();
+        match parse(&path, &last).and_then(|d| same_node(&path, &current, d)) {
+            Ok(dir) => {
+                info!(path = %path.display(), pods = dir.len(), "state file changed; applying it");
+                let _ = tx.send(Arc::new(dir));
+            }
+            Err(e) => warn!(error = %e, "state file rejected; the previous state keeps serving"),
+        }
+    }
+}
+
+/// The node, trust domain and pod cgroup are fixed for the life of an agent.
+fn same_node(path: &Path, current: &Directory, new: Directory) -> Result<Directory, Error> {
+    let fixed = |what: &str| Error::Invalid {
+        path: path.into(),
+        msg: format!("{what} cannot change while the agent runs; restart the agent to change it"),
+    };
+    if new.node != current.node {
+        return Err(fixed("node"));
+    }
+    if new.trust_domain != current.trust_domain {
+        return Err(fixed("trustDomain"));
+    }
+    if new.cgroup_parent != current.cgroup_parent {
+        return Err(fixed("cgroupParent"));
+    }
+    Ok(new)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+trustDomain: cluster.local
+node: node1
+cgroupParent: /sys/fs/cgroup/kubepods
+pods:
+  - name: client
+    namespace: default
+    serviceAccount: client
+    node: node1
+    ips: ["198.19.1.10", "fd6d:6c00:1::10"]
+    netns: /run/netns/client
+  - name: server
+    namespace: shop
+    serviceAccount: web
+    node: node2
+    ips: ["198.19.2.10"]
+  - name: legacy
+    namespace: default
+    serviceAccount: legacy
+    node: node1
+    ips: ["198.19.1.11"]
+    netns: /run/netns/legacy
+    enrolled: false
+"#;
+
+    fn parse_str(s: &str) -> Result<Directory, Error> {
+        parse(Path::new("test.yaml"), s)
+    }
+
+    #[test]
+    fn parses_pods_identities_and_ip_index() {
+        let s = parse_str(GOOD).unwrap();
+        assert_eq!(s.trust_domain.as_str(), "cluster.local");
+        assert_eq!(s.local_pods().count(), 2);
+        let server = s.pod_by_ip("198.19.2.10".parse().unwrap()).unwrap();
+        assert_eq!(server.identity.to_string(), "spiffe://cluster.local/ns/shop/sa/web");
+        let mapped: IpAddr = "::ffff:198.19.2.10".parse().unwrap();
+        assert_eq!(s.pod_by_ip(mapped).unwrap().key.name, "server", "v4-mapped addresses find the IPv4 pod");
+        assert!(!s.pod_by_ip("198.19.1.11".parse().unwrap()).unwrap().mesh);
+        assert!(s.pod_by_ip("198.19.9.9".parse().unwrap()).is_none());
+    }
+
+    #[test]
+    fn rejects_bad_input_with_a_message_naming_the_problem() {
+        let cases: &[(&str, &str)] = &[
+            ("not: [valid", "not valid"),
+            ("trustDomain: cluster.local\nnode: n\ncgroupParent: /x\nbogus: 1\n", "unknown field `bogus`"),
+            ("trustDomain: Bad_Domain!\nnode: n\ncgroupParent: /x\n", "trustDomain"),
+            ("trustDomain: td\nnode: n\ncgroupParent: /x\npods:\n - {name: a, namespace: d, serviceAccount: s, node: n, ips: []}\n", "needs at least one IP"),
+            ("trustDomain: td\nnode: n\ncgroupParent: /x\npods:\n - {name: a, namespace: d, serviceAccount: s, node: n, ips: [1.2.3.4]}\n", "needs `netns`"),
+            ("trustDomain: td\nnode: n\ncgroupParent: /x\npods:\n - {name: a, namespace: d, serviceAccount: s, node: n, ips: [1.2.3.4], enrolled: false}\n", "needs `netns`"),
+            ("trustDomain: td\nnode: n\ncgroupParent: /x\npods:\n - {name: a, namespace: d, serviceAccount: s, node: m, ips: [1.2.3.4]}\n - {name: b, namespace: d, serviceAccount: s, node: m, ips: [1.2.3.4]}\n", "already used by d/a"),
+            ("trustDomain: td\nnode: n\ncgroupParent: /x\npods:\n - {name: a, namespace: d, serviceAccount: s, node: m, ips: [1.2.3.4]}\n - {name: a, namespace: d, serviceAccount: t, node: m, ips: [1.2.3.5]}\n", "listed twice"),
+            ("trustDomain: td\nnode: n\ncgroupParent: /x\npods:\n - {name: a, namespace: d, serviceAccount: s, node: m, ips: [not-an-ip]}\n", "not valid"),
+            ("trustDomain: td\nnode: n\ncgroupParent: /x\npods:\n - {name: a, namespace: 'd/x', serviceAccount: s, node: m, ips: [1.2.3.4]}\n", "pods[0]"),
+        ];
+        for (input, want) in cases {
+            let err = parse_str(input).expect_err(input).to_string();
+            assert!(err.contains(want), "error for {input:?} should mention {want:?}, got: {err}");
+            assert!(err.contains("test.yaml"), "error should name the file: {err}");
+        }
+    }
+
+    #[test]
+    fn host_network_pods_are_never_in_the_mesh_and_need_no_netns() {
+        let s = parse_str("trustDomain: td\nnode: n\ncgroupParent: /x\npods:\n - {name: a, namespace: d, serviceAccount: s, node: n, ips: [1.2.3.4], hostNetwork: true}\n").unwrap();
+        let a = s.pods().next().unwrap();
+        assert!(!a.mesh && a.host_network);
+    }
+
+    #[test]
+    fn the_node_trust_domain_and_cgroup_cannot_change_at_runtime() {
+        let current = parse_str(GOOD).unwrap();
+        for (from, to, what) in [
+            ("\nnode: node1\n", "\nnode: node3\n", "node cannot change"),
+            ("trustDomain: cluster.local", "trustDomain: other.local", "trustDomain cannot change"),
+            ("cgroupParent: /sys/fs/cgroup/kubepods", "cgroupParent: /elsewhere", "cgroupParent cannot change"),
+        ] {
+            let changed = parse_str(&GOOD.replace(from, to)).unwrap();
+            let err = same_node(Path::new("test.yaml"), &current, changed).unwrap_err().to_string();
+            assert!(err.contains(what), "{err}");
+        }
+        let more = GOOD.replace("ips: [\"198.19.2.10\"]", "ips: [\"198.19.2.10\", \"198.19.2.99\"]");
+        assert!(same_node(Path::new("test.yaml"), &current, parse_str(&more).unwrap()).is_ok());
+    }
+
+    /// The watcher publishes a valid change, skips an invalid one (the previous state stays), and
+    /// publishes the next valid one.
+    #[tokio::test]
+    async fn the_watched_file_publishes_valid_changes_only() {
+        let dir = std::env::temp_dir().join(format!("meshless-statefile-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("state.yaml");
+        std::fs::write(&path, GOOD).unwrap();
+        let mut rx = Box::new(FileSource { path: path.clone() }).start().unwrap();
+        assert_eq!(rx.borrow_and_update().len(), 3);
+        let wait = |rx: &mut watch::Receiver<Arc<Directory>>| {
+            let mut rx = rx.clone();
+            async move { tokio::time::timeout(Duration::from_secs(10), rx.changed()).await.is_ok() }
+        };
+        // An invalid edit (duplicate IP) is not published…
+        std::fs::write(&path, GOOD.replace("198.19.1.11", "198.19.2.10")).unwrap();
+        let published = tokio::time::timeout(Duration::from_millis(1500), rx.changed()).await.is_ok();
+        assert!(!published, "an invalid state file must not be published");
+        assert_eq!(rx.borrow().len(), 3);
+        // …a valid one is, also when written by rename (as editors and ConfigMaps do).
+        let tmp = dir.join("state.yaml.tmp");
+        std::fs::write(&tmp, GOOD.replace("  - name: legacy", "  - name: legacy2")).unwrap();
+        std::fs::rename(&tmp, &path).unwrap();
+        assert!(wait(&mut rx).await, "a valid change must be published");
+        let d = rx.borrow_and_update().clone();
+        assert!(d.get(&PodKey { namespace: "default".into(), name: "legacy2".into() }).is_some());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
