@@ -74,6 +74,16 @@ impl Capture {
         let cgroup_ino = std::fs::metadata(cgroup_parent)
             .and_then(|m| if m.is_dir() { Ok(m.ino()) } else { Err(std::io::Error::other("not a directory")) })
             .map_err(|source| Error::Cgroup { path: cgroup_parent.into(), source })?;
+        // The root cgroup has no cgroup.type: attaching there would capture every process.
+        if !cgroup_parent.join("cgroup.type").exists() {
+            return Err(Error::Cgroup {
+                path: cgroup_parent.into(),
+                source: std::io::Error::other(
+                    "is the root of a cgroup2 hierarchy (or not a cgroup2 directory); give the cgroup \
+                     that holds this node's pods, not one that holds every process of the machine",
+                ),
+            });
+        }
         ensure_bpffs(bpf_dir)?;
         let dir = bpf_dir.join(format!("v{LAYOUT_VERSION}"));
         for sub in ["maps", "links"] {

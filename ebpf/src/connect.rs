@@ -7,7 +7,10 @@ use core::ffi::c_void;
 use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
 
 use aya_ebpf::{
-    bindings::bpf_sock_addr, helpers::bpf_get_netns_cookie, macros::cgroup_sock_addr, programs::SockAddrContext,
+    bindings::bpf_sock_addr,
+    helpers::{bpf_get_netns_cookie, bpf_skc_to_mptcp_sock},
+    macros::cgroup_sock_addr,
+    programs::SockAddrContext,
 };
 use aya_log_ebpf::debug;
 use meshless_common::{
@@ -124,6 +127,12 @@ fn pod_of(ctx: &SockAddrContext) -> Pod {
         read_volatile(addr_of!((*sk).mark))
     };
     if mark == AGENT_MARK {
+        return Pod::Other;
+    }
+    // An MPTCP socket connects through a TCP subflow, which is what these hooks see (with
+    // protocol TCP); the helper finds the MPTCP socket behind a subflow (kernel ≥ 5.19).
+    // SAFETY: `sk` is the hook's socket, non-NULL (checked above); the helper only reads it.
+    if !unsafe { bpf_skc_to_mptcp_sock((*sa).__bindgen_anon_1.sk as *mut c_void) }.is_null() {
         return Pod::Other;
     }
     // SAFETY: bpf_get_netns_cookie accepts the sock_addr context (kernel ≥ 5.7).

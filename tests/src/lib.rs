@@ -289,6 +289,28 @@ impl Testbed {
         Ok(pid)
     }
 
+    /// Sends `signal` to a process started with [`Testbed::spawn`], without waiting.
+    pub fn signal(&self, pid: u32, signal: i32) {
+        if self.children.0.lock().unwrap().iter().any(|c| c.id() == pid) {
+            // SAFETY: kill(2) on a child we started and have not reaped (it is still listed).
+            unsafe {
+                libc::kill(pid as i32, signal);
+            }
+        }
+    }
+
+    /// Waits up to `timeout` for a process started with [`Testbed::spawn`] to exit; its status.
+    pub fn wait_exit(&self, pid: u32, timeout: Duration) -> Option<std::process::ExitStatus> {
+        wait_for(timeout, || {
+            let mut children = self.children.0.lock().unwrap();
+            let pos = children.iter().position(|c| c.id() == pid)?;
+            let status = children[pos].try_wait().ok()??;
+            // Reaped by try_wait; the testbed no longer needs to stop it.
+            drop(children.remove(pos));
+            Some(status)
+        })
+    }
+
     /// Sends SIGTERM to a process started with [`Testbed::spawn`] and waits (bounded) for it.
     pub fn stop(&self, pid: u32) {
         let mut children = self.children.0.lock().unwrap();
@@ -301,12 +323,20 @@ impl Testbed {
     /// Writes the embedded-mode state file for `node` (see the README for the format).
     /// `enrolled` says which pods are in the mesh (all others are listed as not enrolled).
     pub fn state_file(&self, node: usize, trust_domain: &str, enrolled: &dyn Fn(&Pod) -> bool) -> Result<PathBuf> {
+        let pods: Vec<(&Pod, bool)> = self.pods().map(|p| (p, enrolled(p))).collect();
+        let path = self.dir.join(format!("state-node{node}.yaml"));
+        fs::write(&path, self.state_yaml(node, trust_domain, &pods)?)?;
+        Ok(path)
+    }
+
+    /// The state file for `node` listing `pods` (each with whether it is in the mesh).
+    pub fn state_yaml(&self, node: usize, trust_domain: &str, pods: &[(&Pod, bool)]) -> Result<String> {
         let mut y = String::new();
         writeln!(y, "trustDomain: {trust_domain}")?;
         writeln!(y, "node: node{node}")?;
         writeln!(y, "cgroupParent: {}", self.node(node).cgroup.display())?;
         writeln!(y, "pods:")?;
-        for pod in self.pods() {
+        for (pod, enrolled) in pods {
             writeln!(y, "  - name: {}-n{}", pod.name, pod.node)?;
             writeln!(y, "    namespace: default")?;
             writeln!(y, "    serviceAccount: sa-{}-n{}", pod.name, pod.node)?;
@@ -314,11 +344,9 @@ impl Testbed {
             writeln!(y, "    ips: [\"{}\", \"{}\"]", pod.ipv4, pod.ipv6)?;
             writeln!(y, "    netns: {}", pod.netns.path().display())?;
             writeln!(y, "    cgroup: {}", pod.cgroup.display())?;
-            writeln!(y, "    enrolled: {}", enrolled(pod))?;
+            writeln!(y, "    enrolled: {enrolled}")?;
         }
-        let path = self.dir.join(format!("state-node{node}.yaml"));
-        fs::write(&path, y)?;
-        Ok(path)
+        Ok(y)
     }
 
     /// The SPIFFE ID the state file gives `pod`.

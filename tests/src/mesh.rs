@@ -15,13 +15,21 @@ pub const TRUST_DOMAIN: &str = "cluster.local";
 pub struct Bins {
     pub meshless: PathBuf,
     pub testbin: PathBuf,
+    /// The misbehaving tunnel client of the hostile-peer tests.
+    pub peer: PathBuf,
 }
 
 pub struct Mesh {
     pub ca_dir: PathBuf,
-    /// Agent log file of node i at index i-1.
+    /// Log file of node i's current agent at index i-1.
     pub logs: Vec<PathBuf>,
+    /// Pid of node i's current agent at index i-1.
     pub agents: Vec<u32>,
+    /// State file of node i at index i-1.
+    pub states: Vec<PathBuf>,
+    /// Extra arguments of node i's agents at index i-1.
+    args: Vec<Vec<String>>,
+    starts: Vec<usize>,
 }
 
 impl Mesh {
@@ -29,58 +37,116 @@ impl Mesh {
     /// agent reports ready. `enrolled` chooses the pods in the mesh.
     /// `node1_args` are extra agent arguments for node 1's agent only (e.g. to compare two settings).
     pub fn start(tb: &Testbed, bins: &Bins, enrolled: &dyn Fn(&Pod) -> bool, node1_args: &[&str]) -> Result<Mesh> {
+        let args = |i: usize| if i == 1 { node1_args.iter().map(|a| a.to_string()).collect() } else { vec![] };
+        Mesh::start_with(tb, bins, &|p| Some(enrolled(p)), &args)
+    }
+
+    /// As [`Mesh::start`], with `listed(pod)` saying whether a pod is in the state files (`None`)
+    /// and then whether it is in the mesh, and `args(i)` extra agent arguments for node i.
+    pub fn start_with(
+        tb: &Testbed,
+        bins: &Bins,
+        listed: &dyn Fn(&Pod) -> Option<bool>,
+        args: &dyn Fn(usize) -> Vec<String>,
+    ) -> Result<Mesh> {
         let ca_dir = tb.dir.join("ca");
         run_ok(
             Command::new(&bins.meshless).args(["ca", "init", "--trust-domain", TRUST_DOMAIN, "--out"]).arg(&ca_dir),
         )?;
-        let mut mesh = Mesh { ca_dir, logs: Vec::new(), agents: Vec::new() };
+        let n = tb.nodes.len();
+        let mut mesh = Mesh {
+            ca_dir,
+            logs: vec![PathBuf::new(); n],
+            agents: vec![0; n],
+            states: Vec::new(),
+            args: (1..=n).map(args).collect(),
+            starts: vec![0; n],
+        };
+        let pods: Vec<(&Pod, bool)> = tb.pods().filter_map(|p| listed(p).map(|m| (p, m))).collect();
         for node in &tb.nodes {
-            let state = tb.state_file(node.index, TRUST_DOMAIN, enrolled)?;
-            let log = tb.dir.join(format!("agent-node{}.log", node.index));
-            let mut cmd = node.netns.command(&bins.meshless, None)?;
-            cmd.args(["agent", "--log-format", "json", "--log", "info,meshless=debug", "--state"])
-                .arg(&state)
-                .arg("--ca-dir")
-                .arg(&mesh.ca_dir)
-                .arg("--bpf-dir")
-                .arg(tb.bpf_dir(node.index))
-                .arg("--run-dir")
-                .arg(tb.dir.join(format!("run-node{}", node.index)))
-                .args(if node.index == 1 { node1_args } else { &[] })
-                // The glibc memcpy trap of this machine kind (shared/PERFORMANCE.md): rustls'
-                // receive path is much faster without `rep movsb`.
-                .env("GLIBC_TUNABLES", "glibc.cpu.x86_rep_movsb_threshold=4294967295")
-                .stdout(Stdio::null())
-                .stderr(fs::File::create(&log)?);
-            mesh.agents.push(tb.spawn(&mut cmd)?);
-            mesh.logs.push(log);
+            let path = tb.dir.join(format!("state-node{}.yaml", node.index));
+            fs::write(&path, tb.state_yaml(node.index, TRUST_DOMAIN, &pods)?)?;
+            mesh.states.push(path);
         }
-        for (i, log) in mesh.logs.iter().enumerate() {
-            let pid = mesh.agents[i];
-            let ready = wait_for(Duration::from_secs(20), || {
-                if !Path::new(&format!("/proc/{pid}")).exists() || is_zombie(pid) {
-                    return Some(false);
-                }
-                fs::read_to_string(log).ok()?.contains("\"agent ready\"").then_some(true)
-            });
-            if ready != Some(true) {
-                bail!(
-                    "agent of node{} did not become ready; its log:\n{}",
-                    i + 1,
-                    fs::read_to_string(log).unwrap_or_default()
-                );
-            }
+        let mut started = Vec::new();
+        for node in &tb.nodes {
+            started.push(mesh.launch(tb, bins, node.index)?);
+        }
+        for (i, (pid, log)) in started.into_iter().enumerate() {
+            wait_ready(i + 1, pid, &log)?;
         }
         Ok(mesh)
     }
 
+    /// Starts another agent on `node` (an upgrade while the current one runs, or a restart after
+    /// it is gone), with the same arguments, and waits until it is ready. It becomes the node's
+    /// current agent; returns its pid and log file.
+    pub fn spawn_agent(&mut self, tb: &Testbed, bins: &Bins, node: usize) -> Result<(u32, PathBuf)> {
+        let (pid, log) = self.launch(tb, bins, node)?;
+        wait_ready(node, pid, &log)?;
+        Ok((pid, log))
+    }
+
+    fn launch(&mut self, tb: &Testbed, bins: &Bins, node: usize) -> Result<(u32, PathBuf)> {
+        let i = node - 1;
+        self.starts[i] += 1;
+        let log = match self.starts[i] {
+            1 => tb.dir.join(format!("agent-node{node}.log")),
+            n => tb.dir.join(format!("agent-node{node}-{n}.log")),
+        };
+        let mut cmd = tb.node(node).netns.command(&bins.meshless, None)?;
+        cmd.args(["agent", "--log-format", "json", "--log", "info,meshless=debug", "--state"])
+            .arg(&self.states[i])
+            .arg("--ca-dir")
+            .arg(&self.ca_dir)
+            .arg("--bpf-dir")
+            .arg(tb.bpf_dir(node))
+            .arg("--run-dir")
+            .arg(tb.dir.join(format!("run-node{node}")))
+            .args(&self.args[i])
+            // The glibc memcpy trap of this machine kind (shared/PERFORMANCE.md): rustls'
+            // receive path is much faster without `rep movsb`.
+            .env("GLIBC_TUNABLES", "glibc.cpu.x86_rep_movsb_threshold=4294967295")
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&log)?);
+        let pid = tb.spawn(&mut cmd)?;
+        self.agents[i] = pid;
+        self.logs[i] = log.clone();
+        Ok((pid, log))
+    }
+
+    /// Rewrites node `node`'s state file (atomically, as a ConfigMap update would) with
+    /// `pods` (each: the pod, whether it is in the mesh) and `extra` raw YAML pod entries.
+    pub fn write_state(&self, tb: &Testbed, node: usize, pods: &[(&Pod, bool)], extra: &str) -> Result<()> {
+        let text = tb.state_yaml(node, TRUST_DOMAIN, pods)? + extra;
+        let path = &self.states[node - 1];
+        let tmp = path.with_extension("tmp");
+        fs::write(&tmp, text)?;
+        fs::rename(&tmp, path)?;
+        Ok(())
+    }
+
+    /// The last lines of node `i`'s agent log, shortened, for failure messages.
+    pub fn log_summary(&self, node: usize) -> String {
+        let lines = self.log_lines(node);
+        let skip = lines.len().saturating_sub(40);
+        lines
+            .iter()
+            .skip(skip)
+            .map(|l| {
+                let mut f = l.as_object().cloned().unwrap_or_default();
+                for noise in ["timestamp", "target", "span", "spans", "config"] {
+                    f.remove(noise);
+                }
+                serde_json::Value::Object(f).to_string()
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
     /// The JSON log lines of node `i`'s agent.
     pub fn log_lines(&self, node: usize) -> Vec<serde_json::Value> {
-        fs::read_to_string(&self.logs[node - 1])
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect()
+        json_lines(&self.logs[node - 1])
     }
 
     /// Waits (bounded) for a log line of node `i` with the given message matching `pred`.
@@ -96,7 +162,26 @@ impl Mesh {
     }
 }
 
-fn is_zombie(pid: u32) -> bool {
+/// Waits until the agent `pid` logs "agent ready", failing if it exits first.
+fn wait_ready(node: usize, pid: u32, log: &Path) -> Result<()> {
+    let ready = wait_for(Duration::from_secs(20), || {
+        if !Path::new(&format!("/proc/{pid}")).exists() || is_zombie(pid) {
+            return Some(false);
+        }
+        fs::read_to_string(log).ok()?.contains("\"agent ready\"").then_some(true)
+    });
+    if ready != Some(true) {
+        bail!("agent of node{node} did not become ready; its log:\n{}", fs::read_to_string(log).unwrap_or_default());
+    }
+    Ok(())
+}
+
+/// The JSON lines of a log file.
+pub fn json_lines(path: &Path) -> Vec<serde_json::Value> {
+    fs::read_to_string(path).unwrap_or_default().lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
+}
+
+pub fn is_zombie(pid: u32) -> bool {
     fs::read_to_string(format!("/proc/{pid}/stat"))
         .map(|s| s.rsplit(')').next().map(|r| r.trim_start().starts_with('Z')).unwrap_or(false))
         .unwrap_or(true)
@@ -110,20 +195,20 @@ pub fn run_ok(cmd: &mut Command) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// Waits until something listens on `port` inside `pod` (reads /proc/net/tcp{,6} from inside).
-pub fn wait_listening(ns: &crate::Netns, port: u16) -> Result<()> {
+/// Whether something listens on `port` inside `ns` (reads /proc/net/tcp{,6} from inside).
+pub fn is_listening(ns: &crate::Netns, port: u16) -> bool {
     let needle = format!("{port:04X}");
-    let ok = wait_for(Duration::from_secs(10), || {
-        let out = ns.sh("cat /proc/net/tcp /proc/net/tcp6").ok()?;
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .any(|l| {
-                let f: Vec<&str> = l.split_whitespace().collect();
-                // local_address is ADDR:PORT in hex; state 0A is LISTEN.
-                f.len() > 3 && f[1].rsplit(':').next() == Some(needle.as_str()) && f[3] == "0A"
-            })
-            .then_some(())
-    });
+    let Ok(out) = ns.sh("cat /proc/net/tcp /proc/net/tcp6") else { return false };
+    String::from_utf8_lossy(&out.stdout).lines().any(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        // local_address is ADDR:PORT in hex; state 0A is LISTEN.
+        f.len() > 3 && f[1].rsplit(':').next() == Some(needle.as_str()) && f[3] == "0A"
+    })
+}
+
+/// Waits until something listens on `port` inside `ns`.
+pub fn wait_listening(ns: &crate::Netns, port: u16) -> Result<()> {
+    let ok = wait_for(Duration::from_secs(10), || is_listening(ns, port).then_some(()));
     if ok.is_none() {
         bail!("nothing listened on port {port} in {} within 10 s", ns.name);
     }

@@ -72,3 +72,45 @@ fn parse_frame(f: &[u8]) -> Option<Segment> {
 pub fn contains(hay: &[u8], needle: &[u8]) -> bool {
     !needle.is_empty() && hay.windows(needle.len()).any(|w| w == needle)
 }
+
+/// A tcpdump capture of one node's link to the other nodes, running until [`Dump::finish`].
+pub struct Dump {
+    pid: u32,
+    path: std::path::PathBuf,
+}
+
+impl Dump {
+    /// Starts capturing everything on `node`'s eth0, and waits until tcpdump listens.
+    pub fn start(tb: &crate::Testbed, node: usize, name: &str) -> Result<Dump> {
+        let path = tb.dir.join(format!("{name}.pcap"));
+        let log = tb.dir.join(format!("{name}.tcpdump.log"));
+        let pid = tb.spawn(
+            tb.node(node)
+                .netns
+                .command("tcpdump", None)?
+                .args(["-i", "eth0", "-n", "-s", "0", "-U", "--immediate-mode", "-Z", "root", "-w"])
+                .arg(&path)
+                .stderr(std::fs::File::create(&log)?),
+        )?;
+        let started = crate::wait_for(std::time::Duration::from_secs(10), || {
+            std::fs::read_to_string(&log).ok()?.contains("listening on").then_some(())
+        });
+        if started.is_none() {
+            bail!("tcpdump did not start: {}", std::fs::read_to_string(&log).unwrap_or_default());
+        }
+        Ok(Dump { pid, path })
+    }
+
+    /// Stops the capture and returns its TCP segments.
+    pub fn finish(self, tb: &crate::Testbed) -> Result<Vec<Segment>> {
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        tb.stop(self.pid);
+        tcp_segments(&std::fs::read(&self.path)?)
+    }
+}
+
+/// Whether any segment's payload contains `needle` (bytes split across segments are joined too).
+pub fn seen(segs: &[Segment], needle: &str) -> bool {
+    let all: Vec<u8> = segs.iter().flat_map(|s| s.payload.iter().copied()).collect();
+    contains(&all, needle.as_bytes())
+}

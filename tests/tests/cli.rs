@@ -94,6 +94,13 @@ fn a_missing_cgroup_or_a_bad_pin_directory_gives_one_clear_error_line() {
     fs::write(&no_cgroup, text.replace(&format!("cgroupParent: {cg}"), "cgroupParent: /nonexistent/cgroup")).unwrap();
     assert_clean_error(&agent_with(in_node(1), &no_cgroup, &ca, &tb.bpf_dir(1)), "cgroup /nonexistent/cgroup");
 
+    // The root of the cgroup2 hierarchy: it holds every process of the machine, not the pods.
+    let root = meshless_tests::cgroup2_mount().unwrap();
+    let at_root = tb.dir.join("root-cgroup.yaml");
+    fs::write(&at_root, text.replace(&format!("cgroupParent: {cg}"), &format!("cgroupParent: {}", root.display())))
+        .unwrap();
+    assert_clean_error(&agent_with(in_node(1), &at_root, &ca, &tb.bpf_dir(1)), "is the root of a cgroup2 hierarchy");
+
     // A pin directory that is not on a BPF file system.
     let not_bpf = tb.dir.join("not-bpffs");
     assert_clean_error(&agent_with(in_node(1), &state, &ca, &not_bpf), "is not on a BPF file system");

@@ -7,7 +7,8 @@ use std::fs;
 use std::time::Duration;
 
 use meshless_tests::mesh::{wait_listening, Mesh, TRUST_DOMAIN};
-use meshless_tests::{pcap, sockaddr, wait_for, Layout, Pod, Testbed};
+use meshless_tests::pcap::{self, seen, Dump};
+use meshless_tests::{sockaddr, wait_for, Layout, Pod, Testbed};
 
 /// Pod 2 of node 1 stays out of the mesh in every test here.
 fn enrolled(p: &Pod) -> bool {
@@ -40,28 +41,7 @@ fn curl_across_nodes_is_carried_over_mtls_with_the_source_pods_identity() {
     wait_listening(&server.netns, 8080).unwrap();
 
     // Capture everything on node 1's link to the other nodes.
-    let pcap_path = tb.dir.join("node1-eth0.pcap");
-    let dump_log = tb.dir.join("tcpdump.log");
-    let dump = tb
-        .spawn(
-            tb.node(1)
-                .netns
-                .command("tcpdump", None)
-                .unwrap()
-                .args(["-i", "eth0", "-n", "-s", "0", "-U", "--immediate-mode", "-Z", "root", "-w"])
-                .arg(&pcap_path)
-                .stderr(fs::File::create(&dump_log).unwrap()),
-        )
-        .unwrap();
-    assert!(
-        wait_for(Duration::from_secs(10), || fs::read_to_string(&dump_log)
-            .ok()?
-            .contains("listening on")
-            .then_some(()))
-        .is_some(),
-        "tcpdump did not start: {}",
-        fs::read_to_string(&dump_log).unwrap_or_default()
-    );
+    let dump = Dump::start(&tb, 1, "node1-eth0").unwrap();
 
     let secret = "request-marker-a91f";
     let url = format!("http://{}:8080/{secret}", server.ipv4);
@@ -82,17 +62,9 @@ fn curl_across_nodes_is_carried_over_mtls_with_the_source_pods_identity() {
         "non-enrolled pod connects directly: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    std::thread::sleep(Duration::from_millis(300));
-    tb.stop(dump);
-
-    let file = fs::read(&pcap_path).expect("reading the capture");
-    let segs = pcap::tcp_segments(&file).expect("parsing the capture");
-    let all: Vec<u8> = segs.iter().flat_map(|s| s.payload.iter().copied()).collect();
-    assert!(
-        pcap::contains(&all, plain.as_bytes()),
-        "control failed: the capture should show the non-enrolled pod's plaintext"
-    );
-    assert!(!pcap::contains(&all, secret.as_bytes()), "the meshed request's marker crossed the wire in plaintext");
+    let segs = dump.finish(&tb).expect("reading the capture");
+    assert!(seen(&segs, plain), "control failed: the capture should show the non-enrolled pod's plaintext");
+    assert!(!seen(&segs, secret), "the meshed request's marker crossed the wire in plaintext");
     assert!(
         segs.iter()
             .filter(|s| s.dst_port == 15008 && s.payload.len() > 5)
@@ -110,7 +82,7 @@ fn curl_across_nodes_is_carried_over_mtls_with_the_source_pods_identity() {
     let want_dst = tb.spiffe_id(TRUST_DOMAIN, server);
     let line = mesh.wait_log(2, "inbound connection authorized", |l| l["src_id"] == want_src.as_str());
     let line = line.unwrap_or_else(|| {
-        panic!("node2's agent never logged {want_src} as an authorized source; log: {:?}", mesh.log_lines(2))
+        panic!("node2's agent never logged {want_src} as an authorized source; log: {}", mesh.log_summary(2))
     });
     assert_eq!(line["dst_id"], want_dst.as_str());
     assert_eq!(line["dst_addr"], format!("{}:8080", server.ipv4).as_str());
@@ -201,8 +173,8 @@ fn kernel_program_logs_reach_the_agent_log_only_when_asked_for() {
     let want = format!("captured connect to {}:7000", server.ipv4);
     assert!(
         mesh.wait_log(1, &want, |_| true).is_some(),
-        "the kernel program's log record {want:?} did not reach node1's agent log: {:?}",
-        mesh.log_lines(1)
+        "the kernel program's log record {want:?} did not reach node1's agent log: {}",
+        mesh.log_summary(1)
     );
     // Node 2's agent, without the flag, captures a connect of its own but logs nothing of it.
     tb.spawn(client.command(&bins.testbin).unwrap().args(["echo-serve", "7001"])).unwrap();
@@ -246,8 +218,8 @@ fn destinations_outside_the_mesh_are_passed_through_from_the_pods_own_address() 
     let dst = format!("{}:8081", outsider.ipv4);
     assert!(
         mesh.wait_log(1, "passthrough (destination is not in the mesh)", |l| l["dst_addr"] == dst.as_str()).is_some(),
-        "node1's agent did not pass the connection through: {:?}",
-        mesh.log_lines(1)
+        "node1's agent did not pass the connection through: {}",
+        mesh.log_summary(1)
     );
     // …from inside the client pod's netns, so the server sees the client pod's own address.
     let seen = fs::read_to_string(&server_log).unwrap();
@@ -330,4 +302,60 @@ fn tunnel_port_refuses_clients_without_a_certificate_from_the_trust_bundle() {
 fn node1_send(bins: &support::Bins, ns: &meshless_tests::Netns, addr: &str, text: &str) -> String {
     let out = ns.command(&bins.testbin, None).unwrap().args(["send", addr, text]).output().unwrap();
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn a_failure_or_reset_on_one_side_reaches_the_other_app_as_a_reset_and_a_clean_close_as_a_fin() {
+    let Some(bins) = support::privileged("rst_fin") else {
+        return;
+    };
+    let (tb, _mesh) = cluster("rstfin", &bins);
+    let (client, server) = (tb.pod(1, 1), tb.pod(2, 1));
+    tb.spawn(server.command(&bins.testbin).unwrap().args(["echo-serve", "7000"])).unwrap();
+    tb.spawn(server.command(&bins.testbin).unwrap().args(["reset-serve", "7200"])).unwrap();
+    let watch_log = tb.dir.join("watch.log");
+    tb.spawn(
+        server
+            .command(&bins.testbin)
+            .unwrap()
+            .args(["watch-serve", "7300"])
+            .stdout(fs::File::create(&watch_log).unwrap()),
+    )
+    .unwrap();
+    for port in [7000, 7200, 7300] {
+        wait_listening(&server.netns, port).unwrap();
+    }
+    let end = |port: u16| -> serde_json::Value {
+        let out = client
+            .command(&bins.testbin)
+            .unwrap()
+            .args(["end", &sockaddr(server.ipv4.into(), port), "ping"])
+            .output()
+            .unwrap();
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|_| panic!("{}", String::from_utf8_lossy(&out.stderr)))
+    };
+    // A clean close is a clean close: all the data, then EOF.
+    let clean = end(7000);
+    assert_eq!((clean["end"].as_str(), clean["reply"].as_str()), (Some("eof"), Some("ping<4 bytes>")), "{clean}");
+    // The server app resets after answering: the client app gets the answer, then a reset.
+    let reset = end(7200);
+    assert_eq!((reset["end"].as_str(), reset["reply"].as_str()), (Some("reset"), Some("ok")), "{reset}");
+    // Nothing listens on the target port: the delivery fails, and the client app sees a reset,
+    // not a clean (empty) end.
+    let refused = end(7999);
+    assert_eq!(refused["end"], "reset", "{refused}");
+    // The other direction: the client app resets; the server app sees the reset.
+    let out = client
+        .command(&bins.testbin)
+        .unwrap()
+        .args(["send-rst", &sockaddr(server.ipv4.into(), 7300), "bye"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let seen = wait_for(Duration::from_secs(10), || {
+        let line = fs::read_to_string(&watch_log).ok()?;
+        serde_json::from_str::<serde_json::Value>(line.lines().next()?).ok()
+    })
+    .expect("the server app saw the connection end");
+    assert_eq!((seen["end"].as_str(), seen["got"].as_str()), (Some("reset"), Some("bye")), "{seen}");
 }

@@ -1,17 +1,23 @@
 //! `cargo xtask bench`: plaintext vs meshless on the namespace testbed, measured in the same run.
 //!
-//! Two nodes, one pod each. (a) one TCP stream of bulk data for `--seconds`; (b) `--size`-byte
-//! request/response on one connection, `--count` round trips, p50/p99. First with no agents
-//! (plaintext baseline), then through meshless (eBPF capture + HBONE mTLS on both nodes). Reports
-//! absolute figures, the ratio meshless/plaintext, and the agents' resident memory at rest.
+//! Two nodes, one pod each; the client pod calls the server pod. First with no agents (plaintext
+//! baseline), then through meshless (eBPF capture + HBONE mTLS on both nodes):
+//! - one TCP stream of bulk data for `--seconds`;
+//! - `--size`-byte request/response on one connection, `--count` round trips, p50/p99;
+//! - connect + one request + close, `--connections` times in sequence (p50/p99, connections/s);
+//! - a storm of `--storm` simultaneous connects, one request each (completion p50/p99).
+//!
+//! Then, meshless only: the agents' RSS at rest, per idle connection with `--connections` held,
+//! and at rest after each of `--churn` rounds of `--connections` connections opened and closed.
 
-use std::process::Stdio;
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Stdio};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use meshless_tests::mesh::{run_ok, wait_listening, Bins, Mesh};
-use meshless_tests::{sockaddr, Layout, Testbed};
-use serde_json::Value;
+use meshless_tests::{sockaddr, Layout, Pod, Testbed};
+use serde_json::{json, Value};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -24,20 +30,45 @@ pub struct Args {
     /// Request and response size in bytes.
     #[arg(long, default_value_t = 1024)]
     size: usize,
+    /// Sequential connections (connect + request + close), and connections held / churned.
+    #[arg(long, default_value_t = 2000)]
+    connections: usize,
+    /// Simultaneous connects in the storm.
+    #[arg(long, default_value_t = 200)]
+    storm: usize,
+    /// Rounds of churn (open and close `--connections` connections) after which RSS is read.
+    #[arg(long, default_value_t = 10)]
+    churn: usize,
     /// Also write the results as JSON to this file.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
 }
 
+#[derive(Default)]
 struct Figures {
     gbit: f64,
-    p50: f64,
-    p99: f64,
+    rr_p50: f64,
+    rr_p99: f64,
+    crr_p50: f64,
+    crr_p99: f64,
+    conn_per_s: f64,
+    storm_p50: f64,
+    storm_p99: f64,
+}
+
+struct Ports {
+    sink: String,
+    echo: String,
 }
 
 pub fn run(bins: &Bins, args: Args) -> Result<()> {
-    if !(0.5..=120.0).contains(&args.seconds) || !(1000..=1_000_000).contains(&args.count) {
-        bail!("--seconds must be in 0.5..=120 and --count in 1000..=1000000");
+    if !(0.5..=120.0).contains(&args.seconds)
+        || !(1000..=1_000_000).contains(&args.count)
+        || !(10..=20_000).contains(&args.connections)
+        || !(1..=2000).contains(&args.storm)
+        || args.churn > 50
+    {
+        bail!("--seconds 0.5..=120, --count 1000..=1000000, --connections 10..=20000, --storm 1..=2000, --churn ..=50");
     }
     let tb = Testbed::new(Layout { label: "bench", pods: &[1, 1] })?;
     let (client, server) = (tb.pod(1, 1), tb.pod(2, 1));
@@ -45,84 +76,141 @@ pub fn run(bins: &Bins, args: Args) -> Result<()> {
     tb.spawn(server.command(&bins.testbin)?.args(["echo-serve", "9001"]).stderr(Stdio::null()))?;
     wait_listening(&server.netns, 9000)?;
     wait_listening(&server.netns, 9001)?;
+    let ports = Ports { sink: sockaddr(server.ipv4.into(), 9000), echo: sockaddr(server.ipv4.into(), 9001) };
 
-    let measure = |label: &str| -> Result<Figures> {
-        eprintln!("bench: {label}: one stream for {} s", args.seconds);
-        let bulk = json(&run_ok(client.command(&bins.testbin)?.args([
-            "bulk",
-            &sockaddr(server.ipv4.into(), 9000),
-            &args.seconds.to_string(),
-        ]))?)?;
-        eprintln!("bench: {label}: {} round trips of {} B", args.count, args.size);
-        let rr = json(&run_ok(client.command(&bins.testbin)?.args([
-            "rr",
-            &sockaddr(server.ipv4.into(), 9001),
-            &args.size.to_string(),
-            &args.count.to_string(),
-        ]))?)?;
-        Ok(Figures { gbit: num(&bulk, "gbit_per_s")?, p50: num(&rr, "p50_us")?, p99: num(&rr, "p99_us")? })
-    };
-
-    let plain = measure("plaintext (no agents)")?;
+    let plain = measure(bins, client, &ports, &args, "plaintext (no agents)")?;
     let mesh = Mesh::start(&tb, bins, &|_| true, &[])?;
     std::thread::sleep(Duration::from_millis(500));
-    let rss_rest: Vec<u64> = mesh.agents.iter().map(|&pid| rss_kib(pid)).collect::<Result<_>>()?;
-    let meshed = measure("meshless (eBPF capture + HBONE mTLS)")?;
-    let rss_after: Vec<u64> = mesh.agents.iter().map(|&pid| rss_kib(pid)).collect::<Result<_>>()?;
+    let rss_rest = rss_all(&mesh)?;
+    let meshed = measure(bins, client, &ports, &args, "meshless (eBPF capture + HBONE mTLS)")?;
     let carried = mesh.log_lines(2).iter().filter(|l| l["message"] == "inbound connection authorized").count();
     if carried < 2 {
         bail!("the meshless runs were not carried by the mesh (node2 authorized {carried} connections)");
     }
+    settle();
+    let rss_before_hold = rss_all(&mesh)?;
+    eprintln!("bench: holding {} idle connections", args.connections);
+    let held = hold(bins, client, &ports.echo, args.connections)?;
+    settle();
+    let rss_held = rss_all(&mesh)?;
+    release(held)?;
+    let per_conn: Vec<f64> =
+        rss_held.iter().zip(&rss_before_hold).map(|(h, b)| (*h as f64 - *b as f64) / args.connections as f64).collect();
+    let mut churn = Vec::new();
+    for round in 1..=args.churn {
+        eprintln!("bench: churn round {round}/{}: {} connections opened and closed", args.churn, args.connections);
+        release(hold(bins, client, &ports.echo, args.connections)?)?;
+        settle();
+        churn.push(rss_all(&mesh)?);
+    }
 
+    let ratio = |m: f64, p: f64| m / p;
     println!();
     println!(
         "meshless bench — 2 nodes x 1 pod, namespaces on this machine; client, server and both agents share the cores"
     );
-    println!("{:<34} {:>12} {:>12} {:>10}", "", "plaintext", "meshless", "ratio");
+    println!("{:<44} {:>12} {:>12} {:>10}", "", "plaintext", "meshless", "ratio");
+    let row = |name: String, p: f64, m: f64| {
+        println!("{:<44} {:>12.2} {:>12.2} {:>9.2}x", name, p, m, ratio(m, p));
+    };
+    row("1 stream throughput (Gbit/s)".into(), plain.gbit, meshed.gbit);
+    row(format!("{} B req/resp p50 (us)", args.size), plain.rr_p50, meshed.rr_p50);
+    row(format!("{} B req/resp p99 (us)", args.size), plain.rr_p99, meshed.rr_p99);
+    row("connect+request+close p50 (us)".into(), plain.crr_p50, meshed.crr_p50);
+    row("connect+request+close p99 (us)".into(), plain.crr_p99, meshed.crr_p99);
+    row("sequential connections per second".into(), plain.conn_per_s, meshed.conn_per_s);
+    row(format!("storm of {} connects, completion p50 (us)", args.storm), plain.storm_p50, meshed.storm_p50);
+    row(format!("storm of {} connects, completion p99 (us)", args.storm), plain.storm_p99, meshed.storm_p99);
+    println!("{:<44} {:>12} {:>12.1}", "added req/resp p50 (us)", "", meshed.rr_p50 - plain.rr_p50);
+    println!("{:<44} {:>12} {:>12.1}", "added connect+request p50 (us)", "", meshed.crr_p50 - plain.crr_p50);
+    let mib = |v: &[u64]| v.iter().map(|k| format!("{:.1}", *k as f64 / 1024.0)).collect::<Vec<_>>().join(" / ");
+    println!("agent RSS, node1 / node2 (MiB):");
+    println!("  {:<42} {}", "at rest", mib(&rss_rest));
+    println!("  {:<42} {}", format!("{} idle connections held", args.connections), mib(&rss_held));
     println!(
-        "{:<34} {:>12.2} {:>12.2} {:>9.2}x",
-        "1 stream throughput (Gbit/s)",
-        plain.gbit,
-        meshed.gbit,
-        meshed.gbit / plain.gbit
+        "  {:<42} {}",
+        "per idle connection (KiB)",
+        per_conn.iter().map(|k| format!("{k:.2}")).collect::<Vec<_>>().join(" / ")
     );
-    println!(
-        "{:<34} {:>12.1} {:>12.1} {:>9.2}x",
-        format!("{} B req/resp p50 (us)", args.size),
-        plain.p50,
-        meshed.p50,
-        meshed.p50 / plain.p50
-    );
-    println!(
-        "{:<34} {:>12.1} {:>12.1} {:>9.2}x",
-        format!("{} B req/resp p99 (us)", args.size),
-        plain.p99,
-        meshed.p99,
-        meshed.p99 / plain.p99
-    );
-    println!("{:<34} {:>12} {:>12.1}", "added p50 latency (us)", "", meshed.p50 - plain.p50);
-    println!(
-        "{:<34} {:>12} {:>12}",
-        "agent RSS at rest / after (MiB)",
-        "",
-        rss_rest
-            .iter()
-            .zip(&rss_after)
-            .map(|(a, b)| format!("{:.1}/{:.1}", *a as f64 / 1024.0, *b as f64 / 1024.0))
-            .collect::<Vec<_>>()
-            .join(" ")
-    );
+    for (i, r) in churn.iter().enumerate() {
+        println!("  {:<42} {}", format!("at rest after churn round {}", i + 1), mib(r));
+    }
     if let Some(path) = args.json {
-        let v = serde_json::json!({
-            "plaintext": {"gbit_per_s": plain.gbit, "p50_us": plain.p50, "p99_us": plain.p99},
-            "meshless": {"gbit_per_s": meshed.gbit, "p50_us": meshed.p50, "p99_us": meshed.p99},
-            "ratio": {"throughput": meshed.gbit / plain.gbit, "p50": meshed.p50 / plain.p50, "p99": meshed.p99 / plain.p99},
-            "agent_rss_kib": {"rest": rss_rest, "after": rss_after},
+        let figs = |f: &Figures| {
+            json!({"gbit_per_s": f.gbit, "rr_p50_us": f.rr_p50, "rr_p99_us": f.rr_p99, "crr_p50_us": f.crr_p50,
+                   "crr_p99_us": f.crr_p99, "conn_per_s": f.conn_per_s, "storm_p50_us": f.storm_p50, "storm_p99_us": f.storm_p99})
+        };
+        let v = json!({
+            "plaintext": figs(&plain),
+            "meshless": figs(&meshed),
+            "ratio": {"throughput": meshed.gbit / plain.gbit, "rr_p50": meshed.rr_p50 / plain.rr_p50,
+                      "crr_p50": meshed.crr_p50 / plain.crr_p50, "conn_per_s": meshed.conn_per_s / plain.conn_per_s},
+            "agent_rss_kib": {"rest": rss_rest, "held": rss_held, "per_idle_connection": per_conn, "after_churn": churn},
         });
         std::fs::write(&path, serde_json::to_string_pretty(&v)?)
             .with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(())
+}
+
+fn measure(bins: &Bins, client: &Pod, ports: &Ports, args: &Args, label: &str) -> Result<Figures> {
+    let run = |what: &[&str]| -> Result<Value> { json(&run_ok(client.command(&bins.testbin)?.args(what))?) };
+    eprintln!("bench: {label}: one stream for {} s", args.seconds);
+    let bulk = run(&["bulk", &ports.sink, &args.seconds.to_string()])?;
+    eprintln!("bench: {label}: {} round trips of {} B", args.count, args.size);
+    let rr = run(&["rr", &ports.echo, &args.size.to_string(), &args.count.to_string()])?;
+    eprintln!("bench: {label}: {} sequential connect + request + close", args.connections);
+    let crr = run(&["crr", &ports.echo, &args.connections.to_string()])?;
+    eprintln!("bench: {label}: a storm of {} simultaneous connects", args.storm);
+    let storm = run(&["storm", &ports.echo, &args.storm.to_string()])?;
+    if num(&storm, "failed")? > 0.0 {
+        bail!("{label}: storm connections failed: {storm}");
+    }
+    Ok(Figures {
+        gbit: num(&bulk, "gbit_per_s")?,
+        rr_p50: num(&rr, "p50_us")?,
+        rr_p99: num(&rr, "p99_us")?,
+        crr_p50: num(&crr, "p50_us")?,
+        crr_p99: num(&crr, "p99_us")?,
+        conn_per_s: num(&crr, "conn_per_s")?,
+        storm_p50: num(&storm, "p50_us")?,
+        storm_p99: num(&storm, "p99_us")?,
+    })
+}
+
+/// Opens `n` connections from `client` and keeps them until [`release`].
+fn hold(bins: &Bins, client: &Pod, addr: &str, n: usize) -> Result<Child> {
+    let mut child = client
+        .command(&bins.testbin)?
+        .args(["hold", addr, &n.to_string()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let mut line = String::new();
+    BufReader::new(child.stdout.as_mut().expect("piped")).read_line(&mut line)?;
+    if !line.contains("\"held\"") {
+        let _ = child.kill();
+        bail!("holding {n} connections failed (output {line:?})");
+    }
+    Ok(child)
+}
+
+fn release(mut child: Child) -> Result<()> {
+    drop(child.stdin.take());
+    let status = child.wait()?;
+    if !status.success() {
+        bail!("the connection holder failed: {status}");
+    }
+    Ok(())
+}
+
+/// Lets closed connections and freed memory settle before RSS is read.
+fn settle() {
+    std::thread::sleep(Duration::from_millis(1500));
+}
+
+fn rss_all(mesh: &Mesh) -> Result<Vec<u64>> {
+    mesh.agents.iter().map(|&pid| rss_kib(pid)).collect()
 }
 
 fn json(s: &str) -> Result<Value> {

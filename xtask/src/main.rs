@@ -84,7 +84,11 @@ fn build() -> Result<Bins> {
     eprintln!("xtask: building meshless (release, with the embedded eBPF object) and the test tools");
     setup::run_cmd(cargo().args(["build", "--release", "-p", "meshless-agent", "-p", "meshless-tests", "--bins"]))?;
     let target = workspace_root().join("target/release");
-    Ok(Bins { meshless: target.join("meshless"), testbin: target.join("meshless-testbin") })
+    Ok(Bins {
+        meshless: target.join("meshless"),
+        testbin: target.join("meshless-testbin"),
+        peer: target.join("meshless-peer"),
+    })
 }
 
 fn test(extra: &[String]) -> Result<()> {
@@ -94,6 +98,7 @@ fn test(extra: &[String]) -> Result<()> {
     cmd.args(["test", "--release"])
         .env("MESHLESS_BIN", &bins.meshless)
         .env("MESHLESS_TESTBIN", &bins.testbin)
+        .env("MESHLESS_PEER", &bins.peer)
         .arg("--")
         // The end-to-end tests each build a cluster of namespaces and run several processes; on two
         // cores they are more reliable one at a time.

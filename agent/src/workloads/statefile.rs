@@ -131,8 +131,16 @@ impl WorkloadSource for FileSource {
         let first = Arc::new(parse(&path, &text)?);
         let (tx, rx) = watch::channel(first);
         let (events_tx, events) = mpsc::unbounded_channel();
-        let mut watcher = notify::recommended_watcher(move |_| {
-            let _ = events_tx.send(());
+        // Only events about the file itself count (the directory may hold busy files, such as
+        // logs); `..`-prefixed names are how a Kubernetes ConfigMap swaps its content in.
+        let name = path.file_name().map(|n| n.to_os_string());
+        let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+            let ours = |p: &PathBuf| {
+                p.file_name().is_some_and(|n| Some(n) == name.as_deref() || n.to_string_lossy().starts_with(".."))
+            };
+            if event.is_ok_and(|e| e.paths.iter().any(ours)) {
+                let _ = events_tx.send(());
+            }
         })
         .map_err(|source| Error::Watch { path: path.clone(), source })?;
         let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
@@ -157,8 +165,11 @@ async fn watch_file(
                 if e.is_none() {
                     return;
                 }
-                // Let a burst of writes settle, then read once.
-                while tokio::time::timeout(SETTLE, events.recv()).await.is_ok_and(|e| e.is_some()) {}
+                // Let a burst of writes settle (for at most a second), then read once.
+                let until = tokio::time::Instant::now() + Duration::from_secs(1);
+                while tokio::time::Instant::now() < until
+                    && tokio::time::timeout(SETTLE, events.recv()).await.is_ok_and(|e| e.is_some())
+                {}
             }
             _ = tokio::time::sleep(POLL) => {}
             _ = tx.closed() => return,
@@ -307,6 +318,14 @@ pods:
         std::fs::write(&path, GOOD).unwrap();
         let mut rx = Box::new(FileSource { path: path.clone() }).start().unwrap();
         assert_eq!(rx.borrow_and_update().len(), 3);
+        // A busy file beside it (a log) must not keep changes from being noticed.
+        let busy = dir.join("agent.log");
+        let writer = std::thread::spawn(move || {
+            for i in 0..300 {
+                std::fs::write(&busy, format!("line {i}")).unwrap();
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        });
         let wait = |rx: &mut watch::Receiver<Arc<Directory>>| {
             let mut rx = rx.clone();
             async move { tokio::time::timeout(Duration::from_secs(10), rx.changed()).await.is_ok() }
@@ -323,6 +342,7 @@ pods:
         assert!(wait(&mut rx).await, "a valid change must be published");
         let d = rx.borrow_and_update().clone();
         assert!(d.get(&PodKey { namespace: "default".into(), name: "legacy2".into() }).is_some());
+        writer.join().unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

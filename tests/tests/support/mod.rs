@@ -13,7 +13,9 @@ pub fn privileged(test: &str) -> Option<Bins> {
     } else {
         match bins() {
             Some(b) => return Some(b),
-            None => "MESHLESS_BIN/MESHLESS_TESTBIN not set: run it through `cargo xtask test`".to_string(),
+            None => {
+                "MESHLESS_BIN/MESHLESS_TESTBIN/MESHLESS_PEER not set: run it through `cargo xtask test`".to_string()
+            }
         }
     };
     if ci() {
@@ -25,11 +27,56 @@ pub fn privileged(test: &str) -> Option<Bins> {
 
 /// The binaries built by `cargo xtask test`; under `CI=true` their absence is a failure.
 pub fn bins() -> Option<Bins> {
-    match (std::env::var_os("MESHLESS_BIN"), std::env::var_os("MESHLESS_TESTBIN")) {
-        (Some(m), Some(t)) => Some(Bins { meshless: m.into(), testbin: t.into() }),
+    match (std::env::var_os("MESHLESS_BIN"), std::env::var_os("MESHLESS_TESTBIN"), std::env::var_os("MESHLESS_PEER")) {
+        (Some(m), Some(t), Some(p)) => Some(Bins { meshless: m.into(), testbin: t.into(), peer: p.into() }),
         _ if ci() => {
-            panic!("MESHLESS_BIN/MESHLESS_TESTBIN not set under CI=true: run `cargo xtask test`")
+            panic!("MESHLESS_BIN/MESHLESS_TESTBIN/MESHLESS_PEER not set under CI=true: run `cargo xtask test`")
         }
         _ => None,
     }
+}
+
+/// A client started in the background; [`finish`] collects its result.
+pub fn background(cmd: &mut std::process::Command) -> std::process::Child {
+    cmd.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().expect("starting a client")
+}
+
+/// Waits for a background client and returns (success, its last stdout line as JSON (or Null),
+/// stdout, stderr).
+pub fn finish(child: std::process::Child) -> (bool, serde_json::Value, String, String) {
+    let out = child.wait_with_output().expect("waiting for a client");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let json = stdout.lines().last().and_then(|l| serde_json::from_str(l).ok()).unwrap_or(serde_json::Value::Null);
+    (out.status.success(), json, stdout, stderr)
+}
+
+/// Runs a client to its end: (success, stdout, stderr).
+pub fn run(cmd: &mut std::process::Command) -> (bool, String, String) {
+    let out = cmd.output().expect("running a client");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Two nodes with one pod each, both agents running (node 2's with `node2_args`), and an echo
+/// server on the second pod's port 7000 (`to`).
+pub struct Pair {
+    pub tb: meshless_tests::Testbed,
+    pub mesh: meshless_tests::mesh::Mesh,
+    pub to: String,
+}
+
+pub fn echo_pair(label: &str, bins: &Bins, node2_args: &[&str]) -> Pair {
+    let tb =
+        meshless_tests::Testbed::new(meshless_tests::Layout { label, pods: &[1, 1] }).expect("building the testbed");
+    let args = |i: usize| if i == 2 { node2_args.iter().map(|a| a.to_string()).collect() } else { vec![] };
+    let mesh = meshless_tests::mesh::Mesh::start_with(&tb, bins, &|_| Some(true), &args).expect("starting the agents");
+    let server = tb.pod(2, 1);
+    tb.spawn(server.command(&bins.testbin).unwrap().args(["echo-serve", "7000"])).unwrap();
+    meshless_tests::mesh::wait_listening(&server.netns, 7000).unwrap();
+    let to = meshless_tests::sockaddr(server.ipv4.into(), 7000);
+    Pair { tb, mesh, to }
 }

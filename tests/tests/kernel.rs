@@ -1,0 +1,119 @@
+//! The kernel programs' guarantees, as root on the namespace testbed with real agents and eBPF:
+//! original destinations keyed by the full source (two sockets of one pod sharing a port never
+//! collide), per-pod maps (one pod's connect flood cannot evict another pod's pending entry),
+//! the agent's ports closed to apps, and only TCP captured.
+//!
+//! To hold entries pending, the node's agent is paused (SIGSTOP): connects then complete into the
+//! listener's queue, with their original destination filed, until the agent resumes and accepts.
+
+mod support;
+
+use std::time::Duration;
+
+use meshless_tests::mesh::{wait_listening, Mesh};
+use meshless_tests::pcap::{seen, Dump};
+use meshless_tests::{sockaddr, Layout, Testbed};
+use support::{background, finish, run};
+
+#[test]
+fn two_sockets_of_one_pod_sharing_a_source_port_reach_their_own_destinations() {
+    let Some(bins) = support::privileged("same_port") else {
+        return;
+    };
+    let tb = Testbed::new(Layout { label: "sameport", pods: &[1, 1] }).expect("building the testbed");
+    let (client, server) = (tb.pod(1, 1), tb.pod(2, 1));
+    let mesh = Mesh::start(&tb, &bins, &|_| true, &[]).expect("starting the agents");
+    for (port, tag) in [("7100", "to-7100"), ("7101", "to-7101")] {
+        tb.spawn(server.command(&bins.testbin).unwrap().args(["tag-serve", port, tag])).unwrap();
+        wait_listening(&server.netns, port.parse().unwrap()).unwrap();
+    }
+    // A second address on the client pod: two sockets may then share a source port.
+    client.netns.ip("addr add 198.19.1.201/24 dev eth0").unwrap();
+    let agent = mesh.agents[0];
+    tb.signal(agent, libc::SIGSTOP);
+    let both = background(client.command(&bins.testbin).unwrap().args([
+        "same-port",
+        "41000",
+        &client.ipv4.to_string(),
+        &sockaddr(server.ipv4.into(), 7100),
+        "198.19.1.201",
+        &sockaddr(server.ipv4.into(), 7101),
+    ]));
+    std::thread::sleep(Duration::from_millis(500));
+    tb.signal(agent, libc::SIGCONT);
+    let (ok, _, out, err) = finish(both);
+    assert!(ok, "{err}");
+    assert_eq!(out, "to-7100\nto-7101\n", "each socket must reach the destination it dialed");
+}
+
+#[test]
+fn one_pods_connect_flood_cannot_evict_another_pods_pending_connection() {
+    let Some(bins) = support::privileged("flood") else {
+        return;
+    };
+    let tb = Testbed::new(Layout { label: "flood", pods: &[2, 1] }).expect("building the testbed");
+    let (victim, flooder, server) = (tb.pod(1, 1), tb.pod(1, 2), tb.pod(2, 1));
+    let mesh = Mesh::start(&tb, &bins, &|_| true, &[]).expect("starting the agents");
+    // Its stderr is left out: the flood's own connections end in resets there.
+    tb.spawn(
+        server
+            .command(&bins.testbin)
+            .unwrap()
+            .args(["tag-serve", "7100", "served"])
+            .stderr(std::process::Stdio::null()),
+    )
+    .unwrap();
+    wait_listening(&server.netns, 7100).unwrap();
+    let to = sockaddr(server.ipv4.into(), 7100);
+    let agent = mesh.agents[0];
+    tb.signal(agent, libc::SIGSTOP);
+    // The victim's connection waits in the listener's queue, its destination filed.
+    let victim_call = background(victim.command(&bins.testbin).unwrap().args(["send", &to, "v"]));
+    std::thread::sleep(Duration::from_millis(300));
+    // More connects than a map shared by all pods would hold (65536): each files an entry.
+    let (ok, out, err) = run(flooder.command(&bins.testbin).unwrap().args(["flood", &to, "70000"]));
+    tb.signal(agent, libc::SIGCONT);
+    assert!(ok, "{err}");
+    let attempts: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(attempts["attempts"], 70000, "the flood must complete to mean anything: {attempts}");
+    let (ok, _, out, err) = finish(victim_call);
+    assert!(ok && out == "served", "the victim's pending connection was lost to the flood: {out} {err}");
+    // Both pods go on working.
+    for pod in [victim, flooder] {
+        let (ok, out, err) = run(pod.command(&bins.testbin).unwrap().args(["send", &to, "after"]));
+        assert!(ok && out == "served", "{} after the flood: {err}", pod.name);
+    }
+}
+
+#[test]
+fn apps_in_enrolled_pods_cannot_bind_the_agents_ports_and_only_tcp_is_captured() {
+    let Some(bins) = support::privileged("bind_and_mptcp") else {
+        return;
+    };
+    let tb = Testbed::new(Layout { label: "bindmptcp", pods: &[2, 1] }).expect("building the testbed");
+    let (enrolled, outsider, server) = (tb.pod(1, 1), tb.pod(1, 2), tb.pod(2, 1));
+    let mesh = Mesh::start(&tb, &bins, &|p| !(p.node == 1 && p.name == "pod2"), &[]).expect("starting the agents");
+    for port in ["15001", "15006", "15008"] {
+        let (ok, _, err) = run(enrolled.command(&bins.testbin).unwrap().args(["echo-serve", port]));
+        assert!(!ok && err.contains("Operation not permitted"), "an enrolled pod's app bound port {port}: {err}");
+    }
+    // A pod outside the mesh is left alone: it may bind what it likes.
+    let squat = tb.spawn(outsider.command(&bins.testbin).unwrap().args(["echo-serve", "15006"])).unwrap();
+    wait_listening(&outsider.netns, 15006).expect("a pod outside the mesh may bind 15006");
+    tb.stop(squat);
+
+    // MPTCP is a SOCK_STREAM socket too, but not TCP: it is not captured (and goes out as is).
+    tb.spawn(server.command(&bins.testbin).unwrap().args(["echo-serve", "7000"])).unwrap();
+    wait_listening(&server.netns, 7000).unwrap();
+    let to = sockaddr(server.ipv4.into(), 7000);
+    let dump = Dump::start(&tb, 1, "mptcp").unwrap();
+    let (ok, out, err) = run(enrolled.command(&bins.testbin).unwrap().args(["send-mptcp", &to, "mptcp-marker-7f3"]));
+    assert!(ok && out == "mptcp-marker-7f3<16 bytes>", "{err}");
+    let (ok, out, err) = run(enrolled.command(&bins.testbin).unwrap().args(["send", &to, "tcp-marker-2a9"]));
+    assert!(ok && out == "tcp-marker-2a9<14 bytes>", "{err}");
+    let segs = dump.finish(&tb).unwrap();
+    assert!(seen(&segs, "mptcp-marker-7f3"), "the MPTCP connection must not have been captured");
+    assert!(!seen(&segs, "tcp-marker-2a9"), "control: the TCP connection is captured and encrypted");
+    let carried = mesh.log_lines(2).into_iter().filter(|l| l["message"] == "inbound connection authorized").count();
+    assert_eq!(carried, 1, "only the TCP connection went through the mesh");
+}

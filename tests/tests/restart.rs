@@ -1,0 +1,115 @@
+//! Restarts and upgrades, as root on the namespace testbed with real agents and eBPF: an upgrade
+//! (a second agent started while the first runs, then the first told to stop) loses no connection,
+//! new or established; after kill -9 nothing leaves an enrolled pod in plaintext, the connections
+//! that agent carried end, and a restarted agent adopts the pinned state and serves again.
+
+mod support;
+
+use std::time::Duration;
+
+use meshless_tests::mesh::{json_lines, TRUST_DOMAIN};
+use meshless_tests::pcap::{seen, Dump};
+use support::{background, echo_pair, finish, run, Pair};
+
+#[test]
+fn an_upgrade_under_load_loses_no_new_connection_and_keeps_the_established_ones() {
+    let Some(bins) = support::privileged("upgrade") else {
+        return;
+    };
+    let Pair { tb, mut mesh, to } = echo_pair("upgrade", &bins, &[]);
+    let client = tb.pod(1, 1);
+    let stream = background(client.command(&bins.testbin).unwrap().args(["stream", &to, "9", "10"]));
+    let long = background(client.command(&bins.testbin).unwrap().args(["longlived", &to, "7"]));
+    std::thread::sleep(Duration::from_millis(800));
+
+    // Upgrade the server side's agent, then the client side's, each while the other runs.
+    let mut old = Vec::new();
+    for node in [2, 1] {
+        let (old_pid, old_log) = (mesh.agents[node - 1], mesh.logs[node - 1].clone());
+        let (_, new_log) = mesh.spawn_agent(&tb, &bins, node).expect("the successor becomes ready");
+        let took =
+            json_lines(&new_log).into_iter().find(|l| l["message"] == "took over the listeners of the running agent");
+        assert_eq!(
+            took.as_ref().map(|l| l["listeners"].as_u64()),
+            Some(Some(3)),
+            "the successor takes the pod's three listeners: {took:?}"
+        );
+        tb.signal(old_pid, libc::SIGTERM);
+        old.push((node, old_pid, old_log));
+        std::thread::sleep(Duration::from_millis(800));
+    }
+
+    let (ok, result, _, err) = finish(long);
+    assert!(ok, "the long-lived connection did not survive the upgrade: {err}");
+    assert!(result["rounds"].as_u64().unwrap_or(0) > 50, "{result}");
+    let (ok, result, _, err) = finish(stream);
+    assert!(ok, "{err}");
+    assert_eq!(result["failed"], 0, "new connections failed during the upgrade: {err}");
+    assert!(result["ok"].as_u64().unwrap_or(0) > 200, "{result}");
+
+    // The old agents drained their connections and left on their own.
+    for (node, pid, log) in old {
+        let status = tb.wait_exit(pid, Duration::from_secs(40));
+        assert!(status.is_some_and(|s| s.success()), "node{node}'s old agent did not exit cleanly: {status:?}");
+        let lines = json_lines(&log);
+        assert!(
+            lines
+                .iter()
+                .any(|l| l["message"] == "stopped accepting; draining connections"
+                    && l["why"] == "a successor took over"),
+            "node{node}'s old agent did not hand over: {lines:?}"
+        );
+        let stopped = lines.iter().find(|l| l["message"] == "agent stopped").expect("the old agent logs its stop");
+        assert_eq!(stopped["drained"], true, "node{node}'s old agent had to reset connections: {stopped}");
+    }
+    // The new agents serve on their own.
+    let (ok, out, err) = run(client.command(&bins.testbin).unwrap().args(["send", &to, "after-upgrade"]));
+    assert!(ok && out == "after-upgrade<13 bytes>", "{err}");
+    let id = tb.spiffe_id(TRUST_DOMAIN, client);
+    assert!(mesh.wait_log(2, "inbound connection authorized", |l| l["src_id"] == id.as_str()).is_some());
+}
+
+#[test]
+fn after_kill_9_nothing_leaves_in_plaintext_and_a_restarted_agent_serves_again() {
+    let Some(bins) = support::privileged("kill9") else {
+        return;
+    };
+    let Pair { tb, mut mesh, to } = echo_pair("kill9", &bins, &[]);
+    let client = tb.pod(1, 1);
+    let dump = Dump::start(&tb, 1, "kill9").unwrap();
+    let long = background(client.command(&bins.testbin).unwrap().args(["longlived", &to, "20"]));
+    std::thread::sleep(Duration::from_millis(500));
+
+    let killed = mesh.agents[0];
+    tb.signal(killed, libc::SIGKILL);
+    assert!(tb.wait_exit(killed, Duration::from_secs(10)).is_some(), "the agent did not die");
+    // The connection that agent carried ends (it held its sockets).
+    let (ok, _, _, err) = finish(long);
+    assert!(!ok, "a connection carried by a killed agent cannot go on");
+    assert!(err.contains("round"), "it ends with an error in mid-conversation: {err}");
+    // While no agent runs, the pinned programs still capture: the connect is refused, nothing
+    // leaves the pod in plaintext.
+    for marker in ["gap-marker-a4e", "gap-marker-b71"] {
+        let (ok, _, err) = run(client.command(&bins.testbin).unwrap().args(["send", &to, marker]));
+        assert!(!ok && err.contains("Connection refused"), "a connect while no agent runs must be refused: {err}");
+    }
+
+    let (_, log) = mesh.spawn_agent(&tb, &bins, 1).expect("a restarted agent becomes ready");
+    let attached = json_lines(&log)
+        .into_iter()
+        .find(|l| l["message"].as_str().is_some_and(|m| m.starts_with("eBPF capture attached")));
+    let attached = attached.expect("the restarted agent attaches its programs");
+    assert_eq!(attached["replaced_links"], 7, "the restarted agent replaces the 7 pinned links: {attached}");
+    let (ok, out, err) = run(client.command(&bins.testbin).unwrap().args(["send", &to, "after-restart-marker"]));
+    assert!(ok && out == "after-restart-marker<20 bytes>", "{err}");
+    let id = tb.spiffe_id(TRUST_DOMAIN, client);
+    assert!(mesh.wait_log(2, "inbound connection authorized", |l| l["src_id"] == id.as_str()).is_some());
+    let segs = dump.finish(&tb).unwrap();
+    for marker in ["gap-marker-a4e", "gap-marker-b71", "after-restart-marker", "round-0000"] {
+        assert!(!seen(&segs, marker), "{marker} crossed the node link in plaintext");
+    }
+    assert!(
+        segs.iter().any(|s| (s.dst_port == 15008 || s.src_port == 15008) && s.payload.starts_with(&[0x17, 3, 3])),
+        "control: the capture holds the tunnel's TLS records"
+    );
+}
