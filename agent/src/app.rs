@@ -20,6 +20,10 @@ use crate::pool::Pool;
 use crate::workloads::{Store, WorkloadSource};
 use crate::Error;
 
+/// Free memory goes back to the kernel once at least this many connections have closed since
+/// the peak (and half of them).
+const TRIM_AFTER_DROP: usize = 256;
+
 /// What every part of the running agent shares (read-mostly).
 pub struct Shared {
     pub config: Arc<AgentConfig>,
@@ -95,6 +99,8 @@ pub async fn run(config: Arc<AgentConfig>, deps: Deps, shutdown: impl Future<Out
 
     tokio::pin!(shutdown);
     let mut adopted: Option<oneshot::Receiver<()>> = None;
+    let mut memory = tokio::time::interval(std::time::Duration::from_secs(1));
+    let mut trimmer = crate::limits::Trimmer::new(TRIM_AFTER_DROP);
     let why = loop {
         let retry = manager.next_retry();
         tokio::select! {
@@ -109,6 +115,11 @@ pub async fn run(config: Arc<AgentConfig>, deps: Deps, shutdown: impl Future<Out
                 manager.reconcile(&dir).await;
             }
             _ = sleep_until(retry), if retry.is_some() => manager.retry_due().await,
+            _ = memory.tick() => {
+                if trimmer.observe(manager.live_connections()) {
+                    crate::limits::release_free_memory();
+                }
+            }
             Some(req) = successors.recv() => {
                 let _ = req.listeners.send(manager.handover_listeners());
                 adopted = Some(req.adopted);

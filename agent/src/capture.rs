@@ -26,7 +26,7 @@ use tracing::{info, warn};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("loading the eBPF object: {0} (is the kernel ≥ 5.15 with BPF and BTF enabled, and are we root?)")]
+    #[error("loading the eBPF object: {0} (is the kernel ≥ 5.19 with BPF and BTF enabled, and are we root?)")]
     Load(#[from] aya::EbpfError),
     #[error("eBPF program {name}: {source}")]
     Program { name: &'static str, source: aya::programs::ProgramError },

@@ -1,6 +1,5 @@
 //! The agent's configuration: parsed once (flags or `MESHLESS_*` environment variables), logged at
-//! start, and shared read-only as `Arc<AgentConfig>`. Tests build it with [`AgentConfig::for_tests`]
-//! style literals rather than through the environment.
+//! start, and shared read-only as `Arc<AgentConfig>`.
 
 use std::path::PathBuf;
 use std::time::Duration;

@@ -201,6 +201,17 @@ impl Manager {
         c
     }
 
+    /// Connections in progress on all pods.
+    pub fn live_connections(&self) -> usize {
+        self.slots
+            .values()
+            .map(|s| match s {
+                Slot::Running { pod, .. } => pod.conns.len(),
+                _ => 0,
+            })
+            .sum()
+    }
+
     /// The netns cookies of every pod this agent has written to the kernel.
     pub fn cookies(&self) -> Vec<u64> {
         self.slots

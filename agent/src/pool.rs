@@ -93,7 +93,9 @@ impl Pool {
                         return Err(Error::Connect(format!("{}: {e}", key.dst)));
                     } else {
                         attempts.count += 1;
-                        let conn = match connect().await {
+                        // Boxed: the handshake's state is large and rare; inline, every stream's
+                        // task would carry room for it for its whole life.
+                        let conn = match Box::pin(connect()).await {
                             Ok(c) => {
                                 attempts.last_error = None;
                                 c

@@ -142,6 +142,9 @@ async fn outbound(shared: Arc<Shared>, pod: Arc<LocalPod>, app: TcpStream, peer:
 fn log_end(what: &'static str, ended: &Ended) {
     match ended {
         Ended::Clean(up, down) => debug!(what, bytes_up = up, bytes_down = down, "connection closed"),
+        Ended::Reset(e) if matches!(e.kind(), std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::TimedOut) => {
+            warn!(what, error = %e, "the destination's agent refused or did not answer; the app's connection was reset")
+        }
         Ended::Reset(e) => debug!(what, error = %e, "connection reset"),
         Ended::Cancelled => debug!(what, "connection reset at the drain deadline"),
     }
@@ -181,7 +184,8 @@ async fn tunnel_connection(shared: Arc<Shared>, pod: Arc<LocalPod>, tcp: TcpStre
         }
     };
     let limits = &shared.config.tunnel;
-    if let Err(e) = tunnel::serve(tcp, pod.tls.server.clone(), limits, permit, pod.draining.clone(), handler).await {
+    let served = tunnel::serve(tcp, pod.tls.server.clone(), limits, permit, pod.draining.clone(), &pod.conns, handler);
+    if let Err(e) = served.await {
         warn!(error = %e, "inbound tunnel connection refused or failed");
     }
 }

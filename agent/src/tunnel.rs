@@ -47,10 +47,6 @@ pub enum Error {
     NoRequest,
     #[error("HTTP/2 with the peer failed: {0}")]
     H2(#[from] h2::Error),
-    #[error("peer refused the CONNECT with status {0}")]
-    Refused(StatusCode),
-    #[error("peer did not answer the CONNECT in time")]
-    AnswerTimeout,
     #[error("peer certificate: {0}")]
     PeerId(String),
     #[error("building the CONNECT request: {0}")]
@@ -210,8 +206,11 @@ pub async fn handshake(
     Ok(ClientConn { send, closed, close })
 }
 
-/// Opens one CONNECT stream to `target` on a tunnel connection, waiting at most `timeout` for
-/// the answer.
+/// Opens one CONNECT stream to `target` on a tunnel connection. The stream is returned as soon
+/// as the request is sent: the application's first bytes follow at once instead of a round trip
+/// later, and the answer (within `timeout`) is awaited before anything is passed back — a refusal
+/// then resets the application's connection, as a failed connect would. Errors here mean nothing
+/// reached the peer, so the caller may retry elsewhere.
 pub async fn open(
     send: &h2::client::SendRequest<Bytes>,
     target: SocketAddr,
@@ -219,11 +218,7 @@ pub async fn open(
 ) -> Result<H2Stream, Error> {
     let mut send = send.clone().ready().await?;
     let (response, stream) = send.send_request(connect_request(target)?, false)?;
-    let response = tokio::time::timeout(timeout, response).await.map_err(|_| Error::AnswerTimeout)??;
-    if response.status() != StatusCode::OK {
-        return Err(Error::Refused(response.status()));
-    }
-    Ok(H2Stream { send: stream, recv: response.into_body() })
+    Ok(H2Stream { send: stream, recv: Recv::Answer { response, timeout } })
 }
 
 /// One CONNECT received by the tunnel server, waiting for the handler's decision.
@@ -240,7 +235,7 @@ impl Inbound {
     /// Answers 200 and returns the stream to splice.
     pub fn accept(mut self) -> Result<H2Stream, Error> {
         let send = self.respond.send_response(status_only(StatusCode::OK), false)?;
-        Ok(H2Stream { send, recv: self.body })
+        Ok(H2Stream { send, recv: Recv::Ready(self.body) })
     }
 
     /// Answers with `status` and ends the stream.
@@ -251,7 +246,8 @@ impl Inbound {
 
 /// Serves HBONE on one accepted TCP connection: TLS (client certificate verified by `tls`) and
 /// the HTTP/2 preface within the handshake deadline, the first CONNECT within the request
-/// deadline, then every CONNECT goes to `handler` in a task of its own. The connection ends when
+/// deadline, then every CONNECT goes to `handler` in a task of its own (spawned on `tasks`, so
+/// whoever drains them waits for the streams too). The connection ends when
 /// the peer closes it, stops answering pings, stays idle past the idle timeout, or `drain` fires
 /// (then a GOAWAY lets the streams in progress finish). `handshake_permit` is released as soon as
 /// the TLS handshake and preface are done.
@@ -261,6 +257,7 @@ pub async fn serve<H, F>(
     limits: &TunnelLimits,
     handshake_permit: impl Send,
     drain: CancellationToken,
+    tasks: &tokio_util::task::TaskTracker,
     handler: H,
 ) -> Result<(), Error>
 where
@@ -315,7 +312,7 @@ where
         first = false;
         let target = parse_target(&req);
         let inbound = Inbound { peer: peer.clone(), target, respond, body: req.into_body() };
-        tokio::spawn(handler(inbound, activity.enter()));
+        tasks.spawn(handler(inbound, activity.enter()));
     }
 }
 
@@ -328,7 +325,34 @@ fn status_only(status: StatusCode) -> Response<()> {
 /// One HBONE CONNECT stream. [`H2Stream::splice`] joins it to a TCP connection.
 pub struct H2Stream {
     send: SendStream<Bytes>,
-    recv: RecvStream,
+    recv: Recv,
+}
+
+/// The receiving side of a stream: ready, or (client side) behind the answer to the CONNECT.
+enum Recv {
+    Ready(RecvStream),
+    Answer { response: h2::client::ResponseFuture, timeout: Duration },
+}
+
+impl Recv {
+    async fn ready(self) -> io::Result<RecvStream> {
+        match self {
+            Recv::Ready(r) => Ok(r),
+            Recv::Answer { response, timeout } => {
+                let response = tokio::time::timeout(timeout, response)
+                    .await
+                    .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "peer did not answer the CONNECT in time"))?
+                    .map_err(h2_io)?;
+                if response.status() != StatusCode::OK {
+                    return Err(io::Error::new(
+                        io::ErrorKind::ConnectionRefused,
+                        format!("peer refused the CONNECT with status {}", response.status()),
+                    ));
+                }
+                Ok(response.into_body())
+            }
+        }
+    }
 }
 
 /// Reads from the TCP side start this big and double up to the maximum while reads fill them;
@@ -362,9 +386,9 @@ impl H2Stream {
     /// passed on as such (TCP EOF → END_STREAM, END_STREAM → TCP FIN) while the other goes on. An
     /// error or reset on either side resets both: RST_STREAM to the peer, TCP RST to the app.
     pub async fn splice(self, tcp: TcpStream, cancel: &CancellationToken) -> Ended {
-        let H2Stream { mut send, mut recv } = self;
+        let H2Stream { mut send, recv } = self;
         let result = tokio::select! {
-            r = async { tokio::try_join!(upload(&tcp, &mut send), download(&tcp, &mut recv)) } => r,
+            r = async { tokio::try_join!(upload(&tcp, &mut send), download(&tcp, recv)) } => r,
             _ = cancel.cancelled() => {
                 send.send_reset(Reason::CANCEL);
                 reset(tcp);
@@ -436,7 +460,8 @@ async fn upload(tcp: &TcpStream, send: &mut SendStream<Bytes>) -> io::Result<u64
 }
 
 /// Tunnel → TCP.
-async fn download(tcp: &TcpStream, recv: &mut RecvStream) -> io::Result<u64> {
+async fn download(tcp: &TcpStream, recv: Recv) -> io::Result<u64> {
+    let mut recv = recv.ready().await?;
     let mut total = 0u64;
     while let Some(data) = recv.data().await {
         let data = data.map_err(h2_io)?;
@@ -585,7 +610,8 @@ mod tests {
                             }
                         }
                     };
-                    let _ = serve(tcp, tls, &limits(), (), CancellationToken::new(), handler).await;
+                    let tasks = tokio_util::task::TaskTracker::new();
+                    let _ = serve(tcp, tls, &limits(), (), CancellationToken::new(), &tasks, handler).await;
                 });
             }
         });
@@ -650,8 +676,18 @@ mod tests {
     async fn refused_connects_and_wrong_peer_identities_fail_the_client() {
         let p = pki("refuse");
         let (addr, _seen, _ends) = server(p.server.server.clone(), App::Echo).await;
-        let err = client_stream(&p, addr, "127.0.0.1:1").await.err().unwrap();
-        assert!(matches!(err, Error::Refused(StatusCode::SERVICE_UNAVAILABLE)), "got {err}");
+        // The refusal arrives after the stream opened: the app's connection is reset.
+        let (s, _conn) = client_stream(&p, addr, "127.0.0.1:1").await.unwrap();
+        let (agent_end, mut app) = tcp_pair().await;
+        match s.splice(agent_end, &CancellationToken::new()).await {
+            Ended::Reset(e) => {
+                assert_eq!(e.kind(), io::ErrorKind::ConnectionRefused);
+                assert!(e.to_string().contains("status 503"), "{e}");
+            }
+            other => panic!("a refused CONNECT must reset the app's connection, got {other:?}"),
+        }
+        let err = app.read(&mut [0u8; 8]).await.expect_err("the app sees a reset");
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionReset);
         // The client expects another identity than the server presents: the handshake fails.
         let other = workload_id(&TrustDomain::new("cluster.local").unwrap(), "default", "someone-else").unwrap();
         let tcp = TcpStream::connect(addr).await.unwrap();
@@ -672,7 +708,9 @@ mod tests {
         // Server side: a client connects and never sends a ClientHello.
         let (agent_end, _silent_client) = tcp_pair().await;
         let limits = limits();
-        let served = serve(agent_end, p.server.server.clone(), &limits, (), CancellationToken::new(), |_, _| async {});
+        let tasks = tokio_util::task::TaskTracker::new();
+        let served =
+            serve(agent_end, p.server.server.clone(), &limits, (), CancellationToken::new(), &tasks, |_, _| async {});
         assert!(matches!(served.await, Err(Error::Timeout)), "server must give up on a silent client");
     }
 

@@ -95,7 +95,12 @@ impl Mesh {
             n => tb.dir.join(format!("agent-node{node}-{n}.log")),
         };
         let mut cmd = tb.node(node).netns.command(&bins.meshless, None)?;
-        cmd.args(["agent", "--log-format", "json", "--log", "info,meshless=debug", "--state"])
+        cmd.args(["agent", "--log-format", "json"]);
+        // Debug logs unless the caller chose a level (the bench runs at the production level).
+        if !self.args[i].iter().any(|a| a == "--log") {
+            cmd.args(["--log", "info,meshless=debug"]);
+        }
+        cmd.arg("--state")
             .arg(&self.states[i])
             .arg("--ca-dir")
             .arg(&self.ca_dir)

@@ -117,6 +117,11 @@ pub fn run(bins: &Bins, args: Args) -> Result<()> {
         backend.ipv4
     );
     println!("   agent logs: {} {}", mesh.logs[0].display(), mesh.logs[1].display());
+    println!(
+        "   the state files are live: edit {} (or {}) and the agent applies the change at once",
+        mesh.states[0].display(),
+        mesh.states[1].display()
+    );
     while !stop.load(Ordering::SeqCst) {
         std::thread::sleep(Duration::from_millis(200));
     }

@@ -11,9 +11,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use notify::Watcher as _;
+use futures_util::StreamExt as _;
+use inotify::{Inotify, WatchMask};
 use serde::Deserialize;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tracing::{info, warn};
 
 use super::{Directory, PodKey, Workload, WorkloadSource};
@@ -28,7 +29,7 @@ pub enum Error {
     #[error("state file {path}: {msg}")]
     Invalid { path: PathBuf, msg: String },
     #[error("watching state file {path}: {source}")]
-    Watch { path: PathBuf, source: notify::Error },
+    Watch { path: PathBuf, source: std::io::Error },
 }
 
 /// The file as written (camelCase YAML; see the README for an example).
@@ -112,9 +113,10 @@ pub fn parse(path: &Path, text: &str) -> Result<Directory, Error> {
     Directory::new(trust_domain, raw.node, raw.cgroup_parent, workloads).map_err(|e| invalid(e.0))
 }
 
-/// The state file as a [`WorkloadSource`]: read at start, then watched (inotify on its directory,
-/// so editors that replace the file and Kubernetes ConfigMap symlink swaps are seen, plus a slow
-/// poll as a safety net).
+/// The state file as a [`WorkloadSource`]: read at start, then watched (inotify on its directory
+/// for files written, created, moved in or deleted — so editors that replace the file and
+/// Kubernetes ConfigMap symlink swaps are seen, while appends to other open files, such as logs,
+/// cost nothing — plus a slow poll as a safety net).
 pub struct FileSource {
     pub path: PathBuf,
 }
@@ -130,24 +132,13 @@ impl WorkloadSource for FileSource {
         let text = std::fs::read_to_string(&path).map_err(|source| Error::Read { path: path.clone(), source })?;
         let first = Arc::new(parse(&path, &text)?);
         let (tx, rx) = watch::channel(first);
-        let (events_tx, events) = mpsc::unbounded_channel();
-        // Only events about the file itself count (the directory may hold busy files, such as
-        // logs); `..`-prefixed names are how a Kubernetes ConfigMap swaps its content in.
-        let name = path.file_name().map(|n| n.to_os_string());
-        let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-            let ours = |p: &PathBuf| {
-                p.file_name().is_some_and(|n| Some(n) == name.as_deref() || n.to_string_lossy().starts_with(".."))
-            };
-            if event.is_ok_and(|e| e.paths.iter().any(ours)) {
-                let _ = events_tx.send(());
-            }
-        })
-        .map_err(|source| Error::Watch { path: path.clone(), source })?;
+        let watch_err = |source| Error::Watch { path: path.clone(), source };
         let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-        watcher
-            .watch(dir, notify::RecursiveMode::NonRecursive)
-            .map_err(|source| Error::Watch { path: path.clone(), source })?;
-        tokio::spawn(watch_file(path, text, tx, events, watcher));
+        let inotify = Inotify::init().map_err(watch_err)?;
+        let mask = WatchMask::CLOSE_WRITE | WatchMask::MOVED_TO | WatchMask::CREATE | WatchMask::DELETE;
+        inotify.watches().add(dir, mask).map_err(watch_err)?;
+        let events = inotify.into_event_stream(vec![0u8; 4096]).map_err(watch_err)?;
+        tokio::spawn(watch_file(path, text, tx, events));
         Ok(rx)
     }
 }
@@ -156,19 +147,26 @@ async fn watch_file(
     path: PathBuf,
     mut last: String,
     tx: watch::Sender<Arc<Directory>>,
-    mut events: mpsc::UnboundedReceiver<()>,
-    _watcher: notify::RecommendedWatcher,
+    mut events: inotify::EventStream<Vec<u8>>,
 ) {
+    // Events about the file itself; `..`-prefixed names are how a ConfigMap swaps its content in.
+    let name = path.file_name().map(|n| n.to_os_string());
+    let ours = move |e: &std::io::Result<inotify::Event<std::ffi::OsString>>| {
+        e.as_ref().is_ok_and(|e| {
+            e.name.as_ref().is_some_and(|n| Some(n) == name.as_ref() || n.to_string_lossy().starts_with(".."))
+        })
+    };
     loop {
         tokio::select! {
-            e = events.recv() => {
-                if e.is_none() {
-                    return;
+            e = events.next() => {
+                let Some(e) = e else { return };
+                if !ours(&e) {
+                    continue;
                 }
                 // Let a burst of writes settle (for at most a second), then read once.
                 let until = tokio::time::Instant::now() + Duration::from_secs(1);
                 while tokio::time::Instant::now() < until
-                    && tokio::time::timeout(SETTLE, events.recv()).await.is_ok_and(|e| e.is_some())
+                    && tokio::time::timeout(SETTLE, events.next()).await.is_ok_and(|e| e.is_some())
                 {}
             }
             _ = tokio::time::sleep(POLL) => {}
@@ -318,7 +316,7 @@ pods:
         std::fs::write(&path, GOOD).unwrap();
         let mut rx = Box::new(FileSource { path: path.clone() }).start().unwrap();
         assert_eq!(rx.borrow_and_update().len(), 3);
-        // A busy file beside it (a log) must not keep changes from being noticed.
+        // A busy file beside it (a log, rewritten here) must not keep changes from being noticed.
         let busy = dir.join("agent.log");
         let writer = std::thread::spawn(move || {
             for i in 0..300 {
