@@ -280,12 +280,31 @@ fn tunnel_port_refuses_clients_without_a_certificate_from_the_trust_bundle() {
     let good = https(&["--cert", c.to_str().unwrap(), "--key", k.to_str().unwrap()]);
     assert_eq!(String::from_utf8_lossy(&good.stdout), "400", "genuine certificate should reach HBONE: {:?}", good);
 
-    // Garbage on the tunnel port costs that connection only; the agent keeps serving.
-    let garbage = node1_send(&bins, node1, &sockaddr(server.ipv4.into(), 15008), "\x16\x03\x01\x01\x05hello-not-tls");
-    assert!(garbage.is_empty() || !garbage.contains("HTTP"), "garbage must not get an answer: {garbage}");
+    // Garbage on the tunnel port: a complete TLS handshake record (261 bytes long) that is not a
+    // ClientHello. The agent closes that connection at once (nothing but TLS comes back: at most an
+    // alert), logs why, and keeps serving.
+    let tls_failures = || {
+        mesh.log_lines(2)
+            .iter()
+            .filter(|l| l["error"].as_str().is_some_and(|e| e.starts_with("TLS with the peer failed")))
+            .count()
+    };
+    let before = tls_failures();
+    let garbage = format!("\x16\x03\x01\x01\x05{}", "h".repeat(0x105));
+    let out = node1
+        .command(&bins.testbin, None)
+        .unwrap()
+        .args(["end", &sockaddr(server.ipv4.into(), 15008), &garbage])
+        .output()
+        .unwrap();
+    let ended: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|_| panic!("garbage client: {}", String::from_utf8_lossy(&out.stderr)));
+    let reply = ended["reply"].as_str().unwrap_or_default();
+    assert!(reply.is_empty() || reply.starts_with("\u{15}\u{3}"), "garbage got more than a TLS alert: {ended}");
+    assert!(matches!(ended["end"].as_str(), Some("eof" | "reset")), "the agent must close the connection: {ended}");
     assert!(
-        mesh.wait_log(2, "inbound tunnel connection refused or failed", |_| true).is_some(),
-        "the agent should log the refused connections"
+        wait_for(Duration::from_secs(10), || (tls_failures() > before).then_some(())).is_some(),
+        "the agent should log the garbage connection's TLS failure"
     );
     tb.spawn(server.command(&bins.testbin).unwrap().args(["echo-serve", "7001"])).unwrap();
     wait_listening(&server.netns, 7001).unwrap();
@@ -297,11 +316,6 @@ fn tunnel_port_refuses_clients_without_a_certificate_from_the_trust_bundle() {
         .output()
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout), "still-alive<11 bytes>", "agent should survive bad input");
-}
-
-fn node1_send(bins: &support::Bins, ns: &meshless_tests::Netns, addr: &str, text: &str) -> String {
-    let out = ns.command(&bins.testbin, None).unwrap().args(["send", addr, text]).output().unwrap();
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 #[test]
