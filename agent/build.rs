@@ -7,6 +7,16 @@ use std::path::Path;
 use anyhow::Context as _;
 
 fn main() -> anyhow::Result<()> {
+    // gRPC services: the issuer's (meshless's own) and the SPIFFE Workload API (server side).
+    // protoc comes from Debian's protobuf-compiler (`cargo xtask setup` installs it).
+    let proto = Path::new(env!("CARGO_MANIFEST_DIR")).join("proto");
+    println!("cargo:rerun-if-changed={}", proto.display());
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .compile_protos(&[proto.join("issuer.proto"), proto.join("workload.proto")], std::slice::from_ref(&proto))
+        .context("generating the gRPC code from agent/proto (is protoc installed? run `cargo xtask setup`)")?;
+
     let ebpf_dir =
         Path::new(env!("CARGO_MANIFEST_DIR")).parent().context("agent crate has a parent directory")?.join("ebpf");
     let ebpf_dir = ebpf_dir.to_str().context("workspace path is not UTF-8")?;

@@ -12,6 +12,7 @@ use tracing::{info, warn};
 use crate::capture::Capture;
 use crate::config::AgentConfig;
 use crate::handover::{self, Inherited};
+use crate::identity::store::{Identities, Rotation};
 use crate::identity::{CertificateSource, TrustDomain};
 use crate::limits::HandshakeLimiter;
 use crate::netns::{self, Netns};
@@ -30,11 +31,14 @@ pub struct Shared {
     pub trust_domain: TrustDomain,
     pub store: Store,
     pub capture: Capture,
-    pub certs: Arc<dyn CertificateSource>,
+    /// The pods' certificates, kept fresh.
+    pub identities: Arc<Identities>,
     /// The agent's own netns, where threads return after creating sockets in a pod's.
     pub home: Netns,
     pub pool: Pool,
     pub handshakes: Arc<HandshakeLimiter>,
+    /// The enrolled pods, as the lifecycle manager last published them (Workload API).
+    pub local_pods: crate::workload_api::LocalPods,
 }
 
 /// The injected parts of an agent.
@@ -47,6 +51,17 @@ pub struct Deps {
 pub async fn run(config: Arc<AgentConfig>, deps: Deps, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
     let mut updates = deps.workloads.start()?;
     let first = updates.borrow_and_update().clone();
+    let rotation =
+        Rotation { renew_fraction: config.identity.renew_fraction, bundle_refresh: config.identity.bundle_refresh };
+    let identities = Identities::new(deps.certs, rotation).await?;
+    if identities.trust_domain != first.trust_domain {
+        return Err(crate::identity::Error::Bundle(format!(
+            "the certificate source serves trust domain {}, the workload directory says {}",
+            identities.trust_domain, first.trust_domain
+        ))
+        .into());
+    }
+    tokio::spawn(identities.clone().run());
     let home = Netns::current().map_err(|e| Error::Io("opening the agent's own netns".into(), e))?;
     let capture = Capture::load(&config.bpf_dir, &first.cgroup_parent, config.kernel_log)?;
 
@@ -65,10 +80,11 @@ pub async fn run(config: Arc<AgentConfig>, deps: Deps, shutdown: impl Future<Out
         trust_domain: first.trust_domain.clone(),
         store: Store::new(first.clone()),
         capture,
-        certs: deps.certs,
+        identities,
         home,
         pool: Pool::new(config.tunnel.clone()),
         handshakes: HandshakeLimiter::new(config.tunnel.max_handshakes, config.tunnel.max_handshakes_per_source),
+        local_pods: Default::default(),
         config: config.clone(),
     });
     // hostNetwork pods live in the node's netns: known, left alone.
@@ -94,6 +110,8 @@ pub async fn run(config: Arc<AgentConfig>, deps: Deps, shutdown: impl Future<Out
         }
     }
     let mut successors = handover::serve(&socket)?;
+    let workload_socket = config.workload_api_socket.clone().unwrap_or_else(|| config.run_dir.join("workload.sock"));
+    crate::workload_api::serve(&workload_socket, shared.local_pods.clone(), shared.identities.trust.clone())?;
     let (enrolled, known, failing) = manager.counts();
     info!(node = %first.node, enrolled, known, failing, stale_removed = stale.len(), "agent ready");
 

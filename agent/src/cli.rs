@@ -1,6 +1,6 @@
-//! The command line: `meshless agent` runs the dataplane of one node; `meshless ca …` manages the
-//! local CA of the embedded mode; `meshless uninstall` removes the pinned kernel programs. Errors
-//! end the process with one line on stderr and exit status 1.
+//! The command line: `meshless agent` runs the dataplane of one node; `meshless issuer` signs the
+//! nodes' pods' certificates; `meshless ca …` manages the CA directory; `meshless uninstall` removes
+//! the pinned kernel programs. Errors end the process with one line on stderr and exit status 1.
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -22,8 +22,10 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Cmd {
     /// Run the node agent.
-    Agent(AgentConfig),
-    /// Manage the local certificate authority of the embedded mode.
+    Agent(Box<AgentConfig>),
+    /// Run the issuer: sign node agents' CSRs for the pods of their own node.
+    Issuer(crate::issuer::IssuerConfig),
+    /// Manage the CA directory: root, intermediate, node credentials, rotation.
     Ca {
         #[command(subcommand)]
         cmd: CaCmd,
@@ -38,12 +40,32 @@ enum Cmd {
 
 #[derive(Subcommand, Debug)]
 enum CaCmd {
-    /// Create a root CA (ECDSA P-256): writes ca.pem and ca-key.pem (mode 0600) into --out.
+    /// Create a CA directory: root, intermediate (the issuer signs with it), node-credential CA,
+    /// trust bundle. Keys are written mode 0600.
     Init {
         #[arg(long)]
         out: PathBuf,
         #[arg(long, default_value = "cluster.local")]
         trust_domain: String,
+    },
+    /// Create the credential a node's agent authenticates to the issuer with: node.pem and
+    /// node-key.pem in --out.
+    Node {
+        #[arg(long)]
+        ca_dir: PathBuf,
+        /// The node's name, as the workload directory names it.
+        #[arg(long)]
+        node: String,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// One step of a root rotation: add (trust a new root beside the old), switch (sign with the
+    /// new intermediate), retire (trust only the new root).
+    Rotate {
+        #[arg(long)]
+        ca_dir: PathBuf,
+        #[arg(value_enum)]
+        stage: crate::identity::ca::RotateStage,
     },
     /// Issue a workload certificate by hand (debugging, tests): writes <name>.pem and
     /// <name>-key.pem into --out.
@@ -73,14 +95,27 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Ca { cmd: CaCmd::Init { out, trust_domain } } => {
             let td =
                 identity::TrustDomain::new(&trust_domain).with_context(|| format!("trust domain {trust_domain:?}"))?;
-            identity::Ca::init(&out, &td)?;
-            println!("wrote {}/ca.pem and {}/ca-key.pem", out.display(), out.display());
+            identity::ca::init(&out, &td)?;
+            println!("created the CA directory {} for trust domain {td}", out.display());
+            Ok(())
+        }
+        Cmd::Ca { cmd: CaCmd::Node { ca_dir, node, out } } => {
+            let (cert, key) = identity::ca::node_credential(&ca_dir, &node)?;
+            std::fs::create_dir_all(&out)?;
+            std::fs::write(out.join("node.pem"), cert)?;
+            identity::write_private(&out.join("node-key.pem"), key.as_bytes())
+                .with_context(|| format!("writing node-key.pem into {}", out.display()))?;
+            println!("wrote {}/node.pem and node-key.pem for node {node}", out.display());
+            Ok(())
+        }
+        Cmd::Ca { cmd: CaCmd::Rotate { ca_dir, stage } } => {
+            println!("{}", identity::ca::rotate(&ca_dir, stage)?);
             Ok(())
         }
         Cmd::Ca { cmd: CaCmd::Issue { ca_dir, id, out, name } } => {
-            let ca = identity::Ca::load(&ca_dir)?;
+            let signer = identity::ca::Signer::load(&ca_dir)?;
             let id = identity::SpiffeId::new(&id).with_context(|| format!("SPIFFE ID {id:?}"))?;
-            let (chain, key) = ca.issue(&id, identity::SVID_TTL)?.to_pem();
+            let (chain, key) = signer.issue(&id, identity::SVID_TTL)?.to_pem();
             std::fs::create_dir_all(&out)?;
             std::fs::write(out.join(format!("{name}.pem")), chain)?;
             identity::write_private(&out.join(format!("{name}-key.pem")), key.as_bytes())
@@ -88,6 +123,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("wrote {}/{name}.pem and {name}-key.pem for {id}", out.display());
             Ok(())
         }
+        Cmd::Issuer(cfg) => issuer(cfg),
         Cmd::Uninstall { bpf_dir } => {
             if crate::capture::uninstall(&bpf_dir)? {
                 println!("removed {}: meshless's kernel programs are detached", bpf_dir.display());
@@ -96,7 +132,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Cmd::Agent(cfg) => agent(cfg),
+        Cmd::Agent(cfg) => agent(*cfg),
     }
 }
 
@@ -104,18 +140,46 @@ fn agent(cfg: AgentConfig) -> anyhow::Result<()> {
     init_tracing(&cfg)?;
     let nofile = crate::limits::raise_nofile().context("raising the open-files limit")?;
     tracing::info!(config = ?cfg, nofile_before = nofile.0, nofile_now = nofile.1, "meshless agent starting");
-    let ca = identity::Ca::load(&cfg.ca_dir)?;
-    let deps = crate::app::Deps {
-        workloads: Box::new(crate::workloads::statefile::FileSource { path: cfg.state.clone() }),
-        certs: Arc::new(identity::LocalCa { ca, ttl: identity::SVID_TTL }),
-    };
     let rt = if cfg.workers <= 1 {
         tokio::runtime::Builder::new_current_thread().enable_all().build()?
     } else {
         tokio::runtime::Builder::new_multi_thread().worker_threads(cfg.workers).enable_all().build()?
     };
+    // Inside the runtime: the issuer client's channel spawns its connection task.
+    let _runtime = rt.enter();
+    let certs: Arc<dyn identity::CertificateSource> = match (&cfg.identity.issuer, &cfg.identity.dev_ca_dir) {
+        (Some(issuer), _) => {
+            // The trust domain of the node's workloads, to expect of the issuer.
+            let td = crate::workloads::statefile::load(&cfg.state)?.trust_domain;
+            let creds = cfg.identity.node_credentials.as_ref().context("--issuer needs --node-credentials")?;
+            let bundle = cfg.identity.bundle.as_ref().context("--issuer needs --bundle")?;
+            Arc::new(identity::client::IssuerClient::new(issuer, creds, bundle, &td)?)
+        }
+        (None, Some(dir)) => {
+            tracing::warn!(ca_dir = %dir.display(),
+                "DEVELOPMENT MODE: this agent signs its pods' certificates with a CA key it can read; \
+                 anyone with this node can mint any identity. Use --issuer in production.");
+            let signer = identity::ca::Signer::load(dir)?;
+            Arc::new(identity::ca::LocalCa { signer, ttl: cfg.identity.dev_svid_ttl })
+        }
+        (None, None) => anyhow::bail!("give --issuer (with --node-credentials and --bundle) or --dev-ca-dir"),
+    };
+    let deps = crate::app::Deps {
+        workloads: Box::new(crate::workloads::statefile::FileSource { path: cfg.state.clone() }),
+        certs,
+    };
     let cfg = Arc::new(cfg);
     rt.block_on(async { crate::app::run(cfg, deps, stop_signal()?).await.map_err(anyhow::Error::from) })
+}
+
+fn issuer(cfg: crate::issuer::IssuerConfig) -> anyhow::Result<()> {
+    init_logging(cfg.log_format, &cfg.log)?;
+    tracing::info!(config = ?cfg, "meshless issuer starting");
+    let td = identity::ca::trust_domain(&cfg.ca_dir)?;
+    let workloads = Box::new(crate::workloads::statefile::FileSource { path: cfg.state.clone() });
+    let auth = Arc::new(crate::issuer::NodeCredentials { trust_domain: td });
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(async { crate::issuer::run(cfg, workloads, auth, stop_signal()?).await.map_err(anyhow::Error::from) })
 }
 
 /// Resolves on SIGTERM or SIGINT.
@@ -132,10 +196,13 @@ fn stop_signal() -> std::io::Result<impl Future<Output = ()>> {
 }
 
 fn init_tracing(cfg: &AgentConfig) -> anyhow::Result<()> {
-    let filter =
-        tracing_subscriber::EnvFilter::try_new(&cfg.log).with_context(|| format!("log filter {:?}", cfg.log))?;
+    init_logging(cfg.log_format, &cfg.log)
+}
+
+fn init_logging(format: LogFormat, log: &str) -> anyhow::Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_new(log).with_context(|| format!("log filter {log:?}"))?;
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    match cfg.log_format {
+    match format {
         LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).try_init(),
         LogFormat::Text => builder.try_init(),
     }

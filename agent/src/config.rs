@@ -11,9 +11,8 @@ pub struct AgentConfig {
     /// Cluster state file (embedded mode; see README). Watched: changes apply live.
     #[arg(long, env = "MESHLESS_STATE")]
     pub state: PathBuf,
-    /// Directory holding the CA (ca.pem, ca-key.pem), as written by `meshless ca init`.
-    #[arg(long, env = "MESHLESS_CA_DIR")]
-    pub ca_dir: PathBuf,
+    #[command(flatten)]
+    pub identity: IdentityConfig,
     /// Where the kernel programs' links and maps are pinned (on a BPF file system; one directory
     /// per node agent). They outlive the agent, so pods never talk plaintext while it is away.
     #[arg(long, env = "MESHLESS_BPF_DIR", default_value = "/sys/fs/bpf/meshless")]
@@ -21,6 +20,9 @@ pub struct AgentConfig {
     /// Directory of the agent's unix sockets (the upgrade hand-over socket).
     #[arg(long, env = "MESHLESS_RUN_DIR", default_value = "/run/meshless")]
     pub run_dir: PathBuf,
+    /// The SPIFFE Workload API socket for the node's pods (default: workload.sock in --run-dir).
+    #[arg(long, env = "MESHLESS_WORKLOAD_API_SOCKET")]
+    pub workload_api_socket: Option<PathBuf>,
     #[arg(long, env = "MESHLESS_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
     /// Log filter, tracing-subscriber syntax (e.g. `info`, `meshless=debug`).
@@ -39,6 +41,34 @@ pub struct AgentConfig {
     pub drain_timeout: Duration,
     #[command(flatten)]
     pub tunnel: TunnelLimits,
+}
+
+/// Where the pods' certificates come from, and how they are kept fresh.
+#[derive(clap::Args, Debug, Clone)]
+#[group(id = "certificates", required = true, multiple = true)]
+pub struct IdentityConfig {
+    /// The issuer (`meshless issuer`), host:port. The agent holds no CA key: it sends CSRs.
+    #[arg(long, env = "MESHLESS_ISSUER", group = "certificates", requires_all = ["node_credentials", "bundle"], conflicts_with = "dev_ca_dir")]
+    pub issuer: Option<String>,
+    /// This node's credential for the issuer: node.pem and node-key.pem (`meshless ca node`).
+    #[arg(long, env = "MESHLESS_NODE_CREDENTIALS")]
+    pub node_credentials: Option<PathBuf>,
+    /// The trust bundle to start with (the CA directory's bundle.pem); the issuer keeps it current.
+    #[arg(long, env = "MESHLESS_BUNDLE")]
+    pub bundle: Option<PathBuf>,
+    /// DEVELOPMENT ONLY: sign the pods' certificates with this CA directory's intermediate key,
+    /// in the agent itself. Any node that can read it can mint any identity.
+    #[arg(long, env = "MESHLESS_DEV_CA_DIR", group = "certificates")]
+    pub dev_ca_dir: Option<PathBuf>,
+    /// Lifetime of the certificates the development CA signs.
+    #[arg(long, env = "MESHLESS_DEV_SVID_TTL", value_parser = humantime::parse_duration, default_value = "24h")]
+    pub dev_svid_ttl: Duration,
+    /// Renew a certificate at this fraction of its lifetime (±10 % jitter).
+    #[arg(long, env = "MESHLESS_RENEW_FRACTION", default_value_t = 0.5)]
+    pub renew_fraction: f64,
+    /// How often the trust bundle is fetched again (to follow a root rotation).
+    #[arg(long, env = "MESHLESS_BUNDLE_REFRESH", value_parser = humantime::parse_duration, default_value = "30s")]
+    pub bundle_refresh: Duration,
 }
 
 /// Limits of the HBONE tunnel (port 15008) and of the connection pool towards it.

@@ -7,7 +7,8 @@
 //! | module | concern |
 //! |---|---|
 //! | [`workloads`] | the workload directory (snapshots, lock-free store) and its sources (state file) |
-//! | [`identity`] | SPIFFE IDs, the local CA, certificate sources, TLS configs and verifiers |
+//! | [`identity`] | SPIFFE IDs, the CA directory, certificate sources, the certificate store and rotation, verifiers |
+//! | [`issuer`] | `meshless issuer`: the CA service that signs a node only its own pods' identities |
 //! | [`capture`] | the kernel programs: load, pin, attach, enrollment maps, original destinations |
 //! | [`pods`] | the lifecycle of this node's pods: enroll, update, unenroll, retry |
 //! | [`proxy`] | the data path: outbound, tunnel server, delivery |
@@ -15,6 +16,7 @@
 //! | [`tunnel`] | HBONE: HTTP/2 CONNECT over mTLS, limits, splice with RST/FIN semantics |
 //! | [`pool`] | pooled tunnel connections per (source pod, destination pod) |
 //! | [`handover`] | upgrades: listening sockets passed to a successor agent |
+//! | [`workload_api`] | the SPIFFE Workload API for the pods of this node (unix socket) |
 //! | [`limits`] | handshake caps, open-files limit |
 //! | [`netns`] | network namespaces and the agent's sockets in them (the `unsafe` lives here) |
 
@@ -25,12 +27,15 @@ pub mod cli;
 pub mod config;
 pub mod handover;
 pub mod identity;
+pub mod issuer;
 pub mod limits;
 pub mod netns;
 pub mod pods;
 pub mod pool;
+pub mod proto;
 pub mod proxy;
 pub mod tunnel;
+pub mod workload_api;
 pub mod workloads;
 
 /// Errors that stop the agent (at start: a pod that cannot be set up is retried, not fatal).

@@ -159,6 +159,20 @@ impl Manager {
                 }
             }
         }
+        self.publish();
+    }
+
+    /// Publishes the enrolled pods for the Workload API.
+    fn publish(&self) {
+        let pods: Vec<Arc<LocalPod>> = self
+            .slots
+            .values()
+            .filter_map(|s| match s {
+                Slot::Running { pod, .. } => Some(pod.clone()),
+                _ => None,
+            })
+            .collect();
+        self.shared.local_pods.store(Arc::new(pods));
     }
 
     /// Retries the pods whose retry time has come.
@@ -175,6 +189,7 @@ impl Manager {
                 self.apply(workload, attempt).await;
             }
         }
+        self.publish();
     }
 
     /// When the next retry is due, if any pod is failing.
@@ -252,6 +267,7 @@ impl Manager {
     /// them over keeps them open), and tells tunnel peers to go elsewhere. Returns the pods'
     /// connection trackers, to drain.
     pub fn stop_accepting(&mut self) -> Vec<Arc<LocalPod>> {
+        self.shared.local_pods.store(Arc::new(Vec::new()));
         let mut pods = Vec::new();
         for slot in self.slots.values_mut() {
             if let Slot::Running { pod, accepting, handover } = slot {
@@ -304,8 +320,10 @@ impl Manager {
             Some(l) => (l, true),
             None => (netns.run(&shared.home, || open_listeners(&w.key)).map_err(Error::Netns)??, false),
         };
-        let svid = shared.certs.issue(&w.identity).await?;
-        let tls = PodTls::new(&svid, &shared.certs.bundle(), &shared.trust_domain)?;
+        // The certificate comes before the kernel entry: the pod's first connection finds it.
+        let cert = shared.identities.issue(&w.key.to_string(), &w.identity).await?;
+        let serial = cert.issued().map(|i| i.serial.clone()).unwrap_or_default();
+        let tls = shared.identities.pod_tls(cert)?;
         let orig = shared.capture.enroll(cookie, &w.ips)?;
         let handover =
             listeners.0.iter().filter_map(|(spec, l)| l.try_clone().ok().map(|dup| (spec.clone(), dup))).collect();
@@ -322,7 +340,7 @@ impl Manager {
         });
         let accepting = CancellationToken::new();
         crate::proxy::serve_pod(&shared, &pod, listeners, &accepting).map_err(Error::Netns)?;
-        info!(pod = %w.key, id = %svid.id, netns_cookie = cookie, inherited_listeners = inherited, "pod enrolled");
+        info!(pod = %w.key, id = %w.identity, serial = %serial, netns_cookie = cookie, inherited_listeners = inherited, "pod enrolled");
         Ok(Slot::Running { pod, accepting, handover })
     }
 

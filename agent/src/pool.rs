@@ -50,11 +50,19 @@ struct Attempts {
 struct Pooled {
     conn: ClientConn,
     activity: Activity,
+    /// The generation of the source pod's certificate it was made with.
+    generation: u64,
 }
 
 impl Pooled {
-    fn usable(&self, max: usize) -> bool {
-        !*self.conn.closed.borrow() && self.activity.active() < max
+    /// Open, with room for a stream, made with the source's current certificate, and the peer's
+    /// certificate still valid. (A renewed certificate means new connections: old ones finish
+    /// their streams and leave when idle.)
+    fn usable(&self, max: usize, generation: u64) -> bool {
+        !*self.conn.closed.borrow()
+            && self.activity.active() < max
+            && self.generation == generation
+            && std::time::SystemTime::now() < self.conn.peer_not_after
     }
 }
 
@@ -69,10 +77,17 @@ impl Pool {
         Pool { limits, slots: Mutex::new(HashMap::new()) }
     }
 
-    /// Opens a CONNECT stream to `target` over a pooled connection for `key`, making a new
-    /// connection with `connect` when none has room. A stream refused because its connection was
-    /// going away (GOAWAY, reset, dead) is retried once on a fresh connection.
-    pub async fn stream<C, F>(&self, key: &PoolKey, target: SocketAddr, connect: C) -> Result<PooledStream, Error>
+    /// Opens a CONNECT stream to `target` over a pooled connection for `key` made with the source's
+    /// certificate `generation`, making a new connection with `connect` when none has room. A
+    /// stream refused because its connection was going away (GOAWAY, reset, dead) is retried once
+    /// on a fresh connection.
+    pub async fn stream<C, F>(
+        &self,
+        key: &PoolKey,
+        target: SocketAddr,
+        generation: u64,
+        connect: C,
+    ) -> Result<PooledStream, Error>
     where
         C: Fn() -> F,
         F: Future<Output = Result<ClientConn, Error>>,
@@ -81,12 +96,12 @@ impl Pool {
         let max = self.limits.max_streams as usize;
         let mut retried = false;
         loop {
-            let (conn, guard) = match pick(&slot, max) {
+            let (conn, guard) = match pick(&slot, max, generation) {
                 Some(picked) => picked,
                 None => {
                     let seen = slot.connecting.try_lock().map(|a| a.count).ok();
                     let mut attempts = slot.connecting.lock().await;
-                    if let Some(picked) = pick(&slot, max) {
+                    if let Some(picked) = pick(&slot, max, generation) {
                         picked
                     } else if let (None, Some(e)) = (seen, attempts.last_error.as_ref()) {
                         // We queued behind an attempt that failed: fail with it.
@@ -105,7 +120,7 @@ impl Pool {
                                 return Err(e);
                             }
                         };
-                        let pooled = Arc::new(Pooled { conn, activity: Activity::default() });
+                        let pooled = Arc::new(Pooled { conn, activity: Activity::default(), generation });
                         let guard = pooled.activity.enter();
                         slot.conns.lock().expect("pool lock").push(pooled.clone());
                         tokio::spawn(evict_when_idle_or_closed(slot.clone(), pooled.clone(), self.limits.idle_timeout));
@@ -141,9 +156,9 @@ impl Pool {
 }
 
 /// A connection with room for one more stream, reserved for the caller (no await in between).
-fn pick(slot: &Slot, max: usize) -> Option<(Arc<Pooled>, ActivityGuard)> {
+fn pick(slot: &Slot, max: usize, generation: u64) -> Option<(Arc<Pooled>, ActivityGuard)> {
     let conns = slot.conns.lock().expect("pool lock");
-    let c = conns.iter().find(|c| c.usable(max))?;
+    let c = conns.iter().find(|c| c.usable(max, generation))?;
     Some((c.clone(), c.activity.enter()))
 }
 

@@ -125,7 +125,7 @@ async fn outbound(shared: Arc<Shared>, pod: Arc<LocalPod>, app: TcpStream, peer:
         let tls = pod.tls.client(&dst_pod.identity).map_err(|e| tunnel::Error::Connect(e.to_string()))?;
         tunnel::handshake(tcp, tls, tunnel_addr, &shared.config.tunnel).await
     };
-    match shared.pool.stream(&key, dst, connect).await {
+    match shared.pool.stream(&key, dst, pod.tls.cert.generation(), connect).await {
         Ok(pooled) => {
             info!(src_id = %src_id, dst_id = %dst_pod.identity, dst_addr = %dst, "outbound connection over HBONE");
             let ended = pooled.stream.splice(app, &pod.stop).await;
@@ -202,6 +202,11 @@ async fn inbound_stream(shared: Arc<Shared>, pod: Arc<LocalPod>, inbound: Inboun
     };
     let workload = pod.workload();
     let src = inbound.peer.clone();
+    if pod.tls.cert.certified().is_none() {
+        warn!(src_id = %src, "refusing HBONE request: this pod's certificate expired and is not renewed yet");
+        inbound.refuse(StatusCode::SERVICE_UNAVAILABLE);
+        return;
+    }
     if let Verdict::Deny { status, reason } =
         authorize::decide(&authorize::Request { src: &src, dst: &workload, target })
     {

@@ -13,7 +13,7 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use bytes::{Bytes, BytesMut};
 use h2::{Reason, RecvStream, SendStream};
@@ -171,6 +171,8 @@ pub struct ClientConn {
     pub closed: watch::Receiver<bool>,
     /// Dropping this sender closes the connection at once.
     pub close: tokio::sync::oneshot::Sender<()>,
+    /// When the peer's certificate expires: no new stream may use the connection after that.
+    pub peer_not_after: SystemTime,
 }
 
 /// Opens a tunnel connection over `tcp` (connected to the peer's 15008): TLS presenting our
@@ -182,10 +184,11 @@ pub async fn handshake(
     peer: SocketAddr,
     limits: &TunnelLimits,
 ) -> Result<ClientConn, Error> {
-    let (send, mut conn) = tokio::time::timeout(limits.handshake_timeout, async {
+    let (peer_not_after, (send, mut conn)) = tokio::time::timeout(limits.handshake_timeout, async {
         let name = ServerName::IpAddress(peer.ip().into());
         let tls = tokio_rustls::TlsConnector::from(tls).connect(name, tcp).await.map_err(Error::Tls)?;
-        Ok::<_, Error>(client_builder(limits).handshake::<_, Bytes>(tls).await?)
+        let not_after = peer_not_after(tls.get_ref().1.peer_certificates())?;
+        Ok::<_, Error>((not_after, client_builder(limits).handshake::<_, Bytes>(tls).await?))
     })
     .await
     .map_err(|_| Error::Timeout)??;
@@ -203,7 +206,13 @@ pub async fn handshake(
         }
         let _ = closed_tx.send(true);
     });
-    Ok(ClientConn { send, closed, close })
+    Ok(ClientConn { send, closed, close, peer_not_after })
+}
+
+/// The end of validity of a peer's (verified) certificate.
+fn peer_not_after(certs: Option<&[rustls::pki_types::CertificateDer<'static>]>) -> Result<SystemTime, Error> {
+    let leaf = certs.and_then(|c| c.first()).ok_or_else(|| Error::PeerId("none presented".into()))?;
+    crate::identity::not_after(leaf).map_err(Error::PeerId)
 }
 
 /// Opens one CONNECT stream to `target` on a tunnel connection. The stream is returned as soon
@@ -517,7 +526,9 @@ mod tests {
         assert_eq!(parse_target(&name), Err(":authority must be ip:port"));
     }
 
-    use crate::identity::{workload_id, Ca, PodTls, TrustDomain, SVID_TTL};
+    use crate::identity::ca::{self, LocalCa, Signer};
+    use crate::identity::store::{Identities, Rotation};
+    use crate::identity::{workload_id, PodTls, TrustDomain};
 
     /// Two ends of a loopback TCP connection: (the agent's end, the app's end).
     async fn tcp_pair() -> (TcpStream, TcpStream) {
@@ -533,16 +544,18 @@ mod tests {
         server_id: SpiffeId,
     }
 
-    fn pki(name: &str) -> Pki {
+    async fn pki(name: &str) -> Pki {
         let dir = std::env::temp_dir().join(format!("meshless-tunnel-{}-{name}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let td = TrustDomain::new("cluster.local").unwrap();
-        Ca::init(&dir, &td).unwrap();
-        let ca = Ca::load(&dir).unwrap();
+        ca::init(&dir, &td).unwrap();
+        let source = Arc::new(LocalCa { signer: Signer::load(&dir).unwrap(), ttl: Duration::from_secs(3600) });
+        let rotation = Rotation { renew_fraction: 0.5, bundle_refresh: Duration::from_secs(3600) };
+        let ids = Identities::new(source, rotation).await.unwrap();
         let (cid, sid) =
             (workload_id(&td, "default", "client").unwrap(), workload_id(&td, "default", "server").unwrap());
-        let client = PodTls::new(&ca.issue(&cid, SVID_TTL).unwrap(), &ca.bundle(), &td).unwrap();
-        let server = PodTls::new(&ca.issue(&sid, SVID_TTL).unwrap(), &ca.bundle(), &td).unwrap();
+        let client = ids.pod_tls(ids.issue("default/client", &cid).await.unwrap()).unwrap();
+        let server = ids.pod_tls(ids.issue("default/server", &sid).await.unwrap()).unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
         Pki { client, server, server_id: sid }
     }
@@ -627,7 +640,7 @@ mod tests {
 
     #[tokio::test]
     async fn hbone_carries_bytes_both_ways_with_half_close_and_the_client_identity() {
-        let p = pki("echo");
+        let p = pki("echo").await;
         let (addr, mut seen, mut ends) = server(p.server.server.clone(), App::Echo).await;
         let payload: Vec<u8> = (0..3_000_000u32).map(|i| i as u8).collect();
         let (s, _conn) = client_stream(&p, addr, "127.0.0.1:8080").await.unwrap();
@@ -659,7 +672,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_reset_on_the_far_side_reaches_the_app_as_a_reset_not_an_eof() {
-        let p = pki("reset");
+        let p = pki("reset").await;
         let (addr, _seen, mut ends) = server(p.server.server.clone(), App::ResetAfterRead).await;
         let (s, _conn) = client_stream(&p, addr, "127.0.0.1:8080").await.unwrap();
         let (agent_end, mut app) = tcp_pair().await;
@@ -674,7 +687,7 @@ mod tests {
 
     #[tokio::test]
     async fn refused_connects_and_wrong_peer_identities_fail_the_client() {
-        let p = pki("refuse");
+        let p = pki("refuse").await;
         let (addr, _seen, _ends) = server(p.server.server.clone(), App::Echo).await;
         // The refusal arrives after the stream opened: the app's connection is reset.
         let (s, _conn) = client_stream(&p, addr, "127.0.0.1:1").await.unwrap();
@@ -697,7 +710,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_peer_that_accepts_and_stalls_times_out_on_both_sides() {
-        let p = pki("stall");
+        let p = pki("stall").await;
         // Client side: the peer accepts TCP and never speaks TLS.
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();

@@ -6,8 +6,9 @@
 //! route the other nodes' pod subnets through the fabric, so pods on different nodes reach each
 //! other through their nodes, as in a cluster.
 //!
-//! Addresses live only inside these namespaces: nodes in 198.18.0.0/24 and fd6d:6c00::/64, pods of
-//! node `i` in 198.19.i.0/24 and fd6d:6c00:i::/64. No namespace has a route anywhere else, so no
+//! Addresses live only inside these namespaces: nodes in 198.18.0.0/24 and fd6d:6c00::/64 (the
+//! fabric itself, the control-plane host where the issuer runs, is 198.18.0.1), pods of node `i`
+//! in 198.19.i.0/24 and fd6d:6c00:i::/64. No namespace has a route anywhere else, so no
 //! traffic can leave the testbed or loopback.
 //!
 //! Names carry the creating process id (`ml-<pid>-<label>-…`); everything is removed on drop (and
@@ -155,6 +156,10 @@ pub struct Layout<'a> {
     pub pods: &'a [usize],
 }
 
+/// The control-plane host's address, on the fabric's bridge: every node reaches it directly.
+pub const CONTROL_IPV4: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+pub const CONTROL_IPV6: Ipv6Addr = Ipv6Addr::new(0xfd6d, 0x6c00, 0, 0, 0, 0, 0, 1);
+
 pub fn node_ipv4(i: usize) -> Ipv4Addr {
     Ipv4Addr::new(198, 18, 0, 10 + i as u8)
 }
@@ -199,6 +204,9 @@ impl Testbed {
         fs::create_dir_all(&cgroup_root).with_context(|| format!("creating cgroup {}", cgroup_root.display()))?;
         add_netns(&tb.fabric)?;
         tb.fabric.ip("link add br0 type bridge")?;
+        // The fabric is also the cluster's control-plane host (the issuer runs there).
+        tb.fabric.ip(&format!("addr add {CONTROL_IPV4}/24 dev br0"))?;
+        tb.fabric.ip(&format!("addr add {CONTROL_IPV6}/64 dev br0 nodad"))?;
         tb.fabric.ip("link set br0 up")?;
         for (i, &pods) in (1..).zip(layout.pods) {
             let node = tb.add_node(i, pods)?;

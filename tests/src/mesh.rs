@@ -1,5 +1,7 @@
-//! A meshless cluster on the testbed: a CA, one state file and one real `meshless agent` process
-//! per node (inside the node's netns), with their JSON logs collected in files.
+//! A meshless cluster on the testbed: a CA directory, the issuer on the control-plane host (the
+//! fabric netns), one state file, node credential and real `meshless agent` process per node
+//! (inside the node's netns), with their JSON logs collected in files. Agents get the trust bundle
+//! and their node credential, never a CA key.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -11,6 +13,13 @@ use anyhow::{bail, Context, Result};
 use crate::{wait_for, Pod, Testbed};
 
 pub const TRUST_DOMAIN: &str = "cluster.local";
+/// The issuer's port on the control-plane host.
+pub const ISSUER_PORT: u16 = 15012;
+
+/// Where node `i`'s credential for the issuer lives.
+pub fn node_credentials(tb: &Testbed, i: usize) -> PathBuf {
+    tb.dir.join(format!("node{i}-credentials"))
+}
 
 pub struct Bins {
     pub meshless: PathBuf,
@@ -21,6 +30,12 @@ pub struct Bins {
 
 pub struct Mesh {
     pub ca_dir: PathBuf,
+    /// The issuer's pid and log file.
+    pub issuer: u32,
+    pub issuer_log: PathBuf,
+    issuer_args: Vec<String>,
+    /// What agents get to trust at start (a copy of the CA directory's bundle).
+    pub bundle: PathBuf,
     /// Log file of node i's current agent at index i-1.
     pub logs: Vec<PathBuf>,
     /// Pid of node i's current agent at index i-1.
@@ -49,13 +64,41 @@ impl Mesh {
         listed: &dyn Fn(&Pod) -> Option<bool>,
         args: &dyn Fn(usize) -> Vec<String>,
     ) -> Result<Mesh> {
+        Mesh::start_full(tb, bins, listed, args, &[])
+    }
+
+    /// As [`Mesh::start_with`], with extra arguments for the issuer (e.g. `--svid-ttl`).
+    pub fn start_full(
+        tb: &Testbed,
+        bins: &Bins,
+        listed: &dyn Fn(&Pod) -> Option<bool>,
+        args: &dyn Fn(usize) -> Vec<String>,
+        issuer_args: &[&str],
+    ) -> Result<Mesh> {
         let ca_dir = tb.dir.join("ca");
         run_ok(
             Command::new(&bins.meshless).args(["ca", "init", "--trust-domain", TRUST_DOMAIN, "--out"]).arg(&ca_dir),
         )?;
+        let trust = tb.dir.join("trust");
+        fs::create_dir_all(&trust)?;
+        let bundle = trust.join("bundle.pem");
+        fs::copy(ca_dir.join("bundle.pem"), &bundle)?;
+        for node in &tb.nodes {
+            run_ok(
+                Command::new(&bins.meshless)
+                    .args(["ca", "node", "--node", &node.name, "--ca-dir"])
+                    .arg(&ca_dir)
+                    .arg("--out")
+                    .arg(node_credentials(tb, node.index)),
+            )?;
+        }
         let n = tb.nodes.len();
         let mut mesh = Mesh {
             ca_dir,
+            issuer: 0,
+            issuer_log: tb.dir.join("issuer.log"),
+            issuer_args: issuer_args.iter().map(|a| a.to_string()).collect(),
+            bundle,
             logs: vec![PathBuf::new(); n],
             agents: vec![0; n],
             states: Vec::new(),
@@ -68,6 +111,7 @@ impl Mesh {
             fs::write(&path, tb.state_yaml(node.index, TRUST_DOMAIN, &pods)?)?;
             mesh.states.push(path);
         }
+        mesh.start_issuer(tb, bins)?;
         let mut started = Vec::new();
         for node in &tb.nodes {
             started.push(mesh.launch(tb, bins, node.index)?);
@@ -76,6 +120,44 @@ impl Mesh {
             wait_ready(i + 1, pid, &log)?;
         }
         Ok(mesh)
+    }
+
+    /// Starts the issuer on the control-plane host, watching node 1's state file (every state file
+    /// lists every pod), and waits until it is ready. Also used to bring it back after a stop.
+    pub fn start_issuer(&mut self, tb: &Testbed, bins: &Bins) -> Result<u32> {
+        let readies =
+            || fs::read_to_string(&self.issuer_log).map(|t| t.matches("\"issuer ready\"").count()).unwrap_or(0);
+        let before = readies();
+        let mut cmd = tb.fabric.command(&bins.meshless, None)?;
+        cmd.args(["issuer", "--log-format", "json", "--listen"])
+            .arg(format!("{}:{ISSUER_PORT}", crate::CONTROL_IPV4))
+            .arg("--ca-dir")
+            .arg(&self.ca_dir)
+            .arg("--state")
+            .arg(&self.states[0])
+            .args(&self.issuer_args)
+            .stdout(Stdio::null())
+            .stderr(fs::OpenOptions::new().create(true).append(true).open(&self.issuer_log)?);
+        let pid = tb.spawn(&mut cmd)?;
+        let ready = wait_for(Duration::from_secs(20), || {
+            if !Path::new(&format!("/proc/{pid}")).exists() || is_zombie(pid) {
+                return Some(false);
+            }
+            (readies() > before).then_some(true)
+        });
+        if ready != Some(true) {
+            bail!(
+                "the issuer did not become ready; its log:\n{}",
+                fs::read_to_string(&self.issuer_log).unwrap_or_default()
+            );
+        }
+        self.issuer = pid;
+        Ok(pid)
+    }
+
+    /// The issuer's JSON log lines.
+    pub fn issuer_lines(&self) -> Vec<serde_json::Value> {
+        json_lines(&self.issuer_log)
     }
 
     /// Starts another agent on `node` (an upgrade while the current one runs, or a restart after
@@ -102,8 +184,12 @@ impl Mesh {
         }
         cmd.arg("--state")
             .arg(&self.states[i])
-            .arg("--ca-dir")
-            .arg(&self.ca_dir)
+            .arg("--issuer")
+            .arg(format!("{}:{ISSUER_PORT}", crate::CONTROL_IPV4))
+            .arg("--node-credentials")
+            .arg(node_credentials(tb, node))
+            .arg("--bundle")
+            .arg(&self.bundle)
             .arg("--bpf-dir")
             .arg(tb.bpf_dir(node))
             .arg("--run-dir")

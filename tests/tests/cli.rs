@@ -31,7 +31,14 @@ fn assert_clean_error(out: &Output, want: &str) {
 
 /// Runs `meshless agent` through `cmd` (the binary, possibly inside a namespace) to its exit.
 fn agent_with(mut cmd: Command, state: &Path, ca: &Path, bpf_dir: &Path) -> Output {
-    cmd.args(["agent", "--state"]).arg(state).arg("--ca-dir").arg(ca).arg("--bpf-dir").arg(bpf_dir).output().unwrap()
+    cmd.args(["agent", "--state"])
+        .arg(state)
+        .arg("--dev-ca-dir")
+        .arg(ca)
+        .arg("--bpf-dir")
+        .arg(bpf_dir)
+        .output()
+        .unwrap()
 }
 
 fn agent(bin: &Path, state: &Path, ca: &Path) -> Output {
@@ -110,7 +117,7 @@ fn a_missing_cgroup_or_a_bad_pin_directory_gives_one_clear_error_line() {
         in_node(1)
             .args(["agent", "--state"])
             .arg(&state)
-            .arg("--ca-dir")
+            .arg("--dev-ca-dir")
             .arg(&ca)
             .arg("--bpf-dir")
             .arg(tb.bpf_dir(1))

@@ -252,7 +252,7 @@ fn tunnel_port_refuses_clients_without_a_certificate_from_the_trust_bundle() {
     let foreign = tb.dir.join("foreign");
     let id = tb.spiffe_id(TRUST_DOMAIN, tb.pod(1, 1));
     for (ca, out) in [(&foreign, "foreign"), (&mesh.ca_dir, "genuine")] {
-        if !ca.join("ca.pem").exists() {
+        if !ca.join("trust-domain").exists() {
             meshless_tests::mesh::run_ok(
                 std::process::Command::new(&bins.meshless).args(["ca", "init", "--out"]).arg(ca),
             )

@@ -11,7 +11,10 @@ use anyhow::{bail, Context, Result};
 /// - tcpdump: the end-to-end tests capture the node-to-node link.
 /// - curl: the unmodified HTTP client of the end-to-end tests and the demo.
 /// - util-linux: `nsenter`, used by the demo's printed hints.
-const APT_PACKAGES: &[&str] = &["llvm-22-dev", "iproute2", "tcpdump", "curl", "util-linux"];
+/// - protobuf-compiler, libprotobuf-dev: protoc and the well-known types, for the gRPC code the
+///   agent generates (issuer, SPIFFE Workload API).
+const APT_PACKAGES: &[&str] =
+    &["llvm-22-dev", "iproute2", "tcpdump", "curl", "util-linux", "protobuf-compiler", "libprotobuf-dev"];
 
 const LLVM_BIN: &str = "/usr/lib/llvm-22/bin";
 

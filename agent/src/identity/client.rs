@@ -1,0 +1,126 @@
+//! The issuer client: a [`CertificateSource`] that sends the node's CSRs to `meshless issuer` over
+//! gRPC (HTTP/2) and mutual TLS, presenting the node's credential and requiring the issuer's
+//! SPIFFE ID. gRPC because the SPIFFE Workload API the agent serves is gRPC already (one stack),
+//! Istio's CA speaks it, and its schema gives both sides typed messages and deadlines.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::ClientConfig;
+use tonic::transport::{Channel, Endpoint};
+
+use super::verify::{ServerVerifier, Trust};
+use super::{ca, provider, read_certs, BoxFuture, Bundle, CertificateSource, Error, SpiffeId, TrustDomain, ALPN_H2};
+use crate::proto::issuer::{issuer_client, BundleRequest, BundleResponse, SignRequest};
+
+/// Deadline of one call to the issuer (connect included).
+const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+
+pub struct IssuerClient {
+    addr: String,
+    trust: Arc<Trust>,
+    channel: Channel,
+    bootstrap: Bundle,
+}
+
+impl IssuerClient {
+    /// A client of the issuer at `addr` (`host:port`), authenticating with the node credential in
+    /// `credential_dir` (`node.pem`, `node-key.pem`) and trusting `bundle` (the CA directory's
+    /// `bundle.pem`) until the issuer hands out a newer one.
+    pub fn new(addr: &str, credential_dir: &Path, bundle: &Path, td: &TrustDomain) -> Result<IssuerClient, Error> {
+        let roots = ca::read_bundle(bundle)?;
+        let bootstrap = Bundle { trust_domain: td.clone(), roots, signer: String::new() };
+        let trust = Arc::new(Trust::new(&bootstrap, provider())?);
+        let cred = |file: &str| credential_dir.join(file);
+        let bad = |path: &Path, detail: String| Error::NodeCredential { path: path.display().to_string(), detail };
+        let chain = read_certs(&cred("node.pem")).map_err(|e| bad(&cred("node.pem"), e))?;
+        let key_pem = zeroize::Zeroizing::new(
+            std::fs::read(cred("node-key.pem")).map_err(|e| bad(&cred("node-key.pem"), e.to_string()))?,
+        );
+        let key: PrivateKeyDer<'static> = rustls_pemfile::private_key(&mut key_pem.as_slice())
+            .map_err(|e| bad(&cred("node-key.pem"), e.to_string()))?
+            .ok_or_else(|| bad(&cred("node-key.pem"), "no private key".into()))?;
+        let verifier = Arc::new(ServerVerifier { trust: trust.clone(), expected: ca::issuer_id(td) });
+        let mut tls = ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .dangerous()
+            .with_custom_certificate_verifier(verifier)
+            .with_client_auth_cert(chain, key)?;
+        tls.alpn_protocols = vec![ALPN_H2.to_vec()];
+        let tls = Arc::new(tls);
+        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| Error::Unreachable { addr: addr.into(), detail: e.to_string() })?
+            .connect_timeout(CALL_TIMEOUT)
+            .timeout(CALL_TIMEOUT);
+        let target = addr.to_string();
+        let channel = endpoint.connect_with_connector_lazy(tower::service_fn(move |_| {
+            let (tls, target) = (tls.clone(), target.clone());
+            async move {
+                let tcp = tokio::net::TcpStream::connect(&target).await?;
+                tcp.set_nodelay(true)?;
+                let name = match target.parse::<SocketAddr>() {
+                    Ok(a) => ServerName::IpAddress(a.ip().into()),
+                    Err(_) => {
+                        ServerName::try_from(target.rsplit_once(':').map(|(h, _)| h).unwrap_or(&target).to_string())
+                            .map_err(|e| std::io::Error::other(e.to_string()))?
+                    }
+                };
+                let stream = tokio_rustls::TlsConnector::from(tls).connect(name, tcp).await?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+            }
+        }));
+        Ok(IssuerClient { addr: addr.into(), trust, channel, bootstrap })
+    }
+
+    fn unreachable(&self, status: tonic::Status) -> Error {
+        match status.code() {
+            tonic::Code::PermissionDenied | tonic::Code::Unauthenticated | tonic::Code::InvalidArgument => {
+                Error::Refused(status.message().to_string())
+            }
+            _ => Error::Unreachable { addr: self.addr.clone(), detail: status.to_string() },
+        }
+    }
+
+    fn bundle_of(&self, b: Option<BundleResponse>) -> Result<Bundle, Error> {
+        let b = b.ok_or_else(|| Error::Bundle("the issuer sent no bundle".into()))?;
+        let bundle = Bundle {
+            trust_domain: TrustDomain::new(&b.trust_domain).map_err(|e| Error::Bundle(e.to_string()))?,
+            roots: b.roots.into_iter().map(CertificateDer::from).collect(),
+            signer: b.signer,
+        };
+        // Our own trust follows too: after a rotation the issuer presents a new chain.
+        self.trust.update(&bundle)?;
+        Ok(bundle)
+    }
+}
+
+impl CertificateSource for IssuerClient {
+    fn sign<'a>(
+        &'a self,
+        id: &'a SpiffeId,
+        csr: &'a [u8],
+    ) -> BoxFuture<'a, Result<(Vec<CertificateDer<'static>>, Bundle), Error>> {
+        Box::pin(async move {
+            let mut client = issuer_client::IssuerClient::new(self.channel.clone());
+            let req = SignRequest { csr: csr.to_vec(), spiffe_id: id.to_string() };
+            let resp = client.sign(req).await.map_err(|s| self.unreachable(s))?.into_inner();
+            let chain = resp.chain.into_iter().map(CertificateDer::from).collect();
+            Ok((chain, self.bundle_of(resp.bundle)?))
+        })
+    }
+
+    fn bundle(&self) -> BoxFuture<'_, Result<Bundle, Error>> {
+        Box::pin(async move {
+            let mut client = issuer_client::IssuerClient::new(self.channel.clone());
+            let resp = client.bundle(BundleRequest {}).await.map_err(|s| self.unreachable(s))?.into_inner();
+            self.bundle_of(Some(resp))
+        })
+    }
+
+    fn bootstrap(&self) -> Result<Bundle, Error> {
+        Ok(self.bootstrap.clone())
+    }
+}
