@@ -67,6 +67,22 @@ enum CaCmd {
         #[arg(value_enum)]
         stage: crate::identity::ca::RotateStage,
     },
+    /// Ask the issuer for a certificate as a node would (to check what it grants a node): prints
+    /// the certificate's SPIFFE ID and serial, or the refusal.
+    Request {
+        #[arg(long)]
+        issuer: String,
+        /// The node's credential directory (node.pem, node-key.pem).
+        #[arg(long)]
+        node_credentials: PathBuf,
+        #[arg(long)]
+        bundle: PathBuf,
+        #[arg(long, default_value = "cluster.local")]
+        trust_domain: String,
+        /// The SPIFFE ID to ask for.
+        #[arg(long)]
+        id: String,
+    },
     /// Issue a workload certificate by hand (debugging, tests): writes <name>.pem and
     /// <name>-key.pem into --out.
     Issue {
@@ -122,6 +138,24 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .with_context(|| format!("writing {name}-key.pem into {}", out.display()))?;
             println!("wrote {}/{name}.pem and {name}-key.pem for {id}", out.display());
             Ok(())
+        }
+        Cmd::Ca { cmd: CaCmd::Request { issuer, node_credentials, bundle, trust_domain, id } } => {
+            let td =
+                identity::TrustDomain::new(&trust_domain).with_context(|| format!("trust domain {trust_domain:?}"))?;
+            let id = identity::SpiffeId::new(&id).with_context(|| format!("SPIFFE ID {id:?}"))?;
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            rt.block_on(async {
+                let client = identity::client::IssuerClient::new(&issuer, &node_credentials, &bundle, &td)?;
+                let (_, csr) = identity::key_and_csr(&id)?;
+                let (chain, _) = identity::CertificateSource::sign(&client, &id, &csr).await?;
+                let leaf = chain.first().context("the issuer sent an empty chain")?;
+                println!(
+                    "issued {} serial {}",
+                    identity::spiffe_id_of(leaf).map_err(anyhow::Error::msg)?,
+                    identity::serial_of(leaf)
+                );
+                Ok(())
+            })
         }
         Cmd::Issuer(cfg) => issuer(cfg),
         Cmd::Uninstall { bpf_dir } => {

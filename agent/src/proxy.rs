@@ -120,10 +120,19 @@ async fn outbound(shared: Arc<Shared>, pod: Arc<LocalPod>, app: TcpStream, peer:
     let tunnel_addr = SocketAddr::new(dst.ip(), TUNNEL_PORT);
     let key = PoolKey { src: pod.cookie, dst: tunnel_addr, dst_id: dst_pod.identity.clone() };
     let connect = || async {
-        let tcp = connect_from(&shared.home, &pod.netns, None, tunnel_addr).await.map_err(tunnel::Error::Tcp)?;
-        let _ = netns::tunnel_keepalive(&tcp);
-        let tls = pod.tls.client(&dst_pod.identity).map_err(|e| tunnel::Error::Connect(e.to_string()))?;
-        tunnel::handshake(tcp, tls, tunnel_addr, &shared.config.tunnel).await
+        for fresh in [false, true] {
+            let tcp = connect_from(&shared.home, &pod.netns, None, tunnel_addr).await.map_err(tunnel::Error::Tcp)?;
+            let _ = netns::tunnel_keepalive(&tcp);
+            let tls = pod.tls.client(&dst_pod.identity).map_err(|e| tunnel::Error::Connect(e.to_string()))?;
+            let conn = tunnel::handshake(tcp, tls, tunnel_addr, &shared.config.tunnel).await?;
+            // A resumed session shows the certificate of its first handshake; once that one has
+            // expired, shake hands in full to see the peer's current one.
+            if conn.peer_not_after > std::time::SystemTime::now() || fresh {
+                return Ok(conn);
+            }
+            pod.tls.forget_client(&dst_pod.identity);
+        }
+        unreachable!("the second attempt always returns")
     };
     match shared.pool.stream(&key, dst, pod.tls.cert.generation(), connect).await {
         Ok(pooled) => {

@@ -273,19 +273,25 @@ where
     H: Fn(Inbound, ActivityGuard) -> F,
     F: Future<Output = ()> + Send + 'static,
 {
-    let (peer, mut conn) = tokio::time::timeout(limits.handshake_timeout, async {
+    let (peer, peer_not_after, mut conn) = tokio::time::timeout(limits.handshake_timeout, async {
         let tls = tokio_rustls::TlsAcceptor::from(tls).accept(tcp).await.map_err(Error::Tls)?;
-        let peer = {
+        let (peer, not_after) = {
             let (_, c) = tls.get_ref();
             let cert =
                 c.peer_certificates().and_then(|c| c.first()).ok_or_else(|| Error::PeerId("none presented".into()))?;
-            spiffe_id_of(cert).map_err(Error::PeerId)?
+            tracing::debug!(
+                peer_serial = %crate::identity::serial_of(cert),
+                resumed = c.handshake_kind() == Some(rustls::HandshakeKind::Resumed),
+                "TLS handshake with a tunnel client"
+            );
+            (spiffe_id_of(cert).map_err(Error::PeerId)?, peer_not_after(c.peer_certificates())?)
         };
-        Ok::<_, Error>((peer, server_builder(limits).handshake::<_, Bytes>(tls).await?))
+        Ok::<_, Error>((peer, not_after, server_builder(limits).handshake::<_, Bytes>(tls).await?))
     })
     .await
     .map_err(|_| Error::Timeout)??;
     drop(handshake_permit);
+    tracing::debug!(peer_id = %peer, "tunnel connection accepted");
     let activity = Activity::default();
     let mut first = true;
     let ping = conn.ping_pong().expect("a new connection has its ping-pong");
@@ -321,6 +327,15 @@ where
         first = false;
         let target = parse_target(&req);
         let inbound = Inbound { peer: peer.clone(), target, respond, body: req.into_body() };
+        if SystemTime::now() >= peer_not_after {
+            // The client's certificate expired since the handshake: it must come back with a new one.
+            inbound.refuse(StatusCode::UNAUTHORIZED);
+            if !draining {
+                conn.graceful_shutdown();
+                draining = true;
+            }
+            continue;
+        }
         tasks.spawn(handler(inbound, activity.enter()));
     }
 }

@@ -26,6 +26,8 @@ pub struct Bins {
     pub testbin: PathBuf,
     /// The misbehaving tunnel client of the hostile-peer tests.
     pub peer: PathBuf,
+    /// A Workload API client (the spiffe crate's X509Source).
+    pub wlclient: PathBuf,
 }
 
 pub struct Mesh {

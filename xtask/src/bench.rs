@@ -102,6 +102,7 @@ pub fn run(bins: &Bins, args: Args) -> Result<()> {
     if carried < 1 {
         bail!("the meshless runs were not carried by the mesh (node2 authorized {carried} connections)");
     }
+    let handshakes = if args.memory_only { Value::Null } else { handshake_rates(bins, &tb, &mesh)? };
     settle();
     let rss_before_hold = rss_all(&mesh)?;
     eprintln!("bench: holding {} idle connections", args.connections);
@@ -138,6 +139,15 @@ pub fn run(bins: &Bins, args: Args) -> Result<()> {
     row(format!("storm of {} connects, completion p99 (us)", args.storm), plain.storm_p99, meshed.storm_p99);
     println!("{:<44} {:>12} {:>12.1}", "added req/resp p50 (us)", "", meshed.rr_p50 - plain.rr_p50);
     println!("{:<44} {:>12} {:>12.1}", "added connect+request p50 (us)", "", meshed.crr_p50 - plain.crr_p50);
+    if let (Some(full), Some(resumed)) = (handshakes["full_per_s"].as_f64(), handshakes["resumed_per_s"].as_f64()) {
+        println!(
+            "{:<44} {:>12.0} full, {:.0} resumed ({:.0} % resumed)",
+            "TLS handshakes/s against a pod's tunnel port",
+            full,
+            resumed,
+            handshakes["resumed_share"].as_f64().unwrap_or(0.0) * 100.0
+        );
+    }
     let mib = |v: &[u64]| v.iter().map(|k| format!("{:.1}", *k as f64 / 1024.0)).collect::<Vec<_>>().join(" / ");
     println!("agent RSS, node1 / node2 (MiB):");
     println!("  {:<42} {}", "at rest", mib(&rss_rest));
@@ -161,6 +171,7 @@ pub fn run(bins: &Bins, args: Args) -> Result<()> {
             "ratio": {"throughput": meshed.gbit / plain.gbit, "rr_p50": meshed.rr_p50 / plain.rr_p50,
                       "crr_p50": meshed.crr_p50 / plain.crr_p50, "conn_per_s": meshed.conn_per_s / plain.conn_per_s},
             "agent_rss_kib": {"rest": rss_rest, "held": rss_held, "per_idle_connection": per_conn, "after_churn": churn},
+            "tls_handshakes": handshakes,
         });
         std::fs::write(&path, serde_json::to_string_pretty(&v)?)
             .with_context(|| format!("writing {}", path.display()))?;
@@ -191,6 +202,29 @@ fn measure(bins: &Bins, client: &Pod, ports: &Ports, args: &Args, label: &str) -
         storm_p50: num(&storm, "p50_us")?,
         storm_p99: num(&storm, "p99_us")?,
     })
+}
+
+/// Full and resumed TLS 1.3 handshakes per second against the server pod's tunnel port, by a
+/// client on node 1 holding a genuine certificate.
+fn handshake_rates(bins: &Bins, tb: &Testbed, mesh: &Mesh) -> Result<Value> {
+    eprintln!("bench: TLS handshakes against a pod's tunnel port, full and resumed");
+    run_ok(
+        std::process::Command::new(&bins.meshless)
+            .args(["ca", "issue", "--id", "spiffe://cluster.local/ns/default/sa/bench", "--name", "bench", "--ca-dir"])
+            .arg(&mesh.ca_dir)
+            .arg("--out")
+            .arg(&tb.dir),
+    )?;
+    let tunnel = sockaddr(tb.pod(2, 1).ipv4.into(), 15008);
+    let out = run_ok(
+        tb.node(1)
+            .netns
+            .command(&bins.peer, None)?
+            .args(["handshakes", &tunnel])
+            .arg(tb.dir.join("bench.pem"))
+            .arg(tb.dir.join("bench-key.pem")),
+    )?;
+    json(&out)
 }
 
 /// Opens `n` connections from `client` and keeps them until [`release`].

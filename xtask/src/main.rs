@@ -88,6 +88,7 @@ fn build() -> Result<Bins> {
         meshless: target.join("meshless"),
         testbin: target.join("meshless-testbin"),
         peer: target.join("meshless-peer"),
+        wlclient: target.join("meshless-wlclient"),
     })
 }
 
@@ -104,6 +105,7 @@ fn test(extra: &[String]) -> Result<()> {
         .env("MESHLESS_BIN", &bins.meshless)
         .env("MESHLESS_TESTBIN", &bins.testbin)
         .env("MESHLESS_PEER", &bins.peer)
+        .env("MESHLESS_WLCLIENT", &bins.wlclient)
         .arg("--")
         // The end-to-end tests each build a cluster of namespaces and run several processes; on two
         // cores they are more reliable one at a time.

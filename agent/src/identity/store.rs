@@ -3,8 +3,8 @@
 //!
 //! A certificate is issued when its pod is enrolled (before its first connection leaves), then
 //! renewed at `--renew-fraction` of its lifetime (default ½, with ±10 % jitter so a node's pods do
-//! not renew at once). A failed renewal is retried with exponential backoff (1 s doubling to 60 s)
-//! while the current certificate keeps serving; past its expiry the pod's identity fails closed
+//! not renew at once). A failed renewal is retried with exponential backoff (1 s doubling to 60 s,
+//! or to a quarter of the lifetime if that is shorter) while the current certificate keeps serving; past its expiry the pod's identity fails closed
 //! (its handshakes fail, with one clear log line) until a renewal succeeds. The trust bundle is
 //! refreshed from the source every `--bundle-refresh`; when the source names a new signing CA (a
 //! root rotation), every certificate is renewed within seconds. The TLS configurations read the
@@ -63,6 +63,8 @@ struct Schedule {
     next: Instant,
     failures: u32,
     not_after: SystemTime,
+    /// The certificate's lifetime: retries are spaced at most a quarter of it apart.
+    lifetime: Duration,
     expired: bool,
 }
 
@@ -129,6 +131,7 @@ impl Identities {
                 next: self.renewal_time(issued.not_after),
                 failures: 0,
                 not_after: issued.not_after,
+                lifetime: life(issued.not_after),
                 expired: false,
             }),
             current: ArcSwapOption::new(Some(Arc::new(issued))),
@@ -255,6 +258,7 @@ impl Identities {
                 let recovered = s.expired;
                 s.next = self.renewal_time(issued.not_after);
                 s.not_after = issued.not_after;
+                s.lifetime = life(issued.not_after);
                 s.failures = 0;
                 s.expired = false;
                 info!(pod = %cert.pod, id = %cert.id, serial = %issued.serial, recovered, "certificate renewed");
@@ -263,7 +267,8 @@ impl Identities {
             }
             Err(e) => {
                 let mut s = cert.schedule.lock().expect("schedule lock");
-                let delay = RETRY_FIRST.saturating_mul(1 << s.failures.min(6)).min(RETRY_MAX);
+                let cap = RETRY_MAX.min(s.lifetime / 4).max(RETRY_FIRST);
+                let delay = RETRY_FIRST.saturating_mul(1 << s.failures.min(6)).min(cap);
                 s.failures += 1;
                 s.next = Instant::now() + delay;
                 let left = s.not_after.duration_since(SystemTime::now()).unwrap_or_default();
@@ -272,6 +277,11 @@ impl Identities {
             }
         }
     }
+}
+
+/// The time left to a certificate just issued: its lifetime, as far as renewal is concerned.
+fn life(not_after: SystemTime) -> Duration {
+    not_after.duration_since(SystemTime::now()).unwrap_or_default()
 }
 
 fn instant_of(t: SystemTime) -> Instant {
@@ -289,7 +299,10 @@ pub struct PodTls {
     pub cert: Arc<LiveCert>,
     pub server: Arc<ServerConfig>,
     trust: Arc<Trust>,
-    clients: Mutex<HashMap<SpiffeId, Arc<ClientConfig>>>,
+    /// Client contexts by destination identity, with the certificate generation they were made
+    /// for: a renewed certificate starts fresh ones, so that no session resumed from an earlier
+    /// handshake carries the old certificate's identity.
+    clients: Mutex<HashMap<SpiffeId, (u64, Arc<ClientConfig>)>>,
 }
 
 /// Presents a pod's current certificate (none once it expired: the handshake then fails).
@@ -328,11 +341,15 @@ impl PodTls {
         Ok(PodTls { id: cert.id.clone(), cert, server: Arc::new(server), trust, clients: Mutex::new(HashMap::new()) })
     }
 
-    /// A client context presenting this pod's certificate and accepting only `peer`.
+    /// A client context presenting this pod's certificate and accepting only `peer`. Kept per
+    /// destination (TLS sessions resume) until this pod's certificate is renewed.
     pub fn client(&self, peer: &SpiffeId) -> Result<Arc<ClientConfig>, Error> {
+        let generation = self.cert.generation();
         let mut clients = self.clients.lock().expect("client configs lock");
-        if let Some(cfg) = clients.get(peer) {
-            return Ok(cfg.clone());
+        if let Some((g, cfg)) = clients.get(peer) {
+            if *g == generation {
+                return Ok(cfg.clone());
+            }
         }
         let verifier = Arc::new(ServerVerifier { trust: self.trust.clone(), expected: peer.clone() });
         let mut cfg = ClientConfig::builder_with_provider(self.trust.provider().clone())
@@ -342,8 +359,14 @@ impl PodTls {
             .with_client_cert_resolver(Arc::new(Current(self.cert.clone())));
         cfg.alpn_protocols = vec![ALPN_H2.to_vec()];
         let cfg = Arc::new(cfg);
-        clients.insert(peer.clone(), cfg.clone());
+        clients.insert(peer.clone(), (generation, cfg.clone()));
         Ok(cfg)
+    }
+
+    /// Drops the client context of `peer` (and so its resumable sessions): the next connection
+    /// makes a full handshake, seeing the peer's current certificate.
+    pub fn forget_client(&self, peer: &SpiffeId) {
+        self.clients.lock().expect("client configs lock").remove(peer);
     }
 }
 
@@ -434,6 +457,9 @@ mod tests {
         let c = workload_id(&ids.trust_domain, "default", "c").unwrap();
         assert!(Arc::ptr_eq(&tls.client(&b).unwrap(), &tls.client(&b).unwrap()), "one config per destination");
         assert!(!Arc::ptr_eq(&tls.client(&b).unwrap(), &tls.client(&c).unwrap()));
+        let before = tls.client(&b).unwrap();
+        tls.forget_client(&b);
+        assert!(!Arc::ptr_eq(&before, &tls.client(&b).unwrap()), "forgotten: a fresh config, no old session");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -13,6 +13,8 @@
 //!   many-streams  opens 150 CONNECT streams at once, before the server's SETTINGS can limit it;
 //!                 reports how many were answered 200 and how many refused
 //!   ok            one CONNECT to <target>, one echo round trip; reports the reply
+//!   handshakes    TLS handshakes one after the other for 3 s, each on a new TCP connection: full
+//!                 ones, then resumed ones (TLS 1.3 session resumption); reports both rates
 //! ```
 
 use std::io;
@@ -59,6 +61,12 @@ async fn run(args: &[String]) -> Result<serde_json::Value> {
     if mode == "tcp-idle" {
         closed(tcp).await?;
         return Ok(json!({"closed_after_s": start.elapsed().as_secs_f64()}));
+    }
+    if mode == "handshakes" {
+        drop(tcp);
+        let full = handshake_rate(addr, &args[2], &args[3], false).await?;
+        let resumed = handshake_rate(addr, &args[2], &args[3], true).await?;
+        return Ok(json!({"full_per_s": full.0, "resumed_per_s": resumed.0, "resumed_share": resumed.1}));
     }
     let paused = Arc::new(AtomicBool::new(false));
     let io = Pausable { inner: tcp, paused: paused.clone() };
@@ -155,6 +163,34 @@ fn connect_request(target: std::net::SocketAddr) -> http::Request<()> {
         .version(http::Version::HTTP_2)
         .body(())
         .expect("valid request")
+}
+
+/// Handshakes per second over 3 s, with a session cache shared by all (resume) or none; and the
+/// share of handshakes that did resume.
+async fn handshake_rate(addr: std::net::SocketAddr, cert: &str, key: &str, resume: bool) -> Result<(f64, f64)> {
+    let mut cfg = (*tls_config(cert, key)?).clone();
+    if !resume {
+        cfg.resumption = rustls::client::Resumption::disabled();
+    }
+    let cfg = Arc::new(cfg);
+    let start = Instant::now();
+    let (mut n, mut resumed) = (0u32, 0u32);
+    while start.elapsed() < Duration::from_secs(3) {
+        let tcp = TcpStream::connect(addr).await?;
+        let name = ServerName::IpAddress(addr.ip().into());
+        let mut tls = tokio_rustls::TlsConnector::from(cfg.clone()).connect(name, tcp).await?;
+        if tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
+            resumed += 1;
+        }
+        // The HTTP/2 preface and an empty SETTINGS frame; the server's SETTINGS come after its
+        // session tickets, so once they are read the next connection can resume.
+        use tokio::io::AsyncWriteExt as _;
+        tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00").await?;
+        let mut buf = [0u8; 64];
+        tokio::time::timeout(Duration::from_secs(1), tls.read(&mut buf)).await??;
+        n += 1;
+    }
+    Ok((n as f64 / start.elapsed().as_secs_f64(), resumed as f64 / n.max(1) as f64))
 }
 
 /// Waits until the server closes `tcp` (EOF or reset).

@@ -413,11 +413,16 @@ fn hold(addr: &str, n: usize) -> std::io::Result<()> {
 fn stream(addr: &str, seconds: u64, every_ms: u64) -> std::io::Result<()> {
     let start = Instant::now();
     let (mut ok, mut failed) = (0u64, 0u64);
+    let mut samples = Vec::new();
     let mut i = 0u64;
     while start.elapsed() < Duration::from_secs(seconds.min(300)) {
         let text = format!("req-{i}");
+        let t = Instant::now();
         match exchange(addr, text.as_bytes()) {
-            Ok(r) if r == format!("{text}<{} bytes>", text.len()).as_bytes() => ok += 1,
+            Ok(r) if r == format!("{text}<{} bytes>", text.len()).as_bytes() => {
+                ok += 1;
+                samples.push(t.elapsed().as_nanos() as u64);
+            }
             Ok(r) => {
                 failed += 1;
                 eprintln!("request {i}: unexpected reply {:?}", String::from_utf8_lossy(&r));
@@ -430,7 +435,8 @@ fn stream(addr: &str, seconds: u64, every_ms: u64) -> std::io::Result<()> {
         i += 1;
         std::thread::sleep(Duration::from_millis(every_ms));
     }
-    println!("{{\"ok\":{ok},\"failed\":{failed}}}");
+    let (p50, p99, max) = if samples.is_empty() { (0.0, 0.0, 0.0) } else { percentiles(samples) };
+    println!("{{\"ok\":{ok},\"failed\":{failed},\"p50_us\":{p50:.1},\"p99_us\":{p99:.1},\"max_us\":{max:.1}}}");
     Ok(())
 }
 

@@ -14,7 +14,7 @@ pub fn privileged(test: &str) -> Option<Bins> {
         match bins() {
             Some(b) => return Some(b),
             None => {
-                "MESHLESS_BIN/MESHLESS_TESTBIN/MESHLESS_PEER not set: run it through `cargo xtask test`".to_string()
+                "MESHLESS_BIN/MESHLESS_TESTBIN/MESHLESS_PEER/MESHLESS_WLCLIENT not set: run it through `cargo xtask test`".to_string()
             }
         }
     };
@@ -36,10 +36,13 @@ fn record_skip(test: &str) {
 
 /// The binaries built by `cargo xtask test`; under `CI=true` their absence is a failure.
 pub fn bins() -> Option<Bins> {
-    match (std::env::var_os("MESHLESS_BIN"), std::env::var_os("MESHLESS_TESTBIN"), std::env::var_os("MESHLESS_PEER")) {
-        (Some(m), Some(t), Some(p)) => Some(Bins { meshless: m.into(), testbin: t.into(), peer: p.into() }),
+    let var = |name: &str| std::env::var_os(name);
+    match (var("MESHLESS_BIN"), var("MESHLESS_TESTBIN"), var("MESHLESS_PEER"), var("MESHLESS_WLCLIENT")) {
+        (Some(m), Some(t), Some(p), Some(w)) => {
+            Some(Bins { meshless: m.into(), testbin: t.into(), peer: p.into(), wlclient: w.into() })
+        }
         _ if ci() => {
-            panic!("MESHLESS_BIN/MESHLESS_TESTBIN/MESHLESS_PEER not set under CI=true: run `cargo xtask test`")
+            panic!("MESHLESS_BIN/MESHLESS_TESTBIN/MESHLESS_PEER/MESHLESS_WLCLIENT not set under CI=true: run `cargo xtask test`")
         }
         _ => {
             record_skip("(a test needing the built binaries)");
