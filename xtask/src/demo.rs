@@ -43,7 +43,8 @@ pub fn run(bins: &Bins, args: Args) -> Result<()> {
             if enrolled(pod) { tb.spiffe_id(TRUST_DOMAIN, pod) } else { "(not in the mesh)".into() }
         );
     }
-    println!("== starting one meshless agent per node (local CA, eBPF capture on each node's pod cgroup)");
+    println!("== starting the issuer on the control-plane host and one meshless agent per node");
+    println!("   (agents get the trust bundle and a node credential, never a CA key; eBPF capture on each node's pod cgroup)");
     let mesh = Mesh::start(&tb, bins, &enrolled, &[])?;
     tb.spawn(
         backend
@@ -80,6 +81,10 @@ pub fn run(bins: &Bins, args: Args) -> Result<()> {
     std::thread::sleep(Duration::from_millis(300));
     tb.stop(dump);
 
+    println!("== what the issuer signed (each node only its own pods' identities)");
+    for l in mesh.issuer_lines().iter().filter(|l| l["message"] == "issued a certificate") {
+        println!("   issuer: {} for node {}", l["id"].as_str().unwrap_or("?"), l["node"].as_str().unwrap_or("?"));
+    }
     println!("== what the agents saw (identities from the mTLS handshakes)");
     for l in mesh.log_lines(2).iter().filter(|l| l["message"] == "inbound connection authorized") {
         println!(
