@@ -151,10 +151,14 @@ impl Identities {
         let (key, csr) = key_and_csr(id)?;
         let (chain, bundle) = self.source.sign(id, &csr).await?;
         self.follow(&bundle);
-        let leaf = chain.first().ok_or_else(|| Error::BadCertificate("empty chain".into()))?;
-        let got = super::spiffe_id_of(leaf).map_err(Error::BadCertificate)?;
-        if &got != id {
-            return Err(Error::BadCertificate(format!("asked for {id}, got {got}")));
+        // The spiffe crate checks what came back: an X.509-SVID (leaf rules, one SPIFFE ID) whose
+        // public key is the one generated here.
+        let der: Vec<u8> = chain.iter().flat_map(|c| c.iter().copied()).collect();
+        let key_der = zeroize::Zeroizing::new(key.serialize_der());
+        let checked =
+            spiffe::X509Svid::parse_from_der(&der, &key_der).map_err(|e| Error::BadCertificate(e.to_string()))?;
+        if checked.spiffe_id() != id {
+            return Err(Error::BadCertificate(format!("asked for {id}, got {}", checked.spiffe_id())));
         }
         let svid = Svid::new(id.clone(), chain, key);
         let certified = svid.certified_key(self.trust.provider())?;

@@ -22,15 +22,16 @@ use x509_parser::extensions::ParsedExtension;
 
 use super::{Bundle, Error, SpiffeId, TrustDomain};
 
-/// The roots of one trust domain, with the verifier built from them.
+/// The webpki side of one trust domain's bundle: its root store and the client verifier on it.
 struct Roots {
-    certs: Vec<CertificateDer<'static>>,
     store: Arc<RootCertStore>,
     clients: Arc<dyn ClientCertVerifier>,
 }
 
-/// A snapshot of what is trusted.
+/// A snapshot of what is trusted: one bundle per trust domain (the spiffe crate's bundle set,
+/// never a flat store mixing trust domains), and the verifiers built from each.
 pub struct TrustSet {
+    bundles: spiffe::X509BundleSet,
     by_domain: HashMap<TrustDomain, Roots>,
     /// The signing CA the trust domain's issuer named last.
     pub signer: String,
@@ -53,7 +54,7 @@ impl Trust {
     /// Replaces the bundle of `bundle`'s trust domain; true if the roots or the signer changed.
     pub fn update(&self, bundle: &Bundle) -> Result<bool, Error> {
         let current = self.set.load();
-        let same_roots = current.by_domain.get(&bundle.trust_domain).is_some_and(|r| r.certs == bundle.roots);
+        let same_roots = current.roots(&bundle.trust_domain) == bundle.roots;
         if same_roots && current.signer == bundle.signer {
             return Ok(false);
         }
@@ -68,7 +69,8 @@ impl Trust {
 
     /// Every trust domain with its roots.
     pub fn all(&self) -> Vec<(TrustDomain, Vec<CertificateDer<'static>>)> {
-        self.set.load().by_domain.iter().map(|(td, r)| (td.clone(), r.certs.clone())).collect()
+        let set = self.set.load();
+        set.bundles.iter().map(|(td, _)| (td.clone(), set.roots(td))).collect()
     }
 
     pub fn signer(&self) -> String {
@@ -77,7 +79,7 @@ impl Trust {
 
     /// The roots of `td` (for the Workload API and logs).
     pub fn roots(&self, td: &TrustDomain) -> Vec<CertificateDer<'static>> {
-        self.set.load().by_domain.get(td).map(|r| r.certs.clone()).unwrap_or_default()
+        self.set.load().roots(td)
     }
 
     pub fn provider(&self) -> &Arc<CryptoProvider> {
@@ -85,10 +87,24 @@ impl Trust {
     }
 }
 
+impl TrustSet {
+    fn roots(&self, td: &TrustDomain) -> Vec<CertificateDer<'static>> {
+        self.bundles
+            .get(td)
+            .map(|b| b.authorities().iter().map(|c| CertificateDer::from(c.as_bytes().to_vec())).collect())
+            .unwrap_or_default()
+    }
+}
+
 fn build(bundle: &Bundle, provider: &Arc<CryptoProvider>) -> Result<TrustSet, Error> {
     if bundle.roots.is_empty() {
         return Err(Error::Bundle(format!("no root for trust domain {}", bundle.trust_domain)));
     }
+    let ders: Vec<&[u8]> = bundle.roots.iter().map(|c| c.as_ref()).collect();
+    let x509 = spiffe::X509Bundle::from_x509_authorities(bundle.trust_domain.clone(), &ders)
+        .map_err(|e| Error::Bundle(format!("{}: {e}", bundle.trust_domain)))?;
+    let mut bundles = spiffe::X509BundleSet::new();
+    bundles.add_bundle(x509);
     let mut store = RootCertStore::empty();
     for root in &bundle.roots {
         store.add(root.clone()).map_err(|e| Error::Bundle(format!("a root of {}: {e}", bundle.trust_domain)))?;
@@ -98,8 +114,8 @@ fn build(bundle: &Bundle, provider: &Arc<CryptoProvider>) -> Result<TrustSet, Er
         .build()
         .map_err(|e| Error::Bundle(e.to_string()))?;
     let mut by_domain = HashMap::new();
-    by_domain.insert(bundle.trust_domain.clone(), Roots { certs: bundle.roots.clone(), store, clients });
-    Ok(TrustSet { by_domain, signer: bundle.signer.clone() })
+    by_domain.insert(bundle.trust_domain.clone(), Roots { store, clients });
+    Ok(TrustSet { bundles, by_domain, signer: bundle.signer.clone() })
 }
 
 /// The role a certificate is checked for.
