@@ -39,6 +39,8 @@ pub struct Shared {
     pub handshakes: Arc<HandshakeLimiter>,
     /// The enrolled pods, as the lifecycle manager last published them (Workload API).
     pub local_pods: crate::workload_api::LocalPods,
+    /// Inbound decisions, counted.
+    pub decisions: crate::authorize::Stats,
 }
 
 /// The injected parts of an agent.
@@ -63,7 +65,8 @@ pub async fn run(config: Arc<AgentConfig>, deps: Deps, shutdown: impl Future<Out
     }
     tokio::spawn(identities.clone().run());
     let home = Netns::current().map_err(|e| Error::Io("opening the agent's own netns".into(), e))?;
-    let capture = Capture::load(&config.bpf_dir, &first.cgroup_parent, config.kernel_log)?;
+    let probe_cgroup = crate::capture::probe_cgroup(&config.probe_cgroup)?;
+    let capture = Capture::load(&config.bpf_dir, &first.cgroup_parent, probe_cgroup.as_deref(), config.kernel_log)?;
 
     // Take over the listeners of an agent running before us, if there is one.
     let socket = handover::socket_path(&config.run_dir);
@@ -85,6 +88,7 @@ pub async fn run(config: Arc<AgentConfig>, deps: Deps, shutdown: impl Future<Out
         pool: Pool::new(config.tunnel.clone()),
         handshakes: HandshakeLimiter::new(config.tunnel.max_handshakes, config.tunnel.max_handshakes_per_source),
         local_pods: Default::default(),
+        decisions: Default::default(),
         config: config.clone(),
     });
     // hostNetwork pods live in the node's netns: known, left alone.
@@ -112,6 +116,16 @@ pub async fn run(config: Arc<AgentConfig>, deps: Deps, shutdown: impl Future<Out
     let mut successors = handover::serve(&socket)?;
     let workload_socket = config.workload_api_socket.clone().unwrap_or_else(|| config.run_dir.join("workload.sock"));
     crate::workload_api::serve(&workload_socket, shared.local_pods.clone(), shared.identities.trust.clone())?;
+    let admin_stop = tokio_util::sync::CancellationToken::new();
+    if config.admin_addr != "none" {
+        let addr: std::net::SocketAddr = config
+            .admin_addr
+            .parse()
+            .map_err(|e| Error::Io(format!("--admin-addr {:?}", config.admin_addr), std::io::Error::other(e)))?;
+        crate::admin::serve(addr, shared.clone(), admin_stop.clone())
+            .await
+            .map_err(|e| Error::Io(format!("admin endpoint on {addr}"), e))?;
+    }
     let (enrolled, known, failing) = manager.counts();
     info!(node = %first.node, enrolled, known, failing, stale_removed = stale.len(), "agent ready");
 
@@ -132,7 +146,7 @@ pub async fn run(config: Arc<AgentConfig>, deps: Deps, shutdown: impl Future<Out
                 shared.store.store(dir.clone());
                 manager.reconcile(&dir).await;
             }
-            _ = sleep_until(retry), if retry.is_some() => manager.retry_due().await,
+            _ = sleep_until(retry), if retry.is_some() => manager.retry_due(&shared.store.load()).await,
             _ = memory.tick() => {
                 if trimmer.observe(manager.live_connections()) {
                     crate::limits::release_free_memory();
@@ -152,6 +166,7 @@ pub async fn run(config: Arc<AgentConfig>, deps: Deps, shutdown: impl Future<Out
             _ = &mut shutdown => break "told to stop",
         }
     };
+    admin_stop.cancel();
     let pods = manager.stop_accepting();
     info!(
         why,

@@ -8,19 +8,27 @@
 //! its own programs, and only then unpins every earlier link — its predecessor's, or stale ones a
 //! crash left behind — so there is no moment without capture. The pinned `CGROUP` map records
 //! which cgroup the directory belongs to, so two agents can never share one by mistake.
+//!
+//! Inbound, each enrolled pod's netns gets the `sk_lookup` program (its link pinned under
+//! `links/netns/<cookie>@…`), the pod's addresses and mode in `INBOUND`, and its 15006 listener in
+//! `INBOUND_LISTENERS`. The listener leaves that map when its socket closes, so with no agent a
+//! STRICT pod drops plaintext and a PERMISSIVE one passes it. Health probes are announced by a
+//! `sock_ops` program on the probe cgroup (the kubelet's), pinned like the others.
 
 use std::collections::HashSet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use aya::maps::{Array, HashMap, HashOfMaps, Map, MapData};
+use aya::maps::{Array, HashMap, HashOfMaps, Map, MapData, SockHash};
 use aya::programs::links::FdLink;
-use aya::programs::{CgroupAttachMode, CgroupSockAddr, SockOps};
+use aya::programs::{CgroupAttachMode, CgroupSockAddr, SkLookup, SockOps};
 use aya::{Ebpf, EbpfLoader};
 use meshless_common::{
-    maps, mode, programs, EnrolledPod, OrigDst, OrigDstKey, AF_INET, AF_INET6, LAYOUT_VERSION, ORIG_DST_PER_POD,
+    maps, mode, programs, EnrolledPod, InboundPod, OrigDst, OrigDstKey, PodAddr, AF_INET, AF_INET6, LAYOUT_VERSION,
+    ORIG_DST_PER_POD,
 };
 use tracing::{info, warn};
 
@@ -56,9 +64,13 @@ pub struct Capture {
     /// `<bpf dir>/v<LAYOUT_VERSION>`.
     dir: PathBuf,
     cgroup_path: PathBuf,
+    /// The kubelet's cgroup, whose connections to pods are health probes.
+    probe_cgroup: Option<PathBuf>,
     ebpf: Mutex<Ebpf>,
     enrolled: Mutex<HashMap<MapData, u64, EnrolledPod>>,
     orig: Mutex<HashOfMaps<MapData, u64, MapData>>,
+    inbound: Mutex<HashMap<MapData, PodAddr, InboundPod>>,
+    listeners: Mutex<SockHash<MapData, u64>>,
 }
 
 /// A pod's own original-destination map, read by the agent after `accept()`.
@@ -67,7 +79,12 @@ pub struct PodOrig(Mutex<HashMap<MapData, OrigDstKey, OrigDst>>);
 impl Capture {
     /// Opens (or creates) the pinned maps under `bpf_dir` for the cgroup `cgroup_parent`, and
     /// loads the programs without attaching them yet ([`Capture::attach`] does).
-    pub fn load(bpf_dir: &Path, cgroup_parent: &Path, kernel_log: bool) -> Result<Capture, Error> {
+    pub fn load(
+        bpf_dir: &Path,
+        cgroup_parent: &Path,
+        probe_cgroup: Option<&Path>,
+        kernel_log: bool,
+    ) -> Result<Capture, Error> {
         if OBJECT.is_empty() {
             return Err(Error::NoObject);
         }
@@ -84,9 +101,12 @@ impl Capture {
                 ),
             });
         }
+        if let Some(probes) = probe_cgroup {
+            check_probe_cgroup(probes, cgroup_parent)?;
+        }
         ensure_bpffs(bpf_dir)?;
         let dir = bpf_dir.join(format!("v{LAYOUT_VERSION}"));
-        for sub in ["maps", "links"] {
+        for sub in ["maps", "links", "links/netns"] {
             std::fs::create_dir_all(dir.join(sub)).map_err(|e| pins(&dir, format!("creating {sub}/: {e}")))?;
         }
         claim_for_cgroup(&dir, cgroup_parent, cgroup_ino)?;
@@ -111,12 +131,27 @@ impl Capture {
             .map_err(|source| Error::Map { name: maps::ENROLLED, source })?;
         let orig = HashOfMaps::try_from(take(&mut ebpf, maps::ORIG_DST)?)
             .map_err(|source| Error::Map { name: maps::ORIG_DST, source })?;
+        let inbound = HashMap::try_from(take(&mut ebpf, maps::INBOUND)?)
+            .map_err(|source| Error::Map { name: maps::INBOUND, source })?;
+        let listeners = SockHash::try_from(take(&mut ebpf, maps::INBOUND_LISTENERS)?)
+            .map_err(|source| Error::Map { name: maps::INBOUND_LISTENERS, source })?;
+        // Loaded now: pods are enrolled (and their netns attached) before `attach`.
+        let name = programs::SK_LOOKUP;
+        let prog: &mut SkLookup = ebpf
+            .program_mut(name)
+            .ok_or(Error::Missing(name))?
+            .try_into()
+            .map_err(|source| Error::Program { name, source })?;
+        prog.load().map_err(|source| Error::Program { name, source })?;
         Ok(Capture {
             dir,
             cgroup_path: cgroup_parent.into(),
+            probe_cgroup: probe_cgroup.map(Path::to_path_buf),
             ebpf: Mutex::new(ebpf),
             enrolled: Mutex::new(enrolled),
             orig: Mutex::new(orig),
+            inbound: Mutex::new(inbound),
+            listeners: Mutex::new(listeners),
         })
     }
 
@@ -129,19 +164,34 @@ impl Capture {
         let earlier: Vec<PathBuf> = std::fs::read_dir(&links)
             .map_err(|e| pins(&links, e.to_string()))?
             .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| !p.is_dir())
             .collect();
         let cgroup = std::fs::File::open(&self.cgroup_path)
             .map_err(|source| Error::Cgroup { path: self.cgroup_path.clone(), source })?;
-        let stamp = format!(
-            "{}-{}",
-            std::process::id(),
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0)
-        );
+        let stamp = stamp();
         let pin = |name: &'static str, link: FdLink| -> Result<(), Error> {
             let path = links.join(format!("{name}@{stamp}"));
             // The pin keeps the link (and so the attachment) alive; our handle closes on drop.
             link.pin(&path).map(drop).map_err(|e| pins(&path, e.to_string()))
         };
+        // Load, attach with bpf_link and pin one cgroup program (`$ty`: its aya type). On kernels
+        // ≥ 5.7 aya attaches through bpf_link, which takes no attach flags and coexists with other
+        // programs on the same hook (a CNI's); `Single` passes flag 0.
+        macro_rules! attach_cgroup {
+            ($ty:ty, $name:expr, $cgroup:expr) => {{
+                let name: &'static str = $name;
+                let prog: &mut $ty = ebpf
+                    .program_mut(name)
+                    .ok_or(Error::Missing(name))?
+                    .try_into()
+                    .map_err(|source| Error::Program { name, source })?;
+                prog.load().map_err(|source| Error::Program { name, source })?;
+                let id =
+                    prog.attach($cgroup, CgroupAttachMode::Single).map_err(|source| Error::Program { name, source })?;
+                let link = prog.take_link(id).map_err(|source| Error::Program { name, source })?;
+                pin(name, FdLink::try_from(link).map_err(|e| pins(&links, format!("{name}: {e}")))?)?;
+            }};
+        }
         for name in [
             programs::CONNECT4,
             programs::CONNECT6,
@@ -150,29 +200,13 @@ impl Capture {
             programs::BIND4,
             programs::BIND6,
         ] {
-            let prog: &mut CgroupSockAddr = ebpf
-                .program_mut(name)
-                .ok_or(Error::Missing(name))?
-                .try_into()
-                .map_err(|source| Error::Program { name, source })?;
-            prog.load().map_err(|source| Error::Program { name, source })?;
-            // On kernels ≥ 5.7 aya attaches through bpf_link, which takes no attach flags and
-            // coexists with other programs on the same hook (a CNI's); `Single` passes flag 0.
-            let id =
-                prog.attach(&cgroup, CgroupAttachMode::Single).map_err(|source| Error::Program { name, source })?;
-            let link = prog.take_link(id).map_err(|source| Error::Program { name, source })?;
-            pin(name, FdLink::try_from(link).map_err(|e| pins(&links, format!("{name}: {e}")))?)?;
+            attach_cgroup!(CgroupSockAddr, name, &cgroup);
         }
-        let name = programs::SOCK_OPS;
-        let prog: &mut SockOps = ebpf
-            .program_mut(name)
-            .ok_or(Error::Missing(name))?
-            .try_into()
-            .map_err(|source| Error::Program { name, source })?;
-        prog.load().map_err(|source| Error::Program { name, source })?;
-        let id = prog.attach(&cgroup, CgroupAttachMode::Single).map_err(|source| Error::Program { name, source })?;
-        let link = prog.take_link(id).map_err(|source| Error::Program { name, source })?;
-        pin(name, FdLink::try_from(link).map_err(|e| pins(&links, format!("{name}: {e}")))?)?;
+        attach_cgroup!(SockOps, programs::SOCK_OPS, &cgroup);
+        if let Some(path) = &self.probe_cgroup {
+            let probes = std::fs::File::open(path).map_err(|source| Error::Cgroup { path: path.clone(), source })?;
+            attach_cgroup!(SockOps, programs::PROBE_SOCK_OPS, &probes);
+        }
 
         for old in &earlier {
             if let Err(e) = std::fs::remove_file(old) {
@@ -185,8 +219,68 @@ impl Capture {
             pins = %self.dir.display(),
             replaced_links = earlier.len(),
             stale_layouts,
-            "eBPF capture attached (connect4/6, getpeername4/6, bind4/6, sock_ops)"
+            probe_cgroup = ?self.probe_cgroup,
+            "eBPF capture attached (connect4/6, getpeername4/6, bind4/6, sock_ops; sk_lookup per pod)"
         );
+        Ok(())
+    }
+
+    /// Steers the inbound plaintext of the pod whose netns is `netns` (cookie `cookie`, addresses
+    /// `ips`) to `listener` (its [::]:15006), as `mode` says: the listener goes into the socket
+    /// map, the addresses into `INBOUND`, and the sk_lookup program is attached to the netns (its
+    /// link pinned, replacing the link of an earlier agent, so there is no gap).
+    pub fn steer(
+        &self,
+        cookie: u64,
+        netns: &impl AsFd,
+        ips: &[IpAddr],
+        mode: u32,
+        listener: &impl AsRawFd,
+    ) -> Result<(), Error> {
+        let name = maps::INBOUND_LISTENERS;
+        self.listeners
+            .lock()
+            .expect("listeners map lock")
+            .insert(cookie, listener.as_raw_fd(), 0)
+            .map_err(|source| Error::Map { name, source })?;
+        self.set_mode(cookie, ips, mode)?;
+        let dir = self.dir.join("links/netns");
+        let earlier = netns_links(&dir, cookie);
+        let name = programs::SK_LOOKUP;
+        let mut ebpf = self.ebpf.lock().expect("ebpf lock");
+        let prog: &mut SkLookup = ebpf
+            .program_mut(name)
+            .ok_or(Error::Missing(name))?
+            .try_into()
+            .map_err(|source| Error::Program { name, source })?;
+        let id = prog.attach(netns.as_fd()).map_err(|source| Error::Program { name, source })?;
+        let link = prog.take_link(id).map_err(|source| Error::Program { name, source })?;
+        let path = dir.join(format!("{cookie}@{}", stamp()));
+        FdLink::from(link).pin(&path).map(drop).map_err(|e| pins(&path, e.to_string()))?;
+        for old in earlier {
+            let _ = std::fs::remove_file(old);
+        }
+        Ok(())
+    }
+
+    /// Sets the inbound mode of the pod `cookie` on every one of its addresses (and forgets
+    /// addresses it no longer has). Applies to the next connection the kernel looks up.
+    pub fn set_mode(&self, cookie: u64, ips: &[IpAddr], mode: u32) -> Result<(), Error> {
+        let name = maps::INBOUND;
+        let mut map = self.inbound.lock().expect("inbound map lock");
+        let wanted: Vec<PodAddr> = ips.iter().map(|ip| pod_addr(*ip)).collect();
+        let stale: Vec<PodAddr> = map
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(k, v)| v.cookie == cookie && !wanted.contains(k))
+            .map(|(k, _)| k)
+            .collect();
+        for key in wanted {
+            map.insert(key, InboundPod { cookie, mode, _pad: 0 }, 0).map_err(|source| Error::Map { name, source })?;
+        }
+        for key in stale {
+            let _ = map.remove(&key);
+        }
         Ok(())
     }
 
@@ -230,6 +324,7 @@ impl Capture {
     /// Marks the netns `cookie` as a pod the agent knows and leaves alone.
     pub fn bypass(&self, cookie: u64) -> Result<(), Error> {
         self.drop_orig(cookie)?;
+        self.unsteer(cookie)?;
         self.set(cookie, EnrolledPod { mode: mode::BYPASS, ..Default::default() })
     }
 
@@ -241,7 +336,34 @@ impl Capture {
             Err(source) if !absent(&source) => return Err(Error::Map { name: maps::ENROLLED, source }),
             _ => {}
         }
+        self.unsteer(cookie)?;
         self.drop_orig(cookie)
+    }
+
+    /// Takes the pod `cookie`'s inbound out of the kernel: its sk_lookup link, its addresses and
+    /// its listener. Its plaintext then reaches the app directly (a pod leaving the mesh).
+    pub fn unsteer(&self, cookie: u64) -> Result<(), Error> {
+        for link in netns_links(&self.dir.join("links/netns"), cookie) {
+            let _ = std::fs::remove_file(link);
+        }
+        self.set_mode_none(cookie)?;
+        match self.listeners.lock().expect("listeners map lock").remove(&cookie) {
+            Err(source) if !absent(&source) => Err(Error::Map { name: maps::INBOUND_LISTENERS, source }),
+            _ => Ok(()),
+        }
+    }
+
+    fn set_mode_none(&self, cookie: u64) -> Result<(), Error> {
+        let mut map = self.inbound.lock().expect("inbound map lock");
+        let ours: Vec<PodAddr> =
+            map.iter().filter_map(Result::ok).filter(|(_, v)| v.cookie == cookie).map(|(k, _)| k).collect();
+        for key in ours {
+            match map.remove(&key) {
+                Err(source) if !absent(&source) => return Err(Error::Map { name: maps::INBOUND, source }),
+                _ => {}
+            }
+        }
+        Ok(())
     }
 
     /// Every netns cookie with pinned state (to find stale ones after a restart).
@@ -249,6 +371,12 @@ impl Capture {
         let mut all: HashSet<u64> =
             self.enrolled.lock().expect("enrolled map lock").keys().filter_map(Result::ok).collect();
         all.extend(self.orig.lock().expect("orig map lock").keys().filter_map(Result::ok));
+        all.extend(self.inbound.lock().expect("inbound map lock").iter().filter_map(Result::ok).map(|(_, v)| v.cookie));
+        if let Ok(entries) = std::fs::read_dir(self.dir.join("links/netns")) {
+            all.extend(entries.flatten().filter_map(|e| {
+                e.file_name().to_str().and_then(|n| n.split('@').next()).and_then(|c| c.parse::<u64>().ok())
+            }));
+        }
         all
     }
 
@@ -292,6 +420,98 @@ fn orig_key(peer: SocketAddr) -> OrigDstKey {
             }
             None => OrigDstKey { addr: words(v6.ip()), port: v6.port(), family: AF_INET6 },
         },
+    }
+}
+
+/// A name part that orders pins by who made them and when: `<pid>-<nanoseconds>`.
+fn stamp() -> String {
+    format!(
+        "{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0)
+    )
+}
+
+/// The pinned sk_lookup links of the netns `cookie`.
+fn netns_links(dir: &Path, cookie: u64) -> Vec<PathBuf> {
+    let prefix = format!("{cookie}@");
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter(|e| e.file_name().to_str().is_some_and(|n| n.starts_with(&prefix)))
+                .map(|e| e.path())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Resolves `--probe-cgroup`: `none`, `auto` (the cgroup of a running process named `kubelet`),
+/// or a path.
+pub fn probe_cgroup(spec: &str) -> Result<Option<PathBuf>, Error> {
+    match spec {
+        "none" | "" => Ok(None),
+        "auto" => {
+            let found = kubelet_cgroup();
+            match &found {
+                Some(p) => {
+                    info!(cgroup = %p.display(), "health probes: the kubelet's cgroup is exempt from inbound capture")
+                }
+                None => {
+                    info!("health probes: no kubelet process found; no connection is exempt (--probe-cgroup sets one)")
+                }
+            }
+            Ok(found)
+        }
+        path => Ok(Some(PathBuf::from(path))),
+    }
+}
+
+/// The cgroup2 directory of the first process named `kubelet`.
+fn kubelet_cgroup() -> Option<PathBuf> {
+    let mount = cgroup2_mount()?;
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        e.file_name().to_str()?.parse::<u32>().ok()?;
+        let comm = std::fs::read_to_string(e.path().join("comm")).ok()?;
+        if comm.trim_end() != "kubelet" {
+            return None;
+        }
+        let cgroups = std::fs::read_to_string(e.path().join("cgroup")).ok()?;
+        let rel = cgroups.lines().find_map(|l| l.strip_prefix("0::"))?;
+        Some(mount.join(rel.trim_start_matches('/')))
+    })
+}
+
+fn cgroup2_mount() -> Option<PathBuf> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    info.lines().find_map(|l| {
+        let (pre, post) = l.split_once(" - ")?;
+        let point = pre.split_whitespace().nth(4)?;
+        (post.split_whitespace().next() == Some("cgroup2")).then(|| PathBuf::from(point))
+    })
+}
+
+/// The probe cgroup must not hold the pods: their connections would pass as probes.
+fn check_probe_cgroup(probes: &Path, pods: &Path) -> Result<(), Error> {
+    let bad = |msg: &str| Error::Cgroup { path: probes.into(), source: std::io::Error::other(msg.to_string()) };
+    let meta = std::fs::metadata(probes).map_err(|source| Error::Cgroup { path: probes.into(), source })?;
+    if !meta.is_dir() || !probes.join("cgroup.procs").exists() {
+        return Err(bad("the probe cgroup is not a cgroup2 directory"));
+    }
+    let (probes, pods) = (probes.canonicalize().unwrap_or(probes.into()), pods.canonicalize().unwrap_or(pods.into()));
+    if pods.starts_with(&probes) || probes.starts_with(&pods) {
+        return Err(bad(&format!(
+            "the probe cgroup and the pods' cgroup {} contain one another; the probe cgroup must hold only the kubelet",
+            pods.display()
+        )));
+    }
+    Ok(())
+}
+
+fn pod_addr(ip: IpAddr) -> PodAddr {
+    match crate::workloads::canonical(ip) {
+        IpAddr::V4(v4) => PodAddr { addr: [u32::from_ne_bytes(v4.octets()), 0, 0, 0], family: AF_INET.into() },
+        IpAddr::V6(v6) => PodAddr { addr: words(&v6), family: AF_INET6.into() },
     }
 }
 

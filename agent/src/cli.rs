@@ -1,6 +1,7 @@
 //! The command line: `meshless agent` runs the dataplane of one node; `meshless issuer` signs the
-//! nodes' pods' certificates; `meshless ca …` manages the CA directory; `meshless uninstall` removes
-//! the pinned kernel programs. Errors end the process with one line on stderr and exit status 1.
+//! nodes' pods' certificates; `meshless ca …` manages the CA directory; `meshless policy …` checks
+//! and explains decisions (offline against a state file, or asking a running agent);
+//! `meshless uninstall` removes the pinned kernel programs. Errors end the process with one line on stderr and exit status 1.
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -30,12 +31,52 @@ enum Cmd {
         #[command(subcommand)]
         cmd: CaCmd,
     },
+    /// Check and explain policy decisions: offline against a state file (--state), or by asking
+    /// the running agent of this node (its admin endpoint, --agent).
+    Policy {
+        #[command(subcommand)]
+        cmd: PolicyCmd,
+    },
     /// Detach meshless from a node: unpin its kernel programs and maps (pods then connect
     /// directly again). Stop the agent first.
     Uninstall {
         #[arg(long, env = "MESHLESS_BPF_DIR", default_value = "/sys/fs/bpf/meshless")]
         bpf_dir: PathBuf,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum PolicyCmd {
+    /// Print `allow` or `deny` for a connection.
+    Check(PolicyQuery),
+    /// Print the decision with the destination's mode and the policy and rule that decided.
+    Explain(PolicyQuery),
+    /// Validate a state file's workloads and policies; print what it holds.
+    Validate {
+        #[arg(long)]
+        state: PathBuf,
+    },
+}
+
+#[derive(clap::Args, Debug)]
+struct PolicyQuery {
+    /// The source: a SPIFFE ID (authenticated), an IP address (plaintext), or namespace/pod.
+    #[arg(long)]
+    from: String,
+    /// The destination pod: namespace/pod.
+    #[arg(long)]
+    to: String,
+    #[arg(long)]
+    port: u16,
+    /// Decide offline against this state file.
+    #[arg(long, conflicts_with = "agent")]
+    state: Option<PathBuf>,
+    /// Ask the running agent's admin endpoint (host:port) instead.
+    #[arg(long, env = "MESHLESS_ADMIN_ADDR", default_value = "127.0.0.1:15000")]
+    agent: String,
+    /// Print the answer as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -158,6 +199,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             })
         }
         Cmd::Issuer(cfg) => issuer(cfg),
+        Cmd::Policy { cmd: PolicyCmd::Validate { state } } => {
+            let dir = crate::workloads::statefile::load(&state)?;
+            let (pa, ap) = dir.policies.counts();
+            println!(
+                "{}: valid: {} pods, {pa} PeerAuthentications, {ap} AuthorizationPolicies{}",
+                state.display(),
+                dir.len(),
+                if dir.policies.settings.dry_run { " (dry run)" } else { "" }
+            );
+            Ok(())
+        }
+        Cmd::Policy { cmd: PolicyCmd::Check(q) } => policy(q, false),
+        Cmd::Policy { cmd: PolicyCmd::Explain(q) } => policy(q, true),
         Cmd::Uninstall { bpf_dir } => {
             if crate::capture::uninstall(&bpf_dir)? {
                 println!("removed {}: meshless's kernel programs are detached", bpf_dir.display());
@@ -204,6 +258,28 @@ fn agent(cfg: AgentConfig) -> anyhow::Result<()> {
     };
     let cfg = Arc::new(cfg);
     rt.block_on(async { crate::app::run(cfg, deps, stop_signal()?).await.map_err(anyhow::Error::from) })
+}
+
+fn policy(q: PolicyQuery, explain: bool) -> anyhow::Result<()> {
+    let question = crate::admin::Question { from: q.from, to: q.to, port: q.port };
+    let answer = match &q.state {
+        Some(state) => {
+            let dir = crate::workloads::statefile::load(state)?;
+            crate::admin::explain(&dir, &question).map_err(anyhow::Error::msg)?
+        }
+        None => {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            rt.block_on(crate::admin::ask(&q.agent, &question)).map_err(anyhow::Error::msg)?
+        }
+    };
+    if q.json {
+        println!("{}", serde_json::to_string_pretty(&answer)?);
+    } else if explain {
+        print!("{}", answer.long());
+    } else {
+        println!("{}", answer.short());
+    }
+    Ok(())
 }
 
 fn issuer(cfg: crate::issuer::IssuerConfig) -> anyhow::Result<()> {

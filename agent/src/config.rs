@@ -39,6 +39,16 @@ pub struct AgentConfig {
     /// listeners to a successor, or a pod is removed; then they are reset.
     #[arg(long, env = "MESHLESS_DRAIN_TIMEOUT", value_parser = humantime::parse_duration, default_value = "30s")]
     pub drain_timeout: Duration,
+    /// The cgroup whose TCP connections to pods are health probes, which reach the app in every
+    /// mode (also STRICT, also with no agent running): `auto` (the cgroup of the process named
+    /// `kubelet`, if one runs), `none`, or a cgroup2 directory. Only connections opened by
+    /// processes in it pass; other node traffic does not.
+    #[arg(long, env = "MESHLESS_PROBE_CGROUP", default_value = "auto")]
+    pub probe_cgroup: String,
+    /// The admin endpoint (policy explain, metrics), in the agent's own network namespace (the
+    /// node's): loopback by default, so pods cannot reach it. `none` turns it off.
+    #[arg(long, env = "MESHLESS_ADMIN_ADDR", default_value = "127.0.0.1:15000")]
+    pub admin_addr: String,
     #[command(flatten)]
     pub tunnel: TunnelLimits,
 }

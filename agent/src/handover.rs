@@ -58,6 +58,8 @@ pub enum Role {
     Outbound,
     /// 15008: the HBONE tunnel.
     Tunnel,
+    /// 15006: plaintext steered here by sk_lookup.
+    Inbound,
 }
 
 #[derive(Serialize, Deserialize)]

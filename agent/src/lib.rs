@@ -12,14 +12,17 @@
 //! | [`capture`] | the kernel programs: load, pin, attach, enrollment maps, original destinations |
 //! | [`pods`] | the lifecycle of this node's pods: enroll, update, unenroll, retry |
 //! | [`proxy`] | the data path: outbound, tunnel server, delivery |
-//! | [`authorize`] | the decision on an inbound stream (the policy engine's seam) |
+//! | [`policy`] | PeerAuthentication and AuthorizationPolicy: validation, the per-pod index, decisions |
+//! | [`authorize`] | the decision on an inbound connection: target checks, then [`policy`]; logged and counted |
 //! | [`tunnel`] | HBONE: HTTP/2 CONNECT over mTLS, limits, splice with RST/FIN semantics |
 //! | [`pool`] | pooled tunnel connections per (source pod, destination pod) |
 //! | [`handover`] | upgrades: listening sockets passed to a successor agent |
+//! | [`admin`] | the node-local admin endpoint: policy explain, per-pod modes, decision metrics |
 //! | [`workload_api`] | the SPIFFE Workload API for the pods of this node (unix socket) |
 //! | [`limits`] | handshake caps, open-files limit |
 //! | [`netns`] | network namespaces and the agent's sockets in them (the `unsafe` lives here) |
 
+pub mod admin;
 pub mod app;
 pub mod authorize;
 pub mod capture;
@@ -31,6 +34,7 @@ pub mod issuer;
 pub mod limits;
 pub mod netns;
 pub mod pods;
+pub mod policy;
 pub mod pool;
 pub mod proto;
 pub mod proxy;

@@ -50,6 +50,12 @@ impl Netns {
     }
 }
 
+impl AsFd for Netns {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.file.as_fd()
+    }
+}
+
 fn setns(file: &File) -> io::Result<()> {
     // SAFETY: setns(2) on an open netns fd only changes the calling thread's netns; the fd stays
     // valid for the call because we borrow the File.

@@ -9,14 +9,19 @@
 //! a port taken, no certificate) is reported and retried with exponential backoff; every other pod
 //! keeps working. Until a pod is enrolled or known, the kernel refuses its TCP connects: nothing
 //! it sends leaves in plaintext.
+//!
+//! Each snapshot also carries the pods' policy: a running pod's [`PodPolicy`] is swapped in place
+//! (new connections see it at once), its inbound mode written to the kernel when it changed, and,
+//! if the mesh asks for it, established inbound connections the new policy denies are reset.
 
 use std::collections::HashMap;
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::sync::Arc;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use meshless_common::{OUTBOUND_PORT, TUNNEL_PORT};
+use meshless_common::{INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT, TUNNEL_PORT};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
@@ -24,8 +29,9 @@ use tracing::{info, warn};
 use crate::app::Shared;
 use crate::capture::PodOrig;
 use crate::handover::{Inherited, ListenerSpec, Role};
-use crate::identity::PodTls;
+use crate::identity::{PodTls, SpiffeId};
 use crate::netns::{self, Netns};
+use crate::policy::{Peer, PodPolicy};
 use crate::workloads::{Directory, PodKey, Workload};
 
 /// First retry delay of a pod that cannot be set up; doubled per failure up to [`MAX_BACKOFF`].
@@ -62,12 +68,83 @@ pub struct LocalPod {
     pub draining: CancellationToken,
     /// Fired at the drain deadline: what is still open is reset.
     pub stop: CancellationToken,
+    /// The pod's mode and the authorization policies that select it (swapped per snapshot).
+    policy: ArcSwap<PodPolicy>,
+    /// Inbound connections being carried, for re-checking them when policy changes.
+    live: Mutex<HashMap<u64, Live>>,
+    next_live: AtomicU64,
 }
 
 impl LocalPod {
     /// The pod as last updated (its addresses may change while it runs).
     pub fn workload(&self) -> Arc<Workload> {
         self.workload.load_full()
+    }
+
+    /// The pod's current policy.
+    pub fn policy(&self) -> Arc<PodPolicy> {
+        self.policy.load_full()
+    }
+
+    /// Registers an inbound connection being carried; it is reset when the guard's token fires
+    /// (drain deadline, or a policy change that denies it) and forgotten when the guard drops.
+    pub fn track(self: &Arc<Self>, peer: OwnedPeer, target: SocketAddr) -> LiveGuard {
+        let id = self.next_live.fetch_add(1, Ordering::Relaxed);
+        let cancel = self.stop.child_token();
+        self.live.lock().expect("live lock").insert(id, Live { peer, target, cancel: cancel.clone() });
+        LiveGuard { pod: self.clone(), id, cancel }
+    }
+
+    /// Resets the inbound connections `policy` denies; returns how many.
+    fn close_denied(&self, policy: &PodPolicy) -> usize {
+        let live = self.live.lock().expect("live lock");
+        let mut closed = 0;
+        for conn in live.values() {
+            let decision = policy.decide(&conn.peer.as_peer(), conn.target.port());
+            if !decision.allowed && !conn.cancel.is_cancelled() {
+                warn!(pod = %self.key, src = %conn.peer.as_peer(), dst_port = conn.target.port(), reason = %decision.reason,
+                    "closing an established connection the new policy denies");
+                conn.cancel.cancel();
+                closed += 1;
+            }
+        }
+        closed
+    }
+}
+
+/// Who an established inbound connection came from (kept while it is carried).
+#[derive(Debug, Clone)]
+pub enum OwnedPeer {
+    Authenticated { id: SpiffeId, ip: IpAddr },
+    Plaintext { ip: IpAddr },
+}
+
+impl OwnedPeer {
+    pub fn as_peer(&self) -> Peer<'_> {
+        match self {
+            OwnedPeer::Authenticated { id, ip } => Peer::Authenticated { id, ip: Some(*ip) },
+            OwnedPeer::Plaintext { ip } => Peer::Plaintext { ip: *ip },
+        }
+    }
+}
+
+struct Live {
+    peer: OwnedPeer,
+    target: SocketAddr,
+    cancel: CancellationToken,
+}
+
+/// An inbound connection being carried; see [`LocalPod::track`].
+pub struct LiveGuard {
+    pod: Arc<LocalPod>,
+    id: u64,
+    /// Fires when the connection must be reset.
+    pub cancel: CancellationToken,
+}
+
+impl Drop for LiveGuard {
+    fn drop(&mut self) {
+        self.pod.live.lock().expect("live lock").remove(&self.id);
     }
 }
 
@@ -126,18 +203,39 @@ impl Manager {
         }
         let mut keys: Vec<&PodKey> = desired.keys().collect();
         keys.sort();
+        let close_denied = dir.policies.settings.close_denied_connections && !dir.policies.settings.dry_run;
         for key in keys {
             let w = &desired[key];
             match self.slots.remove(key) {
-                None => self.apply(w.clone(), 0).await,
+                None => self.apply(w.clone(), dir, 0).await,
                 Some(Slot::Running { pod, accepting, handover }) if w.mesh && same_pod(&pod.workload(), w) => {
-                    if pod.workload().ips != w.ips {
+                    let policy = dir.policy_for(w);
+                    let (old_ips, old_mode) = (pod.workload().ips.clone(), pod.policy().mode.clone());
+                    if old_ips != w.ips {
                         match self.shared.capture.enroll(pod.cookie, &w.ips) {
                             Ok(_) => info!(pod = %key, ips = ?w.ips, "pod addresses updated"),
                             Err(e) => warn!(pod = %key, error = %e, "cannot update the pod's addresses in the kernel"),
                         }
                     }
+                    if old_ips != w.ips || old_mode.mode != policy.mode.mode {
+                        match self.shared.capture.set_mode(pod.cookie, &w.ips, policy.mode.mode.kernel()) {
+                            Ok(()) if old_mode.mode != policy.mode.mode => {
+                                info!(pod = %key, from = %old_mode.mode, mode = %policy.mode, "inbound mode changed")
+                            }
+                            Ok(()) => {}
+                            Err(e) => {
+                                warn!(pod = %key, error = %e, "cannot update the pod's inbound mode in the kernel")
+                            }
+                        }
+                    }
                     pod.workload.store(w.clone());
+                    pod.policy.store(policy.clone());
+                    if close_denied {
+                        let closed = pod.close_denied(&policy);
+                        if closed > 0 {
+                            info!(pod = %key, closed, "policy change: established connections it denies were reset");
+                        }
+                    }
                     self.slots.insert(key.clone(), Slot::Running { pod, accepting, handover });
                 }
                 Some(Slot::Known { workload, cookie }) if !w.mesh && same_pod(&workload, w) => {
@@ -155,7 +253,7 @@ impl Manager {
                     }
                     // Same netns: the kernel entry is overwritten below, never briefly missing.
                     self.remove(key, old, why, !same_netns);
-                    self.apply(w.clone(), 0).await;
+                    self.apply(w.clone(), dir, 0).await;
                 }
             }
         }
@@ -176,7 +274,7 @@ impl Manager {
     }
 
     /// Retries the pods whose retry time has come.
-    pub async fn retry_due(&mut self) {
+    pub async fn retry_due(&mut self, dir: &Directory) {
         let now = Instant::now();
         let due: Vec<PodKey> = self
             .slots
@@ -186,7 +284,7 @@ impl Manager {
             .collect();
         for key in due {
             if let Some(Slot::Failing { workload, attempt, .. }) = self.slots.remove(&key) {
-                self.apply(workload, attempt).await;
+                self.apply(workload, dir, attempt).await;
             }
         }
         self.publish();
@@ -280,9 +378,9 @@ impl Manager {
         pods
     }
 
-    async fn apply(&mut self, w: Arc<Workload>, attempt: u32) {
+    async fn apply(&mut self, w: Arc<Workload>, dir: &Directory, attempt: u32) {
         let result = if w.mesh {
-            self.enroll(&w).await
+            self.enroll(&w, dir.policy_for(&w)).await
         } else {
             self.know(&w).map(|cookie| Slot::Known { workload: w.clone(), cookie })
         };
@@ -312,19 +410,24 @@ impl Manager {
         Ok(cookie)
     }
 
-    async fn enroll(&mut self, w: &Arc<Workload>) -> Result<Slot, Error> {
+    async fn enroll(&mut self, w: &Arc<Workload>, policy: Arc<PodPolicy>) -> Result<Slot, Error> {
         let shared = self.shared.clone();
         let netns = Netns::open(w.netns.as_ref().ok_or(Error::NoNetns)?).map_err(Error::Netns)?;
         let cookie = netns.run(&shared.home, netns::current_cookie).map_err(Error::Netns)?.map_err(Error::Netns)?;
         let (listeners, inherited) = match self.inherited.take(&w.key, cookie) {
             Some(l) => (l, true),
-            None => (netns.run(&shared.home, || open_listeners(&w.key)).map_err(Error::Netns)??, false),
+            None => (Listeners(Vec::new()), false),
         };
+        // Listeners not handed over (none, or a predecessor without some role) are opened here.
+        let listeners = netns.run(&shared.home, || open_listeners(&w.key, listeners)).map_err(Error::Netns)??;
         // The certificate comes before the kernel entry: the pod's first connection finds it.
         let cert = shared.identities.issue(&w.key.to_string(), &w.identity).await?;
         let serial = cert.issued().map(|i| i.serial.clone()).unwrap_or_default();
         let tls = shared.identities.pod_tls(cert)?;
         let orig = shared.capture.enroll(cookie, &w.ips)?;
+        if let Some((_, l)) = listeners.0.iter().find(|(spec, _)| spec.role == Role::Inbound) {
+            shared.capture.steer(cookie, &netns, &w.ips, policy.mode.mode.kernel(), l)?;
+        }
         let handover =
             listeners.0.iter().filter_map(|(spec, l)| l.try_clone().ok().map(|dup| (spec.clone(), dup))).collect();
         let pod = Arc::new(LocalPod {
@@ -337,10 +440,14 @@ impl Manager {
             conns: TaskTracker::new(),
             draining: CancellationToken::new(),
             stop: CancellationToken::new(),
+            policy: ArcSwap::new(policy.clone()),
+            live: Mutex::new(HashMap::new()),
+            next_live: AtomicU64::new(0),
         });
         let accepting = CancellationToken::new();
         crate::proxy::serve_pod(&shared, &pod, listeners, &accepting).map_err(Error::Netns)?;
-        info!(pod = %w.key, id = %w.identity, serial = %serial, netns_cookie = cookie, inherited_listeners = inherited, "pod enrolled");
+        info!(pod = %w.key, id = %w.identity, serial = %serial, netns_cookie = cookie, inherited_listeners = inherited,
+            mode = %policy.mode, authorization_policies = policy.len(), "pod enrolled");
         Ok(Slot::Running { pod, accepting, handover })
     }
 
@@ -395,31 +502,40 @@ fn backoff(attempt: u32) -> Duration {
     FIRST_BACKOFF.saturating_mul(1 << attempt.min(16)).min(MAX_BACKOFF)
 }
 
-/// Opens the agent's listeners inside the calling thread's netns (a pod's): 127.0.0.1:15001 and
-/// [::1]:15001 (outbound capture), [::]:15008 (tunnel, dual-stack). A pod without IPv6 gets the
-/// IPv4 ones only.
-fn open_listeners(pod: &PodKey) -> Result<Listeners, Error> {
+/// Opens the agent's listeners inside the calling thread's netns (a pod's), but for the roles
+/// `have` already holds (handed over by a predecessor): 127.0.0.1:15001 and [::1]:15001
+/// (outbound capture), [::]:15006 (plaintext steered by sk_lookup) and [::]:15008 (tunnel), both
+/// dual-stack. A pod without IPv6 gets the IPv4 ones only.
+fn open_listeners(pod: &PodKey, have: Listeners) -> Result<Listeners, Error> {
     let listen = |role: Role, addr: SocketAddr| {
         netns::listener(addr).map(|l| (ListenerSpec { pod: pod.clone(), role, addr }, l))
     };
     let err = |addr| move |source| Error::Listen { addr, source };
-    let mut out = Vec::new();
-    let v4 = SocketAddr::from((Ipv4Addr::LOCALHOST, OUTBOUND_PORT));
-    out.push(listen(Role::Outbound, v4).map_err(err(v4))?);
-    let v6 = SocketAddr::from((Ipv6Addr::LOCALHOST, OUTBOUND_PORT));
-    match listen(Role::Outbound, v6) {
-        Ok(l) => out.push(l),
-        Err(e) if netns::ipv6_unavailable(&e) => {}
-        Err(e) => return Err(err(v6)(e)),
-    }
-    let tunnel6 = SocketAddr::from((Ipv6Addr::UNSPECIFIED, TUNNEL_PORT));
-    match listen(Role::Tunnel, tunnel6) {
-        Ok(l) => out.push(l),
-        Err(e) if netns::ipv6_unavailable(&e) => {
-            let tunnel4 = SocketAddr::from((Ipv4Addr::UNSPECIFIED, TUNNEL_PORT));
-            out.push(listen(Role::Tunnel, tunnel4).map_err(err(tunnel4))?);
+    let mut out = have.0;
+    let missing = |out: &Vec<(ListenerSpec, std::net::TcpListener)>, role| !out.iter().any(|(s, _)| s.role == role);
+    if missing(&out, Role::Outbound) {
+        let v4 = SocketAddr::from((Ipv4Addr::LOCALHOST, OUTBOUND_PORT));
+        out.push(listen(Role::Outbound, v4).map_err(err(v4))?);
+        let v6 = SocketAddr::from((Ipv6Addr::LOCALHOST, OUTBOUND_PORT));
+        match listen(Role::Outbound, v6) {
+            Ok(l) => out.push(l),
+            Err(e) if netns::ipv6_unavailable(&e) => {}
+            Err(e) => return Err(err(v6)(e)),
         }
-        Err(e) => return Err(err(tunnel6)(e)),
+    }
+    for (role, port) in [(Role::Inbound, INBOUND_PLAINTEXT_PORT), (Role::Tunnel, TUNNEL_PORT)] {
+        if !missing(&out, role) {
+            continue;
+        }
+        let any6 = SocketAddr::from((Ipv6Addr::UNSPECIFIED, port));
+        match listen(role, any6) {
+            Ok(l) => out.push(l),
+            Err(e) if netns::ipv6_unavailable(&e) => {
+                let any4 = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
+                out.push(listen(role, any4).map_err(err(any4))?);
+            }
+            Err(e) => return Err(err(any6)(e)),
+        }
     }
     Ok(Listeners(out))
 }

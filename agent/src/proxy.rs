@@ -1,7 +1,9 @@
 //! The data path of one enrolled pod: its outbound listener (captured connections → a pooled
 //! HBONE stream with the pod's own identity, or plaintext passthrough to destinations outside the
-//! mesh) and its tunnel listener (mTLS → the inbound decision → delivery into the pod). Reads the
-//! workload store without locks; every connection runs in a task of its pod's tracker.
+//! mesh), its tunnel listener (mTLS → the inbound decision → delivery into the pod) and its
+//! plaintext listener (what sk_lookup steered here → the mode and the inbound decision with an
+//! unauthenticated source → delivery, or a reset). Reads the workload store without locks; every
+//! connection runs in a task of its pod's tracker.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
@@ -14,10 +16,11 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::app::Shared;
-use crate::authorize::{self, Verdict};
+use crate::authorize::{self, Request};
 use crate::handover::Role;
 use crate::netns::{self, Netns};
-use crate::pods::{Listeners, LocalPod};
+use crate::pods::{Listeners, LiveGuard, LocalPod, OwnedPeer};
+use crate::policy::Peer;
 use crate::pool::PoolKey;
 use crate::tunnel::{self, ActivityGuard, Ended, Inbound};
 use crate::workloads::canonical;
@@ -45,6 +48,10 @@ pub fn serve_pod(
             Role::Tunnel => tokio::spawn(accept_loop(l, accepting, "tunnel", move |sock, peer| {
                 let span = info_span!("inbound", pod = %pod.key, %peer);
                 pod.conns.spawn(tunnel_connection(shared.clone(), pod.clone(), sock, peer).instrument(span));
+            })),
+            Role::Inbound => tokio::spawn(accept_loop(l, accepting, "plaintext", move |sock, peer| {
+                let span = info_span!("plaintext", pod = %pod.key, %peer);
+                pod.conns.spawn(plaintext_connection(shared.clone(), pod.clone(), sock, peer).instrument(span));
             })),
         };
     }
@@ -102,6 +109,12 @@ async fn outbound(shared: Arc<Shared>, pod: Arc<LocalPod>, app: TcpStream, peer:
         tunnel::reset(app);
         return;
     };
+    // A connection the app reset while it waited in the accept queue (a connect flood, an app
+    // that gave up) needs no upstream: opening one would only cost the destination a stream.
+    if let Ok(Some(e)) = app.take_error() {
+        debug!(error = %e, "the app's connection ended before it was accepted");
+        return;
+    }
     let dst = SocketAddr::new(canonical(dst.ip()), dst.port());
     let dst_pod = shared.store.load().pod_by_ip(dst.ip()).filter(|p| p.mesh).cloned();
     let Some(dst_pod) = dst_pod else {
@@ -148,6 +161,49 @@ async fn outbound(shared: Arc<Shared>, pod: Arc<LocalPod>, app: TcpStream, peer:
     }
 }
 
+/// Plaintext that sk_lookup steered to the pod's 15006: the mode, then policy with an
+/// unauthenticated source, then delivery to the app (or a reset, at once).
+async fn plaintext_connection(shared: Arc<Shared>, pod: Arc<LocalPod>, tcp: TcpStream, from: SocketAddr) {
+    // sk_lookup hands the connection to this listener as it was addressed: the accepted socket's
+    // local address is the original destination.
+    let target = match tcp.local_addr() {
+        Ok(a) => SocketAddr::new(canonical(a.ip()), a.port()),
+        Err(e) => {
+            debug!(error = %e, "plaintext connection gone before it was read");
+            return;
+        }
+    };
+    let from = SocketAddr::new(canonical(from.ip()), from.port());
+    let workload = pod.workload();
+    let policy = pod.policy();
+    let req = Request { peer: Peer::Plaintext { ip: from.ip() }, dst: &workload, target, from };
+    let outcome = authorize::decide(&req, &policy, shared.store.load().policies.settings.dry_run);
+    authorize::record(&shared.decisions, &req, policy.mode.mode, &outcome);
+    if !outcome.admit {
+        tunnel::reset(tcp);
+        return;
+    }
+    let app = match connect_from(&shared.home, &pod.netns, delivery_source(target), target).await {
+        Ok(app) => app,
+        Err(e) => {
+            warn!(src_addr = %from, dst_addr = %target, error = %e, "delivery to the app failed");
+            tunnel::reset(tcp);
+            return;
+        }
+    };
+    let live = pod.track(OwnedPeer::Plaintext { ip: from.ip() }, target);
+    passthrough(tcp, app, &live.cancel).await;
+}
+
+/// Where deliveries into the pod come from: 127.0.0.6 for IPv4 (so the app can tell the mesh's
+/// deliveries from its own loopback traffic); for IPv6 the kernel's choice (the pod's address).
+fn delivery_source(target: SocketAddr) -> Option<SocketAddr> {
+    match target.ip() {
+        IpAddr::V4(_) => Some(SocketAddr::from((DELIVERY_SOURCE_V4, 0))),
+        IpAddr::V6(_) => None,
+    }
+}
+
 fn log_end(what: &'static str, ended: &Ended) {
     match ended {
         Ended::Clean(up, down) => debug!(what, bytes_up = up, bytes_down = down, "connection closed"),
@@ -189,7 +245,7 @@ async fn tunnel_connection(shared: Arc<Shared>, pod: Arc<LocalPod>, tcp: TcpStre
         move |inbound: Inbound, guard: ActivityGuard| {
             let (shared, pod) = (shared.clone(), pod.clone());
             let span = info_span!("stream", src_id = %inbound.peer);
-            async move { inbound_stream(shared, pod, inbound, guard).await }.instrument(span)
+            async move { inbound_stream(shared, pod, inbound, peer, guard).await }.instrument(span)
         }
     };
     let limits = &shared.config.tunnel;
@@ -200,7 +256,13 @@ async fn tunnel_connection(shared: Arc<Shared>, pod: Arc<LocalPod>, tcp: TcpStre
 }
 
 /// Decides one inbound CONNECT, then connects to the app inside the pod and splices.
-async fn inbound_stream(shared: Arc<Shared>, pod: Arc<LocalPod>, inbound: Inbound, _guard: ActivityGuard) {
+async fn inbound_stream(
+    shared: Arc<Shared>,
+    pod: Arc<LocalPod>,
+    inbound: Inbound,
+    from: SocketAddr,
+    _guard: ActivityGuard,
+) {
     let target = match inbound.target {
         Ok(t) => SocketAddr::new(canonical(t.ip()), t.port()),
         Err(reason) => {
@@ -216,18 +278,16 @@ async fn inbound_stream(shared: Arc<Shared>, pod: Arc<LocalPod>, inbound: Inboun
         inbound.refuse(StatusCode::SERVICE_UNAVAILABLE);
         return;
     }
-    if let Verdict::Deny { status, reason } =
-        authorize::decide(&authorize::Request { src: &src, dst: &workload, target })
-    {
-        warn!(src_id = %src, dst_addr = %target, why = reason, "refusing HBONE request");
-        inbound.refuse(status);
+    let policy = pod.policy();
+    let from = SocketAddr::new(canonical(from.ip()), from.port());
+    let req = Request { peer: Peer::Authenticated { id: &src, ip: Some(from.ip()) }, dst: &workload, target, from };
+    let outcome = authorize::decide(&req, &policy, shared.store.load().policies.settings.dry_run);
+    authorize::record(&shared.decisions, &req, policy.mode.mode, &outcome);
+    if !outcome.admit {
+        inbound.refuse(outcome.status);
         return;
     }
-    let bind = match target.ip() {
-        IpAddr::V4(_) => Some(SocketAddr::from((DELIVERY_SOURCE_V4, 0))),
-        IpAddr::V6(_) => None,
-    };
-    let app = match connect_from(&shared.home, &pod.netns, bind, target).await {
+    let app = match connect_from(&shared.home, &pod.netns, delivery_source(target), target).await {
         Ok(app) => app,
         Err(e) => {
             warn!(src_id = %src, dst_addr = %target, error = %e, "delivery to the app failed");
@@ -237,8 +297,9 @@ async fn inbound_stream(shared: Arc<Shared>, pod: Arc<LocalPod>, inbound: Inboun
     };
     match inbound.accept() {
         Ok(stream) => {
-            info!(src_id = %src, dst_id = %pod.tls.id, dst_addr = %target, "inbound connection authorized");
-            let ended = stream.splice(app, &pod.stop).await;
+            debug!(src_id = %src, dst_id = %pod.tls.id, dst_addr = %target, "inbound connection delivered");
+            let live: LiveGuard = pod.track(OwnedPeer::Authenticated { id: src.clone(), ip: from.ip() }, target);
+            let ended = stream.splice(app, &live.cancel).await;
             log_end("inbound", &ended);
         }
         Err(e) => {

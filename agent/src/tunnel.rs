@@ -85,9 +85,18 @@ fn server_builder(limits: &TunnelLimits) -> h2::server::Builder {
         .max_frame_size(MAX_FRAME)
         .max_header_list_size(MAX_HEADER_LIST)
         .max_send_buffer_size(MAX_SEND_BUFFER)
-        .max_concurrent_streams(limits.max_streams);
+        .max_concurrent_streams(limits.max_streams)
+        // Streams the client resets before this side accepted them. h2's default (20) guards
+        // against rapid-reset floods by killing the whole connection; but a pooled tunnel carries
+        // many apps, and apps reset connections all the time (a client agent relays each reset),
+        // so a burst of them while this agent is busy must not take every other stream down.
+        // Still bounded: such streams cost only their state until accepted.
+        .max_pending_accept_reset_streams(PENDING_ACCEPT_RESETS);
     b
 }
+
+/// See `server_builder`.
+const PENDING_ACCEPT_RESETS: usize = 1024;
 
 /// The HBONE `CONNECT` request for `target`.
 pub fn connect_request(target: SocketAddr) -> Result<Request<()>, http::Error> {

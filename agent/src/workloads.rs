@@ -8,7 +8,7 @@
 
 pub mod statefile;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -18,6 +18,7 @@ use arc_swap::ArcSwap;
 use tokio::sync::watch;
 
 use crate::identity::{SpiffeId, TrustDomain};
+use crate::policy::{PodPolicy, Policies};
 
 /// A pod's name within its namespace: how the agent tells pods apart across snapshots.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
@@ -48,6 +49,8 @@ pub struct Workload {
     /// Runs in its node's network namespace.
     pub host_network: bool,
     pub identity: SpiffeId,
+    /// The pod's labels, which policy selectors match.
+    pub labels: BTreeMap<String, String>,
 }
 
 /// A snapshot of the cluster as one node's agent needs it.
@@ -60,6 +63,11 @@ pub struct Directory {
     pub cgroup_parent: PathBuf,
     pods: HashMap<PodKey, Arc<Workload>>,
     by_ip: HashMap<IpAddr, Arc<Workload>>,
+    /// Enforcement policy, validated and indexed; part of the snapshot, so a pod set and the
+    /// policy that goes with it change together.
+    pub policies: Arc<Policies>,
+    /// What applies to each pod of this node, gathered once per snapshot (the data path's view).
+    pod_policies: HashMap<PodKey, Arc<PodPolicy>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -73,6 +81,7 @@ impl Directory {
         node: String,
         cgroup_parent: PathBuf,
         workloads: impl IntoIterator<Item = Workload>,
+        policies: Policies,
     ) -> Result<Directory, Invalid> {
         let mut pods = HashMap::new();
         let mut by_ip: HashMap<IpAddr, Arc<Workload>> = HashMap::new();
@@ -87,12 +96,25 @@ impl Directory {
                 return Err(Invalid(format!("{}: listed twice", w.key)));
             }
         }
-        Ok(Directory { trust_domain, node, cgroup_parent, pods, by_ip })
+        let pod_policies = pods
+            .values()
+            .filter(|w| w.node == node)
+            .map(|w| (w.key.clone(), Arc::new(policies.for_workload(w))))
+            .collect();
+        Ok(Directory { trust_domain, node, cgroup_parent, pods, by_ip, policies: Arc::new(policies), pod_policies })
     }
 
     /// An empty directory (before the first snapshot; in tests).
     pub fn empty(trust_domain: TrustDomain, node: String, cgroup_parent: PathBuf) -> Directory {
-        Directory { trust_domain, node, cgroup_parent, pods: HashMap::new(), by_ip: HashMap::new() }
+        Directory {
+            trust_domain,
+            node,
+            cgroup_parent,
+            pods: HashMap::new(),
+            by_ip: HashMap::new(),
+            policies: Arc::default(),
+            pod_policies: HashMap::new(),
+        }
     }
 
     pub fn pods(&self) -> impl Iterator<Item = &Arc<Workload>> {
@@ -111,6 +133,15 @@ impl Directory {
     /// The pod that owns `ip`, on any node (IPv4-mapped addresses find the IPv4 pod).
     pub fn pod_by_ip(&self, ip: IpAddr) -> Option<&Arc<Workload>> {
         self.by_ip.get(&canonical(ip))
+    }
+
+    /// The policy that applies to `w` (gathered at snapshot time for this node's pods, on demand
+    /// for others, as `policy explain` may ask about any pod).
+    pub fn policy_for(&self, w: &Workload) -> Arc<PodPolicy> {
+        match self.pod_policies.get(&w.key) {
+            Some(p) => p.clone(),
+            None => Arc::new(self.policies.for_workload(w)),
+        }
     }
 
     pub fn len(&self) -> usize {

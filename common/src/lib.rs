@@ -8,7 +8,8 @@
 
 /// Outbound listener inside each enrolled pod's netns (127.0.0.1 and ::1).
 pub const OUTBOUND_PORT: u16 = 15001;
-/// Inbound plaintext capture listener (reserved; used by the sk_lookup work).
+/// Inbound plaintext listener inside each enrolled pod's netns ([::]:15006): the sk_lookup
+/// program steers plaintext connections to the pod here.
 pub const INBOUND_PLAINTEXT_PORT: u16 = 15006;
 /// HBONE mTLS tunnel listener on each enrolled pod's IP.
 pub const TUNNEL_PORT: u16 = 15008;
@@ -27,21 +28,28 @@ pub const AF_INET6: u16 = 10;
 /// Version of the layout of the pinned maps (their keys, values and meaning). The agent pins
 /// under `<bpf dir>/v<LAYOUT_VERSION>/`; a new version means a new directory, and the agent that
 /// brings it removes the older ones once its own programs are attached.
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 
 /// Entries of each pod's own original-destination map (the inner maps of `ORIG_DST`). Entries
 /// live from `connect()` to the agent's `accept()`, so this bounds a pod's connects in flight.
 pub const ORIG_DST_PER_POD: u32 = 1024;
 /// Most pods one node can have enrolled or known.
 pub const MAX_PODS: u32 = 4096;
+/// Addresses of enrolled pods the inbound program knows (a pod has one IPv4 and one IPv6).
+pub const MAX_POD_ADDRS: u32 = 2 * MAX_PODS;
+/// Health-probe connections in flight from the probe cgroup (the kubelet's).
+pub const MAX_PROBES: u32 = 4096;
 
 /// Names of the maps in the eBPF object, so user space cannot misspell them.
 pub mod maps {
     pub const ENROLLED: &str = "ENROLLED";
     pub const ORIG_DST: &str = "ORIG_DST";
     pub const SOCK_ORIG: &str = "SOCK_ORIG";
+    pub const INBOUND: &str = "INBOUND";
+    pub const INBOUND_LISTENERS: &str = "INBOUND_LISTENERS";
+    pub const PROBES: &str = "PROBES";
     /// Every map the agent pins (the others are the log ring buffer and globals).
-    pub const PINNED: [&str; 3] = [ENROLLED, ORIG_DST, SOCK_ORIG];
+    pub const PINNED: [&str; 6] = [ENROLLED, ORIG_DST, SOCK_ORIG, INBOUND, INBOUND_LISTENERS, PROBES];
 }
 
 /// Names of the programs in the eBPF object.
@@ -53,6 +61,8 @@ pub mod programs {
     pub const GETPEERNAME6: &str = "meshless_getpeername6";
     pub const BIND4: &str = "meshless_bind4";
     pub const BIND6: &str = "meshless_bind6";
+    pub const SK_LOOKUP: &str = "meshless_sk_lookup";
+    pub const PROBE_SOCK_OPS: &str = "meshless_probe_sock_ops";
 }
 
 /// Ports of the agent's listeners inside pods, which apps in pods may not bind.
@@ -67,6 +77,56 @@ pub mod mode {
     /// A pod the agent knows and leaves alone (not in the mesh, or the node's own netns).
     pub const BYPASS: u32 = 2;
 }
+
+/// What the inbound program (`sk_lookup`, in each enrolled pod's netns) does with a TCP connection
+/// that arrives at the pod from outside it, by the `mode` of the pod's `INBOUND` entries.
+pub mod inbound {
+    /// Leave it alone: the app gets it directly.
+    pub const DISABLE: u32 = 0;
+    /// Steer it to the agent's 15006 listener (policy with an unauthenticated source); with no
+    /// agent listening, let it through to the app.
+    pub const PERMISSIVE: u32 = 1;
+    /// Steer it to the agent's 15006 listener (which refuses plaintext); with no agent
+    /// listening, drop it (the client gets a reset): never plaintext to the app.
+    pub const STRICT: u32 = 2;
+}
+
+/// Key of the `INBOUND` map: one address of an enrolled pod, as the inbound program sees the
+/// destination of a connection (IPv4 in the first word, network byte order, or IPv6).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PodAddr {
+    pub addr: [u32; 4],
+    /// `AF_INET` or `AF_INET6`.
+    pub family: u32,
+}
+const _: () = assert!(core::mem::size_of::<PodAddr>() == 20);
+
+/// Value of the `INBOUND` map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct InboundPod {
+    /// The pod's netns cookie: the key of its listener in `INBOUND_LISTENERS`.
+    pub cookie: u64,
+    /// One of [`inbound`].
+    pub mode: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<InboundPod>() == 16);
+
+/// Key of the `PROBES` map: one connection from the probe cgroup (the kubelet), as the inbound
+/// program will see it arrive. Addresses as in [`PodAddr`], ports in host byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ProbeKey {
+    pub client: [u32; 4],
+    pub server: [u32; 4],
+    pub client_port: u16,
+    pub server_port: u16,
+    /// `AF_INET` or `AF_INET6` (an IPv4 connection from a dual-stack socket is `AF_INET`).
+    pub family: u32,
+}
+const _: () = assert!(core::mem::size_of::<ProbeKey>() == 40);
 
 /// Value of the `ENROLLED` map, keyed by the pod's network-namespace cookie (`u64`).
 ///
@@ -118,11 +178,17 @@ const _: () = assert!(core::mem::size_of::<OrigDstKey>() == 20);
 
 #[cfg(feature = "user")]
 mod user {
-    // SAFETY: all three are #[repr(C)], contain only integers and integer arrays with explicit
+    // SAFETY: all of them are #[repr(C)], contain only integers and integer arrays with explicit
     // padding fields, so every bit pattern is a valid value.
     unsafe impl aya::Pod for super::EnrolledPod {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::OrigDst {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::OrigDstKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::PodAddr {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::InboundPod {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::ProbeKey {}
 }

@@ -1,12 +1,15 @@
-//! Every map of the kernel programs, in one place. All three are pinned by the agent under
+//! Every map of the kernel programs, in one place. All of them are pinned by the agent under
 //! `<bpf dir>/v<LAYOUT_VERSION>/maps/`, so they outlive any one agent process: programs attached
 //! by an earlier agent and by its successor share them.
 
 use aya_ebpf::{
-    btf_maps::{HashMap, HashOfMaps, LruHashMap, SkStorage},
+    btf_maps::{HashMap, HashOfMaps, LruHashMap, SkStorage, SockHash},
     macros::btf_map,
 };
-use meshless_common::{EnrolledPod, OrigDst, OrigDstKey, MAX_PODS, ORIG_DST_PER_POD};
+use meshless_common::{
+    EnrolledPod, InboundPod, OrigDst, OrigDstKey, PodAddr, ProbeKey, MAX_PODS, MAX_POD_ADDRS, MAX_PROBES,
+    ORIG_DST_PER_POD,
+};
 
 /// The pods of this node the agent knows, by the cookie of their network namespace.
 /// Key: netns cookie. Value: [`EnrolledPod`] (`mode` CAPTURE or BYPASS, the pod's addresses).
@@ -33,3 +36,21 @@ pub static ORIG_DST: HashOfMaps<
     LruHashMap<OrigDstKey, OrigDst, { ORIG_DST_PER_POD as usize }>,
     { MAX_PODS as usize },
 > = HashOfMaps::new();
+
+/// Every address of every enrolled pod, with the pod's inbound mode and netns cookie.
+/// Written by the agent (enroll, mode change, unenroll); read by sk_lookup, which runs in each
+/// enrolled pod's netns and finds the pod by the destination address of the connection.
+#[btf_map]
+pub static INBOUND: HashMap<PodAddr, InboundPod, { MAX_POD_ADDRS as usize }> = HashMap::new();
+
+/// Each enrolled pod's plaintext listener ([::]:15006 in its netns), by netns cookie. The agent
+/// inserts it at enrollment; the kernel removes it when the socket closes (the agent is gone),
+/// which is how sk_lookup knows that no agent listens.
+#[btf_map]
+pub static INBOUND_LISTENERS: SockHash<u64, { MAX_PODS as usize }> = SockHash::new();
+
+/// Connections the probe cgroup (the kubelet's) is opening, by 4-tuple: written by
+/// `meshless_probe_sock_ops` before the SYN leaves, taken by sk_lookup when it arrives, so health
+/// probes reach the app even in STRICT mode and no other node process gets the same pass.
+#[btf_map]
+pub static PROBES: LruHashMap<ProbeKey, u8, { MAX_PROBES as usize }> = LruHashMap::new();

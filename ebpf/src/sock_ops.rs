@@ -1,4 +1,4 @@
-//! `sock_ops`: at `TCP_CONNECT_CB` (source address and port chosen, SYN not yet sent) copy the
+//! `sock_ops` on the pods' cgroup: at `TCP_CONNECT_CB` (source address and port chosen, SYN not yet sent) copy the
 //! original destination a connect hook stored on this socket into the pod's own map, keyed by the
 //! connection's full source, so the agent can look it up after `accept()`.
 
@@ -11,9 +11,9 @@ use aya_ebpf::{
     macros::sock_ops,
     programs::SockOpsContext,
 };
-use meshless_common::{OrigDst, OrigDstKey, AF_INET};
+use meshless_common::{OrigDst, OrigDstKey, ProbeKey, AF_INET};
 
-use crate::maps::{ORIG_DST, SOCK_ORIG};
+use crate::maps::{ORIG_DST, PROBES, SOCK_ORIG};
 
 #[sock_ops]
 pub fn meshless_sock_ops(ctx: SockOpsContext) -> u32 {
@@ -73,3 +73,60 @@ fn try_sock_ops(ctx: &SockOpsContext) -> Result<(), i32> {
     let key = OrigDstKey { addr, port: port as u16, family: orig.listener_family };
     pod_map.insert(&key, &orig, 0)
 }
+
+/// `sock_ops` on the probe cgroup (the kubelet's): at `TCP_CONNECT_CB`, announce the connection
+/// to the inbound program, which lets exactly this 4-tuple reach the pod's app.
+#[sock_ops]
+pub fn meshless_probe_sock_ops(ctx: SockOpsContext) -> u32 {
+    if ctx.op() == BPF_SOCK_OPS_TCP_CONNECT_CB {
+        let _ = announce_probe(&ctx);
+    }
+    1
+}
+
+fn announce_probe(ctx: &SockOpsContext) -> Result<(), i32> {
+    let ops = ctx.ops;
+    // SAFETY: context pointer; full-width reads of fields sock_ops programs may read. Addresses
+    // are in network order; local_port is in host order, remote_port in network order in the
+    // upper half of its word (hence the u32 byte swap).
+    let (family, local_ip4, remote_ip4, local_ip6, remote_ip6, local_port, remote_port) = unsafe {
+        (
+            read_volatile(addr_of!((*ops).family)),
+            read_volatile(addr_of!((*ops).local_ip4)),
+            read_volatile(addr_of!((*ops).remote_ip4)),
+            [
+                read_volatile(addr_of!((*ops).local_ip6[0])),
+                read_volatile(addr_of!((*ops).local_ip6[1])),
+                read_volatile(addr_of!((*ops).local_ip6[2])),
+                read_volatile(addr_of!((*ops).local_ip6[3])),
+            ],
+            [
+                read_volatile(addr_of!((*ops).remote_ip6[0])),
+                read_volatile(addr_of!((*ops).remote_ip6[1])),
+                read_volatile(addr_of!((*ops).remote_ip6[2])),
+                read_volatile(addr_of!((*ops).remote_ip6[3])),
+            ],
+            read_volatile(addr_of!((*ops).local_port)),
+            read_volatile(addr_of!((*ops).remote_port)),
+        )
+    };
+    let v4_mapped = remote_ip6[0] == 0 && remote_ip6[1] == 0 && remote_ip6[2] == V4_MAPPED_PREFIX;
+    let (client, server, family) = if family == u32::from(AF_INET) {
+        ([local_ip4, 0, 0, 0], [remote_ip4, 0, 0, 0], u32::from(AF_INET))
+    } else if v4_mapped {
+        // A dual-stack socket dialing IPv4: the SYN goes out (and arrives) as IPv4.
+        ([local_ip6[3], 0, 0, 0], [remote_ip6[3], 0, 0, 0], u32::from(AF_INET))
+    } else {
+        (local_ip6, remote_ip6, family)
+    };
+    let key = ProbeKey {
+        client,
+        server,
+        client_port: local_port as u16,
+        server_port: u32::from_be(remote_port) as u16,
+        family,
+    };
+    PROBES.insert(&key, &1, 0)
+}
+
+const V4_MAPPED_PREFIX: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);

@@ -129,7 +129,16 @@ pub struct Node {
     pub ipv6: Ipv6Addr,
     /// The parent cgroup of this node's pods: what the node agent attaches its programs to.
     pub cgroup: PathBuf,
+    /// The node's "kubelet" cgroup (beside the pods' one): its connections are health probes.
+    pub kubelet_cgroup: PathBuf,
     pub pods: Vec<Pod>,
+}
+
+impl Node {
+    /// A command run by the node's kubelet: in the node's netns and its kubelet cgroup.
+    pub fn kubelet_command(&self, program: impl AsRef<std::ffi::OsStr>) -> Result<Command> {
+        self.netns.command(program, Some(&self.kubelet_cgroup))
+    }
 }
 
 /// Processes started through the testbed, killed on drop.
@@ -157,6 +166,8 @@ pub struct Layout<'a> {
 }
 
 /// The control-plane host's address, on the fabric's bridge: every node reaches it directly.
+/// The agents' admin port (on 127.0.0.1 in each node's netns).
+pub const ADMIN_PORT: u16 = 15000;
 pub const CONTROL_IPV4: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
 pub const CONTROL_IPV6: Ipv6Addr = Ipv6Addr::new(0xfd6d, 0x6c00, 0, 0, 0, 0, 0, 1);
 
@@ -239,6 +250,8 @@ impl Testbed {
         netns.ip("link set cbr0 up")?;
         let cgroup = self.cgroup_root.join(format!("node{i}"));
         fs::create_dir_all(&cgroup)?;
+        let kubelet_cgroup = self.cgroup_root.join(format!("node{i}-kubelet"));
+        fs::create_dir_all(&kubelet_cgroup)?;
         let mut node = Node {
             name: format!("node{i}"),
             index: i,
@@ -246,6 +259,7 @@ impl Testbed {
             ipv4: node_ipv4(i),
             ipv6: node_ipv6(i),
             cgroup,
+            kubelet_cgroup,
             pods: Vec::new(),
         };
         for j in 1..=pods {
@@ -353,6 +367,7 @@ impl Testbed {
             writeln!(y, "    netns: {}", pod.netns.path().display())?;
             writeln!(y, "    cgroup: {}", pod.cgroup.display())?;
             writeln!(y, "    enrolled: {enrolled}")?;
+            writeln!(y, "    labels: {{app: {}-n{}}}", pod.name, pod.node)?;
         }
         Ok(y)
     }

@@ -47,6 +47,8 @@ pub struct Mesh {
     /// Extra arguments of node i's agents at index i-1.
     args: Vec<Vec<String>>,
     starts: Vec<usize>,
+    /// The pods the state files list (and whether each is in the mesh), for rewriting them.
+    listed: Vec<(Pod, bool)>,
 }
 
 impl Mesh {
@@ -66,16 +68,18 @@ impl Mesh {
         listed: &dyn Fn(&Pod) -> Option<bool>,
         args: &dyn Fn(usize) -> Vec<String>,
     ) -> Result<Mesh> {
-        Mesh::start_full(tb, bins, listed, args, &[])
+        Mesh::start_full(tb, bins, listed, args, &[], "")
     }
 
-    /// As [`Mesh::start_with`], with extra arguments for the issuer (e.g. `--svid-ttl`).
+    /// As [`Mesh::start_with`], with extra arguments for the issuer (e.g. `--svid-ttl`) and
+    /// policy YAML (`mesh:`, `peerAuthentications:`, `authorizationPolicies:`) for the state files.
     pub fn start_full(
         tb: &Testbed,
         bins: &Bins,
         listed: &dyn Fn(&Pod) -> Option<bool>,
         args: &dyn Fn(usize) -> Vec<String>,
         issuer_args: &[&str],
+        policy: &str,
     ) -> Result<Mesh> {
         let ca_dir = tb.dir.join("ca");
         run_ok(
@@ -106,11 +110,12 @@ impl Mesh {
             states: Vec::new(),
             args: (1..=n).map(args).collect(),
             starts: vec![0; n],
+            listed: tb.pods().filter_map(|p| listed(p).map(|m| (p.clone(), m))).collect(),
         };
-        let pods: Vec<(&Pod, bool)> = tb.pods().filter_map(|p| listed(p).map(|m| (p, m))).collect();
+        let pods: Vec<(&Pod, bool)> = mesh.listed.iter().map(|(p, m)| (p, *m)).collect();
         for node in &tb.nodes {
             let path = tb.dir.join(format!("state-node{}.yaml", node.index));
-            fs::write(&path, tb.state_yaml(node.index, TRUST_DOMAIN, &pods)?)?;
+            fs::write(&path, tb.state_yaml(node.index, TRUST_DOMAIN, &pods)? + policy)?;
             mesh.states.push(path);
         }
         mesh.start_issuer(tb, bins)?;
@@ -196,7 +201,12 @@ impl Mesh {
             .arg(tb.bpf_dir(node))
             .arg("--run-dir")
             .arg(tb.dir.join(format!("run-node{node}")))
-            .args(&self.args[i])
+            .args(&self.args[i]);
+        // The node's kubelet cgroup holds the health probes, unless the test chose otherwise.
+        if !self.args[i].iter().any(|a| a == "--probe-cgroup") {
+            cmd.arg("--probe-cgroup").arg(&tb.node(node).kubelet_cgroup);
+        }
+        cmd
             // The glibc memcpy trap of this machine kind (shared/PERFORMANCE.md): rustls'
             // receive path is much faster without `rep movsb`.
             .env("GLIBC_TUNABLES", "glibc.cpu.x86_rep_movsb_threshold=4294967295")
@@ -216,6 +226,19 @@ impl Mesh {
         let tmp = path.with_extension("tmp");
         fs::write(&tmp, text)?;
         fs::rename(&tmp, path)?;
+        Ok(())
+    }
+
+    /// Rewrites every node's state file (atomically) with the pods listed at start and `policy`
+    /// (YAML with `mesh:`, `peerAuthentications:`, `authorizationPolicies:`); agents apply it live.
+    pub fn set_policy(&self, tb: &Testbed, policy: &str) -> Result<()> {
+        let pods: Vec<(&Pod, bool)> = self.listed.iter().map(|(p, m)| (p, *m)).collect();
+        for node in &tb.nodes {
+            let path = &self.states[node.index - 1];
+            let tmp = path.with_extension("tmp");
+            fs::write(&tmp, tb.state_yaml(node.index, TRUST_DOMAIN, &pods)? + policy)?;
+            fs::rename(&tmp, path)?;
+        }
         Ok(())
     }
 

@@ -126,7 +126,7 @@ fn a_missing_cgroup_or_a_bad_pin_directory_gives_one_clear_error_line() {
             .stderr(std::process::Stdio::null()),
     );
     let node1 = node1.unwrap();
-    let pinned = tb.bpf_dir(1).join("v1/CGROUP");
+    let pinned = tb.bpf_dir(1).join(format!("v{}/CGROUP", meshless_common::LAYOUT_VERSION));
     assert!(
         meshless_tests::wait_for(std::time::Duration::from_secs(10), || pinned.exists().then_some(())).is_some(),
         "node 1's agent did not pin its state"

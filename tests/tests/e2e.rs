@@ -80,7 +80,7 @@ fn curl_across_nodes_is_carried_over_mtls_with_the_source_pods_identity() {
     // The server-side agent authorized the connection with the client pod's identity.
     let want_src = tb.spiffe_id(TRUST_DOMAIN, client);
     let want_dst = tb.spiffe_id(TRUST_DOMAIN, server);
-    let line = mesh.wait_log(2, "inbound connection authorized", |l| l["src_id"] == want_src.as_str());
+    let line = mesh.wait_log(2, "inbound decision", |l| l["src_id"] == want_src.as_str() && l["decision"] == "allow");
     let line = line.unwrap_or_else(|| {
         panic!("node2's agent never logged {want_src} as an authorized source; log: {}", mesh.log_summary(2))
     });
@@ -131,7 +131,8 @@ fn ipv4_and_ipv6_work_and_half_close_is_honoured() {
                 .log_lines(2)
                 .iter()
                 .filter(|l| {
-                    l["message"] == "inbound connection authorized"
+                    l["message"] == "inbound decision"
+                        && l["decision"] == "allow"
                         && l["src_id"] == want_src.as_str()
                         && l["dst_addr"] == carried_as.as_str()
                 })
@@ -147,7 +148,8 @@ fn ipv4_and_ipv6_work_and_half_close_is_honoured() {
     assert_eq!(String::from_utf8_lossy(&out.stdout), "same-node<9 bytes>", "{}", String::from_utf8_lossy(&out.stderr));
     let want_src = tb.spiffe_id(TRUST_DOMAIN, neighbour);
     assert!(
-        mesh.wait_log(2, "inbound connection authorized", |l| l["src_id"] == want_src.as_str()).is_some(),
+        mesh.wait_log(2, "inbound decision", |l| l["src_id"] == want_src.as_str() && l["decision"] == "allow")
+            .is_some(),
         "a same-node call was not carried by the mesh"
     );
 }

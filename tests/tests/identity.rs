@@ -22,7 +22,7 @@ use support::{background, finish, run};
 fn cluster(label: &str, bins: &support::Bins, ttl: &str) -> (Testbed, Mesh, String) {
     let tb = Testbed::new(Layout { label, pods: &[1, 1] }).expect("building the testbed");
     let args = |_| vec!["--renew-fraction".into(), "0.5".into(), "--bundle-refresh".into(), "1s".into()];
-    let mesh = Mesh::start_full(&tb, bins, &|_| Some(true), &args, &["--svid-ttl", ttl]).expect("starting");
+    let mesh = Mesh::start_full(&tb, bins, &|_| Some(true), &args, &["--svid-ttl", ttl], "").expect("starting");
     let server = tb.pod(2, 1);
     tb.spawn(server.command(&bins.testbin).unwrap().args(["echo-serve", "7000"]).stderr(std::process::Stdio::null()))
         .unwrap();

@@ -54,7 +54,8 @@ fn pods_come_and_go_at_runtime_while_traffic_between_others_never_fails() {
     assert!(ok && out == "newcomer-marker-5d2<19 bytes>", "the enrolled newcomer's call: {out} {err}");
     let newcomer_id = tb.spiffe_id(TRUST_DOMAIN, newcomer);
     assert!(
-        mesh.wait_log(2, "inbound connection authorized", |l| l["src_id"] == newcomer_id.as_str()).is_some(),
+        mesh.wait_log(2, "inbound decision", |l| l["src_id"] == newcomer_id.as_str() && l["decision"] == "allow")
+            .is_some(),
         "the newcomer's call was not carried by the mesh"
     );
 
@@ -162,5 +163,5 @@ fn a_bad_state_file_keeps_the_old_state_and_a_pod_that_cannot_be_set_up_does_not
     let (ok, out, err) = send(&bins, squatter, &to, "squatter-meshed");
     assert!(ok && out == "squatter-meshed<15 bytes>", "{err}");
     let id = tb.spiffe_id(TRUST_DOMAIN, squatter);
-    assert!(mesh.wait_log(2, "inbound connection authorized", |l| l["src_id"] == id.as_str()).is_some());
+    assert!(mesh.wait_log(2, "inbound decision", |l| l["src_id"] == id.as_str() && l["decision"] == "allow").is_some());
 }

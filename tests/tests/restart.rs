@@ -31,8 +31,8 @@ fn an_upgrade_under_load_loses_no_new_connection_and_keeps_the_established_ones(
             json_lines(&new_log).into_iter().find(|l| l["message"] == "took over the listeners of the running agent");
         assert_eq!(
             took.as_ref().map(|l| l["listeners"].as_u64()),
-            Some(Some(3)),
-            "the successor takes the pod's three listeners: {took:?}"
+            Some(Some(4)),
+            "the successor takes the pod's four listeners (15001 on 127.0.0.1 and ::1, 15006, 15008): {took:?}"
         );
         tb.signal(old_pid, libc::SIGTERM);
         old.push((node, old_pid, old_log));
@@ -66,7 +66,7 @@ fn an_upgrade_under_load_loses_no_new_connection_and_keeps_the_established_ones(
     let (ok, out, err) = run(client.command(&bins.testbin).unwrap().args(["send", &to, "after-upgrade"]));
     assert!(ok && out == "after-upgrade<13 bytes>", "{err}");
     let id = tb.spiffe_id(TRUST_DOMAIN, client);
-    assert!(mesh.wait_log(2, "inbound connection authorized", |l| l["src_id"] == id.as_str()).is_some());
+    assert!(mesh.wait_log(2, "inbound decision", |l| l["src_id"] == id.as_str() && l["decision"] == "allow").is_some());
 }
 
 #[test]
@@ -99,11 +99,15 @@ fn after_kill_9_nothing_leaves_in_plaintext_and_a_restarted_agent_serves_again()
         .into_iter()
         .find(|l| l["message"].as_str().is_some_and(|m| m.starts_with("eBPF capture attached")));
     let attached = attached.expect("the restarted agent attaches its programs");
-    assert_eq!(attached["replaced_links"], 7, "the restarted agent replaces the 7 pinned links: {attached}");
+    // 7 programs on the pods' cgroup, 1 on the kubelet's.
+    assert_eq!(attached["replaced_links"], 8, "the restarted agent replaces the 8 pinned cgroup links: {attached}");
+    // And the sk_lookup link of node 1's one pod is replaced, not doubled.
+    let netns_links = tb.bpf_dir(1).join(format!("v{}/links/netns", meshless_common::LAYOUT_VERSION));
+    assert_eq!(std::fs::read_dir(&netns_links).unwrap().count(), 1, "one sk_lookup link per enrolled pod");
     let (ok, out, err) = run(client.command(&bins.testbin).unwrap().args(["send", &to, "after-restart-marker"]));
     assert!(ok && out == "after-restart-marker<20 bytes>", "{err}");
     let id = tb.spiffe_id(TRUST_DOMAIN, client);
-    assert!(mesh.wait_log(2, "inbound connection authorized", |l| l["src_id"] == id.as_str()).is_some());
+    assert!(mesh.wait_log(2, "inbound decision", |l| l["src_id"] == id.as_str() && l["decision"] == "allow").is_some());
     let segs = dump.finish(&tb).unwrap();
     for marker in ["gap-marker-a4e", "gap-marker-b71", "after-restart-marker", "round-0000"] {
         assert!(!seen(&segs, marker), "{marker} crossed the node link in plaintext");

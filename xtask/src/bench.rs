@@ -98,7 +98,8 @@ pub fn run(bins: &Bins, args: Args) -> Result<()> {
     } else {
         measure(bins, client, &ports, &args, "meshless (eBPF capture + HBONE mTLS)")?
     };
-    let carried = mesh.log_lines(2).iter().filter(|l| l["message"] == "inbound connection authorized").count();
+    let carried =
+        mesh.log_lines(2).iter().filter(|l| l["message"] == "inbound decision" && l["transport"] == "hbone").count();
     if carried < 1 {
         bail!("the meshless runs were not carried by the mesh (node2 authorized {carried} connections)");
     }

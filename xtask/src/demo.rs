@@ -86,7 +86,7 @@ pub fn run(bins: &Bins, args: Args) -> Result<()> {
         println!("   issuer: {} for node {}", l["id"].as_str().unwrap_or("?"), l["node"].as_str().unwrap_or("?"));
     }
     println!("== what the agents saw (identities from the mTLS handshakes)");
-    for l in mesh.log_lines(2).iter().filter(|l| l["message"] == "inbound connection authorized") {
+    for l in mesh.log_lines(2).iter().filter(|l| l["message"] == "inbound decision" && l["transport"] == "hbone") {
         println!(
             "   node2 agent: {} -> {}  ({})",
             l["src_id"].as_str().unwrap_or("?"),

@@ -5,7 +5,7 @@
 //! error names the file and the offending pod. A change to the file is validated as a whole and
 //! published only if valid: a bad edit is logged once and the previous state keeps serving.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -19,6 +19,7 @@ use tracing::{info, warn};
 
 use super::{Directory, PodKey, Workload, WorkloadSource};
 use crate::identity::{workload_id, TrustDomain};
+use crate::policy::{AuthorizationPolicy, MeshSettings, PeerAuthentication, Policies, PolicyInput};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -41,6 +42,15 @@ struct RawState {
     cgroup_parent: PathBuf,
     #[serde(default)]
     pods: Vec<RawPod>,
+    /// Mesh-wide enforcement settings (root namespace, dry run, closing denied connections).
+    #[serde(default)]
+    mesh: MeshSettings,
+    /// Istio-shaped PeerAuthentication objects (the mode of each pod).
+    #[serde(default)]
+    peer_authentications: Vec<PeerAuthentication>,
+    /// Istio-shaped (L4) AuthorizationPolicy objects.
+    #[serde(default)]
+    authorization_policies: Vec<AuthorizationPolicy>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -59,6 +69,8 @@ struct RawPod {
     enrolled: bool,
     #[serde(default)]
     host_network: bool,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
 }
 
 fn yes() -> bool {
@@ -108,9 +120,16 @@ pub fn parse(path: &Path, text: &str) -> Result<Directory, Error> {
             mesh: p.enrolled && !p.host_network,
             host_network: p.host_network,
             identity,
+            labels: p.labels,
         });
     }
-    Directory::new(trust_domain, raw.node, raw.cgroup_parent, workloads).map_err(|e| invalid(e.0))
+    let policies = Policies::compile(&PolicyInput {
+        mesh: raw.mesh,
+        peer_authentications: raw.peer_authentications,
+        authorization_policies: raw.authorization_policies,
+    })
+    .map_err(|e| invalid(e.0))?;
+    Directory::new(trust_domain, raw.node, raw.cgroup_parent, workloads, policies).map_err(|e| invalid(e.0))
 }
 
 /// The state file as a [`WorkloadSource`]: read at start, then watched (inotify on its directory

@@ -7,6 +7,7 @@
 //! meshless-testbin echo-serve <port>             echoes bytes; on EOF echoes "<n bytes>" and closes
 //! meshless-testbin reset-serve <port>            reads 4 bytes, answers "ok", then resets (RST)
 //! meshless-testbin tag-serve <port> <tag>        reads to EOF, answers <tag>, closes
+//! meshless-testbin addr-serve <port>             reads to EOF, answers the client address it sees, closes
 //! meshless-testbin sink <port>                   reads to EOF, then answers the byte count
 //! meshless-testbin send <addr> <text>            sends text, half-closes, prints the reply
 //! meshless-testbin peer <addr> <text>            as send, but first prints getpeername() and a newline
@@ -62,6 +63,11 @@ fn main() {
                 s.write_all(tag)
             })
         }
+        "addr-serve" => serve(a(1), |mut s| {
+            s.read_to_end(&mut Vec::new())?;
+            let peer = s.peer_addr()?;
+            s.write_all(peer.ip().to_canonical().to_string().as_bytes())
+        }),
         "sink" => serve(a(1), sink),
         "send" => send(a(1), a(2), false),
         "peer" => send(a(1), a(2), true),

@@ -1,0 +1,284 @@
+//! The agent's admin endpoint: HTTP on the node's loopback (127.0.0.1:15000 in the agent's own
+//! network namespace — pods live in their own namespaces and cannot reach it; hostNetwork pods
+//! share the node's and are trusted like any node process). What `meshless policy check|explain
+//! --agent` asks, and what the node dashboard will build on:
+//!
+//! | path | answer |
+//! |---|---|
+//! | `GET /policy/explain?from=<spiffe-id, ip or ns/pod>&to=<ns/pod>&port=<n>` | the decision, its mode, policy and rule (JSON) |
+//! | `GET /policy` | mesh settings and each local pod's mode and policy count (JSON) |
+//! | `GET /metrics` | decision counters, Prometheus text format |
+//! | `GET /healthz` | `ok` |
+//!
+//! [`explain`] is also what the CLI runs offline against a state file: one function, two callers.
+
+use std::fmt::Write as _;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use axum::extract::{Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use tracing::{info, warn};
+
+use crate::app::Shared;
+use crate::authorize::{self, Request};
+use crate::identity::SpiffeId;
+use crate::policy::{Mode, Peer};
+use crate::workloads::{Directory, PodKey};
+
+/// A question: may `from` reach `to` on `port`?
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct Question {
+    /// A SPIFFE ID (an authenticated source), an IP address (plaintext), or `namespace/pod` (that
+    /// pod: its identity and address if it is in the mesh, its address in plaintext if not).
+    pub from: String,
+    /// `namespace/pod`.
+    pub to: String,
+    pub port: u16,
+}
+
+/// The answer, with everything that went into it.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+pub struct Explanation {
+    /// The source as decided on: its SPIFFE ID, or its address for plaintext.
+    pub from: String,
+    pub to: String,
+    pub port: u16,
+    /// `hbone` (mTLS through the tunnel) or `plaintext`.
+    pub transport: String,
+    /// `allow` or `deny`: what happens to the connection.
+    pub decision: String,
+    /// The destination's mode and where it comes from.
+    pub mode: String,
+    /// The policy verdict in words: the deciding policy and rule, "default allow", "no ALLOW
+    /// matched", a plaintext refusal, or a refused target.
+    pub reason: String,
+    pub policy: Option<String>,
+    pub rule: Option<usize>,
+    /// AUDIT rules that matched.
+    pub audited: Vec<String>,
+    /// Policy denied, but the mesh is in dry-run: the connection goes through.
+    pub dry_run: bool,
+}
+
+impl Explanation {
+    /// `allow` or `deny` (what `policy check` prints).
+    pub fn short(&self) -> &str {
+        &self.decision
+    }
+
+    /// The multi-line form `policy explain` prints.
+    pub fn long(&self) -> String {
+        let mut s = format!("{}: {} → {} port {} ({})\n", self.decision, self.from, self.to, self.port, self.transport);
+        let _ = writeln!(s, "  mode:     {}", self.mode);
+        let _ = writeln!(s, "  decided:  {}", self.reason);
+        if self.dry_run {
+            let _ = writeln!(s, "  dry run:  the mesh is in dry-run mode, so this denial is logged, not enforced");
+        }
+        for a in &self.audited {
+            let _ = writeln!(s, "  audited:  {a}");
+        }
+        s
+    }
+}
+
+/// Answers `q` against the snapshot `dir`, with the code the data path runs.
+pub fn explain(dir: &Directory, q: &Question) -> Result<Explanation, String> {
+    let to = pod_key(&q.to)?;
+    let dst = dir.get(&to).ok_or_else(|| format!("no pod {} in the workload directory", q.to))?;
+    if !dst.mesh {
+        return Err(format!("{} is not in the mesh: nothing is enforced for it", q.to));
+    }
+    if q.port == 0 {
+        return Err("port must be 1-65535".into());
+    }
+    let id;
+    let peer = if let Ok(ip) = q.from.parse::<IpAddr>() {
+        Peer::Plaintext { ip }
+    } else if q.from.starts_with("spiffe://") {
+        id = SpiffeId::new(&q.from).map_err(|e| format!("--from {:?}: {e}", q.from))?;
+        Peer::Authenticated { id: &id, ip: None }
+    } else {
+        let src = dir.get(&pod_key(&q.from)?).ok_or_else(|| format!("no pod {} in the workload directory", q.from))?;
+        let ip = *src.ips.first().ok_or_else(|| format!("{} has no address", q.from))?;
+        if src.mesh {
+            id = src.identity.clone();
+            Peer::Authenticated { id: &id, ip: Some(ip) }
+        } else {
+            Peer::Plaintext { ip }
+        }
+    };
+    let target_ip = *dst.ips.first().ok_or_else(|| format!("{} has no address", q.to))?;
+    let from_addr = match peer {
+        Peer::Plaintext { ip } | Peer::Authenticated { ip: Some(ip), .. } => SocketAddr::new(ip, 0),
+        Peer::Authenticated { ip: None, .. } => SocketAddr::from(([0, 0, 0, 0], 0)),
+    };
+    let policy = dir.policy_for(dst);
+    let req = Request { peer, dst, target: SocketAddr::new(target_ip, q.port), from: from_addr };
+    let outcome = authorize::decide(&req, &policy, dir.policies.settings.dry_run);
+    let rule = outcome.decision.as_ref().and_then(|d| d.rule());
+    let (transport, from) = match peer {
+        Peer::Authenticated { id, .. } => ("hbone", id.to_string()),
+        Peer::Plaintext { ip } => ("plaintext", ip.to_string()),
+    };
+    Ok(Explanation {
+        from,
+        to: dst.key.to_string(),
+        port: q.port,
+        transport: transport.into(),
+        decision: if outcome.admit { "allow" } else { "deny" }.into(),
+        mode: policy.mode.to_string(),
+        reason: outcome.why.clone(),
+        policy: rule.map(|r| r.policy.to_string()),
+        rule: rule.map(|r| r.rule),
+        audited: outcome.decision.map(|d| d.audited.iter().map(ToString::to_string).collect()).unwrap_or_default(),
+        dry_run: outcome.dry_run,
+    })
+}
+
+fn pod_key(s: &str) -> Result<PodKey, String> {
+    match s.split_once('/') {
+        Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
+            Ok(PodKey { namespace: ns.into(), name: name.into() })
+        }
+        _ => Err(format!("{s:?}: expected namespace/pod")),
+    }
+}
+
+/// Serves the admin endpoint on `addr` until `stop` fires. The port is shared (SO_REUSEPORT) so a
+/// successor agent can serve it while its predecessor still drains; each stops at its own end.
+pub async fn serve(
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    stop: tokio_util::sync::CancellationToken,
+) -> std::io::Result<()> {
+    if !addr.ip().is_loopback() {
+        warn!(%addr, "the admin endpoint listens beyond loopback: anyone who can reach it can read the node's policy");
+    }
+    let sock = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
+    sock.set_reuse_address(true)?;
+    sock.set_reuse_port(true)?;
+    sock.set_nonblocking(true)?;
+    sock.bind(&addr.into())?;
+    sock.listen(128)?;
+    let listener = tokio::net::TcpListener::from_std(sock.into())?;
+    info!(%addr, "admin endpoint serving");
+    let app = Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/policy/explain", get(explain_handler))
+        .route("/policy", get(policy_handler))
+        .route("/metrics", get(metrics_handler))
+        .with_state(shared);
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(async move { stop.cancelled().await }).await {
+            warn!(error = %e, "admin endpoint stopped");
+        }
+    });
+    Ok(())
+}
+
+async fn explain_handler(State(shared): State<Arc<Shared>>, Query(q): Query<Question>) -> Response {
+    match explain(&shared.store.load(), &q) {
+        Ok(e) => Json(e).into_response(),
+        Err(e) => (StatusCode::BAD_REQUEST, e + "\n").into_response(),
+    }
+}
+
+#[derive(Serialize)]
+struct PolicyView {
+    node: String,
+    root_namespace: String,
+    dry_run: bool,
+    close_denied_connections: bool,
+    peer_authentications: usize,
+    authorization_policies: usize,
+    pods: Vec<PodView>,
+}
+
+#[derive(Serialize)]
+struct PodView {
+    pod: String,
+    mode: Mode,
+    mode_source: String,
+    authorization_policies: usize,
+}
+
+async fn policy_handler(State(shared): State<Arc<Shared>>) -> Json<PolicyView> {
+    let dir = shared.store.load();
+    let s = &dir.policies.settings;
+    let (pa, ap) = dir.policies.counts();
+    let mut pods: Vec<PodView> = dir
+        .local_pods()
+        .filter(|w| w.mesh)
+        .map(|w| {
+            let p = dir.policy_for(w);
+            PodView {
+                pod: w.key.to_string(),
+                mode: p.mode.mode,
+                mode_source: p.mode.to_string(),
+                authorization_policies: p.len(),
+            }
+        })
+        .collect();
+    pods.sort_by(|a, b| a.pod.cmp(&b.pod));
+    Json(PolicyView {
+        node: dir.node.clone(),
+        root_namespace: s.root_namespace.clone(),
+        dry_run: s.dry_run,
+        close_denied_connections: s.close_denied_connections,
+        peer_authentications: pa,
+        authorization_policies: ap,
+        pods,
+    })
+}
+
+async fn metrics_handler(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
+    let mut out = String::from(
+        "# HELP meshless_inbound_decisions_total Inbound connections decided, by transport, mode, decision and what decided.\n\
+         # TYPE meshless_inbound_decisions_total counter\n",
+    );
+    for (k, n) in shared.decisions.snapshot() {
+        let _ = writeln!(
+            out,
+            "meshless_inbound_decisions_total{{transport=\"{}\",mode=\"{}\",decision=\"{}\",by=\"{}\"}} {n}",
+            k.transport,
+            k.mode,
+            k.decision,
+            escape(&k.by)
+        );
+    }
+    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
+}
+
+/// Prometheus label value escaping.
+fn escape(s: &str) -> String {
+    s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+/// Asks the admin endpoint at `addr` (host:port) to explain `q` (`meshless policy … --agent`).
+pub async fn ask(addr: &str, q: &Question) -> Result<Explanation, String> {
+    use http_body_util::BodyExt as _;
+    let query = serde_urlencoded::to_string(q).map_err(|e| e.to_string())?;
+    let tcp = tokio::net::TcpStream::connect(addr).await.map_err(|e| {
+        format!("cannot reach the agent's admin endpoint at {addr}: {e} (is the agent running on this node?)")
+    })?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+        .await
+        .map_err(|e| format!("admin endpoint {addr}: {e}"))?;
+    tokio::spawn(conn);
+    let req = http::Request::get(format!("/policy/explain?{query}"))
+        .header(http::header::HOST, addr)
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .map_err(|e| e.to_string())?;
+    let resp = sender.send_request(req).await.map_err(|e| format!("admin endpoint {addr}: {e}"))?;
+    let status = resp.status();
+    let body = resp.into_body().collect().await.map_err(|e| format!("admin endpoint {addr}: {e}"))?.to_bytes();
+    if !status.is_success() {
+        return Err(String::from_utf8_lossy(&body).trim().to_string());
+    }
+    serde_json::from_slice(&body).map_err(|e| format!("admin endpoint {addr}: unexpected answer: {e}"))
+}

@@ -1,0 +1,238 @@
+//! The policy objects as users write them: Istio's `PeerAuthentication` and (L4)
+//! `AuthorizationPolicy`, field for field, in the shape the Kubernetes CRDs will have — so a policy
+//! moves between the state file, `kubectl apply` and an Istio cluster unchanged.
+//!
+//! Parsing is strict where a typo would weaken enforcement (every `spec` is
+//! `deny_unknown_fields`), lenient where Kubernetes adds bookkeeping (`metadata` ignores `uid`,
+//! `resourceVersion` and the like). Fields Istio has and meshless cannot honour at L4 (HTTP
+//! methods, paths, hosts, request principals, `when` conditions, CUSTOM actions, per-port mTLS)
+//! are parsed so that the error names the field and says why, instead of "unknown field".
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// API versions accepted on policy objects (meshless's own, and Istio's, so manifests written
+/// for Istio apply unchanged).
+pub const API_VERSIONS: [&str; 3] = ["meshless.io/v1alpha1", "security.istio.io/v1", "security.istio.io/v1beta1"];
+
+/// `metadata` of a policy object. Fields Kubernetes adds (uid, resourceVersion, …) are ignored.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ObjectMeta {
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub namespace: String,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+}
+
+/// `spec.selector`: which workloads of the policy's namespace (or, in the root namespace, of
+/// every namespace, for authorization policies) the policy applies to. Absent or empty: all.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct WorkloadSelector {
+    #[serde(default)]
+    pub match_labels: BTreeMap<String, String>,
+}
+
+/// A `PeerAuthentication`: the mTLS mode of the selected workloads' inbound plaintext.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PeerAuthentication {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_version: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub spec: PeerAuthenticationSpec,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PeerAuthenticationSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<WorkloadSelector>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtls: Option<MutualTls>,
+    /// Istio's per-port modes: not supported (the kernel decides per pod while no agent runs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port_level_mtls: Option<serde_yaml::Value>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MutualTls {
+    #[serde(default)]
+    pub mode: MtlsMode,
+}
+
+/// `spec.mtls.mode`. UNSET inherits from the namespace, then the mesh.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum MtlsMode {
+    #[default]
+    Unset,
+    Disable,
+    Permissive,
+    Strict,
+}
+
+/// An `AuthorizationPolicy` (L4 subset of Istio's).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AuthorizationPolicy {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_version: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub spec: AuthorizationPolicySpec,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AuthorizationPolicySpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<WorkloadSelector>,
+    #[serde(default)]
+    pub action: Action,
+    /// Absent or empty: the policy matches nothing (an ALLOW policy then allows nothing).
+    #[serde(default)]
+    pub rules: Vec<Rule>,
+    /// Istio's Gateway API attachment and external authorizers: not supported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_ref: Option<serde_yaml::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_refs: Option<serde_yaml::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provider: Option<serde_yaml::Value>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum Action {
+    #[default]
+    Allow,
+    Deny,
+    Audit,
+    /// Istio's external authorization: rejected by validation.
+    Custom,
+}
+
+/// A rule matches when one of `from` matches (or `from` is empty) and one of `to` matches (or
+/// `to` is empty).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Rule {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub from: Vec<FromClause>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub to: Vec<ToClause>,
+    /// Istio's conditions (`request.headers`, JWT claims, …): L7, not supported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub when: Option<serde_yaml::Value>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FromClause {
+    #[serde(default)]
+    pub source: Source,
+}
+
+/// Every field present must match (AND); within a field, any value may (OR).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Source {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub principals: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_principals: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespaces: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_namespaces: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip_blocks: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_ip_blocks: Option<Vec<String>>,
+    /// At L4 there is no X-Forwarded-For: the same as `ipBlocks`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remote_ip_blocks: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_remote_ip_blocks: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_principals: Option<serde_yaml::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_request_principals: Option<serde_yaml::Value>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ToClause {
+    #[serde(default)]
+    pub operation: Operation,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Operation {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ports: Option<Vec<PortValue>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_ports: Option<Vec<PortValue>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hosts: Option<serde_yaml::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_hosts: Option<serde_yaml::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub methods: Option<serde_yaml::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_methods: Option<serde_yaml::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paths: Option<serde_yaml::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_paths: Option<serde_yaml::Value>,
+}
+
+/// Istio writes ports as strings (`"8080"`); a bare number is accepted too.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum PortValue {
+    Number(i64),
+    Text(String),
+}
+
+/// Mesh-wide settings of enforcement (the state file's `mesh:`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MeshSettings {
+    /// Policies in this namespace apply mesh-wide (Istio's `istio-system`).
+    #[serde(default = "default_root_namespace")]
+    pub root_namespace: String,
+    /// Evaluate and log every decision, but enforce none of the denials.
+    #[serde(default)]
+    pub dry_run: bool,
+    /// When policies change, reset established connections the new policy denies (otherwise
+    /// changes apply to new connections only).
+    #[serde(default)]
+    pub close_denied_connections: bool,
+}
+
+pub fn default_root_namespace() -> String {
+    "meshless-system".into()
+}
+
+impl Default for MeshSettings {
+    fn default() -> Self {
+        MeshSettings { root_namespace: default_root_namespace(), dry_run: false, close_denied_connections: false }
+    }
+}
+
+/// Why an L7-only field cannot be honoured, for the validation error.
+pub(crate) const L7: &str = "is an HTTP (L7) attribute; meshless authorizes connections (L4): \
+     source identity, namespace, IP block and destination port";

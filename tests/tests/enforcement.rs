@@ -1,0 +1,546 @@
+//! Enforcement, with real agents, real eBPF (sk_lookup inbound capture) and real connections:
+//! the modes with and without an agent, authorization policy decided on the destination node
+//! from the peer certificate, policy changes under load, health probes, bad policy.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use meshless_tests::mesh::{wait_listening, Mesh};
+use meshless_tests::{Layout, Pod, Testbed};
+
+/// What a client saw: (reply, how the reply ended: "eof", "reset", or a connect error).
+fn exchange(bins: &support::Bins, from: &Pod, to: &str, text: &str) -> (String, String) {
+    let (_, out, err) = support::run(from.command(&bins.testbin).unwrap().args(["end", to, text]));
+    match serde_json::from_str::<serde_json::Value>(out.trim()) {
+        Ok(v) => {
+            (v["reply"].as_str().unwrap_or_default().to_string(), v["end"].as_str().unwrap_or_default().to_string())
+        }
+        Err(_) => (String::new(), format!("connect failed: {}", err.trim())),
+    }
+}
+
+/// The `inbound decision` lines of node `node`'s agent for `dst` (pod name) and port.
+fn decisions(mesh: &Mesh, node: usize, dst: &str, port: u16) -> Vec<serde_json::Value> {
+    mesh.log_lines(node)
+        .into_iter()
+        .filter(|l| {
+            l["message"] == "inbound decision"
+                && l["dst"].as_str().is_some_and(|d| d.ends_with(dst))
+                && l["dst_port"] == port
+        })
+        .collect()
+}
+
+fn last_decision(mesh: &Mesh, node: usize, dst: &str, port: u16) -> serde_json::Value {
+    meshless_tests::wait_for(Duration::from_secs(5), || decisions(mesh, node, dst, port).pop())
+        .unwrap_or_else(|| panic!("no inbound decision logged for {dst}:{port}; log:\n{}", mesh.log_summary(node)))
+}
+
+fn peer_auth(name: &str, app: &str, mode: &str) -> String {
+    format!(
+        "  - metadata: {{name: {name}, namespace: default}}\n    spec: {{selector: {{matchLabels: {{app: {app}}}}}, mtls: {{mode: {mode}}}}}\n"
+    )
+}
+
+/// Node 2 has three enrolled pods, STRICT, PERMISSIVE and DISABLE; node 1's pod 1 is outside
+/// the mesh (a legacy client that never touches meshless).
+#[test]
+fn plaintext_meets_strict_permissive_and_disable_with_and_without_an_agent() {
+    let Some(bins) = support::privileged("plaintext_meets_strict_permissive_and_disable_with_and_without_an_agent")
+    else {
+        return;
+    };
+    let tb = Testbed::new(Layout { label: "modes", pods: &[1, 3] }).expect("testbed");
+    let policy = String::from("peerAuthentications:\n")
+        + &peer_auth("strict", "pod1-n2", "STRICT")
+        + &peer_auth("permissive", "pod2-n2", "PERMISSIVE")
+        + &peer_auth("off", "pod3-n2", "DISABLE")
+        + "authorizationPolicies:\n  - metadata: {name: no-9000, namespace: default}\n    spec:\n      selector: {matchLabels: {app: pod2-n2}}\n      action: DENY\n      rules: [{to: [{operation: {ports: [\"9000\"]}}]}]\n";
+    let args = |_| vec![];
+    let mut mesh = Mesh::start_full(&tb, &bins, &|p| Some(p.node == 2), &args, &[], &policy).expect("agents");
+    let legacy = tb.pod(1, 1);
+    let (strict, permissive, off) = (tb.pod(2, 1), tb.pod(2, 2), tb.pod(2, 3));
+    for p in [strict, permissive, off] {
+        for port in [8000, 9000] {
+            tb.spawn(p.command(&bins.testbin).unwrap().args(["addr-serve", &port.to_string()])).unwrap();
+            wait_listening(&p.netns, port).unwrap();
+        }
+    }
+    let addr = |p: &Pod, port: u16| meshless_tests::sockaddr(p.ipv4.into(), port);
+    let addr6 = |p: &Pod, port: u16| meshless_tests::sockaddr(p.ipv6.into(), port);
+
+    // STRICT: reset at once (never a hang), logged with the source address and port, counted.
+    let started = Instant::now();
+    let (reply, end) = exchange(&bins, legacy, &addr(strict, 8000), "hello");
+    assert!(
+        reply.is_empty() && end.contains("reset"),
+        "plaintext to a STRICT pod must be reset, got {end:?} {reply:?}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(3), "the refusal must be immediate, took {:?}", started.elapsed());
+    let d = last_decision(&mesh, 2, "pod1-n2", 8000);
+    assert_eq!((d["mode"].as_str(), d["decision"].as_str()), (Some("STRICT"), Some("deny")), "{d}");
+    assert!(d["src_addr"].as_str().unwrap().starts_with(&legacy.ipv4.to_string()), "source address logged: {d}");
+    let (_, end6) = exchange(&bins, legacy, &addr6(strict, 8000), "hello");
+    assert!(end6.contains("reset"), "over IPv6 too, got {end6:?}");
+
+    // PERMISSIVE: policy with an unauthenticated source, then delivery to the app.
+    let (reply, end) = exchange(&bins, legacy, &addr(permissive, 8000), "hello");
+    assert_eq!(
+        (reply.as_str(), end.as_str()),
+        ("127.0.0.6", "eof"),
+        "PERMISSIVE delivers (the app sees 127.0.0.6); log:\n{}",
+        mesh.log_summary(2)
+    );
+    let d = last_decision(&mesh, 2, "pod2-n2", 8000);
+    assert_eq!(
+        (d["mode"].as_str(), d["decision"].as_str(), d["transport"].as_str()),
+        (Some("PERMISSIVE"), Some("allow"), Some("plaintext")),
+        "{d}"
+    );
+    let (reply, end) = exchange(&bins, legacy, &addr(permissive, 9000), "hello");
+    assert!(reply.is_empty() && end.contains("reset"), "the DENY on 9000 applies to plaintext: {end:?}");
+    let d = last_decision(&mesh, 2, "pod2-n2", 9000);
+    assert_eq!(
+        (d["decision"].as_str(), d["policy"].as_str(), d["rule"].as_i64()),
+        (Some("deny"), Some("default/no-9000"), Some(0)),
+        "{d}"
+    );
+
+    // DISABLE: untouched, the app sees the real client.
+    let (reply, end) = exchange(&bins, legacy, &addr(off, 8000), "hello");
+    assert_eq!(
+        (reply.as_str(), end.as_str()),
+        (legacy.ipv4.to_string().as_str(), "eof"),
+        "DISABLE passes plaintext through"
+    );
+    assert!(decisions(&mesh, 2, "pod3-n2", 8000).is_empty(), "a DISABLE pod's plaintext never reaches the agent");
+
+    // No agent on node 2: STRICT still refuses (the pinned program drops what it cannot steer),
+    // PERMISSIVE and DISABLE pass straight to the app.
+    tb.signal(mesh.agents[1], libc::SIGKILL);
+    assert!(tb.wait_exit(mesh.agents[1], Duration::from_secs(10)).is_some(), "agent killed");
+    let started = Instant::now();
+    let (reply, end) = exchange(&bins, legacy, &addr(strict, 8000), "hello");
+    assert!(
+        reply.is_empty() && !end.contains("eof"),
+        "STRICT without an agent must refuse plaintext, got {end:?} {reply:?}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(3), "refused at once, not a hang: {:?}", started.elapsed());
+    let (reply, _) = exchange(&bins, legacy, &addr(permissive, 8000), "hello");
+    assert_eq!(reply, legacy.ipv4.to_string(), "PERMISSIVE without an agent passes to the app directly");
+    let (reply, _) = exchange(&bins, legacy, &addr(off, 8000), "hello");
+    assert_eq!(reply, legacy.ipv4.to_string());
+
+    // A new agent steers again.
+    mesh.spawn_agent(&tb, &bins, 2).expect("restarted agent");
+    let (reply, end) = exchange(&bins, legacy, &addr(permissive, 8000), "hello");
+    assert_eq!(
+        (reply.as_str(), end.as_str()),
+        ("127.0.0.6", "eof"),
+        "after the restart PERMISSIVE goes through the agent again"
+    );
+    let (_, end) = exchange(&bins, legacy, &addr(strict, 8000), "hello");
+    assert!(end.contains("reset"), "and STRICT is refused by the agent: {end:?}");
+    last_decision(&mesh, 2, "pod1-n2", 8000);
+}
+
+const MATRIX_POLICY: &str = r#"
+authorizationPolicies:
+  - metadata: {name: api, namespace: default}
+    spec:
+      selector: {matchLabels: {app: pod1-n2}}
+      action: ALLOW
+      rules:
+        - from: [{source: {principals: ["cluster.local/ns/default/sa/sa-pod1-n1"]}}]
+          to: [{operation: {ports: ["7000"]}}]
+  - metadata: {name: not-over-v6, namespace: default}
+    spec:
+      selector: {matchLabels: {app: pod1-n2}}
+      action: DENY
+      rules:
+        - from: [{source: {ipBlocks: ["fd6d:6c00:1::/64"]}}]
+  - metadata: {name: no-pod2-n1, namespace: default}
+    spec:
+      selector: {matchLabels: {app: pod2-n2}}
+      action: DENY
+      rules:
+        - from: [{source: {principals: ["spiffe://cluster.local/ns/default/sa/sa-pod2-n1"]}}]
+          to: [{operation: {notPorts: ["7001"]}}]
+  - metadata: {name: watch-7001, namespace: default}
+    spec:
+      selector: {matchLabels: {app: pod2-n2}}
+      action: AUDIT
+      rules: [{to: [{operation: {ports: ["7001"]}}]}]
+  - metadata: {name: anyone-but-pod1-n1, namespace: default}
+    spec:
+      selector: {matchLabels: {app: pod2-n1}}
+      rules:
+        - from: [{source: {notPrincipals: ["*/sa/sa-pod1-n1"]}}]
+"#;
+
+/// Two nodes, two pods each, all in the mesh, echo servers on 7000 and 7001 everywhere, and the
+/// policy above.
+fn matrix_cluster(label: &str, bins: &support::Bins) -> (Testbed, Mesh) {
+    let tb = Testbed::new(Layout { label, pods: &[2, 2] }).expect("testbed");
+    let args = |_| vec![];
+    let mesh = Mesh::start_full(&tb, bins, &|_| Some(true), &args, &[], MATRIX_POLICY).expect("agents");
+    for p in tb.pods() {
+        for port in ["7000", "7001"] {
+            tb.spawn(p.command(&bins.testbin).unwrap().args(["echo-serve", port])).unwrap();
+            wait_listening(&p.netns, port.parse().unwrap()).unwrap();
+        }
+    }
+    (tb, mesh)
+}
+
+/// Connects from `from` to `to`'s IPv4 (or IPv6) address and port: whether the echo came back.
+fn call(bins: &support::Bins, from: &Pod, to: &Pod, port: u16, v6: bool) -> (bool, String) {
+    let ip = if v6 { to.ipv6.into() } else { to.ipv4.into() };
+    let (reply, end) = exchange(bins, from, &meshless_tests::sockaddr(ip, port), "ping");
+    (reply == "ping<4 bytes>" && end == "eof", format!("{end} {reply:?}"))
+}
+
+/// The decision node `node` logged for this source identity, destination pod, port and family.
+fn decided(mesh: &Mesh, node: usize, src: &str, dst: &Pod, port: u16, v6: bool) -> serde_json::Value {
+    let ip = if v6 { dst.ipv6.to_string() } else { dst.ipv4.to_string() };
+    meshless_tests::wait_for(Duration::from_secs(5), || {
+        mesh.log_lines(node).into_iter().rev().find(|l| {
+            l["message"] == "inbound decision"
+                && l["src_id"] == src
+                && l["dst_port"] == port
+                && l["dst_addr"].as_str().is_some_and(|a| a.contains(&ip))
+        })
+    })
+    .unwrap_or_else(|| panic!("node{node} logged no decision for {src} → {ip}:{port}:\n{}", mesh.log_summary(node)))
+}
+
+#[test]
+fn identity_pairs_are_allowed_and_denied_by_the_deciding_rule_across_nodes_and_within_one() {
+    let Some(bins) = support::privileged("identity_pairs_are_allowed_and_denied") else {
+        return;
+    };
+    let (tb, mesh) = matrix_cluster("matrix", &bins);
+    let (a1, a2, b1, b2) = (tb.pod(1, 1), tb.pod(1, 2), tb.pod(2, 1), tb.pod(2, 2));
+    let id = |p: &Pod| tb.spiffe_id(meshless_tests::mesh::TRUST_DOMAIN, p);
+    // (from, to, port, IPv6, allowed, deciding policy, rule)
+    let matrix: &[(&Pod, &Pod, u16, bool, bool, &str, i64)] = &[
+        (a1, b1, 7000, false, true, "default/api", 0),
+        (a1, b1, 7001, false, false, "", -1), // ALLOW selects b1, none matched
+        (a2, b1, 7000, false, false, "", -1), // another identity
+        (b2, b1, 7000, false, false, "", -1), // within one node
+        (a1, b1, 7000, true, false, "default/not-over-v6", 0), // DENY beats a matching ALLOW
+        (a2, b2, 7000, false, false, "default/no-pod2-n1", 0),
+        (a2, b2, 7001, false, true, "", -1), // notPorts: the DENY does not apply, default allow
+        (a1, b2, 7000, false, true, "", -1), // no ALLOW selects b2: default allow
+        (a1, a2, 7000, false, false, "", -1), // within node 1: notPrincipals excludes a1
+        (b1, a2, 7000, false, true, "default/anyone-but-pod1-n1", 0),
+    ];
+    for &(from, to, port, v6, allowed, policy, rule) in matrix {
+        let what = format!(
+            "{}-n{} → {}-n{}:{port}{}",
+            from.name,
+            from.node,
+            to.name,
+            to.node,
+            if v6 { " (IPv6)" } else { "" }
+        );
+        let (ok, seen) = call(&bins, from, to, port, v6);
+        assert_eq!(ok, allowed, "{what}: the app saw {seen}");
+        if !allowed {
+            assert!(seen.contains("reset"), "{what}: a denied connection must be reset, not closed cleanly: {seen}");
+        }
+        let d = decided(&mesh, to.node, &id(from), to, port, v6);
+        let want = if allowed { "allow" } else { "deny" };
+        assert_eq!(
+            (d["decision"].as_str(), d["policy"].as_str(), d["rule"].as_i64()),
+            (Some(want), Some(policy), Some(rule)),
+            "{what}: {d}"
+        );
+        assert_eq!(d["transport"], "hbone", "{what}");
+        assert!(
+            d["src_addr"].as_str().unwrap().contains(&if v6 { from.ipv6.to_string() } else { from.ipv4.to_string() }),
+            "{what}: the tunnel came from the source pod's own address: {d}"
+        );
+    }
+    let d = decided(&mesh, 2, &id(a2), b2, 7001, false);
+    assert_eq!(d["audited"], "default/watch-7001 rules[0]", "AUDIT marks the decision without changing it: {d}");
+    let no_allow = decided(&mesh, 2, &id(a1), b1, 7001, false);
+    assert!(no_allow["reason"].as_str().unwrap().contains("no ALLOW matched"), "{no_allow}");
+
+    // The same questions, asked of the running agent (admin endpoint) and offline (state file).
+    let node2 = &tb.node(2).netns;
+    let ask = |args: &[&str]| {
+        let (ok, out, err) = support::run(node2.command(&bins.meshless, None).unwrap().args(["policy"]).args(args));
+        assert!(ok, "meshless policy {args:?}: {err}");
+        out
+    };
+    let state = mesh.states[1].to_str().unwrap().to_string();
+    for source in [["--agent", "127.0.0.1:15000"], ["--state", state.as_str()]] {
+        let q = |from: &str, to: &str, port: &str| -> Vec<String> {
+            vec![
+                "--from".into(),
+                from.into(),
+                "--to".into(),
+                to.into(),
+                "--port".into(),
+                port.into(),
+                source[0].into(),
+                source[1].into(),
+            ]
+        };
+        let check = |from: &str, to: &str, port: &str| {
+            let args: Vec<String> = ["check".to_string()].into_iter().chain(q(from, to, port)).collect();
+            ask(&args.iter().map(String::as_str).collect::<Vec<_>>()).trim().to_string()
+        };
+        assert_eq!(check("default/pod1-n1", "default/pod1-n2", "7000"), "allow", "{source:?}");
+        assert_eq!(check(&id(a1), "default/pod1-n2", "7001"), "deny", "{source:?}");
+        assert_eq!(check("198.19.1.11", "default/pod2-n2", "7000"), "allow", "plaintext, PERMISSIVE: {source:?}");
+        let args: Vec<String> =
+            ["explain".to_string()].into_iter().chain(q("default/pod2-n1", "default/pod2-n2", "7000")).collect();
+        let text = ask(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        assert!(
+            text.starts_with("deny: spiffe://cluster.local/ns/default/sa/sa-pod2-n1 → default/pod2-n2 port 7000"),
+            "{text}"
+        );
+        assert!(text.contains("denied by DENY policy default/no-pod2-n1 rules[0]"), "{text}");
+        assert!(text.contains("mode:     PERMISSIVE (default"), "{text}");
+        let args: Vec<String> =
+            ["explain".to_string()].into_iter().chain(q("default/pod1-n1", "default/pod1-n2", "7001")).collect();
+        let text = ask(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        assert!(text.contains("no ALLOW matched (ALLOW policies selecting the workload: default/api)"), "{text}");
+    }
+    // Counted, by deciding rule.
+    let (ok, metrics, err) = support::run(node2.command("curl", None).unwrap().args([
+        "-sS",
+        "--max-time",
+        "5",
+        "http://127.0.0.1:15000/metrics",
+    ]));
+    assert!(ok, "{err}");
+    assert!(
+        metrics.contains("meshless_inbound_decisions_total{transport=\"hbone\",mode=\"PERMISSIVE\",decision=\"deny\",by=\"default/no-pod2-n1 rules[0]\"} 1"),
+        "{metrics}"
+    );
+    // The admin endpoint is the node's alone: pods cannot reach it.
+    let gateway = meshless_tests::sockaddr(tb.node(2).ipv4.into(), 15000);
+    let (reply, end) = exchange(&bins, b1, &gateway, "GET /metrics HTTP/1.0\r\n\r\n");
+    assert!(reply.is_empty(), "a pod reached the admin endpoint: {end} {reply}");
+}
+
+/// The matrix policy with pod1-n2's ALLOW given to pod2-n1 instead of pod1-n1, plus `mesh`.
+fn changed_policy(mesh_settings: &str) -> String {
+    format!(
+        "mesh: {mesh_settings}\n{}",
+        MATRIX_POLICY.replace(
+            "sa/sa-pod1-n1\"]}}]\n          to: [{operation: {ports: [\"7000\"]",
+            "sa/sa-pod2-n1\"]}}]\n          to: [{operation: {ports: [\"7000\"]"
+        )
+    )
+}
+
+#[test]
+fn policy_changes_apply_to_new_connections_at_once_and_optionally_close_denied_ones() {
+    let Some(bins) = support::privileged("policy_changes_apply") else {
+        return;
+    };
+    let (tb, mesh) = matrix_cluster("change", &bins);
+    let (a1, a2, b1) = (tb.pod(1, 1), tb.pod(1, 2), tb.pod(2, 1));
+    assert!(
+        changed_policy("{}").contains("sa-pod2-n1\"]}}]\n          to: [{operation: {ports: [\"7000\"]"),
+        "the test's edit applies"
+    );
+    assert!(call(&bins, a1, b1, 7000, false).0, "allowed before the change");
+    // An established connection, a round trip every 50 ms for up to 20 s.
+    let to = meshless_tests::sockaddr(b1.ipv4.into(), 7000);
+    let long = support::background(a1.command(&bins.testbin).unwrap().args(["longlived", &to, "20"]));
+    std::thread::sleep(Duration::from_millis(500));
+
+    // The ALLOW moves from pod1-n1 to pod2-n1: new connections follow at once, the established
+    // one is left alone.
+    mesh.set_policy(&tb, &changed_policy("{}")).unwrap();
+    let switched = meshless_tests::wait_for(Duration::from_secs(10), || {
+        (!call(&bins, a1, b1, 7000, false).0 && call(&bins, a2, b1, 7000, false).0).then_some(())
+    });
+    assert!(switched.is_some(), "the new policy never applied:\n{}", mesh.log_summary(2));
+    std::thread::sleep(Duration::from_millis(500));
+    let long_pid = long.id();
+    assert!(
+        std::path::Path::new(&format!("/proc/{long_pid}")).exists() && !meshless_tests::mesh::is_zombie(long_pid),
+        "the established connection must survive a policy change without closeDeniedConnections"
+    );
+
+    // With closeDeniedConnections, the next change resets established connections it denies.
+    let started = Instant::now();
+    mesh.set_policy(&tb, &changed_policy("{closeDeniedConnections: true}")).unwrap();
+    let (ok, _, out, err) = support::finish(long);
+    assert!(!ok, "the denied established connection was not closed: {out} {err}");
+    assert!(started.elapsed() < Duration::from_secs(10), "closed when the policy changed, not at the end of the run");
+    let closed = mesh.wait_log(2, "closing an established connection the new policy denies", |l| {
+        l["src"].as_str().is_some_and(|s| s.contains("sa-pod1-n1"))
+    });
+    assert!(closed.is_some(), "{}", mesh.log_summary(2));
+}
+
+#[test]
+fn dry_run_logs_what_it_would_deny_and_lets_it_through() {
+    let Some(bins) = support::privileged("dry_run") else {
+        return;
+    };
+    let (tb, mesh) = matrix_cluster("dryrun", &bins);
+    let (a2, b1) = (tb.pod(1, 2), tb.pod(2, 1));
+    assert!(!call(&bins, a2, b1, 7000, false).0, "denied while enforcing");
+    mesh.set_policy(&tb, &format!("mesh: {{dryRun: true}}\n{MATRIX_POLICY}")).unwrap();
+    let through =
+        meshless_tests::wait_for(Duration::from_secs(10), || call(&bins, a2, b1, 7000, false).0.then_some(()));
+    assert!(through.is_some(), "dry-run must let a policy denial through:\n{}", mesh.log_summary(2));
+    let d = decided(&mesh, 2, &tb.spiffe_id(meshless_tests::mesh::TRUST_DOMAIN, a2), b1, 7000, false);
+    assert_eq!(d["decision"], "dry_run_deny", "{d}");
+    assert!(d["reason"].as_str().unwrap().contains("no ALLOW matched"), "{d}");
+}
+
+#[test]
+fn a_malformed_policy_is_rejected_naming_the_field_and_the_old_policy_keeps_working() {
+    let Some(bins) = support::privileged("malformed_policy") else {
+        return;
+    };
+    let (tb, mesh) = matrix_cluster("badpolicy", &bins);
+    let (a1, a2, b1) = (tb.pod(1, 1), tb.pod(1, 2), tb.pod(2, 1));
+    // Valid YAML, an invalid CIDR in the first policy, and a change to another policy that must
+    // not be applied either (no half-applied update).
+    let bad = changed_policy("{}").replace(
+        "- from: [{source: {ipBlocks: [\"fd6d:6c00:1::/64\"]}}]",
+        "- from: [{source: {ipBlocks: [\"fd6d:6c00:1::/129\"]}}]",
+    );
+    assert_ne!(bad, changed_policy("{}"), "the test's edit applies");
+    mesh.set_policy(&tb, &bad).unwrap();
+    let rejected = mesh.wait_log(2, "state file rejected; the previous state keeps serving", |l| {
+        l["error"].as_str().is_some_and(|e| {
+            e.contains("authorizationPolicies[1] (default/not-over-v6): spec.rules[0].from[0].source.ipBlocks[0]")
+        })
+    });
+    assert!(rejected.is_some(), "the error must name the policy and field:\n{}", mesh.log_summary(2));
+    assert!(call(&bins, a1, b1, 7000, false).0, "the old policy still allows pod1-n1");
+    assert!(!call(&bins, a2, b1, 7000, false).0, "and still denies pod2-n1 (the bad update was not half-applied)");
+    // A field meshless cannot enforce at L4 is named too.
+    mesh.set_policy(
+        &tb,
+        &MATRIX_POLICY.replace("to: [{operation: {ports: [\"7000\"]}}]", "to: [{operation: {methods: [\"GET\"]}}]"),
+    )
+    .unwrap();
+    let l7 = mesh.wait_log(2, "state file rejected; the previous state keeps serving", |l| {
+        l["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("spec.rules[0].to[0].operation.methods: is an HTTP (L7) attribute"))
+    });
+    assert!(l7.is_some(), "{}", mesh.log_summary(2));
+    assert!(call(&bins, a1, b1, 7000, false).0);
+}
+
+#[test]
+fn kubelet_probes_reach_strict_pods_and_other_node_traffic_does_not() {
+    let Some(bins) = support::privileged("kubelet_probes") else {
+        return;
+    };
+    let tb = Testbed::new(Layout { label: "probes", pods: &[1, 1] }).expect("testbed");
+    let strict = "peerAuthentications:\n  - metadata: {name: default, namespace: meshless-system}\n    spec: {mtls: {mode: STRICT}}\n";
+    let args = |_| vec![];
+    let mut mesh = Mesh::start_full(&tb, &bins, &|_| Some(true), &args, &[], strict).expect("agents");
+    let pod = tb.pod(2, 1);
+    tb.spawn(pod.command(&bins.testbin).unwrap().args(["addr-serve", "8080"])).unwrap();
+    wait_listening(&pod.netns, 8080).unwrap();
+    let node = tb.node(2);
+    let to = meshless_tests::sockaddr(pod.ipv4.into(), 8080);
+    let to6 = meshless_tests::sockaddr(pod.ipv6.into(), 8080);
+    let probe = |to: &str| support::run(node.kubelet_command(&bins.testbin).unwrap().args(["end", to, "probe"]));
+    let other = |to: &str| support::run(node.netns.command(&bins.testbin, None).unwrap().args(["end", to, "probe"]));
+    let check = |when: &str| {
+        for to in [&to, &to6] {
+            let (ok, out, err) = probe(to);
+            assert!(
+                ok && out.contains("\"end\":\"eof\""),
+                "{when}: the kubelet's probe to {to} must reach the STRICT pod's app: {out} {err}"
+            );
+            let (_, out, err) = other(to);
+            assert!(
+                !out.contains("\"end\":\"eof\""),
+                "{when}: another node process reached the STRICT pod's app: {out} {err}"
+            );
+        }
+    };
+    check("agent running");
+    let refused = mesh.wait_log(2, "inbound decision", |l| l["mode"] == "STRICT" && l["decision"] == "deny");
+    assert!(refused.is_some(), "the other node process was refused by the agent:\n{}", mesh.log_summary(2));
+    assert!(
+        !mesh.log_lines(2).iter().any(|l| l["message"] == "inbound decision" && l["decision"] == "allow"),
+        "probes never went through the agent"
+    );
+    // With no agent the pinned programs go on: probes pass, other node traffic does not.
+    tb.signal(mesh.agents[1], libc::SIGKILL);
+    assert!(tb.wait_exit(mesh.agents[1], Duration::from_secs(10)).is_some());
+    check("no agent");
+    mesh.spawn_agent(&tb, &bins, 2).expect("restart");
+    check("agent restarted");
+}
+
+#[test]
+fn plaintext_to_the_tunnel_port_and_a_certificate_of_another_identity_are_refused() {
+    let Some(bins) = support::privileged("tunnel_port_and_identity") else {
+        return;
+    };
+    let (tb, mesh) = matrix_cluster("impostor", &bins);
+    let b1 = tb.pod(2, 1);
+    let target = meshless_tests::sockaddr(b1.ipv4.into(), 7000);
+    let tunnel = meshless_tests::sockaddr(b1.ipv4.into(), 15008);
+    // Certificates: pod1-n1's identity (the one the policy allows) from a foreign CA; pod2-n1's
+    // (denied) and pod1-n1's (control) from the mesh's own CA.
+    let foreign = tb.dir.join("foreign");
+    meshless_tests::mesh::run_ok(
+        std::process::Command::new(&bins.meshless).args(["ca", "init", "--out"]).arg(&foreign),
+    )
+    .unwrap();
+    let id = |p: &Pod| tb.spiffe_id(meshless_tests::mesh::TRUST_DOMAIN, p);
+    let issue = |ca: &std::path::Path, who: &Pod, name: &str| {
+        meshless_tests::mesh::run_ok(
+            std::process::Command::new(&bins.meshless)
+                .args(["ca", "issue", "--id", &id(who), "--name", name, "--ca-dir"])
+                .arg(ca)
+                .arg("--out")
+                .arg(&tb.dir),
+        )
+        .unwrap();
+        (tb.dir.join(format!("{name}.pem")), tb.dir.join(format!("{name}-key.pem")))
+    };
+    let peer = |cert: &(std::path::PathBuf, std::path::PathBuf)| {
+        let (_, out, err) = support::run(
+            tb.node(1)
+                .netns
+                .command(&bins.peer, None)
+                .unwrap()
+                .args(["ok", &tunnel])
+                .arg(&cert.0)
+                .arg(&cert.1)
+                .arg(&target),
+        );
+        (out.trim().to_string(), err)
+    };
+    let (out, err) = peer(&issue(&foreign, tb.pod(1, 1), "forged"));
+    assert!(out.contains("error"), "a foreign CA's certificate for an allowed identity must fail TLS: {out} {err}");
+    let (out, err) = peer(&issue(&mesh.ca_dir, tb.pod(1, 2), "denied"));
+    assert_eq!(out, r#"{"status":403}"#, "a genuine certificate of a denied identity is refused by policy: {err}");
+    let (out, err) = peer(&issue(&mesh.ca_dir, tb.pod(1, 1), "allowed"));
+    assert_eq!(out, r#"{"reply":"hello"}"#, "control: the allowed identity's genuine certificate goes through: {err}");
+
+    // Plaintext straight to the tunnel port: no TLS, no way in; the app never sees it.
+    let legacy_request = "CONNECT 198.19.2.11:7000 HTTP/1.1\r\n\r\nping";
+    let (reply, end) = exchange(&bins, tb.pod(1, 1), &tunnel, legacy_request);
+    assert!(!reply.contains("ping"), "plaintext through 15008 reached the app: {end} {reply:?}");
+    assert!(
+        mesh.wait_log(2, "inbound tunnel connection refused or failed", |l| l["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("TLS")))
+            .is_some(),
+        "the agent refused the plaintext on 15008 at the TLS layer:\n{}",
+        mesh.log_summary(2)
+    );
+}
