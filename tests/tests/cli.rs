@@ -135,3 +135,68 @@ fn a_missing_cgroup_or_a_bad_pin_directory_gives_one_clear_error_line() {
     assert_clean_error(&agent_with(in_node(2), &state2, &ca, &tb.bpf_dir(1)), "belongs to another cgroup");
     tb.stop(node1);
 }
+
+#[test]
+fn policy_commands_answer_offline_and_bad_questions_get_one_clear_error_line() {
+    let Some(bins) = support::bins() else {
+        return eprintln!("SKIPPED: run through `cargo xtask test`");
+    };
+    let dir = scratch("policy");
+    let state = dir.join("state.yaml");
+    let pods = "pods:\n  - {name: api, namespace: shop, serviceAccount: api, node: node2, ips: [198.19.2.11], labels: {app: api}}\n  - {name: web, namespace: shop, serviceAccount: web, node: node2, ips: [198.19.2.12]}\n  - {name: old, namespace: shop, serviceAccount: old, node: node2, ips: [198.19.2.13], enrolled: false}\n";
+    let policy = "authorizationPolicies:\n  - metadata: {name: api, namespace: shop}\n    spec: {selector: {matchLabels: {app: api}}, rules: [{from: [{source: {principals: [\"cluster.local/ns/shop/sa/web\"]}}]}]}\n";
+    fs::write(&state, format!("{STATE_HEAD}{pods}{policy}")).unwrap();
+    let policy_cmd = |args: &[&str]| {
+        Command::new(&bins.meshless).arg("policy").args(args).arg("--state").arg(&state).output().unwrap()
+    };
+    let out = |o: Output| String::from_utf8_lossy(&o.stdout).trim().to_string();
+    assert_eq!(out(policy_cmd(&["check", "--from", "shop/web", "--to", "shop/api", "--port", "80"])), "allow");
+    assert_eq!(
+        out(policy_cmd(&[
+            "check",
+            "--from",
+            "spiffe://cluster.local/ns/shop/sa/old",
+            "--to",
+            "shop/api",
+            "--port",
+            "80"
+        ])),
+        "deny"
+    );
+    // A pod outside the mesh calls in plaintext.
+    let text = out(policy_cmd(&["explain", "--from", "shop/old", "--to", "shop/api", "--port", "80"]));
+    assert!(text.starts_with("deny: 198.19.2.13 → shop/api port 80 (plaintext)"), "{text}");
+    assert!(text.contains("no ALLOW matched"), "{text}");
+    let json: serde_json::Value = serde_json::from_str(&out(policy_cmd(&[
+        "explain", "--json", "--from", "shop/web", "--to", "shop/api", "--port", "80",
+    ])))
+    .unwrap();
+    assert_eq!(
+        (json["decision"].as_str(), json["policy"].as_str(), json["rule"].as_u64()),
+        (Some("allow"), Some("shop/api"), Some(0))
+    );
+    assert_clean_error(
+        &policy_cmd(&["check", "--from", "shop/web", "--to", "shop/nope", "--port", "80"]),
+        "no pod shop/nope",
+    );
+    assert_clean_error(
+        &policy_cmd(&["check", "--from", "not a source", "--to", "shop/api", "--port", "80"]),
+        "expected namespace/pod",
+    );
+    assert_clean_error(
+        &policy_cmd(&["check", "--from", "shop/web", "--to", "shop/old", "--port", "80"]),
+        "not in the mesh",
+    );
+    let validate = Command::new(&bins.meshless).args(["policy", "validate", "--state"]).arg(&state).output().unwrap();
+    assert!(out(validate).ends_with("valid: 3 pods, 0 PeerAuthentications, 1 AuthorizationPolicies"));
+    fs::write(&state, format!("{STATE_HEAD}{pods}{}", policy.replace("principals", "principal"))).unwrap();
+    let validate = Command::new(&bins.meshless).args(["policy", "validate", "--state"]).arg(&state).output().unwrap();
+    assert_clean_error(&validate, "unknown field `principal`");
+    // No agent listening: a clear line, not a hang.
+    let no_agent = Command::new(&bins.meshless)
+        .args(["policy", "check", "--from", "shop/web", "--to", "shop/api", "--port", "80", "--agent", "127.0.0.1:1"])
+        .output()
+        .unwrap();
+    assert_clean_error(&no_agent, "cannot reach the agent's admin endpoint at 127.0.0.1:1");
+    fs::remove_dir_all(&dir).unwrap();
+}

@@ -143,6 +143,23 @@ fn plaintext_meets_strict_permissive_and_disable_with_and_without_an_agent() {
     let (_, end) = exchange(&bins, legacy, &addr(strict, 8000), "hello");
     assert!(end.contains("reset"), "and STRICT is refused by the agent: {end:?}");
     last_decision(&mesh, 2, "pod1-n2", 8000);
+
+    // Modes change live: the STRICT pod becomes PERMISSIVE and the PERMISSIVE one STRICT.
+    let swapped = String::from("peerAuthentications:\n")
+        + &peer_auth("strict", "pod2-n2", "STRICT")
+        + &peer_auth("permissive", "pod1-n2", "PERMISSIVE")
+        + &peer_auth("off", "pod3-n2", "DISABLE");
+    let before = decisions(&mesh, 2, "pod2-n2", 8000).len();
+    mesh.set_policy(&tb, &swapped).unwrap();
+    let applied = meshless_tests::wait_for(Duration::from_secs(10), || {
+        (exchange(&bins, legacy, &addr(strict, 8000), "hello").0 == "127.0.0.6").then_some(())
+    });
+    assert!(applied.is_some(), "the mode change never applied:\n{}", mesh.log_summary(2));
+    let (reply, end) = exchange(&bins, legacy, &addr(permissive, 8000), "hello");
+    assert!(reply.is_empty() && end.contains("reset"), "now STRICT: refused after the agent saw it, got {end:?}");
+    let d = last_decision(&mesh, 2, "pod2-n2", 8000);
+    assert!(decisions(&mesh, 2, "pod2-n2", 8000).len() > before, "the refusal was decided (and logged) by the agent");
+    assert_eq!((d["mode"].as_str(), d["decision"].as_str()), (Some("STRICT"), Some("deny")), "{d}");
 }
 
 const MATRIX_POLICY: &str = r#"

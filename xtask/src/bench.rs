@@ -8,7 +8,8 @@
 //! - a storm of `--storm` simultaneous connects, one request each (completion p50/p99).
 //!
 //! Then, meshless only: the agents' RSS at rest, per idle connection with `--connections` held,
-//! and at rest after each of `--churn` rounds of `--connections` connections opened and closed.
+//! and at rest after each of `--churn` rounds of `--connections` connections opened and closed;
+//! and the policy engine's criterion benchmark (decision time with 10 and 10 000 policies).
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Stdio};
@@ -176,6 +177,31 @@ pub fn run(bins: &Bins, args: Args) -> Result<()> {
         });
         std::fs::write(&path, serde_json::to_string_pretty(&v)?)
             .with_context(|| format!("writing {}", path.display()))?;
+    }
+    if !args.memory_only {
+        policy_decisions()?;
+    }
+    Ok(())
+}
+
+/// The policy engine's criterion benchmark (`agent/benches/policy.rs`): the time of one
+/// decision with 10 and with 10 000 policies in the cluster, and of compiling each set.
+fn policy_decisions() -> Result<()> {
+    eprintln!("xtask: running the policy decision benchmark (criterion)");
+    let out = super::cargo()
+        .args(["bench", "-p", "meshless-agent", "--bench", "policy"])
+        // The decision code only: the bench profile need not build the kernel programs.
+        .env("AYA_BUILD_SKIP", "1")
+        .stderr(Stdio::inherit())
+        .output()
+        .context("running cargo bench")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        bail!("the policy benchmark failed:\n{text}");
+    }
+    println!("policy decisions (criterion; [low estimate, median, high estimate]):");
+    for line in text.lines().filter(|l| l.contains("time:")) {
+        println!("  {}", line.split_whitespace().collect::<Vec<_>>().join(" "));
     }
     Ok(())
 }

@@ -1,5 +1,7 @@
-//! `cargo xtask demo`: two nodes and three pods in network namespaces, real agents, real eBPF
-//! capture. Shows pod-to-pod calls with their SPIFFE identities and what crossed the wire.
+//! `cargo xtask demo`: two nodes and four pods in network namespaces, real agents, real eBPF
+//! capture. Shows pod-to-pod calls with their SPIFFE identities and what crossed the wire; then
+//! turns on a policy (the backend STRICT, and only the frontend may call it) and shows an allowed
+//! and two denied calls with the agent's explanation of each.
 
 use std::fs;
 use std::net::IpAddr;
@@ -19,10 +21,29 @@ pub struct Args {
     once: bool,
 }
 
-/// node1: pod1 "frontend" (in the mesh), pod2 "legacy" (not enrolled); node2: pod1 "backend".
+/// node1: pod1 "frontend" (in the mesh), pod2 "legacy" (not enrolled), pod3 "batch" (in the mesh);
+/// node2: pod1 "backend".
 fn enrolled(p: &Pod) -> bool {
     !(p.node == 1 && p.name == "pod2")
 }
+
+/// What the demo turns on after the first calls: the backend pod STRICT, and an ALLOW policy that
+/// lets only the frontend's identity call its port 8080.
+const POLICY: &str = r#"
+peerAuthentications:
+  - metadata: {name: backend-strict, namespace: default}
+    spec:
+      selector: {matchLabels: {app: pod1-n2}}
+      mtls: {mode: STRICT}
+authorizationPolicies:
+  - metadata: {name: backend-from-frontend, namespace: default}
+    spec:
+      selector: {matchLabels: {app: pod1-n2}}
+      action: ALLOW
+      rules:
+        - from: [{source: {principals: ["cluster.local/ns/default/sa/sa-pod1-n1"]}}]
+          to: [{operation: {ports: ["8080"]}}]
+"#;
 
 pub fn run(bins: &Bins, args: Args) -> Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
@@ -30,10 +51,10 @@ pub fn run(bins: &Bins, args: Args) -> Result<()> {
         let stop = stop.clone();
         ctrlc::set_handler(move || stop.store(true, Ordering::SeqCst)).context("installing the Ctrl-C handler")?;
     }
-    println!("== building the cluster: 2 nodes (network namespaces), 3 pods (each its own netns and cgroup)");
-    let tb = Testbed::new(Layout { label: "demo", pods: &[2, 1] })?;
-    let (frontend, legacy, backend) = (tb.pod(1, 1), tb.pod(1, 2), tb.pod(2, 1));
-    for (role, pod) in [("frontend", frontend), ("legacy  ", legacy), ("backend ", backend)] {
+    println!("== building the cluster: 2 nodes (network namespaces), 4 pods (each its own netns and cgroup)");
+    let tb = Testbed::new(Layout { label: "demo", pods: &[3, 1] })?;
+    let (frontend, legacy, batch, backend) = (tb.pod(1, 1), tb.pod(1, 2), tb.pod(1, 3), tb.pod(2, 1));
+    for (role, pod) in [("frontend", frontend), ("legacy  ", legacy), ("batch   ", batch), ("backend ", backend)] {
         println!(
             "   {role} {}  node{}  {} / {}  {}",
             pod.name,
@@ -109,6 +130,42 @@ pub fn run(bins: &Bins, args: Args) -> Result<()> {
             if seen { "YES (not in the mesh)" } else { "no (encrypted)" }
         );
     }
+
+    println!("== policy: the backend pod STRICT, and only the frontend's identity may call its port 8080");
+    println!("   (PeerAuthentication + AuthorizationPolicy, Istio's shape, written into the live state files)");
+    mesh.set_policy(&tb, POLICY)?;
+    let applied = wait_for(Duration::from_secs(10), || {
+        mesh.log_lines(2).iter().any(|l| l["message"] == "inbound mode changed").then_some(())
+    });
+    applied.context("node2's agent did not apply the policy")?;
+    let node2 = &tb.node(2).netns;
+    for (who, from) in [("frontend", frontend), ("batch", batch), ("legacy", legacy)] {
+        let url = format!("http://{}/", sockaddr(backend.ipv4.into(), 8080));
+        let out = from.command("curl")?.args(["-sS", "--max-time", "5", &url]).output()?;
+        let result = if out.status.success() {
+            String::from_utf8_lossy(&out.stdout).trim().to_string()
+        } else {
+            format!("refused ({})", String::from_utf8_lossy(&out.stderr).trim())
+        };
+        println!(
+            "   {who:<8} $ curl {url}
+     -> {result}"
+        );
+        let src = format!("default/{}-n{}", from.name, from.node);
+        let explained = run_ok(node2.command(&bins.meshless, None)?.args([
+            "policy",
+            "explain",
+            "--from",
+            &src,
+            "--to",
+            "default/pod1-n2",
+            "--port",
+            "8080",
+        ]))?;
+        for line in explained.lines() {
+            println!("     node2 $ meshless policy explain: {line}");
+        }
+    }
     if args.once {
         println!("== done (--once); cleaning up");
         return Ok(());
@@ -120,6 +177,11 @@ pub fn run(bins: &Bins, args: Args) -> Result<()> {
         frontend.cgroup.display(),
         frontend.netns.path().display(),
         backend.ipv4
+    );
+    println!(
+        "   ip netns exec {} {} policy explain --from default/pod3-n1 --to default/pod1-n2 --port 8080",
+        node2.name,
+        bins.meshless.display()
     );
     println!("   agent logs: {} {}", mesh.logs[0].display(), mesh.logs[1].display());
     println!(

@@ -302,6 +302,33 @@ pods:
     }
 
     #[test]
+    fn policies_and_labels_come_with_the_pods_and_a_bad_one_fails_the_whole_file() {
+        let with = format!(
+            "{GOOD}    labels: {{app: legacy, tier: old}}\n{}",
+            "mesh: {dryRun: true}\npeerAuthentications:\n  - metadata: {name: strict, namespace: default}\n    spec: {mtls: {mode: STRICT}}\nauthorizationPolicies:\n  - metadata: {name: api, namespace: shop}\n    spec: {selector: {matchLabels: {app: api}}, rules: [{}]}\n"
+        );
+        let s = parse_str(&with).unwrap();
+        assert_eq!(s.policies.counts(), (1, 1));
+        assert!(s.policies.settings.dry_run);
+        let legacy = s.get(&PodKey { namespace: "default".into(), name: "legacy".into() }).unwrap();
+        assert_eq!(legacy.labels.get("tier").map(String::as_str), Some("old"));
+        let client = s.get(&PodKey { namespace: "default".into(), name: "client".into() }).unwrap();
+        assert_eq!(s.policy_for(client).mode.mode, crate::policy::Mode::Strict, "the namespace-wide STRICT applies");
+        // A typo inside a policy, and an invalid value: the file is rejected, the error says where.
+        for (bad, want) in [
+            (with.replace("rules: [{}]", "rule: [{}]"), "unknown field `rule`"),
+            (with.replace("mode: STRICT", "mode: STRIKT"), "unknown variant `STRIKT`"),
+            (
+                with.replace("rules: [{}]", "rules: [{to: [{operation: {ports: [\"0\"]}}]}]"),
+                "authorizationPolicies[0] (shop/api): spec.rules[0].to[0].operation.ports[0]",
+            ),
+        ] {
+            let err = parse_str(&bad).unwrap_err().to_string();
+            assert!(err.contains(want) && err.contains("test.yaml"), "{want:?} not in: {err}");
+        }
+    }
+
+    #[test]
     fn host_network_pods_are_never_in_the_mesh_and_need_no_netns() {
         let s = parse_str("trustDomain: td\nnode: n\ncgroupParent: /x\npods:\n - {name: a, namespace: d, serviceAccount: s, node: n, ips: [1.2.3.4], hostNetwork: true}\n").unwrap();
         let a = s.pods().next().unwrap();
