@@ -35,6 +35,7 @@ fn workload(i: usize, ns: &str, name: &str, app: &str, node: &str) -> Workload {
         host_network: false,
         identity: workload_id(&td(), ns, name).unwrap(),
         labels: BTreeMap::from([("app".to_string(), app.to_string())]),
+        label_mode: None,
     }
 }
 

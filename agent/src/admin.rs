@@ -9,6 +9,7 @@
 //! | `GET /policy` | mesh settings and each local pod's mode and policy count (JSON) |
 //! | `GET /metrics` | decision counters, Prometheus text format |
 //! | `GET /healthz` | `ok` |
+//! | `GET /readyz` | `ready`: served only from the moment the capture is attached and the first pod set (with Kubernetes: every watch listed) is enrolled, until the agent stops accepting |
 //!
 //! [`explain`] is also what the CLI runs offline against a state file: one function, two callers.
 
@@ -169,6 +170,9 @@ pub async fn serve(
     info!(%addr, "admin endpoint serving");
     let app = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
+        // The endpoint itself starts only once the agent is ready and stops when it drains, so
+        // answering at all is the honest readiness signal.
+        .route("/readyz", get(|| async { "ready\n" }))
         .route("/policy/explain", get(explain_handler))
         .route("/policy", get(policy_handler))
         .route("/metrics", get(metrics_handler))
@@ -261,8 +265,14 @@ fn escape(s: &str) -> String {
 
 /// Asks the admin endpoint at `addr` (host:port) to explain `q` (`meshless policy … --agent`).
 pub async fn ask(addr: &str, q: &Question) -> Result<Explanation, String> {
-    use http_body_util::BodyExt as _;
     let query = serde_urlencoded::to_string(q).map_err(|e| e.to_string())?;
+    let body = get_path(addr, &format!("/policy/explain?{query}")).await?;
+    serde_json::from_slice(&body).map_err(|e| format!("admin endpoint {addr}: unexpected answer: {e}"))
+}
+
+/// `GET path` on the admin endpoint; the body, or the error the endpoint answered.
+pub async fn get_path(addr: &str, path: &str) -> Result<bytes::Bytes, String> {
+    use http_body_util::BodyExt as _;
     let tcp = tokio::net::TcpStream::connect(addr).await.map_err(|e| {
         format!("cannot reach the agent's admin endpoint at {addr}: {e} (is the agent running on this node?)")
     })?;
@@ -270,7 +280,7 @@ pub async fn ask(addr: &str, q: &Question) -> Result<Explanation, String> {
         .await
         .map_err(|e| format!("admin endpoint {addr}: {e}"))?;
     tokio::spawn(conn);
-    let req = http::Request::get(format!("/policy/explain?{query}"))
+    let req = http::Request::get(path)
         .header(http::header::HOST, addr)
         .body(http_body_util::Empty::<bytes::Bytes>::new())
         .map_err(|e| e.to_string())?;
@@ -280,5 +290,5 @@ pub async fn ask(addr: &str, q: &Question) -> Result<Explanation, String> {
     if !status.is_success() {
         return Err(String::from_utf8_lossy(&body).trim().to_string());
     }
-    serde_json::from_slice(&body).map_err(|e| format!("admin endpoint {addr}: unexpected answer: {e}"))
+    Ok(body)
 }

@@ -51,7 +51,7 @@ pub struct Deps {
 
 /// Runs the agent until `shutdown` resolves or a successor has taken over, then drains.
 pub async fn run(config: Arc<AgentConfig>, deps: Deps, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
-    let mut updates = deps.workloads.start()?;
+    let mut updates = deps.workloads.start().await?;
     let first = updates.borrow_and_update().clone();
     let rotation =
         Rotation { renew_fraction: config.identity.renew_fraction, bundle_refresh: config.identity.bundle_refresh };

@@ -163,6 +163,7 @@ mod tests {
             host_network: false,
             identity: workload_id(&td, "default", "server").unwrap(),
             labels: Default::default(),
+            label_mode: None,
         }
     }
 

@@ -37,12 +37,40 @@ enum Cmd {
         #[command(subcommand)]
         cmd: PolicyCmd,
     },
+    /// Exit 0 if this node's agent is ready (capture attached, pods synced), 1 if not: the
+    /// DaemonSet's readiness probe (the admin endpoint listens on loopback only).
+    Ready {
+        #[arg(long, env = "MESHLESS_ADMIN_ADDR", default_value = "127.0.0.1:15000")]
+        agent: String,
+    },
+    /// Install meshless-cni on this node: copy the plugin binary and chain it into the first CNI
+    /// network configuration (idempotent; the DaemonSet's init container runs it).
+    CniInstall(crate::k8s::cni::InstallArgs),
+    /// Scale benchmark (used by `cargo xtask bench`): synthetic pods through the Kubernetes
+    /// source's watch mirror and directory builder; prints time and memory as JSON.
+    #[command(hide = true)]
+    BenchDirectory {
+        #[arg(long, default_value_t = 100_000)]
+        pods: usize,
+        #[arg(long, default_value_t = 5_000)]
+        nodes: usize,
+    },
+    /// Print Kubernetes manifests generated from meshless's types (`crds`: the policy CRDs).
+    Manifests {
+        #[arg(value_enum)]
+        what: Manifest,
+    },
     /// Detach meshless from a node: unpin its kernel programs and maps (pods then connect
     /// directly again). Stop the agent first.
     Uninstall {
         #[arg(long, env = "MESHLESS_BPF_DIR", default_value = "/sys/fs/bpf/meshless")]
         bpf_dir: PathBuf,
     },
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum Manifest {
+    Crds,
 }
 
 #[derive(Subcommand, Debug)]
@@ -114,8 +142,11 @@ enum CaCmd {
         #[arg(long)]
         issuer: String,
         /// The node's credential directory (node.pem, node-key.pem).
+        #[arg(long, required_unless_present = "issuer_token", conflicts_with = "issuer_token")]
+        node_credentials: Option<PathBuf>,
+        /// Instead: a ServiceAccount token file (Kubernetes mode).
         #[arg(long)]
-        node_credentials: PathBuf,
+        issuer_token: Option<PathBuf>,
         #[arg(long)]
         bundle: PathBuf,
         #[arg(long, default_value = "cluster.local")]
@@ -180,13 +211,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("wrote {}/{name}.pem and {name}-key.pem for {id}", out.display());
             Ok(())
         }
-        Cmd::Ca { cmd: CaCmd::Request { issuer, node_credentials, bundle, trust_domain, id } } => {
+        Cmd::Ca { cmd: CaCmd::Request { issuer, node_credentials, issuer_token, bundle, trust_domain, id } } => {
             let td =
                 identity::TrustDomain::new(&trust_domain).with_context(|| format!("trust domain {trust_domain:?}"))?;
             let id = identity::SpiffeId::new(&id).with_context(|| format!("SPIFFE ID {id:?}"))?;
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             rt.block_on(async {
-                let client = identity::client::IssuerClient::new(&issuer, &node_credentials, &bundle, &td)?;
+                let proof = match (node_credentials, issuer_token) {
+                    (Some(dir), _) => identity::client::NodeProof::Credentials(dir),
+                    (None, Some(token)) => identity::client::NodeProof::Token(token),
+                    (None, None) => anyhow::bail!("give --node-credentials or --issuer-token"),
+                };
+                let client = identity::client::IssuerClient::new(&issuer, &proof, &bundle, &td)?;
                 let (_, csr) = identity::key_and_csr(&id)?;
                 let (chain, _) = identity::CertificateSource::sign(&client, &id, &csr).await?;
                 let leaf = chain.first().context("the issuer sent an empty chain")?;
@@ -221,6 +257,46 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Agent(cfg) => agent(*cfg),
+        Cmd::Ready { agent } => {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let body = rt.block_on(crate::admin::get_path(&agent, "/readyz")).map_err(anyhow::Error::msg)?;
+            print!("{}", String::from_utf8_lossy(&body));
+            Ok(())
+        }
+        Cmd::CniInstall(args) => {
+            let what = crate::k8s::cni::install(&args)?;
+            println!("{what}");
+            Ok(())
+        }
+        Cmd::BenchDirectory { pods, nodes } => {
+            let rss = || {
+                std::fs::read_to_string("/proc/self/statm")
+                    .ok()
+                    .and_then(|s| s.split_whitespace().nth(1).and_then(|p| p.parse::<u64>().ok()))
+                    .map(|pages| pages * 4)
+                    .unwrap_or(0)
+            };
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let before = rss();
+            let (took, dir) = rt.block_on(crate::k8s::source::synthetic(pods, nodes));
+            crate::limits::release_free_memory();
+            let after = rss();
+            println!(
+                "{}",
+                serde_json::json!({
+                    "pods": pods, "nodes": nodes, "in_directory": dir.len(),
+                    "local": dir.local_pods().count(), "sync_ms": took.as_secs_f64() * 1e3,
+                    "rss_before_kib": before, "rss_after_kib": after,
+                    "bytes_per_pod": (after.saturating_sub(before) * 1024) as f64 / pods.max(1) as f64,
+                })
+            );
+            drop(dir);
+            Ok(())
+        }
+        Cmd::Manifests { what: Manifest::Crds } => {
+            print!("{}", crate::k8s::crd::crds_yaml());
+            Ok(())
+        }
     }
 }
 
@@ -238,10 +314,17 @@ fn agent(cfg: AgentConfig) -> anyhow::Result<()> {
     let certs: Arc<dyn identity::CertificateSource> = match (&cfg.identity.issuer, &cfg.identity.dev_ca_dir) {
         (Some(issuer), _) => {
             // The trust domain of the node's workloads, to expect of the issuer.
-            let td = crate::workloads::statefile::load(&cfg.state)?.trust_domain;
-            let creds = cfg.identity.node_credentials.as_ref().context("--issuer needs --node-credentials")?;
+            let td = match &cfg.state {
+                Some(state) => crate::workloads::statefile::load(state)?.trust_domain,
+                None => identity::TrustDomain::new(&cfg.kube.trust_domain).context("--trust-domain")?,
+            };
+            let proof = match (&cfg.identity.node_credentials, &cfg.identity.issuer_token) {
+                (Some(dir), None) => identity::client::NodeProof::Credentials(dir.clone()),
+                (None, Some(token)) => identity::client::NodeProof::Token(token.clone()),
+                _ => anyhow::bail!("--issuer needs --node-credentials or --issuer-token"),
+            };
             let bundle = cfg.identity.bundle.as_ref().context("--issuer needs --bundle")?;
-            Arc::new(identity::client::IssuerClient::new(issuer, creds, bundle, &td)?)
+            Arc::new(identity::client::IssuerClient::new(issuer, &proof, bundle, &td)?)
         }
         (None, Some(dir)) => {
             tracing::warn!(ca_dir = %dir.display(),
@@ -252,12 +335,25 @@ fn agent(cfg: AgentConfig) -> anyhow::Result<()> {
         }
         (None, None) => anyhow::bail!("give --issuer (with --node-credentials and --bundle) or --dev-ca-dir"),
     };
-    let deps = crate::app::Deps {
-        workloads: Box::new(crate::workloads::statefile::FileSource { path: cfg.state.clone() }),
-        certs,
-    };
-    let cfg = Arc::new(cfg);
-    rt.block_on(async { crate::app::run(cfg, deps, stop_signal()?).await.map_err(anyhow::Error::from) })
+    rt.block_on(async {
+        let workloads: Box<dyn crate::workloads::WorkloadSource> = match &cfg.state {
+            Some(path) => Box::new(crate::workloads::statefile::FileSource { path: path.clone() }),
+            None => Box::new(kube_source(&cfg.kube).await?),
+        };
+        let deps = crate::app::Deps { workloads, certs };
+        crate::app::run(Arc::new(cfg), deps, stop_signal()?).await.map_err(anyhow::Error::from)
+    })
+}
+
+async fn kube_source(k: &crate::config::KubeConfig) -> anyhow::Result<crate::k8s::source::KubeSource> {
+    Ok(crate::k8s::source::KubeSource {
+        client: crate::k8s::client(k.kubeconfig.as_deref()).await?,
+        node: Some(k.node_name.clone().context("--kube needs --node-name (or NODE_NAME)")?),
+        trust_domain: identity::TrustDomain::new(&k.trust_domain).context("--trust-domain")?,
+        cgroup_parent: k.cgroup_parent.clone(),
+        cni_dir: k.cni_dir.clone(),
+        mesh: crate::policy::MeshSettings { root_namespace: k.root_namespace.clone(), ..Default::default() },
+    })
 }
 
 fn policy(q: PolicyQuery, explain: bool) -> anyhow::Result<()> {
@@ -286,10 +382,47 @@ fn issuer(cfg: crate::issuer::IssuerConfig) -> anyhow::Result<()> {
     init_logging(cfg.log_format, &cfg.log)?;
     tracing::info!(config = ?cfg, "meshless issuer starting");
     let td = identity::ca::trust_domain(&cfg.ca_dir)?;
-    let workloads = Box::new(crate::workloads::statefile::FileSource { path: cfg.state.clone() });
-    let auth = Arc::new(crate::issuer::NodeCredentials { trust_domain: td });
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    rt.block_on(async { crate::issuer::run(cfg, workloads, auth, stop_signal()?).await.map_err(anyhow::Error::from) })
+    rt.block_on(async {
+        let client = match cfg.kube {
+            true => Some(crate::k8s::client(cfg.kubeconfig.as_deref()).await?),
+            false => None,
+        };
+        let auth: Arc<dyn crate::issuer::NodeAuthenticator> = match (cfg.node_auth, &client) {
+            (crate::issuer::NodeAuth::Credentials, _) => {
+                Arc::new(crate::issuer::NodeCredentials { trust_domain: td.clone() })
+            }
+            (crate::issuer::NodeAuth::Tokens, Some(client)) => {
+                let (ns, name) = cfg
+                    .agent_service_account
+                    .split_once('/')
+                    .context("--agent-service-account must be <namespace>/<name>")?;
+                Arc::new(crate::k8s::tokens::ServiceAccountTokens::new(
+                    client.clone(),
+                    (ns.to_string(), name.to_string()),
+                    crate::k8s::tokens::AUDIENCE.to_string(),
+                ))
+            }
+            (crate::issuer::NodeAuth::Tokens, None) => anyhow::bail!("--node-auth tokens needs --kube"),
+        };
+        let workloads: Box<dyn crate::workloads::WorkloadSource> = match (&cfg.state, client) {
+            (Some(path), _) => Box::new(crate::workloads::statefile::FileSource { path: path.clone() }),
+            (None, None) => anyhow::bail!("give --state or --kube"),
+            (None, Some(client)) => {
+                // The issuer is the one writer of the policy resources' status (agents only read).
+                tokio::spawn(crate::k8s::crd::report_status(client.clone()));
+                Box::new(crate::k8s::source::KubeSource {
+                    client,
+                    node: None,
+                    trust_domain: td,
+                    cgroup_parent: PathBuf::new(),
+                    cni_dir: PathBuf::new(),
+                    mesh: crate::policy::MeshSettings::default(),
+                })
+            }
+        };
+        crate::issuer::run(cfg, workloads, auth, stop_signal()?).await.map_err(anyhow::Error::from)
+    })
 }
 
 /// Resolves on SIGTERM or SIGINT.

@@ -9,8 +9,10 @@ use clap::ValueEnum;
 #[derive(clap::Args, Debug, Clone)]
 pub struct AgentConfig {
     /// Cluster state file (embedded mode; see README). Watched: changes apply live.
-    #[arg(long, env = "MESHLESS_STATE")]
-    pub state: PathBuf,
+    #[arg(long, env = "MESHLESS_STATE", required_unless_present = "kube", conflicts_with = "kube")]
+    pub state: Option<PathBuf>,
+    #[command(flatten)]
+    pub kube: KubeConfig,
     #[command(flatten)]
     pub identity: IdentityConfig,
     /// Where the kernel programs' links and maps are pinned (on a BPF file system; one directory
@@ -53,16 +55,48 @@ pub struct AgentConfig {
     pub tunnel: TunnelLimits,
 }
 
+/// Kubernetes mode: pods, namespaces and policies come from the API server.
+#[derive(clap::Args, Debug, Clone)]
+pub struct KubeConfig {
+    /// Learn pods and policies from the Kubernetes API (instead of --state).
+    #[arg(long, env = "MESHLESS_KUBE")]
+    pub kube: bool,
+    /// kubeconfig file; default: the pod's service account (in-cluster), then $KUBECONFIG.
+    #[arg(long, env = "MESHLESS_KUBECONFIG", requires = "kube")]
+    pub kubeconfig: Option<PathBuf>,
+    /// This node's name, as pods' `spec.nodeName` says it (the DaemonSet passes it from the
+    /// downward API).
+    #[arg(long, env = "NODE_NAME", required_if_eq("kube", "true"))]
+    pub node_name: Option<String>,
+    /// The mesh's trust domain (SPIFFE IDs spiffe://<trust domain>/ns/<ns>/sa/<sa>).
+    #[arg(long, env = "MESHLESS_TRUST_DOMAIN", default_value = "cluster.local")]
+    pub trust_domain: String,
+    /// The cgroup holding this node's pods (kubelet's: kubepods.slice with the systemd driver,
+    /// kubepods with cgroupfs).
+    #[arg(long, env = "MESHLESS_CGROUP_PARENT", default_value = "/sys/fs/cgroup/kubepods.slice")]
+    pub cgroup_parent: PathBuf,
+    /// meshless-cni's state directory (records of the pods' network namespaces, agent.sock).
+    #[arg(long, env = "MESHLESS_CNI_DIR", default_value = "/var/run/meshless/cni")]
+    pub cni_dir: PathBuf,
+    /// Policies in this namespace apply mesh-wide.
+    #[arg(long, env = "MESHLESS_ROOT_NAMESPACE", default_value = "meshless-system")]
+    pub root_namespace: String,
+}
+
 /// Where the pods' certificates come from, and how they are kept fresh.
 #[derive(clap::Args, Debug, Clone)]
 #[group(id = "certificates", required = true, multiple = true)]
 pub struct IdentityConfig {
     /// The issuer (`meshless issuer`), host:port. The agent holds no CA key: it sends CSRs.
-    #[arg(long, env = "MESHLESS_ISSUER", group = "certificates", requires_all = ["node_credentials", "bundle"], conflicts_with = "dev_ca_dir")]
+    #[arg(long, env = "MESHLESS_ISSUER", group = "certificates", requires = "bundle", conflicts_with = "dev_ca_dir")]
     pub issuer: Option<String>,
     /// This node's credential for the issuer: node.pem and node-key.pem (`meshless ca node`).
-    #[arg(long, env = "MESHLESS_NODE_CREDENTIALS")]
+    #[arg(long, env = "MESHLESS_NODE_CREDENTIALS", conflicts_with = "issuer_token")]
     pub node_credentials: Option<PathBuf>,
+    /// Instead of a node credential: a projected ServiceAccount token file (audience
+    /// `meshless-issuer`), which the issuer reviews with the API server (Kubernetes mode).
+    #[arg(long, env = "MESHLESS_ISSUER_TOKEN")]
+    pub issuer_token: Option<PathBuf>,
     /// The trust bundle to start with (the CA directory's bundle.pem); the issuer keeps it current.
     #[arg(long, env = "MESHLESS_BUNDLE")]
     pub bundle: Option<PathBuf>,

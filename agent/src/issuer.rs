@@ -34,8 +34,23 @@ pub struct IssuerConfig {
     #[arg(long, env = "MESHLESS_CA_DIR")]
     pub ca_dir: PathBuf,
     /// The workload directory: which pod runs on which node (the state file of the embedded mode).
-    #[arg(long, env = "MESHLESS_STATE")]
-    pub state: PathBuf,
+    #[arg(long, env = "MESHLESS_STATE", required_unless_present = "kube", conflicts_with = "kube")]
+    pub state: Option<PathBuf>,
+    /// Learn which pod runs on which node from the Kubernetes API (instead of --state); the
+    /// issuer then also reports the policy resources' status.
+    #[arg(long, env = "MESHLESS_KUBE")]
+    pub kube: bool,
+    /// kubeconfig file; default: in-cluster service account, then $KUBECONFIG.
+    #[arg(long, env = "MESHLESS_KUBECONFIG", requires = "kube")]
+    pub kubeconfig: Option<PathBuf>,
+    /// How agents prove their node: `credentials` (node certificates, `meshless ca node`) or
+    /// `tokens` (projected ServiceAccount tokens of the agent pods, reviewed with the API server;
+    /// needs --kube).
+    #[arg(long, env = "MESHLESS_NODE_AUTH", value_enum, default_value_t = NodeAuth::Credentials)]
+    pub node_auth: NodeAuth,
+    /// The agents' ServiceAccount, `<namespace>/<name>` (with --node-auth tokens).
+    #[arg(long, env = "MESHLESS_AGENT_SERVICE_ACCOUNT", default_value = "meshless-system/meshless-agent")]
+    pub agent_service_account: String,
     #[arg(long, env = "MESHLESS_ISSUER_LISTEN", default_value = "0.0.0.0:15012")]
     pub listen: SocketAddr,
     /// Lifetime of the workload certificates it signs.
@@ -45,6 +60,12 @@ pub struct IssuerConfig {
     pub log_format: crate::config::LogFormat,
     #[arg(long, env = "MESHLESS_LOG", default_value = "info")]
     pub log: String,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NodeAuth {
+    Credentials,
+    Tokens,
 }
 
 /// Who is calling: what the TLS handshake proved, and the request's metadata (tokens).
@@ -177,7 +198,7 @@ pub async fn run(
 ) -> Result<(), crate::Error> {
     let signer = ca::Signer::load(&config.ca_dir)?;
     let node_ca = ca::node_ca(&config.ca_dir)?;
-    let directory = workloads.start()?;
+    let directory = workloads.start().await?;
     let own = Arc::new(OwnCert(ArcSwap::new(own_cert(&signer)?)));
     let mut roots = RootCertStore::empty();
     roots.add(node_ca).map_err(|e| IdentityError::Bundle(e.to_string()))?;

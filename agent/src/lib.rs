@@ -7,6 +7,7 @@
 //! | module | concern |
 //! |---|---|
 //! | [`workloads`] | the workload directory (snapshots, lock-free store) and its sources (state file) |
+//! | [`k8s`] | Kubernetes: the workload source (watches), the CNI hand-off, the policy CRDs |
 //! | [`identity`] | SPIFFE IDs, the CA directory, certificate sources, the certificate store and rotation, verifiers |
 //! | [`issuer`] | `meshless issuer`: the CA service that signs a node only its own pods' identities |
 //! | [`capture`] | the kernel programs: load, pin, attach, enrollment maps, original destinations |
@@ -31,6 +32,7 @@ pub mod config;
 pub mod handover;
 pub mod identity;
 pub mod issuer;
+pub mod k8s;
 pub mod limits;
 pub mod netns;
 pub mod pods;
@@ -47,6 +49,8 @@ pub mod workloads;
 pub enum Error {
     #[error(transparent)]
     StateFile(#[from] workloads::statefile::Error),
+    #[error(transparent)]
+    Kubernetes(#[from] k8s::Error),
     #[error(transparent)]
     Identity(#[from] identity::Error),
     #[error(transparent)]

@@ -107,13 +107,21 @@ impl fmt::Display for RuleRef {
     }
 }
 
+/// A mode set by the `meshless.io/mode` label, and where the label is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LabelMode {
+    pub mode: Mode,
+    /// `pod label` or `namespace label`.
+    pub scope: &'static str,
+}
+
 /// Where a pod's mode comes from.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ModeChoice {
     pub mode: Mode,
     /// The PeerAuthentication that set it; `None`: the default (PERMISSIVE).
     pub policy: Option<PolicyRef>,
-    /// `workload`, `namespace`, `mesh` or `default`.
+    /// `workload`, `namespace`, `pod label`, `namespace label`, `mesh` or `default`.
     pub scope: &'static str,
 }
 
@@ -125,7 +133,12 @@ impl fmt::Display for ModeChoice {
                 let wide = if self.scope == "workload" { "" } else { "-wide" };
                 write!(f, "{} (PeerAuthentication {p}, {scope}{wide})", self.mode)
             }
-            None => write!(f, "{} (default: no PeerAuthentication applies)", self.mode),
+            None if self.scope == "default" => write!(f, "{} (default: no PeerAuthentication applies)", self.mode),
+            None => write!(
+                f,
+                "{} ({} meshless.io/mode; no PeerAuthentication of the workload or namespace)",
+                self.mode, self.scope
+            ),
         }
     }
 }
@@ -474,6 +487,10 @@ impl Policies {
             (Some(p), _, _) => choice(p, "workload"),
             (None, Some(p), _) if ns != root => choice(p, "namespace"),
             (None, Some(p), _) => choice(p, "mesh"),
+            (None, None, _) if w.label_mode.is_some() => {
+                let l = w.label_mode.expect("checked");
+                ModeChoice { mode: l.mode, policy: None, scope: l.scope }
+            }
             (None, None, Some(p)) => choice(p, "mesh"),
             (None, None, None) => ModeChoice { mode: Mode::Permissive, policy: None, scope: "default" },
         };
@@ -551,6 +568,17 @@ fn selector(s: &Option<model::WorkloadSelector>) -> Result<Option<BTreeMap<Strin
     }
     // An empty selector selects every workload, as no selector does.
     Ok(Some(s.match_labels.clone()).filter(|l| !l.is_empty()))
+}
+
+/// Validates one PeerAuthentication on its own (what a Kubernetes object's status reports); the
+/// error names the field.
+pub fn check_peer_authentication(pa: &PeerAuthentication) -> Result<(), String> {
+    compile_peer(pa).map(drop)
+}
+
+/// Validates one AuthorizationPolicy on its own; the error names the field.
+pub fn check_authorization_policy(ap: &AuthorizationPolicy) -> Result<(), String> {
+    compile_authz(ap).map(drop)
 }
 
 fn compile_peer(pa: &PeerAuthentication) -> Result<CompiledPeer, String> {

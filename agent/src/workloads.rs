@@ -51,6 +51,9 @@ pub struct Workload {
     pub identity: SpiffeId,
     /// The pod's labels, which policy selectors match.
     pub labels: BTreeMap<String, String>,
+    /// The mode asked for by the `meshless.io/mode` label (Kubernetes: on the pod or its
+    /// namespace). Explicit PeerAuthentications of the workload or its namespace take precedence.
+    pub label_mode: Option<crate::policy::LabelMode>,
 }
 
 /// A snapshot of the cluster as one node's agent needs it.
@@ -176,7 +179,10 @@ pub trait WorkloadSource: Send + 'static {
     /// Reads the first snapshot (an error here stops the agent: it has nothing to serve), then
     /// keeps watching in the background and publishes every later *valid* snapshot on the
     /// returned channel. An invalid update is reported and skipped; the previous one stays.
-    fn start(self: Box<Self>) -> Result<watch::Receiver<Arc<Directory>>, crate::Error>;
+    /// (For Kubernetes, the first snapshot is the one after every watch has listed its objects.)
+    fn start(
+        self: Box<Self>,
+    ) -> futures_util::future::BoxFuture<'static, Result<watch::Receiver<Arc<Directory>>, crate::Error>>;
 }
 
 /// IPv4-mapped IPv6 addresses name the IPv4 pod.

@@ -28,6 +28,8 @@ pub struct Bins {
     pub peer: PathBuf,
     /// A Workload API client (the spiffe crate's X509Source).
     pub wlclient: PathBuf,
+    /// The CNI plugin.
+    pub cni: PathBuf,
 }
 
 pub struct Mesh {

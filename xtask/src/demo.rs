@@ -19,6 +19,10 @@ pub struct Args {
     /// Exit (and clean up) after the show instead of staying up until Ctrl-C.
     #[arg(long)]
     once: bool,
+    /// Run against a real Kubernetes API server (kube-apiserver 1.20 + etcd, built once and
+    /// cached): `deploy/` applied, pods as Pod objects, policy as a resource.
+    #[arg(long)]
+    kube: bool,
 }
 
 /// node1: pod1 "frontend" (in the mesh), pod2 "legacy" (not enrolled), pod3 "batch" (in the mesh);
@@ -50,6 +54,11 @@ pub fn run(bins: &Bins, args: Args) -> Result<()> {
     {
         let stop = stop.clone();
         ctrlc::set_handler(move || stop.store(true, Ordering::SeqCst)).context("installing the Ctrl-C handler")?;
+    }
+    if args.kube {
+        let kube = crate::kube::ensure()?;
+        let kube = meshless_tests::kube::KubeBins { apiserver: kube.apiserver, etcd: kube.etcd, kubectl: kube.kubectl };
+        return crate::demo_kube::run(bins, kube, args.once, stop);
     }
     println!("== building the cluster: 2 nodes (network namespaces), 4 pods (each its own netns and cgroup)");
     let tb = Testbed::new(Layout { label: "demo", pods: &[3, 1] })?;

@@ -5,6 +5,8 @@
 
 mod bench;
 mod demo;
+mod demo_kube;
+mod kube;
 mod setup;
 
 use std::path::{Path, PathBuf};
@@ -28,6 +30,8 @@ struct Cli {
 enum Cmd {
     /// Install the toolchain pieces (apt packages, rust-src, bpf-linker). Idempotent.
     Setup,
+    /// Build (once, cached outside the clone) the kube-apiserver and etcd the Kubernetes tests use.
+    KubeApiserver,
     /// Build the agent (with its embedded eBPF object) and the test tools, release profile.
     Build,
     /// Run the whole test suite: unit, in-process and privileged end-to-end tests.
@@ -46,6 +50,12 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Setup => setup::run(),
+        Cmd::KubeApiserver => {
+            setup::run()?;
+            let bins = kube::ensure()?;
+            println!("{}\n{}\n{}", bins.apiserver.display(), bins.etcd.display(), bins.kubectl.display());
+            Ok(())
+        }
         Cmd::Build => {
             setup::run()?;
             build().map(|_| ())
@@ -82,18 +92,31 @@ fn cargo() -> Command {
 
 fn build() -> Result<Bins> {
     eprintln!("xtask: building meshless (release, with the embedded eBPF object) and the test tools");
-    setup::run_cmd(cargo().args(["build", "--release", "-p", "meshless-agent", "-p", "meshless-tests", "--bins"]))?;
+    setup::run_cmd(cargo().args([
+        "build",
+        "--release",
+        "-p",
+        "meshless-agent",
+        "-p",
+        "meshless-cni",
+        "-p",
+        "meshless-tests",
+        "--bins",
+    ]))?;
     let target = workspace_root().join("target/release");
     Ok(Bins {
         meshless: target.join("meshless"),
         testbin: target.join("meshless-testbin"),
         peer: target.join("meshless-peer"),
         wlclient: target.join("meshless-wlclient"),
+        cni: target.join("meshless-cni"),
     })
 }
 
 fn test(extra: &[String]) -> Result<()> {
     let bins = build()?;
+    // The Kubernetes tests' control plane (built once per machine, then cached).
+    let kube = kube::ensure()?;
     eprintln!("xtask: running the whole test suite (unit, in-process, privileged end-to-end)");
     // Tests that could not run (not root, outside CI) name themselves here, so the summary
     // counts them as skipped, not passed.
@@ -106,6 +129,10 @@ fn test(extra: &[String]) -> Result<()> {
         .env("MESHLESS_TESTBIN", &bins.testbin)
         .env("MESHLESS_PEER", &bins.peer)
         .env("MESHLESS_WLCLIENT", &bins.wlclient)
+        .env("MESHLESS_CNI", &bins.cni)
+        .env("MESHLESS_KUBE_APISERVER", &kube.apiserver)
+        .env("MESHLESS_ETCD", &kube.etcd)
+        .env("MESHLESS_KUBECTL", &kube.kubectl)
         .arg("--")
         // The end-to-end tests each build a cluster of namespaces and run several processes; on two
         // cores they are more reliable one at a time.

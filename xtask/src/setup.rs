@@ -13,8 +13,19 @@ use anyhow::{bail, Context, Result};
 /// - util-linux: `nsenter`, used by the demo's printed hints.
 /// - protobuf-compiler, libprotobuf-dev: protoc and the well-known types, for the gRPC code the
 ///   agent generates (issuer, SPIFFE Workload API).
-const APT_PACKAGES: &[&str] =
-    &["llvm-22-dev", "iproute2", "tcpdump", "curl", "util-linux", "protobuf-compiler", "libprotobuf-dev"];
+/// - make, rsync: the kube-apiserver build (see `kube.rs`, which also fetches kubectl 1.20 into its
+///   private root: a machine may already have another kubectl in /usr/bin).
+const APT_PACKAGES: &[&str] = &[
+    "llvm-22-dev",
+    "iproute2",
+    "tcpdump",
+    "curl",
+    "util-linux",
+    "protobuf-compiler",
+    "libprotobuf-dev",
+    "make",
+    "rsync",
+];
 
 const LLVM_BIN: &str = "/usr/lib/llvm-22/bin";
 

@@ -19,36 +19,56 @@ use crate::proto::issuer::{issuer_client, BundleRequest, BundleResponse, SignReq
 /// Deadline of one call to the issuer (connect included).
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How the agent proves to the issuer which node it runs on.
+#[derive(Debug, Clone)]
+pub enum NodeProof {
+    /// A node credential directory (`node.pem`, `node-key.pem`; `meshless ca node`), shown as the
+    /// TLS client certificate.
+    Credentials(std::path::PathBuf),
+    /// A file holding a projected ServiceAccount token (re-read for every call: the kubelet
+    /// rotates it), sent as a bearer token.
+    Token(std::path::PathBuf),
+}
+
 pub struct IssuerClient {
     addr: String,
+    token: Option<std::path::PathBuf>,
     trust: Arc<Trust>,
     channel: Channel,
     bootstrap: Bundle,
 }
 
 impl IssuerClient {
-    /// A client of the issuer at `addr` (`host:port`), authenticating with the node credential in
-    /// `credential_dir` (`node.pem`, `node-key.pem`) and trusting `bundle` (the CA directory's
-    /// `bundle.pem`) until the issuer hands out a newer one.
-    pub fn new(addr: &str, credential_dir: &Path, bundle: &Path, td: &TrustDomain) -> Result<IssuerClient, Error> {
+    /// A client of the issuer at `addr` (`host:port`), proving its node with `proof` and
+    /// trusting `bundle` (the CA directory's `bundle.pem`) until the issuer hands out a newer one.
+    pub fn new(addr: &str, proof: &NodeProof, bundle: &Path, td: &TrustDomain) -> Result<IssuerClient, Error> {
         let roots = ca::read_bundle(bundle)?;
         let bootstrap = Bundle { trust_domain: td.clone(), roots, signer: String::new() };
         let trust = Arc::new(Trust::new(&bootstrap, provider())?);
-        let cred = |file: &str| credential_dir.join(file);
         let bad = |path: &Path, detail: String| Error::NodeCredential { path: path.display().to_string(), detail };
-        let chain = read_certs(&cred("node.pem")).map_err(|e| bad(&cred("node.pem"), e))?;
-        let key_pem = zeroize::Zeroizing::new(
-            std::fs::read(cred("node-key.pem")).map_err(|e| bad(&cred("node-key.pem"), e.to_string()))?,
-        );
-        let key: PrivateKeyDer<'static> = rustls_pemfile::private_key(&mut key_pem.as_slice())
-            .map_err(|e| bad(&cred("node-key.pem"), e.to_string()))?
-            .ok_or_else(|| bad(&cred("node-key.pem"), "no private key".into()))?;
         let verifier = Arc::new(ServerVerifier { trust: trust.clone(), expected: ca::issuer_id(td) });
-        let mut tls = ClientConfig::builder_with_provider(provider())
+        let builder = ClientConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .dangerous()
-            .with_custom_certificate_verifier(verifier)
-            .with_client_auth_cert(chain, key)?;
+            .with_custom_certificate_verifier(verifier);
+        let (mut tls, token) = match proof {
+            NodeProof::Credentials(credential_dir) => {
+                let cred = |file: &str| credential_dir.join(file);
+                let chain = read_certs(&cred("node.pem")).map_err(|e| bad(&cred("node.pem"), e))?;
+                let key_pem = zeroize::Zeroizing::new(
+                    std::fs::read(cred("node-key.pem")).map_err(|e| bad(&cred("node-key.pem"), e.to_string()))?,
+                );
+                let key: PrivateKeyDer<'static> = rustls_pemfile::private_key(&mut key_pem.as_slice())
+                    .map_err(|e| bad(&cred("node-key.pem"), e.to_string()))?
+                    .ok_or_else(|| bad(&cred("node-key.pem"), "no private key".into()))?;
+                (builder.with_client_auth_cert(chain, key)?, None)
+            }
+            NodeProof::Token(path) => {
+                // Fail at start on a missing file, not at the first renewal.
+                read_token(path)?;
+                (builder.with_no_client_auth(), Some(path.clone()))
+            }
+        };
         tls.alpn_protocols = vec![ALPN_H2.to_vec()];
         let tls = Arc::new(tls);
         let endpoint = Endpoint::from_shared(format!("http://{addr}"))
@@ -72,7 +92,21 @@ impl IssuerClient {
                 Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
             }
         }));
-        Ok(IssuerClient { addr: addr.into(), trust, channel, bootstrap })
+        Ok(IssuerClient { addr: addr.into(), token, trust, channel, bootstrap })
+    }
+
+    /// A request carrying the token, when the node proves itself with one.
+    fn request<T>(&self, message: T) -> Result<tonic::Request<T>, Error> {
+        let mut req = tonic::Request::new(message);
+        if let Some(path) = &self.token {
+            let value = format!("Bearer {}", read_token(path)?.as_str());
+            let value = value.parse().map_err(|_| Error::NodeCredential {
+                path: path.display().to_string(),
+                detail: "the token is not a valid header value".into(),
+            })?;
+            req.metadata_mut().insert("authorization", value);
+        }
+        Ok(req)
     }
 
     fn unreachable(&self, status: tonic::Status) -> Error {
@@ -97,6 +131,12 @@ impl IssuerClient {
     }
 }
 
+fn read_token(path: &Path) -> Result<zeroize::Zeroizing<String>, Error> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Error::NodeCredential { path: path.display().to_string(), detail: e.to_string() })?;
+    Ok(zeroize::Zeroizing::new(text.trim().to_string()))
+}
+
 impl CertificateSource for IssuerClient {
     fn sign<'a>(
         &'a self,
@@ -105,7 +145,7 @@ impl CertificateSource for IssuerClient {
     ) -> BoxFuture<'a, Result<(Vec<CertificateDer<'static>>, Bundle), Error>> {
         Box::pin(async move {
             let mut client = issuer_client::IssuerClient::new(self.channel.clone());
-            let req = SignRequest { csr: csr.to_vec(), spiffe_id: id.to_string() };
+            let req = self.request(SignRequest { csr: csr.to_vec(), spiffe_id: id.to_string() })?;
             let resp = client.sign(req).await.map_err(|s| self.unreachable(s))?.into_inner();
             let chain = resp.chain.into_iter().map(CertificateDer::from).collect();
             Ok((chain, self.bundle_of(resp.bundle)?))
@@ -115,7 +155,8 @@ impl CertificateSource for IssuerClient {
     fn bundle(&self) -> BoxFuture<'_, Result<Bundle, Error>> {
         Box::pin(async move {
             let mut client = issuer_client::IssuerClient::new(self.channel.clone());
-            let resp = client.bundle(BundleRequest {}).await.map_err(|s| self.unreachable(s))?.into_inner();
+            let resp =
+                client.bundle(self.request(BundleRequest {})?).await.map_err(|s| self.unreachable(s))?.into_inner();
             self.bundle_of(Some(resp))
         })
     }

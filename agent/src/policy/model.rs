@@ -10,6 +10,7 @@
 
 use std::collections::BTreeMap;
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 /// API versions accepted on policy objects (meshless's own, and Istio's, so manifests written
@@ -17,7 +18,7 @@ use serde::{Deserialize, Serialize};
 pub const API_VERSIONS: [&str; 3] = ["meshless.io/v1alpha1", "security.istio.io/v1", "security.istio.io/v1beta1"];
 
 /// `metadata` of a policy object. Fields Kubernetes adds (uid, resourceVersion, …) are ignored.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ObjectMeta {
     #[serde(default)]
@@ -30,7 +31,7 @@ pub struct ObjectMeta {
 
 /// `spec.selector`: which workloads of the policy's namespace (or, in the root namespace, of
 /// every namespace, for authorization policies) the policy applies to. Absent or empty: all.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct WorkloadSelector {
     #[serde(default)]
@@ -38,7 +39,7 @@ pub struct WorkloadSelector {
 }
 
 /// A `PeerAuthentication`: the mTLS mode of the selected workloads' inbound plaintext.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PeerAuthentication {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -50,7 +51,22 @@ pub struct PeerAuthentication {
     pub spec: PeerAuthenticationSpec,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+/// The same spec is a Kubernetes resource's (`PeerAuthenticationResource`, kind
+/// `PeerAuthentication` in `meshless.io`); its CRD is generated from this type.
+#[derive(kube::CustomResource, Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "meshless.io",
+    version = "v1alpha1",
+    kind = "PeerAuthentication",
+    root = "PeerAuthenticationResource",
+    namespaced,
+    status = "crate::k8s::crd::PolicyStatus",
+    category = "meshless",
+    printcolumn = r#"{"name":"Mode","type":"string","jsonPath":".spec.mtls.mode"}"#,
+    printcolumn = r#"{"name":"Accepted","type":"string","jsonPath":".status.accepted"}"#,
+    printcolumn = r#"{"name":"Message","type":"string","jsonPath":".status.message","priority":1}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PeerAuthenticationSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -59,10 +75,11 @@ pub struct PeerAuthenticationSpec {
     pub mtls: Option<MutualTls>,
     /// Istio's per-port modes: not supported (the kernel decides per pod while no agent runs).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "crate::k8s::crd::preserved")]
     pub port_level_mtls: Option<serde_yaml::Value>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct MutualTls {
     #[serde(default)]
@@ -70,7 +87,7 @@ pub struct MutualTls {
 }
 
 /// `spec.mtls.mode`. UNSET inherits from the namespace, then the mesh.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum MtlsMode {
     #[default]
@@ -81,7 +98,7 @@ pub enum MtlsMode {
 }
 
 /// An `AuthorizationPolicy` (L4 subset of Istio's).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AuthorizationPolicy {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -93,7 +110,22 @@ pub struct AuthorizationPolicy {
     pub spec: AuthorizationPolicySpec,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+/// The same spec is a Kubernetes resource's (`AuthorizationPolicyResource`, kind
+/// `AuthorizationPolicy` in `meshless.io`); its CRD is generated from this type.
+#[derive(kube::CustomResource, Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "meshless.io",
+    version = "v1alpha1",
+    kind = "AuthorizationPolicy",
+    root = "AuthorizationPolicyResource",
+    namespaced,
+    status = "crate::k8s::crd::PolicyStatus",
+    category = "meshless",
+    printcolumn = r#"{"name":"Action","type":"string","jsonPath":".spec.action"}"#,
+    printcolumn = r#"{"name":"Accepted","type":"string","jsonPath":".status.accepted"}"#,
+    printcolumn = r#"{"name":"Message","type":"string","jsonPath":".status.message","priority":1}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AuthorizationPolicySpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -105,14 +137,17 @@ pub struct AuthorizationPolicySpec {
     pub rules: Vec<Rule>,
     /// Istio's Gateway API attachment and external authorizers: not supported.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "crate::k8s::crd::preserved")]
     pub target_ref: Option<serde_yaml::Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "crate::k8s::crd::preserved")]
     pub target_refs: Option<serde_yaml::Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "crate::k8s::crd::preserved")]
     pub provider: Option<serde_yaml::Value>,
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum Action {
     #[default]
@@ -125,7 +160,7 @@ pub enum Action {
 
 /// A rule matches when one of `from` matches (or `from` is empty) and one of `to` matches (or
 /// `to` is empty).
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Rule {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -134,10 +169,11 @@ pub struct Rule {
     pub to: Vec<ToClause>,
     /// Istio's conditions (`request.headers`, JWT claims, …): L7, not supported.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "crate::k8s::crd::preserved")]
     pub when: Option<serde_yaml::Value>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct FromClause {
     #[serde(default)]
@@ -145,7 +181,7 @@ pub struct FromClause {
 }
 
 /// Every field present must match (AND); within a field, any value may (OR).
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Source {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -166,19 +202,21 @@ pub struct Source {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub not_remote_ip_blocks: Option<Vec<String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "crate::k8s::crd::preserved")]
     pub request_principals: Option<serde_yaml::Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "crate::k8s::crd::preserved")]
     pub not_request_principals: Option<serde_yaml::Value>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ToClause {
     #[serde(default)]
     pub operation: Operation,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Operation {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -186,16 +224,22 @@ pub struct Operation {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub not_ports: Option<Vec<PortValue>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "crate::k8s::crd::preserved")]
     pub hosts: Option<serde_yaml::Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "crate::k8s::crd::preserved")]
     pub not_hosts: Option<serde_yaml::Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "crate::k8s::crd::preserved")]
     pub methods: Option<serde_yaml::Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "crate::k8s::crd::preserved")]
     pub not_methods: Option<serde_yaml::Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "crate::k8s::crd::preserved")]
     pub paths: Option<serde_yaml::Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "crate::k8s::crd::preserved")]
     pub not_paths: Option<serde_yaml::Value>,
 }
 
@@ -207,8 +251,18 @@ pub enum PortValue {
     Text(String),
 }
 
+impl JsonSchema for PortValue {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "PortValue".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({ "x-kubernetes-int-or-string": true })
+    }
+}
+
 /// Mesh-wide settings of enforcement (the state file's `mesh:`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct MeshSettings {
     /// Policies in this namespace apply mesh-wide (Istio's `istio-system`).

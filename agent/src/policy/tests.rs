@@ -25,6 +25,7 @@ fn pod(ns: &str, name: &str, labels: &[(&str, &str)]) -> Workload {
         host_network: false,
         identity: crate::identity::workload_id(&td, ns, name).unwrap(),
         labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        label_mode: None,
     }
 }
 

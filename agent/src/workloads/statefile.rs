@@ -121,6 +121,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Directory, Error> {
             host_network: p.host_network,
             identity,
             labels: p.labels,
+            label_mode: None,
         });
     }
     let policies = Policies::compile(&PolicyInput {
@@ -146,19 +147,23 @@ const POLL: Duration = Duration::from_secs(5);
 const SETTLE: Duration = Duration::from_millis(100);
 
 impl WorkloadSource for FileSource {
-    fn start(self: Box<Self>) -> Result<watch::Receiver<Arc<Directory>>, crate::Error> {
-        let path = self.path;
-        let text = std::fs::read_to_string(&path).map_err(|source| Error::Read { path: path.clone(), source })?;
-        let first = Arc::new(parse(&path, &text)?);
-        let (tx, rx) = watch::channel(first);
-        let watch_err = |source| Error::Watch { path: path.clone(), source };
-        let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-        let inotify = Inotify::init().map_err(watch_err)?;
-        let mask = WatchMask::CLOSE_WRITE | WatchMask::MOVED_TO | WatchMask::CREATE | WatchMask::DELETE;
-        inotify.watches().add(dir, mask).map_err(watch_err)?;
-        let events = inotify.into_event_stream(vec![0u8; 4096]).map_err(watch_err)?;
-        tokio::spawn(watch_file(path, text, tx, events));
-        Ok(rx)
+    fn start(
+        self: Box<Self>,
+    ) -> futures_util::future::BoxFuture<'static, Result<watch::Receiver<Arc<Directory>>, crate::Error>> {
+        Box::pin(async move {
+            let path = self.path;
+            let text = std::fs::read_to_string(&path).map_err(|source| Error::Read { path: path.clone(), source })?;
+            let first = Arc::new(parse(&path, &text)?);
+            let (tx, rx) = watch::channel(first);
+            let watch_err = |source| Error::Watch { path: path.clone(), source };
+            let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+            let inotify = Inotify::init().map_err(watch_err)?;
+            let mask = WatchMask::CLOSE_WRITE | WatchMask::MOVED_TO | WatchMask::CREATE | WatchMask::DELETE;
+            inotify.watches().add(dir, mask).map_err(watch_err)?;
+            let events = inotify.into_event_stream(vec![0u8; 4096]).map_err(watch_err)?;
+            tokio::spawn(watch_file(path, text, tx, events));
+            Ok(rx)
+        })
     }
 }
 
@@ -360,7 +365,7 @@ pods:
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("state.yaml");
         std::fs::write(&path, GOOD).unwrap();
-        let mut rx = Box::new(FileSource { path: path.clone() }).start().unwrap();
+        let mut rx = Box::new(FileSource { path: path.clone() }).start().await.unwrap();
         assert_eq!(rx.borrow_and_update().len(), 3);
         // A busy file beside it (a log, rewritten here) must not keep changes from being noticed.
         let busy = dir.join("agent.log");

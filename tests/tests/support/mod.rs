@@ -14,7 +14,7 @@ pub fn privileged(test: &str) -> Option<Bins> {
         match bins() {
             Some(b) => return Some(b),
             None => {
-                "MESHLESS_BIN/MESHLESS_TESTBIN/MESHLESS_PEER/MESHLESS_WLCLIENT not set: run it through `cargo xtask test`".to_string()
+                "MESHLESS_BIN/MESHLESS_TESTBIN/MESHLESS_PEER/MESHLESS_WLCLIENT/MESHLESS_CNI not set: run it through `cargo xtask test`".to_string()
             }
         }
     };
@@ -37,15 +37,35 @@ fn record_skip(test: &str) {
 /// The binaries built by `cargo xtask test`; under `CI=true` their absence is a failure.
 pub fn bins() -> Option<Bins> {
     let var = |name: &str| std::env::var_os(name);
-    match (var("MESHLESS_BIN"), var("MESHLESS_TESTBIN"), var("MESHLESS_PEER"), var("MESHLESS_WLCLIENT")) {
-        (Some(m), Some(t), Some(p), Some(w)) => {
-            Some(Bins { meshless: m.into(), testbin: t.into(), peer: p.into(), wlclient: w.into() })
+    match (
+        var("MESHLESS_BIN"),
+        var("MESHLESS_TESTBIN"),
+        var("MESHLESS_PEER"),
+        var("MESHLESS_WLCLIENT"),
+        var("MESHLESS_CNI"),
+    ) {
+        (Some(m), Some(t), Some(p), Some(w), Some(c)) => {
+            Some(Bins { meshless: m.into(), testbin: t.into(), peer: p.into(), wlclient: w.into(), cni: c.into() })
         }
         _ if ci() => {
-            panic!("MESHLESS_BIN/MESHLESS_TESTBIN/MESHLESS_PEER/MESHLESS_WLCLIENT not set under CI=true: run `cargo xtask test`")
+            panic!("MESHLESS_BIN/MESHLESS_TESTBIN/MESHLESS_PEER/MESHLESS_WLCLIENT/MESHLESS_CNI not set under CI=true: run `cargo xtask test`")
         }
         _ => {
             record_skip("(a test needing the built binaries)");
+            None
+        }
+    }
+}
+
+/// The Kubernetes control plane's binaries, when this test can run; under `CI=true` their
+/// absence is a failure.
+pub fn kube_bins(test: &str) -> Option<meshless_tests::kube::KubeBins> {
+    match meshless_tests::kube::KubeBins::from_env() {
+        Some(b) => Some(b),
+        None if ci() => panic!("{test}: MESHLESS_KUBE_APISERVER/MESHLESS_ETCD/MESHLESS_KUBECTL not set under CI=true: run `cargo xtask test`"),
+        None => {
+            eprintln!("SKIPPED {test}: no kube-apiserver (run it through `cargo xtask test`, which builds one)");
+            record_skip(test);
             None
         }
     }

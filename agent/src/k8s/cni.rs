@@ -1,0 +1,381 @@
+//! The agent's side of `meshless-cni`: which network namespace each of this node's pods has.
+//!
+//! The plugin writes a record per pod sandbox under `<dir>/pods/<container id>.json`, then tells
+//! the agent on `<dir>/agent.sock`. The agent binds the socket *before* it reads the records, so a
+//! pod started while the agent starts is seen one way or the other; a record written while no
+//! agent runs is read at the next start. Pods that existed before meshless was installed have no
+//! record: [`discover`] finds their namespace from their cgroup (kubelet names pod cgroups after
+//! the pod UID) and a process in it.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::Deserialize;
+use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _};
+use tokio::net::UnixListener;
+use tokio::sync::Notify;
+use tracing::{debug, info, warn};
+
+use super::Error;
+
+/// One pod sandbox, as the plugin recorded it.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CniPod {
+    pub container_id: String,
+    pub namespace: String,
+    pub name: String,
+    #[serde(default)]
+    pub uid: String,
+    pub netns: PathBuf,
+    #[serde(default)]
+    pub if_name: String,
+    #[serde(default)]
+    pub ips: Vec<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(tag = "op", rename_all = "lowercase")]
+enum Message {
+    Add {
+        pod: CniPod,
+    },
+    Del {
+        #[serde(rename = "containerId")]
+        container_id: String,
+    },
+}
+
+/// The records, kept current.
+pub struct Registry {
+    pub dir: PathBuf,
+    pods: Mutex<HashMap<String, CniPod>>,
+    changed: Arc<Notify>,
+}
+
+/// A message larger than this is not a CNI record.
+const MAX_MESSAGE: u64 = 64 << 10;
+
+impl Registry {
+    /// Binds `<dir>/agent.sock`, reads the records, and serves the socket in the background;
+    /// `changed` is notified on every change.
+    pub fn start(dir: &Path, changed: Arc<Notify>) -> Result<Arc<Registry>, Error> {
+        let err = |source| Error::Cni { path: dir.into(), source };
+        std::fs::create_dir_all(dir.join("pods")).map_err(err)?;
+        let socket = dir.join("agent.sock");
+        // A previous agent's socket file; a running predecessor keeps its own open socket.
+        let _ = std::fs::remove_file(&socket);
+        let listener = UnixListener::bind(&socket).map_err(err)?;
+        let registry = Arc::new(Registry { dir: dir.into(), pods: Mutex::default(), changed });
+        registry.rescan();
+        tokio::spawn(registry.clone().serve(listener));
+        Ok(registry)
+    }
+
+    /// Reads every record on disk (at start, and as a safety net).
+    pub fn rescan(&self) {
+        let mut found = HashMap::new();
+        let entries = match std::fs::read_dir(self.dir.join("pods")) {
+            Ok(e) => e,
+            Err(e) => {
+                warn!(dir = %self.dir.display(), error = %e, "cannot read the CNI records");
+                return;
+            }
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.extension().is_none_or(|e| e != "json") {
+                continue;
+            }
+            match std::fs::read(&path)
+                .map_err(|e| e.to_string())
+                .and_then(|b| serde_json::from_slice::<CniPod>(&b).map_err(|e| e.to_string()))
+            {
+                Ok(pod) => {
+                    found.insert(pod.container_id.clone(), pod);
+                }
+                Err(e) => warn!(record = %path.display(), error = %e, "ignoring an unreadable CNI record"),
+            }
+        }
+        let mut pods = self.pods.lock().expect("CNI registry lock");
+        if *pods != found {
+            *pods = found;
+            self.changed.notify_one();
+        }
+    }
+
+    async fn serve(self: Arc<Self>, listener: UnixListener) {
+        loop {
+            let stream = match listener.accept().await {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    warn!(error = %e, "CNI socket accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let me = self.clone();
+            tokio::spawn(async move {
+                let (read, mut write) = stream.into_split();
+                let mut line = String::new();
+                let mut reader = tokio::io::BufReader::new(tokio::io::AsyncReadExt::take(read, MAX_MESSAGE));
+                let answer = match tokio::time::timeout(Duration::from_secs(2), reader.read_line(&mut line)).await {
+                    Ok(Ok(_)) => match serde_json::from_str::<Message>(&line) {
+                        Ok(m) => {
+                            me.apply(m);
+                            "ok\n".to_string()
+                        }
+                        Err(e) => {
+                            warn!(error = %e, "malformed message on the CNI socket");
+                            format!("error: {e}\n")
+                        }
+                    },
+                    Ok(Err(e)) => format!("error: {e}\n"),
+                    Err(_) => "error: timed out\n".to_string(),
+                };
+                let _ = write.write_all(answer.as_bytes()).await;
+            });
+        }
+    }
+
+    fn apply(&self, m: Message) {
+        let mut pods = self.pods.lock().expect("CNI registry lock");
+        match m {
+            Message::Add { pod } => {
+                info!(pod = %format!("{}/{}", pod.namespace, pod.name), netns = %pod.netns.display(),
+                      container_id = %pod.container_id, "CNI: pod network namespace announced");
+                pods.insert(pod.container_id.clone(), pod);
+            }
+            Message::Del { container_id } => {
+                if let Some(pod) = pods.remove(&container_id) {
+                    info!(pod = %format!("{}/{}", pod.namespace, pod.name), container_id = %container_id,
+                          "CNI: pod sandbox removed");
+                }
+            }
+        }
+        self.changed.notify_one();
+    }
+
+    /// The network namespace of pod `namespace/name` (with `uid`, when both sides know it): the
+    /// newest live sandbox's.
+    pub fn netns(&self, namespace: &str, name: &str, uid: &str) -> Option<PathBuf> {
+        let pods = self.pods.lock().expect("CNI registry lock");
+        pods.values()
+            .filter(|p| {
+                p.namespace == namespace && p.name == name && (p.uid.is_empty() || uid.is_empty() || p.uid == uid)
+            })
+            .map(|p| &p.netns)
+            .find(|n| n.exists())
+            .cloned()
+    }
+}
+
+/// A pod's cgroup under `parent`, found by its UID (kubelet's cgroupfs driver names it
+/// `pod<uid>`, the systemd driver `kubepods-…-pod<uid with _>.slice`), at most three levels deep.
+pub fn pod_cgroup(parent: &Path, uid: &str) -> Option<PathBuf> {
+    if uid.is_empty() {
+        return None;
+    }
+    let underscored = uid.replace('-', "_");
+    let mut level = vec![parent.to_path_buf()];
+    for _ in 0..3 {
+        let mut next = Vec::new();
+        for dir in &level {
+            for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+                if !entry.file_type().is_ok_and(|t| t.is_dir()) {
+                    continue;
+                }
+                let name = entry.file_name();
+                let name = name.to_string_lossy();
+                if name.contains(uid) || name.contains(&underscored) {
+                    return Some(entry.path());
+                }
+                next.push(entry.path());
+            }
+        }
+        level = next;
+    }
+    None
+}
+
+/// The network namespace of the processes in `cgroup` (or its children: the containers), as a
+/// `/proc/<pid>/ns/net` path. For pods that started before meshless was installed.
+pub fn discover(cgroup: &Path) -> Option<PathBuf> {
+    let mut dirs = vec![cgroup.to_path_buf()];
+    while let Some(dir) = dirs.pop() {
+        if let Ok(procs) = std::fs::read_to_string(dir.join("cgroup.procs")) {
+            if let Some(pid) = procs.lines().find_map(|l| l.trim().parse::<u32>().ok()) {
+                let netns = PathBuf::from(format!("/proc/{pid}/ns/net"));
+                debug!(cgroup = %cgroup.display(), pid, "found a pod's network namespace from its cgroup");
+                return Some(netns);
+            }
+        }
+        dirs.extend(
+            std::fs::read_dir(&dir)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                .map(|e| e.path()),
+        );
+    }
+    None
+}
+
+/// `meshless cni-install`: what the DaemonSet's init container does on every node.
+#[derive(clap::Args, Debug, Clone)]
+pub struct InstallArgs {
+    /// The plugin binary to copy (shipped in the agent's image).
+    #[arg(long, default_value = "/usr/local/bin/meshless-cni")]
+    pub plugin: PathBuf,
+    /// The host's CNI binary directory, as mounted.
+    #[arg(long, default_value = "/host/opt/cni/bin")]
+    pub bin_dir: PathBuf,
+    /// The host's CNI configuration directory, as mounted.
+    #[arg(long, default_value = "/host/etc/cni/net.d")]
+    pub conf_dir: PathBuf,
+    /// The plugin's state directory on the host (the agent's --cni-dir).
+    #[arg(long, default_value = "/var/run/meshless/cni")]
+    pub state_dir: PathBuf,
+}
+
+/// The plugin's entry in a configuration list.
+const PLUGIN_TYPE: &str = "meshless-cni";
+
+/// Copies the plugin and chains it, last, into the network configuration the runtime uses (the
+/// lexically first file of the configuration directory, as libcni picks it). A single-plugin
+/// `.conf` becomes a `.conflist`. Running it again changes nothing. Returns what it did.
+pub fn install(a: &InstallArgs) -> anyhow::Result<String> {
+    use anyhow::Context as _;
+    let target = a.bin_dir.join(PLUGIN_TYPE);
+    let tmp = a.bin_dir.join(format!(".{PLUGIN_TYPE}.tmp"));
+    std::fs::copy(&a.plugin, &tmp).with_context(|| format!("copying {} to {}", a.plugin.display(), tmp.display()))?;
+    std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+    std::fs::rename(&tmp, &target)?;
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&a.conf_dir)
+        .with_context(|| format!("reading {}", a.conf_dir.display()))?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "conf" || e == "conflist" || e == "json"))
+        .collect();
+    files.sort();
+    let first = files.first().with_context(|| {
+        format!(
+            "no CNI network configuration in {} yet: the cluster's network plugin installs one first",
+            a.conf_dir.display()
+        )
+    })?;
+    let text = std::fs::read_to_string(first).with_context(|| format!("reading {}", first.display()))?;
+    let mut conf: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("{} is not JSON", first.display()))?;
+    let obj = conf.as_object_mut().with_context(|| format!("{} is not a JSON object", first.display()))?;
+    let entry = serde_json::json!({ "type": PLUGIN_TYPE, "stateDir": a.state_dir });
+    let (list, out) = if obj.contains_key("plugins") {
+        (conf, first.clone())
+    } else {
+        // A single plugin: the same network as a list of one, then ours.
+        let cni_version = obj.get("cniVersion").cloned().unwrap_or_else(|| "0.3.1".into());
+        let name = obj.get("name").cloned().unwrap_or_else(|| "k8s-pod-network".into());
+        let mut plugin = obj.clone();
+        plugin.remove("cniVersion");
+        plugin.remove("name");
+        let list = serde_json::json!({ "cniVersion": cni_version, "name": name, "plugins": [plugin] });
+        (list, first.with_extension("conflist"))
+    };
+    let mut list = list;
+    let plugins =
+        list["plugins"].as_array_mut().with_context(|| format!("{}: `plugins` is not a list", first.display()))?;
+    let what = match plugins.iter_mut().find(|p| p["type"] == PLUGIN_TYPE) {
+        Some(p) if *p == entry => format!("{} already chains {PLUGIN_TYPE}; nothing to do", out.display()),
+        Some(p) => {
+            *p = entry;
+            format!("updated {PLUGIN_TYPE} in {}", out.display())
+        }
+        None => {
+            plugins.push(entry);
+            format!("chained {PLUGIN_TYPE} into {}", out.display())
+        }
+    };
+    let tmp = out.with_extension("meshless-tmp");
+    std::fs::write(&tmp, serde_json::to_string_pretty(&list)? + "\n")?;
+    std::fs::rename(&tmp, &out)?;
+    if out != *first {
+        std::fs::remove_file(first)?;
+    }
+    Ok(what)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(dir: &Path) -> InstallArgs {
+        std::fs::create_dir_all(dir.join("bin")).unwrap();
+        std::fs::create_dir_all(dir.join("net.d")).unwrap();
+        std::fs::write(dir.join("plugin"), b"#!/bin/true\n").unwrap();
+        InstallArgs {
+            plugin: dir.join("plugin"),
+            bin_dir: dir.join("bin"),
+            conf_dir: dir.join("net.d"),
+            state_dir: "/var/run/meshless/cni".into(),
+        }
+    }
+
+    fn scratch(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("meshless-cni-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        d
+    }
+
+    #[test]
+    fn install_chains_the_plugin_last_into_the_first_list_once() {
+        let d = scratch("list");
+        let a = args(&d);
+        std::fs::write(
+            a.conf_dir.join("10-net.conflist"),
+            r#"{"cniVersion":"1.0.0","name":"net","plugins":[{"type":"bridge"},{"type":"portmap"}]}"#,
+        )
+        .unwrap();
+        std::fs::write(
+            a.conf_dir.join("20-other.conflist"),
+            r#"{"cniVersion":"1.0.0","name":"other","plugins":[{"type":"x"}]}"#,
+        )
+        .unwrap();
+        assert!(install(&a).unwrap().starts_with("chained"));
+        let again = install(&a).unwrap();
+        assert!(again.contains("nothing to do"), "{again}");
+        let conf: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(a.conf_dir.join("10-net.conflist")).unwrap()).unwrap();
+        let types: Vec<_> = conf["plugins"].as_array().unwrap().iter().map(|p| p["type"].as_str().unwrap()).collect();
+        assert_eq!(types, ["bridge", "portmap", "meshless-cni"]);
+        let other = std::fs::read_to_string(a.conf_dir.join("20-other.conflist")).unwrap();
+        assert!(!other.contains("meshless"), "only the configuration in use is changed");
+        assert_eq!(std::fs::read(a.bin_dir.join("meshless-cni")).unwrap(), b"#!/bin/true\n");
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn install_turns_a_single_plugin_conf_into_a_list_and_refuses_an_empty_directory() {
+        let d = scratch("single");
+        let a = args(&d);
+        let err = install(&a).unwrap_err().to_string();
+        assert!(err.contains("no CNI network configuration"), "{err}");
+        std::fs::write(
+            a.conf_dir.join("10-net.conf"),
+            r#"{"cniVersion":"0.4.0","name":"net","type":"bridge","bridge":"cni0"}"#,
+        )
+        .unwrap();
+        install(&a).unwrap();
+        assert!(!a.conf_dir.join("10-net.conf").exists());
+        let conf: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(a.conf_dir.join("10-net.conflist")).unwrap()).unwrap();
+        assert_eq!(conf["cniVersion"], "0.4.0");
+        assert_eq!(conf["plugins"][0]["bridge"], "cni0");
+        assert_eq!(conf["plugins"][1]["type"], "meshless-cni");
+        std::fs::write(a.conf_dir.join("10-net.conflist"), "not json").unwrap();
+        assert!(install(&a).unwrap_err().to_string().contains("is not JSON"));
+        let _ = std::fs::remove_dir_all(&d);
+    }
+}

@@ -1,0 +1,585 @@
+//! The workload directory from the Kubernetes API.
+//!
+//! What each agent watches, and why (the watch load of a large cluster is kept to this):
+//! - **this node's pods**, full objects, with a field selector on `spec.nodeName`: the API server
+//!   sends an agent only its own node's pod events (labels for policy selectors, UID for the
+//!   pod's cgroup);
+//! - **all pods**, reduced at once to what a destination check needs (namespace/name, service
+//!   account, node, IPs, the mode label): the map of IP → identity for outbound connections;
+//! - **namespaces** (the `meshless.io/mode` opt-in label);
+//! - the two **policy resources** (small, cluster-wide, rarely changing).
+//!
+//! Watches list once and then follow changes from the last resource version; after a disconnect
+//! or an API server restart they resume (re-listing only if the version has expired), and a
+//! re-list replaces the map it feeds atomically, so enrollments are neither lost nor repeated:
+//! the per-pod lifecycle (`pods`) acts on differences between directories, never on events.
+//!
+//! Opt-in: a pod is in the mesh when its namespace has the label `meshless.io/mode` set to
+//! `strict`, `permissive` or `disable`, or the pod itself has it (`off` on a pod opts it out).
+//! The label's mode applies where no PeerAuthentication of the workload or its namespace does.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt::Debug;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::{Stream, StreamExt as _};
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use kube::runtime::watcher::{self, watcher};
+use kube::runtime::WatchStreamExt as _;
+use kube::{Api, Client, Resource, ResourceExt as _};
+use serde::de::DeserializeOwned;
+use tokio::sync::{watch, Notify};
+use tracing::{debug, info, warn};
+
+use super::cni::{self, Registry};
+use super::crd::{self, AuthorizationPolicyResource, PeerAuthenticationResource};
+use crate::identity::{workload_id, TrustDomain};
+use crate::policy::{LabelMode, MeshSettings, Mode, Policies, PolicyInput};
+use crate::workloads::{canonical, Directory, PodKey, Workload, WorkloadSource};
+
+/// The opt-in label, on namespaces and pods.
+pub const MODE_LABEL: &str = "meshless.io/mode";
+
+/// The Kubernetes API as a workload source.
+pub struct KubeSource {
+    pub client: Client,
+    /// This node's name (`spec.nodeName` of its pods). `None`: no node of its own (the issuer,
+    /// which needs every pod's node and identity, and no network namespaces).
+    pub node: Option<String>,
+    pub trust_domain: TrustDomain,
+    /// The cgroup holding this node's pods (kubelet's `kubepods`).
+    pub cgroup_parent: PathBuf,
+    /// `meshless-cni`'s state directory.
+    pub cni_dir: PathBuf,
+    pub mesh: MeshSettings,
+}
+
+/// A pod, reduced to what the directory needs. Labels are kept for this node's pods only.
+#[derive(Debug, Clone, PartialEq)]
+struct PodInfo {
+    uid: String,
+    service_account: String,
+    node: String,
+    ips: Vec<IpAddr>,
+    host_network: bool,
+    /// Succeeded or Failed: its IP may already belong to another pod.
+    finished: bool,
+    mode_label: Option<String>,
+    labels: BTreeMap<String, String>,
+}
+
+type Key = (String, String);
+
+/// What the watches have seen.
+#[derive(Default)]
+struct Cluster {
+    local: HashMap<Key, PodInfo>,
+    all: HashMap<Key, PodInfo>,
+    namespaces: HashMap<String, Option<String>>,
+    peer: HashMap<Key, PeerAuthenticationResource>,
+    authz: HashMap<Key, AuthorizationPolicyResource>,
+    /// Watches that have listed once.
+    synced: [bool; WATCHES],
+}
+
+const WATCHES: usize = 5;
+const NAMES: [&str; WATCHES] = ["node pods", "pods", "namespaces", "PeerAuthentications", "AuthorizationPolicies"];
+
+fn pod_info(pod: &Pod, keep_labels: bool) -> PodInfo {
+    let spec = pod.spec.as_ref();
+    let status = pod.status.as_ref();
+    let mut ips: Vec<IpAddr> = status
+        .and_then(|s| s.pod_ips.as_ref())
+        .map(|ips| ips.iter().filter_map(|ip| ip.ip.parse().ok()).collect())
+        .unwrap_or_default();
+    if ips.is_empty() {
+        ips.extend(status.and_then(|s| s.pod_ip.as_ref()).and_then(|ip| ip.parse::<IpAddr>().ok()));
+    }
+    let labels = pod.labels();
+    PodInfo {
+        uid: pod.metadata.uid.clone().unwrap_or_default(),
+        service_account: spec
+            .and_then(|s| s.service_account_name.clone())
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| "default".into()),
+        node: spec.and_then(|s| s.node_name.clone()).unwrap_or_default(),
+        ips,
+        host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
+        finished: matches!(status.and_then(|s| s.phase.as_deref()), Some("Succeeded" | "Failed")),
+        mode_label: labels.get(MODE_LABEL).cloned(),
+        labels: if keep_labels { labels.clone() } else { BTreeMap::new() },
+    }
+}
+
+fn key<K: Resource>(o: &K) -> Key {
+    (o.meta().namespace.clone().unwrap_or_default(), o.meta().name.clone().unwrap_or_default())
+}
+
+impl WorkloadSource for KubeSource {
+    fn start(
+        self: Box<Self>,
+    ) -> futures_util::future::BoxFuture<'static, Result<watch::Receiver<Arc<Directory>>, crate::Error>> {
+        Box::pin(async move {
+            let changed = Arc::new(Notify::new());
+            let state = Arc::new(Mutex::new(Cluster::default()));
+            let client = self.client.clone();
+            let s = (state.clone(), changed.clone());
+            let cni = match &self.node {
+                Some(node) => {
+                    let node_pods = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
+                    spawn_mirror(
+                        0,
+                        Api::<Pod>::all(client.clone()),
+                        node_pods,
+                        s.clone(),
+                        |c| &mut c.local,
+                        |p| Some(pod_info(&p, true)),
+                    );
+                    Some(Registry::start(&self.cni_dir, changed.clone())?)
+                }
+                None => {
+                    state.lock().expect("cluster lock").synced[0] = true;
+                    None
+                }
+            };
+            spawn_mirror(
+                1,
+                Api::<Pod>::all(client.clone()),
+                watcher::Config::default(),
+                s.clone(),
+                |c| &mut c.all,
+                |p| Some(pod_info(&p, false)),
+            );
+            spawn_mirror(
+                2,
+                Api::<Namespace>::all(client.clone()),
+                watcher::Config::default(),
+                s.clone(),
+                |c| &mut c.namespaces,
+                |n| Some(n.labels().get(MODE_LABEL).cloned()),
+            );
+            spawn_mirror(
+                3,
+                Api::<PeerAuthenticationResource>::all(client.clone()),
+                watcher::Config::default(),
+                s.clone(),
+                |c| &mut c.peer,
+                Some,
+            );
+            spawn_mirror(
+                4,
+                Api::<AuthorizationPolicyResource>::all(client),
+                watcher::Config::default(),
+                s,
+                |c| &mut c.authz,
+                Some,
+            );
+
+            // The first directory waits for every watch to have listed: an agent that started
+            // with a partial view would unenroll pods it has simply not heard of yet.
+            let started = Instant::now();
+            let mut builder = Builder { source: *self, cni, cgroups: HashMap::new(), problems: HashMap::new() };
+            loop {
+                let waiting: Vec<&str> = {
+                    let c = state.lock().expect("cluster lock");
+                    (0..WATCHES).filter(|&i| !c.synced[i]).map(|i| NAMES[i]).collect()
+                };
+                if waiting.is_empty() {
+                    break;
+                }
+                if tokio::time::timeout(Duration::from_secs(10), changed.notified()).await.is_err() {
+                    warn!(waiting = ?waiting, waited_s = started.elapsed().as_secs(), "still waiting for the API server to list");
+                }
+            }
+            let first = builder.build(&state.lock().expect("cluster lock"));
+            info!(
+                pods = first.len(),
+                local = first.local_pods().count(),
+                ms = started.elapsed().as_millis() as u64,
+                "Kubernetes watches synced"
+            );
+            let (tx, rx) = watch::channel(Arc::new(first));
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = changed.notified() => {}
+                        _ = tx.closed() => return,
+                        // Pods without a network namespace yet may get one without an event
+                        // (an old pod found through its cgroup).
+                        _ = tokio::time::sleep(Duration::from_secs(30)) => {
+                            if let Some(cni) = &builder.cni {
+                                cni.rescan();
+                            }
+                        }
+                    }
+                    // Let a burst of events settle into one directory.
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    let dir = builder.build(&state.lock().expect("cluster lock"));
+                    tx.send_replace(Arc::new(dir));
+                }
+            });
+            Ok(rx)
+        })
+    }
+}
+
+/// Maps an object to the key its map uses.
+trait MapKey {
+    fn map_key(k: Key) -> Self;
+}
+impl MapKey for Key {
+    fn map_key(k: Key) -> Self {
+        k
+    }
+}
+/// Cluster-scoped objects (namespaces) are keyed by name alone.
+impl MapKey for String {
+    fn map_key(k: Key) -> Self {
+        k.1
+    }
+}
+
+/// Follows one watch into one map of `Cluster`. A re-list (`Init` … `InitDone`) is collected
+/// aside and swapped in whole, so objects deleted while the watch was down disappear and the
+/// others stay without a gap.
+fn spawn_mirror<K, MK, V>(
+    index: usize,
+    api: Api<K>,
+    config: watcher::Config,
+    (state, changed): (Arc<Mutex<Cluster>>, Arc<Notify>),
+    map: fn(&mut Cluster) -> &mut HashMap<MK, V>,
+    convert: fn(K) -> Option<V>,
+) where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
+    K::DynamicType: Default,
+    MK: MapKey + std::hash::Hash + Eq + Send + 'static,
+    V: Send + 'static,
+{
+    let stream = watcher(api, config).default_backoff();
+    tokio::spawn(mirror(index, stream, state, changed, map, convert));
+}
+
+async fn mirror<K, MK, V>(
+    index: usize,
+    stream: impl Stream<Item = Result<watcher::Event<K>, watcher::Error>>,
+    state: Arc<Mutex<Cluster>>,
+    changed: Arc<Notify>,
+    map: fn(&mut Cluster) -> &mut HashMap<MK, V>,
+    convert: fn(K) -> Option<V>,
+) where
+    K: Resource,
+    MK: MapKey + std::hash::Hash + Eq,
+{
+    let mut stream = std::pin::pin!(stream);
+    let mut buffer: Option<HashMap<MK, V>> = None;
+    let mut failing_since: Option<Instant> = None;
+    while let Some(event) = stream.next().await {
+        let event = match event {
+            Ok(e) => e,
+            Err(e) => {
+                if failing_since.is_none() {
+                    warn!(watch = NAMES[index], error = %e, "watch failed; retrying with backoff");
+                    failing_since = Some(Instant::now());
+                }
+                continue;
+            }
+        };
+        if let Some(since) = failing_since.take() {
+            info!(watch = NAMES[index], down_ms = since.elapsed().as_millis() as u64, "watch resumed");
+        }
+        let mut c = state.lock().expect("cluster lock");
+        match event {
+            watcher::Event::Init => buffer = Some(HashMap::new()),
+            watcher::Event::InitApply(o) => {
+                let k = MK::map_key(key(&o));
+                if let (Some(b), Some(v)) = (buffer.as_mut(), convert(o)) {
+                    b.insert(k, v);
+                }
+            }
+            watcher::Event::InitDone => {
+                if let Some(b) = buffer.take() {
+                    *map(&mut c) = b;
+                }
+                if !c.synced[index] {
+                    debug!(watch = NAMES[index], "listed");
+                }
+                c.synced[index] = true;
+                changed.notify_one();
+            }
+            watcher::Event::Apply(o) => {
+                let k = MK::map_key(key(&o));
+                match convert(o) {
+                    Some(v) => map(&mut c).insert(k, v),
+                    None => map(&mut c).remove(&k),
+                };
+                changed.notify_one();
+            }
+            watcher::Event::Delete(o) => {
+                map(&mut c).remove(&MK::map_key(key(&o)));
+                changed.notify_one();
+            }
+        }
+    }
+}
+
+/// Turns what the watches have seen into a directory.
+struct Builder {
+    source: KubeSource,
+    cni: Option<Arc<Registry>>,
+    /// Pod UID → its cgroup, once found.
+    cgroups: HashMap<String, PathBuf>,
+    /// What was last reported about an object, so a problem is logged once, not per rebuild.
+    problems: HashMap<String, String>,
+}
+
+fn label_mode(value: Option<&str>) -> Result<Option<Option<Mode>>, String> {
+    // None: no label. Some(None): `off`. Some(Some(m)): a mode.
+    match value {
+        None => Ok(None),
+        Some("strict") => Ok(Some(Some(Mode::Strict))),
+        Some("permissive") => Ok(Some(Some(Mode::Permissive))),
+        Some("disable") => Ok(Some(Some(Mode::Disable))),
+        Some("off") => Ok(Some(None)),
+        Some(other) => Err(format!("label {MODE_LABEL}={other:?} is not one of strict, permissive, disable, off")),
+    }
+}
+
+impl Builder {
+    fn report(&mut self, what: String, problem: Option<String>) {
+        match problem {
+            Some(p) => {
+                if self.problems.get(&what) != Some(&p) {
+                    warn!(object = %what, problem = %p, "left out of the mesh directory");
+                    self.problems.insert(what, p);
+                }
+            }
+            None => {
+                self.problems.remove(&what);
+            }
+        }
+    }
+
+    fn build(&mut self, c: &Cluster) -> Directory {
+        let (node, cgroup_parent, td) = (
+            self.source.node.clone().unwrap_or_default(),
+            self.source.cgroup_parent.clone(),
+            self.source.trust_domain.clone(),
+        );
+        let mut workloads = Vec::with_capacity(c.all.len());
+        let mut owners: HashMap<IpAddr, Key> = HashMap::new();
+        // This node's pods first: on an IP conflict (an IP reused before the old pod's delete
+        // arrived), the pod the node actually runs wins. This node's pods come from the node
+        // watch only (with labels and UID), never half-known from the cluster-wide one.
+        let local = c.local.iter().map(|(k, p)| (k, p, true));
+        let remote = c.all.iter().filter(|(_, p)| p.node != node).map(|(k, p)| (k, p, false));
+        let mut entries: Vec<_> = local.chain(remote).collect();
+        entries.sort_by(|a, b| b.2.cmp(&a.2).then_with(|| a.0.cmp(b.0)));
+        for (k, p, is_local) in entries {
+            if p.finished || p.host_network || p.ips.is_empty() {
+                continue;
+            }
+            let what = format!("pod {}/{}", k.0, k.1);
+            let ns_label = c.namespaces.get(&k.0).cloned().flatten();
+            let (pod_mode, ns_mode) = match (label_mode(p.mode_label.as_deref()), label_mode(ns_label.as_deref())) {
+                (Ok(p), Ok(n)) => (p, n),
+                (Err(e), _) | (_, Err(e)) => {
+                    // A typo must not quietly take a pod out of (or into) the mesh: leave it out
+                    // of the directory, which keeps a local pod's connections refused.
+                    self.report(what, Some(e));
+                    continue;
+                }
+            };
+            let label = match (pod_mode, ns_mode) {
+                (Some(m), _) => m.map(|mode| LabelMode { mode, scope: "pod label" }),
+                (None, Some(m)) => m.map(|mode| LabelMode { mode, scope: "namespace label" }),
+                (None, None) => None,
+            };
+            let identity = match workload_id(&td, &k.0, &p.service_account) {
+                Ok(id) => id,
+                Err(e) => {
+                    self.report(what, Some(e.to_string()));
+                    continue;
+                }
+            };
+            let (mut netns, mut cgroup) = (None, None);
+            if is_local {
+                cgroup = self.cgroups.get(&p.uid).cloned().or_else(|| {
+                    let found = cni::pod_cgroup(&cgroup_parent, &p.uid)?;
+                    self.cgroups.insert(p.uid.clone(), found.clone());
+                    Some(found)
+                });
+                netns = self
+                    .cni
+                    .as_ref()
+                    .and_then(|r| r.netns(&k.0, &k.1, &p.uid))
+                    .or_else(|| cgroup.as_deref().and_then(cni::discover));
+                if netns.is_none() {
+                    // Until the CNI plugin (or the pod's cgroup) says where it is, the kernel
+                    // keeps refusing its connections: an unknown pod never talks plaintext.
+                    self.report(what, Some("no network namespace known yet (waiting for meshless-cni)".into()));
+                    continue;
+                }
+            }
+            if let Some(ip) = p.ips.iter().find(|ip| owners.contains_key(&canonical(**ip))) {
+                let other = &owners[&canonical(*ip)];
+                self.report(what, Some(format!("IP {ip} is also {}/{}'s", other.0, other.1)));
+                continue;
+            }
+            self.report(what, None);
+            for ip in &p.ips {
+                owners.insert(canonical(*ip), k.clone());
+            }
+            workloads.push(Workload {
+                key: PodKey { namespace: k.0.clone(), name: k.1.clone() },
+                service_account: p.service_account.clone(),
+                node: p.node.clone(),
+                ips: p.ips.clone(),
+                netns,
+                cgroup,
+                mesh: label.is_some(),
+                host_network: false,
+                identity,
+                labels: p.labels.clone(),
+                label_mode: label,
+            });
+        }
+        self.cgroups.retain(|uid, _| c.local.values().any(|p| &p.uid == uid));
+        let input = self.policy_input(c);
+        let policies = match Policies::compile(&input) {
+            Ok(p) => p,
+            Err(e) => {
+                // Objects are checked one by one first; this is a duplicate name across kinds.
+                warn!(error = %e, "the policy set is inconsistent; enforcing no policy objects");
+                Policies::compile(&PolicyInput { mesh: self.source.mesh.clone(), ..Default::default() })
+                    .expect("empty set")
+            }
+        };
+        Directory::new(td.clone(), node.clone(), cgroup_parent.clone(), workloads, policies).unwrap_or_else(|e| {
+            // Conflicts were resolved above; this is a bug, and serving nothing is safer than guessing.
+            warn!(error = %e, "inconsistent directory; serving an empty one");
+            Directory::empty(td, node, cgroup_parent)
+        })
+    }
+
+    /// The valid policy objects; invalid ones are left out (their status says why).
+    fn policy_input(&mut self, c: &Cluster) -> PolicyInput {
+        let mut input = PolicyInput { mesh: self.source.mesh.clone(), ..Default::default() };
+        for r in c.peer.values() {
+            let pa = crd::peer_authentication(r);
+            let what = format!("PeerAuthentication {}/{}", pa.metadata.namespace, pa.metadata.name);
+            match crate::policy::check_peer_authentication(&pa) {
+                Ok(()) => {
+                    self.report(what, None);
+                    input.peer_authentications.push(pa);
+                }
+                Err(e) => self.report(what, Some(e)),
+            }
+        }
+        for r in c.authz.values() {
+            let ap = crd::authorization_policy(r);
+            let what = format!("AuthorizationPolicy {}/{}", ap.metadata.namespace, ap.metadata.name);
+            match crate::policy::check_authorization_policy(&ap) {
+                Ok(()) => {
+                    self.report(what, None);
+                    input.authorization_policies.push(ap);
+                }
+                Err(e) => self.report(what, Some(e)),
+            }
+        }
+        input
+    }
+}
+
+/// The scale benchmark's entry (`meshless bench-directory`): `pods` synthetic pods spread over
+/// `nodes` nodes (and 100 namespaces, half of them opted in) go through the code the live
+/// watches run — the watch mirror (one list: `Init`, `InitApply`…, `InitDone`) and the directory
+/// builder — as the agent of `node-0`. Returns the time from the first object to the finished
+/// directory, and the directory.
+#[doc(hidden)]
+pub async fn synthetic(pods: usize, nodes: usize) -> (Duration, Arc<Directory>) {
+    use k8s_openapi::api::core::v1::{PodIP, PodSpec, PodStatus};
+    use kube::api::ObjectMeta;
+    let config = kube::Config::new("http://127.0.0.1:1".parse().expect("a URI"));
+    let source = KubeSource {
+        client: Client::try_from(config).expect("a client needs no server to exist"),
+        node: Some("node-0".into()),
+        trust_domain: TrustDomain::new("cluster.local").expect("valid"),
+        cgroup_parent: PathBuf::from("/nonexistent"),
+        cni_dir: PathBuf::new(),
+        mesh: MeshSettings::default(),
+    };
+    let started = Instant::now();
+    let state = Arc::new(Mutex::new(Cluster::default()));
+    let changed = Arc::new(Notify::new());
+    let namespaces = (0..100).map(|n| {
+        let mut ns = Namespace::default();
+        ns.metadata.name = Some(format!("ns-{n}"));
+        if n % 2 == 0 {
+            ns.metadata.labels = Some(BTreeMap::from([(MODE_LABEL.to_string(), "strict".to_string())]));
+        }
+        Ok(watcher::Event::InitApply(ns))
+    });
+    let events = std::iter::once(Ok(watcher::Event::Init)).chain(namespaces).chain([Ok(watcher::Event::InitDone)]);
+    mirror(
+        2,
+        futures_util::stream::iter(events),
+        state.clone(),
+        changed.clone(),
+        |c| &mut c.namespaces,
+        |n: Namespace| Some(n.labels().get(MODE_LABEL).cloned()),
+    )
+    .await;
+    let pod = |i: usize| {
+        let ip = std::net::Ipv4Addr::from(0x0a00_0000u32 + i as u32);
+        Pod {
+            metadata: ObjectMeta {
+                name: Some(format!("pod-{i}")),
+                namespace: Some(format!("ns-{}", i % 100)),
+                uid: Some(format!("00000000-0000-0000-0000-{i:012}")),
+                labels: Some(BTreeMap::from([("app".to_string(), format!("app-{}", i % 1000))])),
+                ..Default::default()
+            },
+            spec: Some(PodSpec {
+                node_name: Some(format!("node-{}", i % nodes)),
+                service_account_name: Some(format!("sa-{}", i % 1000)),
+                ..Default::default()
+            }),
+            status: Some(PodStatus {
+                phase: Some("Running".into()),
+                pod_ip: Some(ip.to_string()),
+                pod_ips: Some(vec![PodIP { ip: ip.to_string() }]),
+                ..Default::default()
+            }),
+        }
+    };
+    let all = std::iter::once(Ok(watcher::Event::Init))
+        .chain((0..pods).map(|i| Ok(watcher::Event::InitApply(pod(i)))))
+        .chain([Ok(watcher::Event::InitDone)]);
+    mirror(
+        1,
+        futures_util::stream::iter(all),
+        state.clone(),
+        changed.clone(),
+        |c| &mut c.all,
+        |p| Some(pod_info(&p, false)),
+    )
+    .await;
+    let local = std::iter::once(Ok(watcher::Event::Init))
+        .chain((0..pods).filter(|i| i % nodes == 0).map(|i| Ok(watcher::Event::InitApply(pod(i)))))
+        .chain([Ok(watcher::Event::InitDone)]);
+    mirror(
+        0,
+        futures_util::stream::iter(local),
+        state.clone(),
+        changed,
+        |c| &mut c.local,
+        |p| Some(pod_info(&p, true)),
+    )
+    .await;
+    let mut builder = Builder { source, cni: None, cgroups: HashMap::new(), problems: HashMap::new() };
+    let dir = Arc::new(builder.build(&state.lock().expect("cluster lock")));
+    (started.elapsed(), dir)
+}

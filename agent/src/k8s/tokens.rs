@@ -1,0 +1,104 @@
+//! Node authentication in a cluster: the agent shows its projected ServiceAccount token (audience
+//! `meshless-issuer`, bound to the agent's pod), and the issuer asks the API server who that is
+//! (TokenReview), then which node that pod runs on — istiod's NodeAuthorizer: the caller must be
+//! the node agent's ServiceAccount, its token bound to a live agent pod, and the node is that pod's
+//! `spec.nodeName`. The issuer then signs only identities of pods scheduled there.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::PostParams;
+use kube::Api;
+
+use crate::identity::BoxFuture;
+use crate::issuer::{Caller, NodeAuthenticator};
+
+/// The audience agents request their token for (and the issuer requires).
+pub const AUDIENCE: &str = "meshless-issuer";
+/// A reviewed token's node is remembered this long (agents renew many certificates at once).
+const CACHE: Duration = Duration::from_secs(60);
+
+pub struct ServiceAccountTokens {
+    pub client: kube::Client,
+    /// The agents' ServiceAccount: `(namespace, name)`.
+    pub agent: (String, String),
+    pub audience: String,
+    cache: Mutex<HashMap<String, (String, Instant)>>,
+}
+
+impl ServiceAccountTokens {
+    pub fn new(client: kube::Client, agent: (String, String), audience: String) -> ServiceAccountTokens {
+        ServiceAccountTokens { client, agent, audience, cache: Mutex::default() }
+    }
+
+    async fn review(&self, token: &str) -> Result<String, String> {
+        let review = TokenReview {
+            spec: TokenReviewSpec { token: Some(token.to_string()), audiences: Some(vec![self.audience.clone()]) },
+            ..Default::default()
+        };
+        let answer = Api::<TokenReview>::all(self.client.clone())
+            .create(&PostParams::default(), &review)
+            .await
+            .map_err(|e| format!("cannot review the token: {e}"))?;
+        let status = answer.status.unwrap_or_default();
+        if status.authenticated != Some(true) {
+            return Err(format!(
+                "the API server does not accept the token for audience {}: {}",
+                self.audience,
+                status.error.unwrap_or_else(|| "not authenticated".into())
+            ));
+        }
+        let user = status.user.unwrap_or_default();
+        let username = user.username.unwrap_or_default();
+        let want = format!("system:serviceaccount:{}:{}", self.agent.0, self.agent.1);
+        if username != want {
+            return Err(format!("the token is {username}'s, not the node agent's ({want})"));
+        }
+        let extra = user.extra.unwrap_or_default();
+        let one = |k: &str| extra.get(k).and_then(|v| v.first()).cloned();
+        let (Some(pod), Some(uid)) =
+            (one("authentication.kubernetes.io/pod-name"), one("authentication.kubernetes.io/pod-uid"))
+        else {
+            return Err("the token is not bound to a pod (use a projected ServiceAccount token)".into());
+        };
+        let agent_pod = Api::<Pod>::namespaced(self.client.clone(), &self.agent.0)
+            .get_opt(&pod)
+            .await
+            .map_err(|e| format!("cannot look up agent pod {pod}: {e}"))?
+            .ok_or_else(|| format!("agent pod {}/{pod} does not exist", self.agent.0))?;
+        if agent_pod.metadata.uid.as_deref() != Some(uid.as_str()) {
+            return Err(format!("the token was bound to an earlier pod named {pod}"));
+        }
+        agent_pod
+            .spec
+            .and_then(|s| s.node_name)
+            .filter(|n| !n.is_empty())
+            .ok_or_else(|| format!("agent pod {pod} is not scheduled on a node"))
+    }
+}
+
+impl NodeAuthenticator for ServiceAccountTokens {
+    fn authenticate<'a>(&'a self, caller: &'a Caller<'a>) -> BoxFuture<'a, Result<String, String>> {
+        Box::pin(async move {
+            let header = caller
+                .metadata
+                .get("authorization")
+                .and_then(|v| v.to_str().ok())
+                .ok_or("no ServiceAccount token was presented")?;
+            let token = header.strip_prefix("Bearer ").ok_or("the authorization header is not a bearer token")?;
+            if let Some((node, at)) = self.cache.lock().expect("token cache").get(token) {
+                if at.elapsed() < CACHE {
+                    return Ok(node.clone());
+                }
+            }
+            let node = self.review(token).await?;
+            let mut cache = self.cache.lock().expect("token cache");
+            cache.retain(|_, (_, at)| at.elapsed() < CACHE);
+            cache.insert(token.to_string(), (node.clone(), Instant::now()));
+            Ok(node)
+        })
+    }
+}

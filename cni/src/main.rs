@@ -1,0 +1,230 @@
+//! `meshless-cni`: a chained CNI plugin (CNI spec 1.0/1.1, and 0.3.x/0.4.0 configurations) that
+//! tells the node agent where each new pod's network namespace is.
+//!
+//! The container runtime runs it after the network plugin proper, with `CNI_COMMAND` and friends in
+//! the environment and the network configuration (with `prevResult`) on stdin. On ADD it writes a
+//! record of the pod (namespace, name, UID, netns path, container ID, IPs) under
+//! `<stateDir>/pods/`, then tells the agent on `<stateDir>/agent.sock`; on DEL it removes the record
+//! and tells the agent again. The record is what makes the agent's absence harmless: an agent that
+//! is down, restarting or not installed yet reads the records when it starts. So the plugin never
+//! fails a pod's network setup because of the agent; it fails only on input that is not CNI
+//! (a malformed configuration or environment), with a CNI error object.
+//!
+//! Hand-written rather than built on a CNI crate: the crates on crates.io either pin old spec
+//! versions or pull in an async runtime for what is one JSON document in and one out; the plugin
+//! must stay small and start fast, as the runtime runs it for every pod.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+const DEFAULT_STATE_DIR: &str = "/var/run/meshless/cni";
+const SUPPORTED: [&str; 6] = ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0", "1.1"];
+/// How long the agent gets to acknowledge; the record is already written, so waiting longer would
+/// only slow down pod start when the agent is stuck.
+const AGENT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The plugin's part of the network configuration.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct NetConf {
+    #[serde(default)]
+    cni_version: String,
+    #[serde(default)]
+    state_dir: Option<PathBuf>,
+    #[serde(default)]
+    prev_result: Option<Value>,
+}
+
+/// What the agent learns of a pod (shared with the agent's `cni` module by shape, as JSON).
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Record {
+    container_id: String,
+    namespace: String,
+    name: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    uid: String,
+    netns: String,
+    if_name: String,
+    ips: Vec<String>,
+}
+
+/// A CNI error: printed as the spec's error object on stdout, exit status 1.
+struct CniError {
+    code: u32,
+    msg: String,
+    details: String,
+}
+
+fn err(code: u32, msg: &str, details: impl Into<String>) -> CniError {
+    CniError { code, msg: msg.into(), details: details.into() }
+}
+
+fn main() {
+    let command = std::env::var("CNI_COMMAND").unwrap_or_default();
+    let mut stdin = String::new();
+    // VERSION may come without a configuration; everything else has one.
+    let _ = std::io::stdin().read_to_string(&mut stdin);
+    let version = serde_json::from_str::<Value>(&stdin)
+        .ok()
+        .and_then(|v| v.get("cniVersion").and_then(Value::as_str).map(str::to_owned))
+        .unwrap_or_else(|| "1.0.0".into());
+    match run(&command, &stdin) {
+        Ok(Some(out)) => {
+            println!("{out}");
+        }
+        Ok(None) => {}
+        Err(e) => {
+            println!("{}", json!({ "cniVersion": version, "code": e.code, "msg": e.msg, "details": e.details }));
+            std::process::exit(1);
+        }
+    }
+}
+
+fn run(command: &str, stdin: &str) -> Result<Option<String>, CniError> {
+    match command {
+        "VERSION" => Ok(Some(json!({ "cniVersion": "1.1.0", "supportedVersions": SUPPORTED }).to_string())),
+        "ADD" | "DEL" | "CHECK" | "GC" | "STATUS" => {
+            let conf: NetConf = serde_json::from_str(stdin).map_err(|e| {
+                err(6, "meshless-cni: the network configuration on stdin is not valid JSON", e.to_string())
+            })?;
+            if !conf.cni_version.is_empty() && !SUPPORTED.contains(&conf.cni_version.as_str()) {
+                return Err(err(1, "meshless-cni: unsupported cniVersion", conf.cni_version));
+            }
+            let state_dir = conf.state_dir.clone().unwrap_or_else(|| DEFAULT_STATE_DIR.into());
+            match command {
+                "ADD" => add(&conf, &state_dir),
+                "DEL" => del(&state_dir).map(|()| None),
+                _ => Ok(None),
+            }
+        }
+        "" => Err(err(
+            4,
+            "meshless-cni: CNI_COMMAND is not set",
+            "this program is a CNI plugin, run by the container runtime",
+        )),
+        other => Err(err(4, "meshless-cni: unknown CNI_COMMAND", other)),
+    }
+}
+
+fn env(name: &str) -> Result<String, CniError> {
+    std::env::var(name).map_err(|_| err(4, "meshless-cni: a required CNI variable is missing", name))
+}
+
+/// Container IDs name the record file: keep them to the characters the spec allows.
+fn container_id() -> Result<String, CniError> {
+    let id = env("CNI_CONTAINERID")?;
+    if id.is_empty() || !id.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c)) || id.starts_with('.') {
+        return Err(err(4, "meshless-cni: CNI_CONTAINERID must be alphanumeric (plus _ . -)", id));
+    }
+    Ok(id)
+}
+
+/// `CNI_ARGS`: `K=V;K=V`, with the Kubernetes pod's coordinates from the runtime.
+fn cni_args() -> BTreeMap<String, String> {
+    std::env::var("CNI_ARGS")
+        .unwrap_or_default()
+        .split(';')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
+}
+
+fn add(conf: &NetConf, state_dir: &Path) -> Result<Option<String>, CniError> {
+    let container_id = container_id()?;
+    let netns = env("CNI_NETNS")?;
+    let args = cni_args();
+    // The chained result is what came before, unchanged: this plugin adds no interface.
+    let result = match &conf.prev_result {
+        Some(prev) => {
+            let mut prev = prev.clone();
+            if let Some(obj) = prev.as_object_mut() {
+                obj.insert("cniVersion".into(), json!(conf.cni_version));
+            }
+            prev
+        }
+        None => json!({ "cniVersion": conf.cni_version }),
+    };
+    let (Some(namespace), Some(name)) = (args.get("K8S_POD_NAMESPACE"), args.get("K8S_POD_NAME")) else {
+        // Not a Kubernetes pod (or a runtime that does not say which): nothing for the mesh.
+        return Ok(Some(result.to_string()));
+    };
+    let ips = conf
+        .prev_result
+        .as_ref()
+        .and_then(|p| p.get("ips"))
+        .and_then(Value::as_array)
+        .map(|ips| {
+            ips.iter()
+                .filter_map(|ip| ip.get("address").and_then(Value::as_str))
+                .map(|a| a.split('/').next().unwrap_or(a).to_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    let record = Record {
+        container_id: container_id.clone(),
+        namespace: namespace.clone(),
+        name: name.clone(),
+        uid: args.get("K8S_POD_UID").cloned().unwrap_or_default(),
+        netns,
+        if_name: std::env::var("CNI_IFNAME").unwrap_or_default(),
+        ips,
+    };
+    let line = serde_json::to_string(&record).expect("a record serializes");
+    let pods = state_dir.join("pods");
+    if let Err(e) = write_record(&pods, &container_id, &line) {
+        // Even this must not stop the pod: the agent also finds pods from their cgroups at start.
+        eprintln!("meshless-cni: cannot record pod {namespace}/{name} in {}: {e}", pods.display());
+    }
+    notify(state_dir, &format!("{{\"op\":\"add\",\"pod\":{line}}}"));
+    Ok(Some(result.to_string()))
+}
+
+fn del(state_dir: &Path) -> Result<(), CniError> {
+    let container_id = container_id()?;
+    match std::fs::remove_file(state_dir.join("pods").join(format!("{container_id}.json"))) {
+        Ok(()) => notify(state_dir, &json!({ "op": "del", "containerId": container_id }).to_string()),
+        // DEL must be idempotent: the runtime repeats it, also for sandboxes never added.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => eprintln!("meshless-cni: cannot remove the record of {container_id}: {e}"),
+    }
+    Ok(())
+}
+
+/// Written to a temporary name and renamed, so the agent never reads half a record.
+fn write_record(dir: &Path, container_id: &str, line: &str) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let tmp = dir.join(format!(".{container_id}.tmp"));
+    std::fs::write(&tmp, format!("{line}\n"))?;
+    std::fs::rename(&tmp, dir.join(format!("{container_id}.json")))
+}
+
+/// Tells the agent, best effort: an agent that is not there catches up from the records.
+fn notify(state_dir: &Path, message: &str) {
+    let socket = state_dir.join("agent.sock");
+    let outcome = (|| -> std::io::Result<String> {
+        let mut s = UnixStream::connect(&socket)?;
+        s.set_write_timeout(Some(AGENT_TIMEOUT))?;
+        s.set_read_timeout(Some(AGENT_TIMEOUT))?;
+        s.write_all(message.as_bytes())?;
+        s.write_all(b"\n")?;
+        s.shutdown(std::net::Shutdown::Write)?;
+        let mut answer = String::new();
+        s.read_to_string(&mut answer)?;
+        Ok(answer)
+    })();
+    match outcome {
+        Ok(a) if a.trim() == "ok" => {}
+        Ok(a) => eprintln!("meshless-cni: the agent answered {:?}; it will catch up from the record", a.trim()),
+        Err(e) => eprintln!(
+            "meshless-cni: agent not reachable on {} ({e}); it will catch up from the record",
+            socket.display()
+        ),
+    }
+}
