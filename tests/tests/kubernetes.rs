@@ -21,12 +21,22 @@ struct Cluster {
     tb: Testbed,
 }
 
-/// A two-node testbed (two pods each), the control plane with `deploy/` applied, namespaces
+/// A two-node testbed (three pods on node 1, two on node 2), the control plane with `deploy/` applied, namespaces
 /// `shop` (opted in, STRICT) and `legacy` (no label), and `before` pods created (and announced
 /// by the CNI plugin) before the agents start.
 fn cluster(label: &str, bins: &Bins, before: &[(usize, usize, &str, &str, &str)]) -> Cluster {
+    cluster_with(label, bins, before, &|_, _| {})
+}
+
+/// As [`cluster`], with `setup` run before the agents start too.
+fn cluster_with(
+    label: &str,
+    bins: &Bins,
+    before: &[(usize, usize, &str, &str, &str)],
+    setup: &dyn Fn(&Testbed, &ApiServer),
+) -> Cluster {
     let kbins = support::kube_bins(label).expect("checked by the caller");
-    let tb = Testbed::new(Layout { label, pods: &[2, 2] }).expect("building the testbed");
+    let tb = Testbed::new(Layout { label, pods: &[3, 2] }).expect("building the testbed");
     let api = ApiServer::start(&tb, kbins).expect("starting the API server");
     // The manifests as a user applies them, validated by the server.
     let applied = apply_deploy(&tb, &api).unwrap();
@@ -36,6 +46,7 @@ fn cluster(label: &str, bins: &Bins, before: &[(usize, usize, &str, &str, &str)]
     for &(node, j, ns, name, sa) in before {
         start_pod(&tb, bins, &api, tb.pod(node, j), ns, name, sa);
     }
+    setup(&tb, &api);
     let mesh = KubeMesh::start(&tb, bins, &api).expect("starting the issuer and the agents");
     Cluster { mesh, api, tb }
 }
@@ -66,7 +77,7 @@ fn pods_in_opted_in_namespaces_are_meshed_from_the_api_and_the_cni_plugin_and_ot
         return;
     }
     // The client and a legacy pod exist before the agents start (their CNI records wait on disk).
-    let c = cluster(
+    let c = cluster_with(
         "kpods",
         &bins,
         &[
@@ -74,8 +85,24 @@ fn pods_in_opted_in_namespaces_are_meshed_from_the_api_and_the_cni_plugin_and_ot
             (1, 2, "legacy", "old-client", "default"),
             (2, 2, "legacy", "old-server", "default"),
         ],
+        &|tb, api| {
+            // A pod that was running before meshless was installed: no CNI record, only its
+            // cgroup (named after its UID, as kubelet names it) with a process in its netns.
+            let pod = tb.pod(1, 3);
+            let uid =
+                api.create_pod(tb, "shop", "early-1", "early", "node1", serde_json::json!({"app": "early"})).unwrap();
+            let cgroup = tb.node(1).cgroup.join(format!("pod{uid}"));
+            std::fs::create_dir_all(&cgroup).unwrap();
+            tb.spawn(pod.netns.command("sleep", Some(&cgroup)).unwrap().arg("600")).unwrap();
+            api.set_pod_ips(tb, "shop", "early-1", &[pod.ipv4.into(), pod.ipv6.into()]).unwrap();
+        },
     );
     let (tb, api, mesh) = (&c.tb, &c.api, &c.mesh);
+    assert!(
+        mesh.log_lines(1).iter().any(|l| l["message"] == "pod enrolled" && l["pod"] == "shop/early-1"),
+        "a pod running before meshless was installed (no CNI record) was not found from its cgroup: {}",
+        mesh.log_tail(1)
+    );
     assert!(
         enrolled(mesh, 1, "shop/frontend-1").is_some(),
         "a pod announced before the agent started was not enrolled: {}",
@@ -162,6 +189,13 @@ fn pods_in_opted_in_namespaces_are_meshed_from_the_api_and_the_cni_plugin_and_ot
             "a pod of an unlabelled namespace was enrolled on node{node}"
         );
     }
+    // The readiness probe: ready while the agent serves, not once it is gone.
+    let ready = |node: usize| tb.node(node).netns.command(&bins.meshless, None).unwrap().arg("ready").output().unwrap();
+    let out = ready(1);
+    assert!(out.status.success() && out.stdout.starts_with(b"ready"), "{}", String::from_utf8_lossy(&out.stderr));
+    tb.stop(mesh.agents[1]);
+    let out = ready(2);
+    assert!(!out.status.success(), "`meshless ready` succeeded with no agent on node2");
 }
 
 /// The state file that describes what the API holds for node 2 (same pods, same policy), for
