@@ -259,7 +259,7 @@ fn policy_resources_decide_as_the_state_file_does_and_an_invalid_one_gets_a_stat
 
     // The policy, as a user applies it.
     let object = ALLOW_FRONTEND;
-    api.kubectl_ok(tb, &["apply", "-f", "-"], Some(&object)).unwrap();
+    api.kubectl_ok(tb, &["apply", "-f", "-"], Some(object)).unwrap();
     let accepted = |name: &str| {
         api.kubectl_ok(
             tb,
