@@ -55,7 +55,7 @@ enum Cmd {
         #[arg(long, default_value_t = 5_000)]
         nodes: usize,
     },
-    /// Print Kubernetes manifests generated from meshless's types (`crds`: the policy CRDs).
+    /// Print the Kubernetes manifests: `crds` (generated from meshless's types) or `all`.
     Manifests {
         #[arg(value_enum)]
         what: Manifest,
@@ -70,7 +70,10 @@ enum Cmd {
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
 enum Manifest {
+    /// The two CRDs.
     Crds,
+    /// Everything `deploy/` holds: namespace, CRDs, RBAC, issuer, agent DaemonSet.
+    All,
 }
 
 #[derive(Subcommand, Debug)]
@@ -278,7 +281,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             };
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             let before = rss();
-            let (took, dir) = rt.block_on(crate::k8s::source::synthetic(pods, nodes));
+            let (took, rebuild, dir) = rt.block_on(crate::k8s::source::synthetic(pods, nodes));
             crate::limits::release_free_memory();
             let after = rss();
             println!(
@@ -286,6 +289,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 serde_json::json!({
                     "pods": pods, "nodes": nodes, "in_directory": dir.len(),
                     "local": dir.local_pods().count(), "sync_ms": took.as_secs_f64() * 1e3,
+                    "rebuild_ms": rebuild.as_secs_f64() * 1e3,
                     "rss_before_kib": before, "rss_after_kib": after,
                     "bytes_per_pod": (after.saturating_sub(before) * 1024) as f64 / pods.max(1) as f64,
                 })
@@ -295,6 +299,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Manifests { what: Manifest::Crds } => {
             print!("{}", crate::k8s::crd::crds_yaml());
+            Ok(())
+        }
+        Cmd::Manifests { what: Manifest::All } => {
+            print!("{}", crate::k8s::crd::all_yaml());
             Ok(())
         }
     }

@@ -87,9 +87,18 @@ fn one_pods_connect_flood_cannot_evict_another_pods_pending_connection() {
         "queued connections the flood reset were carried upstream anyway ({} skipped)",
         skipped(&mesh)
     );
-    // Both pods go on working.
-    for pod in [victim, flooder] {
-        let (ok, out, err) = run(pod.command(&bins.testbin).unwrap().args(["send", &to, "after"]));
+    // Both pods go on working: the victim at once; the flooder, whose own map its flood filled
+    // while the agent still drains the flood's queued connections, within a few tries.
+    for (pod, tries) in [(victim, 1), (flooder, 5)] {
+        let mut last = (false, String::new(), String::new());
+        for _ in 0..tries {
+            last = run(pod.command(&bins.testbin).unwrap().args(["send", &to, "after"]));
+            if last.0 && last.1 == "served" {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        let (ok, out, err) = last;
         assert!(
             ok && out == "served",
             "{} after the flood: {err}\nnode1:\n{}\nnode2:\n{}",

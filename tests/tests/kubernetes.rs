@@ -21,7 +21,7 @@ struct Cluster {
     tb: Testbed,
 }
 
-/// A two-node testbed (three pods on node 1, two on node 2), the control plane with `deploy/` applied, namespaces
+/// A two-node testbed (four pod sandboxes on node 1, two on node 2), the control plane with `deploy/` applied, namespaces
 /// `shop` (opted in, STRICT) and `legacy` (no label), and `before` pods created (and announced
 /// by the CNI plugin) before the agents start.
 fn cluster(label: &str, bins: &Bins, before: &[(usize, usize, &str, &str, &str)]) -> Cluster {
@@ -36,7 +36,7 @@ fn cluster_with(
     setup: &dyn Fn(&Testbed, &ApiServer),
 ) -> Cluster {
     let kbins = support::kube_bins(label).expect("checked by the caller");
-    let tb = Testbed::new(Layout { label, pods: &[3, 2] }).expect("building the testbed");
+    let tb = Testbed::new(Layout { label, pods: &[4, 2] }).expect("building the testbed");
     let api = ApiServer::start(&tb, kbins).expect("starting the API server");
     // The manifests as a user applies them, validated by the server.
     let applied = apply_deploy(&tb, &api).unwrap();
@@ -155,7 +155,30 @@ fn pods_in_opted_in_namespaces_are_meshed_from_the_api_and_the_cni_plugin_and_ot
     // A client outside the mesh cannot reach the STRICT pod in plaintext.
     let out = curl(legacy_client, &format!("http://{}:8080/strict-probe", server.ipv4), "x");
     assert!(!out.status.success(), "plaintext reached a STRICT pod: {}", String::from_utf8_lossy(&out.stdout));
+    // A pod the agent cannot place yet (its object and IP are known, the runtime has not called
+    // the CNI plugin): its connections are refused by the kernel, never sent in plaintext.
+    let late = tb.pod(1, 4);
+    let uid = api.create_pod(tb, "shop", "late-1", "late", "node1", serde_json::json!({"app": "late"})).unwrap();
+    api.set_pod_ips(tb, "shop", "late-1", &[late.ipv4.into(), late.ipv6.into()]).unwrap();
+    let early = "kube-unplaced-pod-marker-51aa";
+    let out = curl(late, &format!("http://{}:8080/{early}", server.ipv4), early);
+    assert!(!out.status.success(), "a pod unknown to the agent got through: {}", String::from_utf8_lossy(&out.stdout));
+    // curl's exit status 7: the connect itself failed (the kernel's EPERM), at once.
+    assert_eq!(out.status.code(), Some(7), "{}", String::from_utf8_lossy(&out.stderr));
+    let added =
+        meshless_tests::kube::run_cni(&bins.cni, "ADD", &KubeMesh::cni_dir(tb, 1), late, "shop", "late-1", &uid)
+            .unwrap();
+    assert!(added.status.success());
+    assert!(enrolled(mesh, 1, "shop/late-1").is_some(), "{}", mesh.log_tail(1));
+    let out = curl(late, &format!("http://{}:8080/{secret}", server.ipv4), secret);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        body,
+        "once placed, the pod is meshed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let segs = dump.finish(tb).unwrap();
+    assert!(!seen(&segs, early), "the unplaced pod's request crossed the wire");
     assert!(seen(&segs, plain), "control failed: the capture should show the legacy call's plaintext");
     assert!(!seen(&segs, secret), "the meshed request crossed the wire in plaintext");
     assert!(
@@ -415,6 +438,13 @@ fn the_issuer_signs_a_node_only_its_own_pods_identities_and_the_agent_may_only_r
         .filter(|l| l["message"].as_str().is_some_and(|m| m.starts_with("refused a certificate request")))
         .count();
     assert!(refusals >= 4, "the issuer logs every refusal: {}", mesh.issuer_tail());
+
+    // `meshless manifests all` is what `deploy/` holds: the server accepts it as it is.
+    let all = std::process::Command::new(&bins.meshless).args(["manifests", "all"]).output().unwrap();
+    let all = String::from_utf8(all.stdout).unwrap();
+    let out = api.kubectl(tb, None, &["apply", "--server-side", "--dry-run=server", "-f", "-"], Some(&all)).unwrap();
+    assert!(out.status.success(), "meshless manifests all: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("daemonset.apps/meshless-agent serverside-applied"));
 
     // RBAC: the agent reads what it needs and can write nothing.
     let agent_kc = api.dir.join("agent-node1.kubeconfig");

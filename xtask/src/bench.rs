@@ -200,9 +200,10 @@ fn directory_scale(bins: &Bins) -> Result<()> {
         ]))?;
         let v = json(&out)?;
         println!(
-            "kubernetes directory, {pods} pods / {nodes} nodes: synced in {:.0} ms, RSS {:.1} → {:.1} MiB \
-             ({:.0} bytes per pod), {} in the directory, {} local",
+            "kubernetes directory, {pods} pods / {nodes} nodes: synced in {:.0} ms, each rebuild {:.0} ms, \
+             RSS {:.1} → {:.1} MiB ({:.0} bytes per pod), {} in the directory, {} local",
             num(&v, "sync_ms")?,
+            num(&v, "rebuild_ms")?,
             num(&v, "rss_before_kib")? / 1024.0,
             num(&v, "rss_after_kib")? / 1024.0,
             num(&v, "bytes_per_pod")?,

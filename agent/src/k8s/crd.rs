@@ -143,6 +143,32 @@ where
     }
 }
 
+/// Everything `deploy/` holds, as one multi-document YAML in the kustomization's order, with the
+/// CRDs generated from the types (so a user with only the binary can
+/// `meshless manifests all | kubectl apply --server-side -f -`).
+pub fn all_yaml() -> String {
+    let mut out = String::new();
+    for (name, text) in DEPLOY_FILES {
+        out.push_str(&format!("# deploy/{name}\n"));
+        if name == "crds.yaml" {
+            out.push_str(&crds_yaml());
+        } else {
+            out.push_str("---\n");
+            out.push_str(text);
+        }
+    }
+    out
+}
+
+/// The manifests of `deploy/`, in the kustomization's order.
+const DEPLOY_FILES: [(&str, &str); 5] = [
+    ("namespace.yaml", include_str!("../../../deploy/namespace.yaml")),
+    ("crds.yaml", ""),
+    ("rbac.yaml", include_str!("../../../deploy/rbac.yaml")),
+    ("issuer.yaml", include_str!("../../../deploy/issuer.yaml")),
+    ("agent.yaml", include_str!("../../../deploy/agent.yaml")),
+];
+
 /// Both CRDs, as one multi-document YAML (what `deploy/crds.yaml` holds).
 pub fn crds_yaml() -> String {
     let mut out =
@@ -167,6 +193,28 @@ mod tests {
             "deploy/crds.yaml differs from what the policy types generate; run \
              `cargo run -p meshless-agent -- manifests crds > deploy/crds.yaml`"
         );
+    }
+
+    #[test]
+    fn manifests_all_holds_every_file_the_kustomization_lists_in_its_order() {
+        let k = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/kustomization.yaml")).unwrap();
+        let listed: Vec<&str> = k.lines().filter_map(|l| l.strip_prefix("- ")).collect();
+        let ours: Vec<&str> = DEPLOY_FILES.iter().map(|(n, _)| *n).collect();
+        assert_eq!(listed, ours, "deploy/kustomization.yaml and `meshless manifests all` list different files");
+        let all = all_yaml();
+        for kind in [
+            "kind: Namespace",
+            "kind: CustomResourceDefinition",
+            "kind: ClusterRole",
+            "kind: Deployment",
+            "kind: DaemonSet",
+        ] {
+            assert!(all.contains(kind), "{kind} missing");
+        }
+        // Every document parses.
+        for doc in serde_yaml::Deserializer::from_str(&all) {
+            serde_yaml::Value::deserialize(doc).expect("a YAML document");
+        }
     }
 
     #[test]
