@@ -11,6 +11,7 @@
 
 pub mod cni;
 pub mod crd;
+pub mod objects;
 pub mod source;
 pub mod tokens;
 

@@ -25,8 +25,8 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use super::objects::{Namespace, Pod};
 use futures_util::{Stream, StreamExt as _};
-use k8s_openapi::api::core::v1::{Namespace, Pod};
 use kube::runtime::watcher::{self, watcher};
 use kube::runtime::WatchStreamExt as _;
 use kube::{Api, Client, Resource, ResourceExt as _};
@@ -511,7 +511,7 @@ impl Builder {
 /// directory, the time of one rebuild (what every later burst of changes costs), and the directory.
 #[doc(hidden)]
 pub async fn synthetic(pods: usize, nodes: usize) -> (Duration, Duration, Arc<Directory>) {
-    use k8s_openapi::api::core::v1::{PodIP, PodSpec, PodStatus};
+    use super::objects::{PodIp, PodSpec, PodStatus};
     use kube::api::ObjectMeta;
     let config = kube::Config::new("http://127.0.0.1:1".parse().expect("a URI"));
     let source = KubeSource {
@@ -561,8 +561,7 @@ pub async fn synthetic(pods: usize, nodes: usize) -> (Duration, Duration, Arc<Di
             status: Some(PodStatus {
                 phase: Some("Running".into()),
                 pod_ip: Some(ip.to_string()),
-                pod_ips: Some(vec![PodIP { ip: ip.to_string() }]),
-                ..Default::default()
+                pod_ips: Some(vec![PodIp { ip: ip.to_string() }]),
             }),
         }
     };
