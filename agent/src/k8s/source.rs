@@ -596,3 +596,110 @@ pub async fn synthetic(pods: usize, nodes: usize) -> (Duration, Duration, Arc<Di
     drop(builder.build(&state.lock().expect("cluster lock")));
     (started.elapsed() - rebuild.elapsed(), rebuild.elapsed(), dir)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+
+    fn builder(cgroup_parent: PathBuf) -> Builder {
+        let config = kube::Config::new("http://127.0.0.1:1".parse().unwrap());
+        let source = KubeSource {
+            client: Client::try_from(config).unwrap(),
+            node: Some("node-0".into()),
+            trust_domain: TrustDomain::new("cluster.local").unwrap(),
+            cgroup_parent,
+            cni_dir: PathBuf::new(),
+            mesh: MeshSettings::default(),
+        };
+        Builder { source, cni: None, cgroups: HashMap::new(), problems: HashMap::new() }
+    }
+
+    fn info(node: &str, ip: &str, mode: Option<&str>) -> PodInfo {
+        PodInfo {
+            uid: format!("uid-{ip}"),
+            service_account: "sa".into(),
+            node: node.into(),
+            ips: vec![ip.parse().unwrap()],
+            host_network: false,
+            finished: false,
+            mode_label: mode.map(str::to_owned),
+            labels: BTreeMap::new(),
+        }
+    }
+
+    fn key(ns: &str, name: &str) -> Key {
+        (ns.into(), name.into())
+    }
+
+    #[tokio::test]
+    async fn the_mode_label_opts_in_by_namespace_or_pod_and_a_typo_leaves_the_pod_out() {
+        let mut c = Cluster::default();
+        c.namespaces.insert("a".into(), Some("strict".into()));
+        c.namespaces.insert("b".into(), None);
+        c.namespaces.insert("c".into(), Some("strcit".into()));
+        for (k, ip, mode) in [
+            (key("a", "inherits"), "10.0.0.1", None),
+            (key("a", "opted-out"), "10.0.0.2", Some("off")),
+            (key("b", "pod-opt-in"), "10.0.0.3", Some("permissive")),
+            (key("b", "untouched"), "10.0.0.4", None),
+            (key("c", "ns-typo"), "10.0.0.5", None),
+            (key("a", "pod-typo"), "10.0.0.6", Some("bogus")),
+        ] {
+            c.all.insert(k, info("node-9", ip, mode));
+        }
+        let mut b = builder(PathBuf::from("/nonexistent"));
+        let dir = b.build(&c);
+        let get = |ns: &str, name: &str| dir.get(&PodKey { namespace: ns.into(), name: name.into() }).cloned();
+        let inherits = get("a", "inherits").unwrap();
+        assert!(inherits.mesh);
+        assert_eq!(inherits.label_mode, Some(LabelMode { mode: Mode::Strict, scope: "namespace label" }));
+        assert!(!get("a", "opted-out").unwrap().mesh);
+        let opt_in = get("b", "pod-opt-in").unwrap();
+        assert_eq!(opt_in.label_mode, Some(LabelMode { mode: Mode::Permissive, scope: "pod label" }));
+        assert!(!get("b", "untouched").unwrap().mesh);
+        assert!(get("c", "ns-typo").is_none() && get("a", "pod-typo").is_none(), "a typo leaves the pod out");
+        assert!(b.problems.contains_key("pod c/ns-typo") && b.problems["pod a/pod-typo"].contains("bogus"));
+        // The mode the label gives is the pod's mode unless a PeerAuthentication says otherwise.
+        assert_eq!(dir.policy_for(&inherits).mode.mode, Mode::Strict);
+    }
+
+    #[tokio::test]
+    async fn this_nodes_pod_wins_an_ip_conflict_and_finished_host_network_and_unplaced_pods_are_left_out() {
+        // A pod cgroup named after the UID, holding this very process: its netns is "found".
+        let parent = std::env::temp_dir().join(format!("meshless-cgroups-{}", std::process::id()));
+        let pod_dir = parent.join("kubepods-besteffort-poduid_10_0_0_1.slice");
+        std::fs::create_dir_all(&pod_dir).unwrap();
+        std::fs::write(pod_dir.join("cgroup.procs"), format!("{}\n", std::process::id())).unwrap();
+        let mut c = Cluster::default();
+        c.namespaces.insert("a".into(), Some("permissive".into()));
+        let mut local = info("node-0", "10.0.0.1", None);
+        local.uid = "uid-10-0-0-1".into();
+        c.local.insert(key("a", "here"), local.clone());
+        c.all.insert(key("a", "here"), local);
+        // A pod elsewhere still listed with the same IP (its delete not seen yet).
+        c.all.insert(key("a", "stale"), info("node-7", "10.0.0.1", None));
+        let mut done = info("node-7", "10.0.0.2", None);
+        done.finished = true;
+        c.all.insert(key("a", "done"), done);
+        let mut host = info("node-7", "10.0.0.3", None);
+        host.host_network = true;
+        c.all.insert(key("a", "host"), host);
+        // On this node, but neither a CNI record nor a cgroup: not placed yet.
+        c.local.insert(key("a", "unplaced"), info("node-0", "10.0.0.4", None));
+        let mut b = builder(parent.clone());
+        let dir = b.build(&c);
+        let here = dir.pod_by_ip("10.0.0.1".parse().unwrap()).unwrap();
+        assert_eq!(here.key.name, "here");
+        assert_eq!(here.netns.as_deref(), Some(Path::new(&format!("/proc/{}/ns/net", std::process::id()))));
+        assert_eq!(here.cgroup.as_deref(), Some(pod_dir.as_path()));
+        assert_eq!(dir.local_pods().count(), 1);
+        assert!(b.problems["pod a/stale"].contains("10.0.0.1"));
+        assert!(b.problems["pod a/unplaced"].contains("network namespace"));
+        for gone in ["done", "host", "unplaced"] {
+            assert!(dir.get(&PodKey { namespace: "a".into(), name: gone.into() }).is_none(), "{gone}");
+        }
+        let _ = std::fs::remove_dir_all(&parent);
+    }
+}
