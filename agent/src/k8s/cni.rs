@@ -159,16 +159,22 @@ impl Registry {
     }
 
     /// The network namespace of pod `namespace/name` (with `uid`, when both sides know it): the
-    /// newest live sandbox's.
+    /// newest live sandbox's (a runtime that recreated a sandbox without a DEL leaves two records;
+    /// the later one, by its record's time, is the pod's).
     pub fn netns(&self, namespace: &str, name: &str, uid: &str) -> Option<PathBuf> {
         let pods = self.pods.lock().expect("CNI registry lock");
+        let written = |p: &CniPod| {
+            std::fs::metadata(self.dir.join("pods").join(format!("{}.json", p.container_id)))
+                .and_then(|m| m.modified())
+                .ok()
+        };
         pods.values()
             .filter(|p| {
                 p.namespace == namespace && p.name == name && (p.uid.is_empty() || uid.is_empty() || p.uid == uid)
             })
-            .map(|p| &p.netns)
-            .find(|n| n.exists())
-            .cloned()
+            .filter(|p| p.netns.exists())
+            .max_by_key(|p| written(p))
+            .map(|p| p.netns.clone())
     }
 }
 
@@ -327,6 +333,29 @@ mod tests {
         let d = std::env::temp_dir().join(format!("meshless-cni-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&d);
         d
+    }
+
+    #[tokio::test]
+    async fn records_on_disk_are_read_at_start_and_the_newest_sandbox_of_a_pod_wins() {
+        let d = scratch("records");
+        std::fs::create_dir_all(d.join("pods")).unwrap();
+        let record = |id: &str, netns: &str, uid: &str| {
+            format!(r#"{{"containerId":"{id}","namespace":"shop","name":"web-1","uid":"{uid}","netns":"{netns}"}}"#)
+        };
+        std::fs::write(d.join("pods/old.json"), record("old", "/proc/1/ns/net", "u-1")).unwrap();
+        std::fs::write(d.join("pods/gone.json"), record("gone", "/nonexistent/netns", "u-1")).unwrap();
+        std::fs::write(d.join("pods/junk.json"), "{not a record").unwrap();
+        std::fs::write(d.join("pods/other.json"), record("other", "/proc/self/ns/net", "u-2")).unwrap();
+        let earlier = std::time::SystemTime::now() - Duration::from_secs(60);
+        std::fs::File::options().write(true).open(d.join("pods/old.json")).unwrap().set_modified(earlier).unwrap();
+        std::fs::write(d.join("pods/new.json"), record("new", "/proc/self/ns/net", "u-1")).unwrap();
+        let registry = Registry::start(&d, Arc::new(Notify::new())).unwrap();
+        assert_eq!(registry.netns("shop", "web-1", "u-1"), Some(PathBuf::from("/proc/self/ns/net")));
+        // Another pod of the same name (a new UID) is not this one; an unknown UID matches any.
+        assert_eq!(registry.netns("shop", "web-1", "u-3"), None);
+        assert!(registry.netns("shop", "web-1", "").is_some());
+        assert!(d.join("agent.sock").exists());
+        let _ = std::fs::remove_dir_all(&d);
     }
 
     #[test]

@@ -125,7 +125,14 @@ where
     let all = kube::Api::<K>::all(client.clone());
     let mut events = std::pin::pin!(watcher(all, watcher::Config::default()).default_backoff().applied_objects());
     while let Some(object) = events.next().await {
-        let Ok(object) = object else { continue };
+        let object = match object {
+            Ok(o) => o,
+            Err(e) => {
+                // Retried with backoff; most often missing RBAC or an API server restart.
+                tracing::warn!(kind = %K::kind(&()), error = %e, "policy status watch failed; retrying");
+                continue;
+            }
+        };
         let meta = object.meta();
         let (Some(ns), Some(name)) = (meta.namespace.clone(), meta.name.clone()) else { continue };
         let want = PolicyStatus::of(&check(&object), meta.generation);
