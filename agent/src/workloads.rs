@@ -84,8 +84,9 @@ impl Directory {
         node: String,
         cgroup_parent: PathBuf,
         workloads: impl IntoIterator<Item = Workload>,
-        policies: Policies,
+        policies: impl Into<Arc<Policies>>,
     ) -> Result<Directory, Invalid> {
+        let policies = policies.into();
         let mut pods = HashMap::new();
         let mut by_ip: HashMap<IpAddr, Arc<Workload>> = HashMap::new();
         for w in workloads {
@@ -104,7 +105,7 @@ impl Directory {
             .filter(|w| w.node == node)
             .map(|w| (w.key.clone(), Arc::new(policies.for_workload(w))))
             .collect();
-        Ok(Directory { trust_domain, node, cgroup_parent, pods, by_ip, policies: Arc::new(policies), pod_policies })
+        Ok(Directory { trust_domain, node, cgroup_parent, pods, by_ip, policies, pod_policies })
     }
 
     /// An empty directory (before the first snapshot; in tests).

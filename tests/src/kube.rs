@@ -181,14 +181,14 @@ impl ApiServer {
 
     /// A kubeconfig for `token`, written under the cluster's directory.
     pub fn kubeconfig(&self, name: &str, token: &str) -> Result<PathBuf> {
-        use base64_lite::encode;
+        use base64::Engine as _;
         let ca = fs::read(&self.ca)?;
         let text = format!(
             "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster:\n    server: {}\n    \
              certificate-authority-data: {}\nusers:\n- name: {name}\n  user:\n    token: {token}\n\
              contexts:\n- name: test\n  context: {{cluster: test, user: {name}}}\ncurrent-context: test\n",
             self.url,
-            encode(&ca)
+            base64::engine::general_purpose::STANDARD.encode(&ca)
         );
         let path = self.dir.join(format!("{name}.kubeconfig"));
         fs::write(&path, text)?;
@@ -356,26 +356,6 @@ impl ApiServer {
             })),
         )?;
         Ok(v["status"]["token"].as_str().context("TokenRequest without a token")?.to_string())
-    }
-}
-
-/// Base64 (standard alphabet, padded) for kubeconfig data; small enough not to need a crate.
-mod base64_lite {
-    pub fn encode(data: &[u8]) -> String {
-        const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-        let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
-        for chunk in data.chunks(3) {
-            let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
-            let n = (b[0] as u32) << 16 | (b[1] as u32) << 8 | b[2] as u32;
-            for i in 0..4 {
-                if i <= chunk.len() {
-                    out.push(T[(n >> (18 - 6 * i) & 63) as usize] as char);
-                } else {
-                    out.push('=');
-                }
-            }
-        }
-        out
     }
 }
 

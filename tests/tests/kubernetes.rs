@@ -51,8 +51,8 @@ fn cluster_with(
     Cluster { mesh, api, tb }
 }
 
-/// Plays scheduler, runtime and kubelet for one pod (see `kube::run_pod`), checking that the
-/// chained plugin handed the previous result on unchanged. Returns the pod's UID.
+/// Plays scheduler, runtime and kubelet for one pod (see `kube::run_pod`; the plugin's result
+/// itself is checked in `cni/tests/plugin.rs`). Returns the pod's UID.
 fn start_pod(tb: &Testbed, bins: &Bins, api: &ApiServer, pod: &Pod, ns: &str, name: &str, sa: &str) -> String {
     run_pod(tb, bins, api, pod, ns, name, sa).unwrap()
 }

@@ -87,10 +87,14 @@ struct Cluster {
     authz: HashMap<Key, AuthorizationPolicyResource>,
     /// Watches that have listed once.
     synced: [bool; WATCHES],
+    /// Bumped on every change of a policy resource, so a rebuild recompiles policy only then.
+    policy_changes: u64,
 }
 
 const WATCHES: usize = 5;
 const NAMES: [&str; WATCHES] = ["node pods", "pods", "namespaces", "PeerAuthentications", "AuthorizationPolicies"];
+/// Watches at this index and above feed policy.
+const FIRST_POLICY_WATCH: usize = 3;
 
 fn pod_info(pod: &Pod, keep_labels: bool) -> PodInfo {
     let spec = pod.spec.as_ref();
@@ -185,7 +189,8 @@ impl WorkloadSource for KubeSource {
             // The first directory waits for every watch to have listed: an agent that started
             // with a partial view would unenroll pods it has simply not heard of yet.
             let started = Instant::now();
-            let mut builder = Builder { source: *self, cni, cgroups: HashMap::new(), problems: HashMap::new() };
+            let mut builder =
+                Builder { source: *self, cni, cgroups: HashMap::new(), problems: HashMap::new(), policies: None };
             loop {
                 let waiting: Vec<&str> = {
                     let c = state.lock().expect("cluster lock");
@@ -302,6 +307,11 @@ async fn mirror<K, MK, V>(
             info!(watch = NAMES[index], down_ms = since.elapsed().as_millis() as u64, "watch resumed");
         }
         let mut c = state.lock().expect("cluster lock");
+        // Init and InitApply only fill the buffer; the maps change at InitDone, Apply, Delete.
+        let event_kind = match event {
+            watcher::Event::Init | watcher::Event::InitApply(_) => Kind::Listing,
+            _ => Kind::Change,
+        };
         match event {
             watcher::Event::Init => buffer = Some(HashMap::new()),
             watcher::Event::InitApply(o) => {
@@ -318,7 +328,6 @@ async fn mirror<K, MK, V>(
                     debug!(watch = NAMES[index], "listed");
                 }
                 c.synced[index] = true;
-                changed.notify_one();
             }
             watcher::Event::Apply(o) => {
                 let k = MK::map_key(key(&o));
@@ -326,14 +335,23 @@ async fn mirror<K, MK, V>(
                     Some(v) => map(&mut c).insert(k, v),
                     None => map(&mut c).remove(&k),
                 };
-                changed.notify_one();
             }
             watcher::Event::Delete(o) => {
                 map(&mut c).remove(&MK::map_key(key(&o)));
-                changed.notify_one();
             }
         }
+        if !matches!(event_kind, Kind::Listing) {
+            if index >= FIRST_POLICY_WATCH {
+                c.policy_changes += 1;
+            }
+            changed.notify_one();
+        }
     }
+}
+
+enum Kind {
+    Listing,
+    Change,
 }
 
 /// Turns what the watches have seen into a directory.
@@ -344,6 +362,8 @@ struct Builder {
     cgroups: HashMap<String, PathBuf>,
     /// What was last reported about an object, so a problem is logged once, not per rebuild.
     problems: HashMap<String, String>,
+    /// The policy compiled for `Cluster::policy_changes` = `.0`: pod events reuse it.
+    policies: Option<(u64, Arc<Policies>)>,
 }
 
 fn label_mode(value: Option<&str>) -> Result<Option<Option<Mode>>, String> {
@@ -458,20 +478,27 @@ impl Builder {
             });
         }
         self.cgroups.retain(|uid, _| c.local.values().any(|p| &p.uid == uid));
-        let input = self.policy_input(c);
-        let policies = match Policies::compile(&input) {
-            Ok(p) => p,
-            Err(e) => {
-                // Objects are checked one by one first; this is a duplicate name across kinds.
-                warn!(error = %e, "the policy set is inconsistent; enforcing no policy objects");
-                Policies::compile(&PolicyInput { mesh: self.source.mesh.clone(), ..Default::default() })
-                    .expect("empty set")
+        let policies = match &self.policies {
+            Some((seen, p)) if *seen == c.policy_changes => p.clone(),
+            _ => {
+                let p = Arc::new(self.compile_policies(c));
+                self.policies = Some((c.policy_changes, p.clone()));
+                p
             }
         };
         Directory::new(td.clone(), node.clone(), cgroup_parent.clone(), workloads, policies).unwrap_or_else(|e| {
             // Conflicts were resolved above; this is a bug, and serving nothing is safer than guessing.
             warn!(error = %e, "inconsistent directory; serving an empty one");
             Directory::empty(td, node, cgroup_parent)
+        })
+    }
+
+    fn compile_policies(&mut self, c: &Cluster) -> Policies {
+        let input = self.policy_input(c);
+        Policies::compile(&input).unwrap_or_else(|e| {
+            // Objects are checked one by one first; what is left is a bad --root-namespace.
+            warn!(error = %e, "the policy set is inconsistent; enforcing no policy objects");
+            Policies::compile(&PolicyInput { mesh: self.source.mesh.clone(), ..Default::default() }).unwrap_or_default()
         })
     }
 
@@ -589,7 +616,7 @@ pub async fn synthetic(pods: usize, nodes: usize) -> (Duration, Duration, Arc<Di
         |p| Some(pod_info(&p, true)),
     )
     .await;
-    let mut builder = Builder { source, cni: None, cgroups: HashMap::new(), problems: HashMap::new() };
+    let mut builder = Builder { source, cni: None, cgroups: HashMap::new(), problems: HashMap::new(), policies: None };
     let dir = Arc::new(builder.build(&state.lock().expect("cluster lock")));
     let rebuild = Instant::now();
     // A second build, as after any change: what every later event burst costs.
@@ -613,7 +640,7 @@ mod tests {
             cni_dir: PathBuf::new(),
             mesh: MeshSettings::default(),
         };
-        Builder { source, cni: None, cgroups: HashMap::new(), problems: HashMap::new() }
+        Builder { source, cni: None, cgroups: HashMap::new(), problems: HashMap::new(), policies: None }
     }
 
     fn info(node: &str, ip: &str, mode: Option<&str>) -> PodInfo {
@@ -663,6 +690,11 @@ mod tests {
         assert!(b.problems.contains_key("pod c/ns-typo") && b.problems["pod a/pod-typo"].contains("bogus"));
         // The mode the label gives is the pod's mode unless a PeerAuthentication says otherwise.
         assert_eq!(dir.policy_for(&inherits).mode.mode, Mode::Strict);
+        // Pod events reuse the compiled policy; a policy event recompiles it.
+        let again = b.build(&c);
+        assert!(Arc::ptr_eq(&dir.policies, &again.policies));
+        c.policy_changes += 1;
+        assert!(!Arc::ptr_eq(&dir.policies, &b.build(&c).policies));
     }
 
     #[tokio::test]
