@@ -7,6 +7,7 @@
 //! |---|---|
 //! | `GET /policy/explain?from=<spiffe-id, ip or ns/pod>&to=<ns/pod>&port=<n>` | the decision, its mode, policy and rule (JSON) |
 //! | `GET /policy` | mesh settings and each local pod's mode and policy count (JSON) |
+//! | `GET /status` | the node status: every pod's state (enrolled, outside the mesh, failing and why), mode, certificate serial and expiry, live connections; the pool per destination; draining (JSON, [`crate::status`]) |
 //! | `GET /metrics` | decision counters, Prometheus text format |
 //! | `GET /healthz` | `ok` |
 //! | `GET /readyz` | `ready`: served only from the moment the capture is attached and the first pod set (with Kubernetes: every watch listed) is enrolled, until the agent stops accepting |
@@ -17,7 +18,7 @@ use std::fmt::Write as _;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
-use axum::extract::{Query, State};
+use axum::extract::{Query, State as With};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -25,10 +26,12 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
-use crate::app::Shared;
 use crate::authorize::{self, Request};
 use crate::identity::SpiffeId;
+use crate::local::LocalPods;
 use crate::policy::{Mode, Peer};
+use crate::proxy;
+use crate::status::Published;
 use crate::workloads::{Directory, PodKey};
 
 /// A question: may `from` reach `to` on `port`?
@@ -152,11 +155,16 @@ fn pod_key(s: &str) -> Result<PodKey, String> {
 
 /// Serves the admin endpoint on `addr` until `stop` fires. The port is shared (SO_REUSEPORT) so a
 /// successor agent can serve it while its predecessor still drains; each stops at its own end.
-pub async fn serve(
-    addr: SocketAddr,
-    shared: Arc<Shared>,
-    stop: tokio_util::sync::CancellationToken,
-) -> std::io::Result<()> {
+/// What the admin endpoint reads (and nothing else of the agent).
+#[derive(Clone)]
+pub struct State {
+    /// The directory, the decision counters and the pool.
+    pub proxy: Arc<proxy::Inputs>,
+    pub status: Published,
+    pub local_pods: LocalPods,
+}
+
+pub async fn serve(addr: SocketAddr, state: State, stop: tokio_util::sync::CancellationToken) -> std::io::Result<()> {
     if !addr.ip().is_loopback() {
         warn!(%addr, "the admin endpoint listens beyond loopback: anyone who can reach it can read the node's policy");
     }
@@ -176,7 +184,8 @@ pub async fn serve(
         .route("/policy/explain", get(explain_handler))
         .route("/policy", get(policy_handler))
         .route("/metrics", get(metrics_handler))
-        .with_state(shared);
+        .route("/status", get(status_handler))
+        .with_state(state);
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(async move { stop.cancelled().await }).await {
             warn!(error = %e, "admin endpoint stopped");
@@ -185,8 +194,8 @@ pub async fn serve(
     Ok(())
 }
 
-async fn explain_handler(State(shared): State<Arc<Shared>>, Query(q): Query<Question>) -> Response {
-    match explain(&shared.store.load(), &q) {
+async fn explain_handler(With(state): With<State>, Query(q): Query<Question>) -> Response {
+    match explain(&state.proxy.store.load(), &q) {
         Ok(e) => Json(e).into_response(),
         Err(e) => (StatusCode::BAD_REQUEST, e + "\n").into_response(),
     }
@@ -211,8 +220,12 @@ struct PodView {
     authorization_policies: usize,
 }
 
-async fn policy_handler(State(shared): State<Arc<Shared>>) -> Json<PolicyView> {
-    let dir = shared.store.load();
+async fn status_handler(With(state): With<State>) -> Json<crate::status::NodeStatus> {
+    Json(state.status.load().with_live(&state.local_pods.load(), &state.proxy.pool))
+}
+
+async fn policy_handler(With(state): With<State>) -> Json<PolicyView> {
+    let dir = state.proxy.store.load();
     let s = &dir.policies.settings;
     let (pa, ap) = dir.policies.counts();
     let mut pods: Vec<PodView> = dir
@@ -240,12 +253,12 @@ async fn policy_handler(State(shared): State<Arc<Shared>>) -> Json<PolicyView> {
     })
 }
 
-async fn metrics_handler(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
+async fn metrics_handler(With(state): With<State>) -> impl IntoResponse {
     let mut out = String::from(
         "# HELP meshless_inbound_decisions_total Inbound connections decided, by transport, mode, decision and what decided.\n\
          # TYPE meshless_inbound_decisions_total counter\n",
     );
-    for (k, n) in shared.decisions.snapshot() {
+    for (k, n) in state.proxy.decisions.snapshot() {
         let _ = writeln!(
             out,
             "meshless_inbound_decisions_total{{transport=\"{}\",mode=\"{}\",decision=\"{}\",by=\"{}\"}} {n}",

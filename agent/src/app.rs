@@ -13,35 +13,18 @@ use crate::capture::Capture;
 use crate::config::AgentConfig;
 use crate::handover::{self, Inherited};
 use crate::identity::store::{Identities, Rotation};
-use crate::identity::{CertificateSource, TrustDomain};
+use crate::identity::CertificateSource;
 use crate::limits::HandshakeLimiter;
+use crate::local::LocalPod;
 use crate::netns::{self, Netns};
-use crate::pods::{LocalPod, Manager};
+use crate::pods::Manager;
 use crate::pool::Pool;
 use crate::workloads::{Store, WorkloadSource};
-use crate::Error;
+use crate::{admin, pods, proxy, Error};
 
 /// Free memory goes back to the kernel once at least this many connections have closed since
 /// the peak (and half of them).
 const TRIM_AFTER_DROP: usize = 256;
-
-/// What every part of the running agent shares (read-mostly).
-pub struct Shared {
-    pub config: Arc<AgentConfig>,
-    pub trust_domain: TrustDomain,
-    pub store: Store,
-    pub capture: Capture,
-    /// The pods' certificates, kept fresh.
-    pub identities: Arc<Identities>,
-    /// The agent's own netns, where threads return after creating sockets in a pod's.
-    pub home: Netns,
-    pub pool: Pool,
-    pub handshakes: Arc<HandshakeLimiter>,
-    /// The enrolled pods, as the lifecycle manager last published them (Workload API).
-    pub local_pods: crate::workload_api::LocalPods,
-    /// Inbound decisions, counted.
-    pub decisions: crate::authorize::Stats,
-}
 
 /// The injected parts of an agent.
 pub struct Deps {
@@ -66,7 +49,8 @@ pub async fn run(config: Arc<AgentConfig>, deps: Deps, shutdown: impl Future<Out
     tokio::spawn(identities.clone().run());
     let home = Netns::current().map_err(|e| Error::Io("opening the agent's own netns".into(), e))?;
     let probe_cgroup = crate::capture::probe_cgroup(&config.probe_cgroup)?;
-    let capture = Capture::load(&config.bpf_dir, &first.cgroup_parent, probe_cgroup.as_deref(), config.kernel_log)?;
+    let capture =
+        Arc::new(Capture::load(&config.bpf_dir, &first.cgroup_parent, probe_cgroup.as_deref(), config.kernel_log)?);
 
     // Take over the listeners of an agent running before us, if there is one.
     let socket = handover::socket_path(&config.run_dir);
@@ -79,31 +63,39 @@ pub async fn run(config: Arc<AgentConfig>, deps: Deps, shutdown: impl Future<Out
         None => (Inherited::default(), None),
     };
 
-    let shared = Arc::new(Shared {
-        trust_domain: first.trust_domain.clone(),
-        store: Store::new(first.clone()),
-        capture,
-        identities,
+    let store = Arc::new(Store::new(first.clone()));
+    let proxy = Arc::new(proxy::Inputs {
+        limits: config.tunnel.clone(),
+        store: store.clone(),
         home,
         pool: Pool::new(config.tunnel.clone()),
         handshakes: HandshakeLimiter::new(config.tunnel.max_handshakes, config.tunnel.max_handshakes_per_source),
-        local_pods: Default::default(),
         decisions: Default::default(),
-        config: config.clone(),
     });
+    let trust = identities.trust.clone();
+    let deps = pods::Deps {
+        capture: capture.clone(),
+        identities,
+        proxy: proxy.clone(),
+        local_pods: Default::default(),
+        status: Default::default(),
+        drain_timeout: config.drain_timeout,
+    };
+    let admin_state =
+        admin::State { proxy: proxy.clone(), status: deps.status.clone(), local_pods: deps.local_pods.clone() };
     // hostNetwork pods live in the node's netns: known, left alone.
     let own = netns::current_cookie().map_err(|e| Error::Io("reading the agent's netns cookie".into(), e))?;
-    shared.capture.bypass(own)?;
+    capture.bypass(own)?;
     // Pods first (listeners, certificates, kernel entries), then the programs: a pod is never
     // captured before the agent can serve it.
-    let mut manager = Manager::new(shared.clone(), inherited);
+    let mut manager = Manager::new(deps, inherited);
     manager.reconcile(&first).await;
     manager.release_inherited();
-    shared.capture.attach()?;
+    capture.attach()?;
     let ours: HashSet<u64> = manager.cookies().into_iter().chain([own]).collect();
-    let stale: Vec<u64> = shared.capture.cookies().into_iter().filter(|c| !ours.contains(c)).collect();
+    let stale: Vec<u64> = capture.cookies().into_iter().filter(|c| !ours.contains(c)).collect();
     for cookie in &stale {
-        if let Err(e) = shared.capture.forget(*cookie) {
+        if let Err(e) = capture.forget(*cookie) {
             warn!(netns_cookie = cookie, error = %e, "cannot remove stale kernel state");
         }
     }
@@ -115,14 +107,14 @@ pub async fn run(config: Arc<AgentConfig>, deps: Deps, shutdown: impl Future<Out
     }
     let mut successors = handover::serve(&socket)?;
     let workload_socket = config.workload_api_socket.clone().unwrap_or_else(|| config.run_dir.join("workload.sock"));
-    crate::workload_api::serve(&workload_socket, shared.local_pods.clone(), shared.identities.trust.clone())?;
+    crate::workload_api::serve(&workload_socket, admin_state.local_pods.clone(), trust)?;
     let admin_stop = tokio_util::sync::CancellationToken::new();
     if config.admin_addr != "none" {
         let addr: std::net::SocketAddr = config
             .admin_addr
             .parse()
             .map_err(|e| Error::Io(format!("--admin-addr {:?}", config.admin_addr), std::io::Error::other(e)))?;
-        crate::admin::serve(addr, shared.clone(), admin_stop.clone())
+        admin::serve(addr, admin_state, admin_stop.clone())
             .await
             .map_err(|e| Error::Io(format!("admin endpoint on {addr}"), e))?;
     }
@@ -139,14 +131,14 @@ pub async fn run(config: Arc<AgentConfig>, deps: Deps, shutdown: impl Future<Out
             changed = updates.changed() => {
                 if changed.is_err() {
                     warn!("the workload source stopped; serving the last state");
-                    updates = tokio::sync::watch::channel(shared.store.load()).1;
+                    updates = tokio::sync::watch::channel(store.load()).1;
                     continue;
                 }
                 let dir = updates.borrow_and_update().clone();
-                shared.store.store(dir.clone());
+                store.store(dir.clone());
                 manager.reconcile(&dir).await;
             }
-            _ = sleep_until(retry), if retry.is_some() => manager.retry_due(&shared.store.load()).await,
+            _ = sleep_until(retry), if retry.is_some() => manager.retry_due(&store.load()).await,
             _ = memory.tick() => {
                 if trimmer.observe(manager.live_connections()) {
                     crate::limits::release_free_memory();

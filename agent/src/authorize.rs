@@ -5,9 +5,9 @@
 //! logged as one structured line and counted; `meshless policy explain` and the admin endpoint
 //! call the same [`PodPolicy::decide`].
 
+use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Mutex;
 
 use http::StatusCode;
 use meshless_common::AGENT_POD_PORTS;
@@ -87,12 +87,11 @@ pub struct DecisionKey {
 
 impl Stats {
     pub fn count(&self, key: DecisionKey) {
-        *self.0.lock().expect("stats lock").entry(key).or_default() += 1;
+        *self.0.lock().entry(key).or_default() += 1;
     }
 
     pub fn snapshot(&self) -> Vec<(DecisionKey, u64)> {
-        let mut all: Vec<(DecisionKey, u64)> =
-            self.0.lock().expect("stats lock").iter().map(|(k, v)| (k.clone(), *v)).collect();
+        let mut all: Vec<(DecisionKey, u64)> = self.0.lock().iter().map(|(k, v)| (k.clone(), *v)).collect();
         all.sort();
         all
     }
@@ -208,7 +207,7 @@ mod tests {
             ..Default::default()
         };
         let dst = server();
-        let policy = Policies::compile(&input).unwrap().for_workload(&dst);
+        let policy = Policies::compile(&input).unwrap().for_workload(&dst.policy_target());
         let td = TrustDomain::new("cluster.local").unwrap();
         let src = workload_id(&td, "default", "client").unwrap();
         let from = "198.19.1.10:40000".parse().unwrap();

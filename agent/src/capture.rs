@@ -15,12 +15,12 @@
 //! STRICT pod drops plaintext and a PERMISSIVE one passes it. Health probes are announced by a
 //! `sock_ops` program on the probe cgroup (the kubelet's), pinned like the others.
 
+use parking_lot::Mutex;
 use std::collections::HashSet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 
 use aya::maps::{Array, HashMap, HashOfMaps, Map, MapData, SockHash};
 use aya::programs::links::FdLink;
@@ -31,6 +31,17 @@ use meshless_common::{
     ORIG_DST_PER_POD,
 };
 use tracing::{info, warn};
+
+use crate::policy::Mode;
+
+/// A pod's mode as the kernel's `INBOUND` map holds it.
+fn kernel_mode(mode: Mode) -> u32 {
+    match mode {
+        Mode::Strict => meshless_common::inbound::STRICT,
+        Mode::Permissive => meshless_common::inbound::PERMISSIVE,
+        Mode::Disable => meshless_common::inbound::DISABLE,
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -159,7 +170,7 @@ impl Capture {
     /// before (a predecessor's, or a crash's leftovers) and removes older layout versions. The
     /// programs of both overlap for a moment; they are idempotent, so nothing is seen twice.
     pub fn attach(&self) -> Result<(), Error> {
-        let mut ebpf = self.ebpf.lock().expect("ebpf lock");
+        let mut ebpf = self.ebpf.lock();
         let links = self.dir.join("links");
         let earlier: Vec<PathBuf> = std::fs::read_dir(&links)
             .map_err(|e| pins(&links, e.to_string()))?
@@ -234,20 +245,16 @@ impl Capture {
         cookie: u64,
         netns: &impl AsFd,
         ips: &[IpAddr],
-        mode: u32,
+        mode: Mode,
         listener: &impl AsRawFd,
     ) -> Result<(), Error> {
         let name = maps::INBOUND_LISTENERS;
-        self.listeners
-            .lock()
-            .expect("listeners map lock")
-            .insert(cookie, listener.as_raw_fd(), 0)
-            .map_err(|source| Error::Map { name, source })?;
+        self.listeners.lock().insert(cookie, listener.as_raw_fd(), 0).map_err(|source| Error::Map { name, source })?;
         self.set_mode(cookie, ips, mode)?;
         let dir = self.dir.join("links/netns");
         let earlier = netns_links(&dir, cookie);
         let name = programs::SK_LOOKUP;
-        let mut ebpf = self.ebpf.lock().expect("ebpf lock");
+        let mut ebpf = self.ebpf.lock();
         let prog: &mut SkLookup = ebpf
             .program_mut(name)
             .ok_or(Error::Missing(name))?
@@ -265,9 +272,10 @@ impl Capture {
 
     /// Sets the inbound mode of the pod `cookie` on every one of its addresses (and forgets
     /// addresses it no longer has). Applies to the next connection the kernel looks up.
-    pub fn set_mode(&self, cookie: u64, ips: &[IpAddr], mode: u32) -> Result<(), Error> {
+    pub fn set_mode(&self, cookie: u64, ips: &[IpAddr], mode: Mode) -> Result<(), Error> {
         let name = maps::INBOUND;
-        let mut map = self.inbound.lock().expect("inbound map lock");
+        let mode = kernel_mode(mode);
+        let mut map = self.inbound.lock();
         let wanted: Vec<PodAddr> = ips.iter().map(|ip| pod_addr(*ip)).collect();
         let stale: Vec<PodAddr> = map
             .iter()
@@ -289,7 +297,7 @@ impl Capture {
     /// connections waiting in a listener handed over by a predecessor).
     pub fn enroll(&self, cookie: u64, ips: &[IpAddr]) -> Result<PodOrig, Error> {
         let inner = {
-            let mut outer = self.orig.lock().expect("orig map lock");
+            let mut outer = self.orig.lock();
             match outer.get(&cookie, 0) {
                 Ok(existing) => existing,
                 Err(e) if absent(&e) => {
@@ -331,7 +339,7 @@ impl Capture {
     /// Forgets the netns `cookie`: its entry and its pending original destinations are removed
     /// (a pod that is gone; if it still runs, it is unknown again and cannot connect out).
     pub fn forget(&self, cookie: u64) -> Result<(), Error> {
-        let removed = self.enrolled.lock().expect("enrolled map lock").remove(&cookie);
+        let removed = self.enrolled.lock().remove(&cookie);
         match removed {
             Err(source) if !absent(&source) => return Err(Error::Map { name: maps::ENROLLED, source }),
             _ => {}
@@ -347,14 +355,14 @@ impl Capture {
             let _ = std::fs::remove_file(link);
         }
         self.set_mode_none(cookie)?;
-        match self.listeners.lock().expect("listeners map lock").remove(&cookie) {
+        match self.listeners.lock().remove(&cookie) {
             Err(source) if !absent(&source) => Err(Error::Map { name: maps::INBOUND_LISTENERS, source }),
             _ => Ok(()),
         }
     }
 
     fn set_mode_none(&self, cookie: u64) -> Result<(), Error> {
-        let mut map = self.inbound.lock().expect("inbound map lock");
+        let mut map = self.inbound.lock();
         let ours: Vec<PodAddr> =
             map.iter().filter_map(Result::ok).filter(|(_, v)| v.cookie == cookie).map(|(k, _)| k).collect();
         for key in ours {
@@ -368,10 +376,9 @@ impl Capture {
 
     /// Every netns cookie with pinned state (to find stale ones after a restart).
     pub fn cookies(&self) -> HashSet<u64> {
-        let mut all: HashSet<u64> =
-            self.enrolled.lock().expect("enrolled map lock").keys().filter_map(Result::ok).collect();
-        all.extend(self.orig.lock().expect("orig map lock").keys().filter_map(Result::ok));
-        all.extend(self.inbound.lock().expect("inbound map lock").iter().filter_map(Result::ok).map(|(_, v)| v.cookie));
+        let mut all: HashSet<u64> = self.enrolled.lock().keys().filter_map(Result::ok).collect();
+        all.extend(self.orig.lock().keys().filter_map(Result::ok));
+        all.extend(self.inbound.lock().iter().filter_map(Result::ok).map(|(_, v)| v.cookie));
         if let Ok(entries) = std::fs::read_dir(self.dir.join("links/netns")) {
             all.extend(entries.flatten().filter_map(|e| {
                 e.file_name().to_str().and_then(|n| n.split('@').next()).and_then(|c| c.parse::<u64>().ok())
@@ -381,15 +388,11 @@ impl Capture {
     }
 
     fn set(&self, cookie: u64, pod: EnrolledPod) -> Result<(), Error> {
-        self.enrolled
-            .lock()
-            .expect("enrolled map lock")
-            .insert(cookie, pod, 0)
-            .map_err(|source| Error::Map { name: maps::ENROLLED, source })
+        self.enrolled.lock().insert(cookie, pod, 0).map_err(|source| Error::Map { name: maps::ENROLLED, source })
     }
 
     fn drop_orig(&self, cookie: u64) -> Result<(), Error> {
-        match self.orig.lock().expect("orig map lock").remove(&cookie) {
+        match self.orig.lock().remove(&cookie) {
             Err(source) if !absent(&source) => Err(Error::Map { name: maps::ORIG_DST, source }),
             _ => Ok(()),
         }
@@ -401,7 +404,7 @@ impl PodOrig {
     /// (each is read once).
     pub fn take(&self, peer: SocketAddr) -> Option<SocketAddr> {
         let key = orig_key(peer);
-        let mut map = self.0.lock().expect("pod orig map lock");
+        let mut map = self.0.lock();
         let orig = map.get(&key, 0).ok()?;
         let _ = map.remove(&key);
         Some(orig_to_addr(&orig))

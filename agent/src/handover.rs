@@ -27,8 +27,10 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
 
 use crate::netns;
-use crate::pods::Listeners;
 use crate::workloads::PodKey;
+
+/// The agent's listening sockets of one pod.
+pub struct Listeners(pub Vec<(ListenerSpec, std::net::TcpListener)>);
 
 /// How long either side waits for the other at each step.
 const STEP_TIMEOUT: Duration = Duration::from_secs(10);

@@ -11,7 +11,9 @@
 //! | [`identity`] | SPIFFE IDs, the CA directory, certificate sources, the certificate store and rotation, verifiers |
 //! | [`issuer`] | `meshless issuer`: the CA service that signs a node only its own pods' identities |
 //! | [`capture`] | the kernel programs: load, pin, attach, enrollment maps, original destinations |
-//! | [`pods`] | the lifecycle of this node's pods: enroll, update, unenroll, retry |
+//! | [`pods`] | the lifecycle of this node's pods: enroll, update, unenroll, retry; publishes the node status |
+//! | [`local`] | a pod of this node in the mesh as the data path sees it (leaf) |
+//! | [`status`] | the node status read model: pods with state and last error, certificates, pool, draining |
 //! | [`proxy`] | the data path: outbound, tunnel server, delivery |
 //! | [`policy`] | PeerAuthentication and AuthorizationPolicy: validation, the per-pod index, decisions |
 //! | [`authorize`] | the decision on an inbound connection: target checks, then [`policy`]; logged and counted |
@@ -34,15 +36,19 @@ pub mod identity;
 pub mod issuer;
 pub mod k8s;
 pub mod limits;
+pub mod local;
 pub mod netns;
 pub mod pods;
-pub mod policy;
 pub mod pool;
 pub mod proto;
 pub mod proxy;
+pub mod status;
 pub mod tunnel;
 pub mod workload_api;
 pub mod workloads;
+
+/// The policy engine, its own crate (no Kubernetes client, no kernel): see `meshless-policy`.
+pub use meshless_policy as policy;
 
 /// Errors that stop the agent (at start: a pod that cannot be set up is retried, not fatal).
 #[derive(Debug, thiserror::Error)]

@@ -5,7 +5,9 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 
 pub struct HandshakeLimiter {
     max_node: usize,
@@ -33,7 +35,7 @@ impl HandshakeLimiter {
     /// A place for one more handshake from `source`, or `None` when the node or the source is at
     /// its cap.
     pub fn try_acquire(self: &Arc<Self>, source: IpAddr) -> Option<HandshakePermit> {
-        let mut guard = self.in_progress.lock().expect("limiter lock");
+        let mut guard = self.in_progress.lock();
         let (total, per_source) = &mut *guard;
         let mine = per_source.get(&source).copied().unwrap_or(0);
         if *total >= self.max_node || mine >= self.max_per_source {
@@ -53,7 +55,7 @@ impl HandshakeLimiter {
 
 impl Drop for HandshakePermit {
     fn drop(&mut self) {
-        let mut guard = self.limiter.in_progress.lock().expect("limiter lock");
+        let mut guard = self.limiter.in_progress.lock();
         let (total, per_source) = &mut *guard;
         *total -= 1;
         if let Some(n) = per_source.get_mut(&self.source) {

@@ -36,17 +36,26 @@ impl Netns {
         Netns::open(Path::new("/proc/thread-self/ns/net"))
     }
 
-    /// Runs `f` with the calling thread inside this netns, then returns the thread to `home`.
+    /// Runs `f` with the calling thread inside this netns, then returns the thread to `home`,
+    /// also when `f` panics (a guard does it while unwinding).
     pub fn run<T>(&self, home: &Netns, f: impl FnOnce() -> T) -> io::Result<T> {
         setns(&self.file)?;
-        let out = f();
-        if let Err(e) = setns(&home.file) {
+        let _back = ReturnHome(home);
+        Ok(f())
+    }
+}
+
+/// Returns the thread to the agent's netns when dropped, on return or while unwinding.
+struct ReturnHome<'a>(&'a Netns);
+
+impl Drop for ReturnHome<'_> {
+    fn drop(&mut self) {
+        if let Err(e) = setns(&self.0.file) {
             // The thread would keep running in a pod's netns: every later socket on it would be
             // created in the wrong place. There is no safe way on; stop the process.
             eprintln!("fatal: cannot return to the agent's network namespace: {e}");
             std::process::abort();
         }
-        Ok(out)
     }
 }
 
@@ -142,5 +151,38 @@ mod tests {
         let (ca, cb) = (netns_cookie(&a).unwrap(), netns_cookie(&b).unwrap());
         assert_ne!(ca, 0);
         assert_eq!(ca, cb);
+    }
+
+    /// A panic inside `run` must not leave the thread in the pod's netns (later sockets on the
+    /// thread would be made there). Needs CAP_SYS_ADMIN for a netns of its own (root in CI).
+    #[test]
+    fn a_panic_inside_run_returns_the_thread_home() {
+        let home = Netns::current().unwrap();
+        let other = std::thread::spawn(|| {
+            // SAFETY: unshare(2) only moves this (short-lived) thread into a new netns.
+            if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Netns::current()
+        })
+        .join()
+        .unwrap();
+        let other = match other {
+            Ok(ns) => ns,
+            Err(e) if std::env::var("CI").as_deref() != Ok("true") => {
+                eprintln!("skipped: cannot make a netns ({e}); run as root");
+                return;
+            }
+            Err(e) => panic!("cannot make a netns under CI=true: {e}"),
+        };
+        let cookie = || netns_cookie(&std::net::TcpListener::bind("127.0.0.1:0").unwrap()).unwrap();
+        let at_home = cookie();
+        let inside = other.run(&home, cookie).unwrap();
+        assert_ne!(inside, at_home, "run enters the other netns");
+        let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            other.run(&home, || panic!("a bug inside a pod's netns")).unwrap()
+        }));
+        assert!(panicked.is_err());
+        assert_eq!(cookie(), at_home, "after a panic inside run the thread is back in the agent's netns");
     }
 }

@@ -15,23 +15,22 @@
 //! if the mesh asks for it, established inbound connections the new policy denies are reset.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use arc_swap::ArcSwap;
 use meshless_common::{INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT, TUNNEL_PORT};
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use crate::app::Shared;
-use crate::capture::PodOrig;
-use crate::handover::{Inherited, ListenerSpec, Role};
-use crate::identity::{PodTls, SpiffeId};
+use crate::capture::Capture;
+use crate::handover::{Inherited, ListenerSpec, Listeners, Role};
+use crate::identity::store::Identities;
+use crate::local::{LocalPod, LocalPods};
 use crate::netns::{self, Netns};
-use crate::policy::{Peer, PodPolicy};
+use crate::policy::PodPolicy;
+use crate::proxy;
+use crate::status::{NodeStatus, PodState, PodStatus, Published};
 use crate::workloads::{Directory, PodKey, Workload};
 
 /// First retry delay of a pod that cannot be set up; doubled per failure up to [`MAX_BACKOFF`].
@@ -52,105 +51,6 @@ pub enum Error {
     Capture(#[from] crate::capture::Error),
 }
 
-/// A pod of this node in the mesh, as the data path sees it.
-pub struct LocalPod {
-    pub key: PodKey,
-    workload: ArcSwap<Workload>,
-    pub netns: Netns,
-    /// The cookie of the pod's netns: its key in the kernel maps.
-    pub cookie: u64,
-    pub tls: PodTls,
-    pub orig: PodOrig,
-    /// Every connection this pod's listeners accepted.
-    pub conns: TaskTracker,
-    /// Fired when the pod leaves (or the agent hands over or stops): tunnel connections send
-    /// GOAWAY so peers open new streams elsewhere.
-    pub draining: CancellationToken,
-    /// Fired at the drain deadline: what is still open is reset.
-    pub stop: CancellationToken,
-    /// The pod's mode and the authorization policies that select it (swapped per snapshot).
-    policy: ArcSwap<PodPolicy>,
-    /// Inbound connections being carried, for re-checking them when policy changes.
-    live: Mutex<HashMap<u64, Live>>,
-    next_live: AtomicU64,
-}
-
-impl LocalPod {
-    /// The pod as last updated (its addresses may change while it runs).
-    pub fn workload(&self) -> Arc<Workload> {
-        self.workload.load_full()
-    }
-
-    /// The pod's current policy.
-    pub fn policy(&self) -> Arc<PodPolicy> {
-        self.policy.load_full()
-    }
-
-    /// Registers an inbound connection being carried; it is reset when the guard's token fires
-    /// (drain deadline, or a policy change that denies it) and forgotten when the guard drops.
-    pub fn track(self: &Arc<Self>, peer: OwnedPeer, target: SocketAddr) -> LiveGuard {
-        let id = self.next_live.fetch_add(1, Ordering::Relaxed);
-        let cancel = self.stop.child_token();
-        self.live.lock().expect("live lock").insert(id, Live { peer, target, cancel: cancel.clone() });
-        LiveGuard { pod: self.clone(), id, cancel }
-    }
-
-    /// Resets the inbound connections `policy` denies; returns how many.
-    fn close_denied(&self, policy: &PodPolicy) -> usize {
-        let live = self.live.lock().expect("live lock");
-        let mut closed = 0;
-        for conn in live.values() {
-            let decision = policy.decide(&conn.peer.as_peer(), conn.target.port());
-            if !decision.allowed && !conn.cancel.is_cancelled() {
-                warn!(pod = %self.key, src = %conn.peer.as_peer(), dst_port = conn.target.port(), reason = %decision.reason,
-                    "closing an established connection the new policy denies");
-                conn.cancel.cancel();
-                closed += 1;
-            }
-        }
-        closed
-    }
-}
-
-/// Who an established inbound connection came from (kept while it is carried).
-#[derive(Debug, Clone)]
-pub enum OwnedPeer {
-    Authenticated { id: SpiffeId, ip: IpAddr },
-    Plaintext { ip: IpAddr },
-}
-
-impl OwnedPeer {
-    pub fn as_peer(&self) -> Peer<'_> {
-        match self {
-            OwnedPeer::Authenticated { id, ip } => Peer::Authenticated { id, ip: Some(*ip) },
-            OwnedPeer::Plaintext { ip } => Peer::Plaintext { ip: *ip },
-        }
-    }
-}
-
-struct Live {
-    peer: OwnedPeer,
-    target: SocketAddr,
-    cancel: CancellationToken,
-}
-
-/// An inbound connection being carried; see [`LocalPod::track`].
-pub struct LiveGuard {
-    pod: Arc<LocalPod>,
-    id: u64,
-    /// Fires when the connection must be reset.
-    pub cancel: CancellationToken,
-}
-
-impl Drop for LiveGuard {
-    fn drop(&mut self) {
-        self.pod.live.lock().expect("live lock").remove(&self.id);
-    }
-}
-
-/// The agent's listening sockets of one pod.
-pub struct Listeners(pub Vec<(ListenerSpec, std::net::TcpListener)>);
-
 enum Slot {
     Running {
         pod: Arc<LocalPod>,
@@ -167,6 +67,8 @@ enum Slot {
         workload: Arc<Workload>,
         attempt: u32,
         retry_at: Instant,
+        /// Why the last attempt failed.
+        error: String,
     },
 }
 
@@ -179,16 +81,32 @@ impl Slot {
     }
 }
 
+/// What the pod lifecycle needs, built once by the app.
+pub struct Deps {
+    pub capture: Arc<Capture>,
+    pub identities: Arc<Identities>,
+    /// What each pod's listeners serve with.
+    pub proxy: Arc<proxy::Inputs>,
+    /// Where the enrolled pods are published (Workload API, admin).
+    pub local_pods: LocalPods,
+    /// Where the node's status is published after each change.
+    pub status: Published,
+    /// How long a removed pod's connections may take to finish.
+    pub drain_timeout: Duration,
+}
+
 pub struct Manager {
-    shared: Arc<Shared>,
+    deps: Deps,
     slots: HashMap<PodKey, Slot>,
     /// Listeners handed over by a predecessor, not yet claimed by a pod.
     inherited: Inherited,
+    /// Set once the agent stops accepting.
+    draining: bool,
 }
 
 impl Manager {
-    pub fn new(shared: Arc<Shared>, inherited: Inherited) -> Manager {
-        Manager { shared, slots: HashMap::new(), inherited }
+    pub fn new(deps: Deps, inherited: Inherited) -> Manager {
+        Manager { deps, slots: HashMap::new(), inherited, draining: false }
     }
 
     /// Applies a directory snapshot: enrolls, updates and unenrolls this node's pods.
@@ -212,13 +130,13 @@ impl Manager {
                     let policy = dir.policy_for(w);
                     let (old_ips, old_mode) = (pod.workload().ips.clone(), pod.policy().mode.clone());
                     if old_ips != w.ips {
-                        match self.shared.capture.enroll(pod.cookie, &w.ips) {
+                        match self.deps.capture.enroll(pod.cookie, &w.ips) {
                             Ok(_) => info!(pod = %key, ips = ?w.ips, "pod addresses updated"),
                             Err(e) => warn!(pod = %key, error = %e, "cannot update the pod's addresses in the kernel"),
                         }
                     }
                     if old_ips != w.ips || old_mode.mode != policy.mode.mode {
-                        match self.shared.capture.set_mode(pod.cookie, &w.ips, policy.mode.mode.kernel()) {
+                        match self.deps.capture.set_mode(pod.cookie, &w.ips, policy.mode.mode) {
                             Ok(()) if old_mode.mode != policy.mode.mode => {
                                 info!(pod = %key, from = %old_mode.mode, mode = %policy.mode, "inbound mode changed")
                             }
@@ -228,8 +146,7 @@ impl Manager {
                             }
                         }
                     }
-                    pod.workload.store(w.clone());
-                    pod.policy.store(policy.clone());
+                    pod.update(w.clone(), policy.clone());
                     if close_denied {
                         let closed = pod.close_denied(&policy);
                         if closed > 0 {
@@ -241,8 +158,8 @@ impl Manager {
                 Some(Slot::Known { workload, cookie }) if !w.mesh && same_pod(&workload, w) => {
                     self.slots.insert(key.clone(), Slot::Known { workload: w.clone(), cookie });
                 }
-                Some(Slot::Failing { workload, attempt, retry_at }) if *workload == **w => {
-                    self.slots.insert(key.clone(), Slot::Failing { workload, attempt, retry_at });
+                Some(Slot::Failing { workload, attempt, retry_at, error }) if *workload == **w => {
+                    self.slots.insert(key.clone(), Slot::Failing { workload, attempt, retry_at, error });
                 }
                 Some(mut old) => {
                     let why = if old.workload().mesh != w.mesh { "mesh membership changed" } else { "pod changed" };
@@ -260,17 +177,63 @@ impl Manager {
         self.publish();
     }
 
-    /// Publishes the enrolled pods for the Workload API.
+    /// Publishes the enrolled pods (for the data path's readers: Workload API, admin) and the
+    /// node's status.
     fn publish(&self) {
-        let pods: Vec<Arc<LocalPod>> = self
+        let pods: Vec<Arc<LocalPod>> = if self.draining {
+            Vec::new()
+        } else {
+            self.slots
+                .values()
+                .filter_map(|s| match s {
+                    Slot::Running { pod, .. } => Some(pod.clone()),
+                    _ => None,
+                })
+                .collect()
+        };
+        self.deps.local_pods.store(Arc::new(pods));
+        self.deps.status.store(Arc::new(self.status()));
+    }
+
+    /// The state of every pod this agent manages, sorted by pod.
+    pub fn status(&self) -> NodeStatus {
+        let now = Instant::now();
+        let mut pods: Vec<PodStatus> = self
             .slots
-            .values()
-            .filter_map(|s| match s {
-                Slot::Running { pod, .. } => Some(pod.clone()),
-                _ => None,
+            .iter()
+            .map(|(key, slot)| {
+                let w = slot.workload();
+                let (state, netns_cookie, mode, error, attempts, retry_in_ms) = match slot {
+                    Slot::Running { pod, .. } => {
+                        (PodState::Enrolled, Some(pod.cookie), Some(pod.policy().mode.mode), None, 0, None)
+                    }
+                    Slot::Known { cookie, .. } => (PodState::OutsideMesh, Some(*cookie), None, None, 0, None),
+                    Slot::Failing { attempt, retry_at, error, .. } => (
+                        PodState::Failing,
+                        None,
+                        None,
+                        Some(error.clone()),
+                        *attempt,
+                        Some(retry_at.saturating_duration_since(now).as_millis() as u64),
+                    ),
+                };
+                PodStatus {
+                    pod: key.clone(),
+                    identity: w.identity.to_string(),
+                    ips: w.ips.clone(),
+                    state,
+                    netns_cookie,
+                    mode,
+                    last_error: error,
+                    attempts,
+                    retry_in_ms,
+                    certificate: None,
+                    connections: None,
+                }
             })
             .collect();
-        self.shared.local_pods.store(Arc::new(pods));
+        pods.sort_by(|a, b| a.pod.cmp(&b.pod));
+        NodeStatus { draining: self.draining, pods, pool: Vec::new() }
     }
 
     /// Retries the pods whose retry time has come.
@@ -365,7 +328,8 @@ impl Manager {
     /// them over keeps them open), and tells tunnel peers to go elsewhere. Returns the pods'
     /// connection trackers, to drain.
     pub fn stop_accepting(&mut self) -> Vec<Arc<LocalPod>> {
-        self.shared.local_pods.store(Arc::new(Vec::new()));
+        self.draining = true;
+        self.publish();
         let mut pods = Vec::new();
         for slot in self.slots.values_mut() {
             if let Slot::Running { pod, accepting, handover } = slot {
@@ -394,7 +358,12 @@ impl Manager {
                     "pod cannot be set up; it cannot connect out until it is (retrying)");
                 self.slots.insert(
                     w.key.clone(),
-                    Slot::Failing { workload: w, attempt: attempt + 1, retry_at: Instant::now() + delay },
+                    Slot::Failing {
+                        workload: w,
+                        attempt: attempt + 1,
+                        retry_at: Instant::now() + delay,
+                        error: e.to_string(),
+                    },
                 );
             }
         }
@@ -404,48 +373,36 @@ impl Manager {
     fn know(&self, w: &Workload) -> Result<u64, Error> {
         let netns = Netns::open(w.netns.as_ref().ok_or(Error::NoNetns)?).map_err(Error::Netns)?;
         let cookie =
-            netns.run(&self.shared.home, netns::current_cookie).map_err(Error::Netns)?.map_err(Error::Netns)?;
-        self.shared.capture.bypass(cookie)?;
+            netns.run(&self.deps.proxy.home, netns::current_cookie).map_err(Error::Netns)?.map_err(Error::Netns)?;
+        self.deps.capture.bypass(cookie)?;
         info!(pod = %w.key, netns_cookie = cookie, "pod is outside the mesh; its connections pass untouched");
         Ok(cookie)
     }
 
     async fn enroll(&mut self, w: &Arc<Workload>, policy: Arc<PodPolicy>) -> Result<Slot, Error> {
-        let shared = self.shared.clone();
+        let deps = &self.deps;
+        let home = &deps.proxy.home;
         let netns = Netns::open(w.netns.as_ref().ok_or(Error::NoNetns)?).map_err(Error::Netns)?;
-        let cookie = netns.run(&shared.home, netns::current_cookie).map_err(Error::Netns)?.map_err(Error::Netns)?;
+        let cookie = netns.run(home, netns::current_cookie).map_err(Error::Netns)?.map_err(Error::Netns)?;
         let (listeners, inherited) = match self.inherited.take(&w.key, cookie) {
             Some(l) => (l, true),
             None => (Listeners(Vec::new()), false),
         };
         // Listeners not handed over (none, or a predecessor without some role) are opened here.
-        let listeners = netns.run(&shared.home, || open_listeners(&w.key, listeners)).map_err(Error::Netns)??;
+        let listeners = netns.run(home, || open_listeners(&w.key, listeners)).map_err(Error::Netns)??;
         // The certificate comes before the kernel entry: the pod's first connection finds it.
-        let cert = shared.identities.issue(&w.key.to_string(), &w.identity).await?;
+        let cert = deps.identities.issue(&w.key.to_string(), &w.identity).await?;
         let serial = cert.issued().map(|i| i.serial.clone()).unwrap_or_default();
-        let tls = shared.identities.pod_tls(cert)?;
-        let orig = shared.capture.enroll(cookie, &w.ips)?;
+        let tls = deps.identities.pod_tls(cert)?;
+        let orig = deps.capture.enroll(cookie, &w.ips)?;
         if let Some((_, l)) = listeners.0.iter().find(|(spec, _)| spec.role == Role::Inbound) {
-            shared.capture.steer(cookie, &netns, &w.ips, policy.mode.mode.kernel(), l)?;
+            deps.capture.steer(cookie, &netns, &w.ips, policy.mode.mode, l)?;
         }
         let handover =
             listeners.0.iter().filter_map(|(spec, l)| l.try_clone().ok().map(|dup| (spec.clone(), dup))).collect();
-        let pod = Arc::new(LocalPod {
-            key: w.key.clone(),
-            workload: ArcSwap::new(w.clone()),
-            netns,
-            cookie,
-            tls,
-            orig,
-            conns: TaskTracker::new(),
-            draining: CancellationToken::new(),
-            stop: CancellationToken::new(),
-            policy: ArcSwap::new(policy.clone()),
-            live: Mutex::new(HashMap::new()),
-            next_live: AtomicU64::new(0),
-        });
+        let pod = Arc::new(LocalPod::new(w.clone(), netns, cookie, tls, orig, policy.clone()));
         let accepting = CancellationToken::new();
-        crate::proxy::serve_pod(&shared, &pod, listeners, &accepting).map_err(Error::Netns)?;
+        proxy::serve_pod(&deps.proxy, &pod, listeners, &accepting).map_err(Error::Netns)?;
         info!(pod = %w.key, id = %w.identity, serial = %serial, netns_cookie = cookie, inherited_listeners = inherited,
             mode = %policy.mode, authorization_policies = policy.len(), "pod enrolled");
         Ok(Slot::Running { pod, accepting, handover })
@@ -458,14 +415,14 @@ impl Manager {
             Slot::Running { pod, accepting, .. } => {
                 // Kernel first, so nothing new is captured; then the listeners; then the drain.
                 if forget {
-                    if let Err(e) = self.shared.capture.forget(pod.cookie) {
+                    if let Err(e) = self.deps.capture.forget(pod.cookie) {
                         warn!(pod = %key, error = %e, "cannot remove the pod's kernel state");
                     }
                 }
                 accepting.cancel();
                 pod.draining.cancel();
-                self.shared.pool.forget_source(pod.cookie);
-                let deadline = self.shared.config.drain_timeout;
+                self.deps.proxy.pool.forget_source(pod.cookie);
+                let deadline = self.deps.drain_timeout;
                 let key = key.clone();
                 let why = why.to_string();
                 tokio::spawn(async move {
@@ -481,7 +438,7 @@ impl Manager {
             }
             Slot::Known { cookie, .. } => {
                 if forget {
-                    if let Err(e) = self.shared.capture.forget(cookie) {
+                    if let Err(e) = self.deps.capture.forget(cookie) {
                         warn!(pod = %key, error = %e, "cannot remove the pod's kernel state");
                     }
                 }

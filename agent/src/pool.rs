@@ -8,8 +8,10 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
+use parking_lot::Mutex;
+use serde::Serialize;
 use tracing::debug;
 
 use crate::config::TunnelLimits;
@@ -26,9 +28,24 @@ pub struct PoolKey {
     pub dst_id: SpiffeId,
 }
 
+type Slots = Arc<Mutex<HashMap<PoolKey, Arc<Slot>>>>;
+
 pub struct Pool {
     limits: TunnelLimits,
-    slots: Mutex<HashMap<PoolKey, Arc<Slot>>>,
+    /// A slot leaves when its last connection does, so a long-lived pod's map holds the
+    /// destinations it calls now, not every one it ever called.
+    slots: Slots,
+}
+
+/// One destination of one source pod in the pool, for the node status.
+#[derive(Debug, Clone, Serialize)]
+pub struct PoolEntry {
+    /// The source pod's netns cookie.
+    pub source_netns_cookie: u64,
+    pub destination: SocketAddr,
+    pub destination_identity: String,
+    pub connections: usize,
+    pub streams: usize,
 }
 
 #[derive(Default)]
@@ -74,7 +91,7 @@ pub struct PooledStream {
 
 impl Pool {
     pub fn new(limits: TunnelLimits) -> Pool {
-        Pool { limits, slots: Mutex::new(HashMap::new()) }
+        Pool { limits, slots: Arc::default() }
     }
 
     /// Opens a CONNECT stream to `target` over a pooled connection for `key` made with the source's
@@ -122,8 +139,9 @@ impl Pool {
                         };
                         let pooled = Arc::new(Pooled { conn, activity: Activity::default(), generation });
                         let guard = pooled.activity.enter();
-                        slot.conns.lock().expect("pool lock").push(pooled.clone());
-                        tokio::spawn(evict_when_idle_or_closed(slot.clone(), pooled.clone(), self.limits.idle_timeout));
+                        slot.conns.lock().push(pooled.clone());
+                        let evict = Eviction { slots: self.slots.clone(), key: key.clone(), slot: slot.clone() };
+                        tokio::spawn(evict.when_idle_or_closed(pooled.clone(), self.limits.idle_timeout));
                         (pooled, guard)
                     }
                 }
@@ -132,7 +150,7 @@ impl Pool {
                 Ok(stream) => return Ok(PooledStream { stream, guard }),
                 Err(e) if e.retryable() && !retried => {
                     debug!(dst = %key.dst, error = %e, "pooled tunnel connection went away; retrying on a new one");
-                    slot.conns.lock().expect("pool lock").retain(|c| !Arc::ptr_eq(c, &conn));
+                    slot.conns.lock().retain(|c| !Arc::ptr_eq(c, &conn));
                     retried = true;
                 }
                 Err(e) => return Err(e),
@@ -142,39 +160,86 @@ impl Pool {
 
     /// Drops the pool's slots of a source pod (unenrolled); connections in use finish first.
     pub fn forget_source(&self, src: u64) {
-        self.slots.lock().expect("pool lock").retain(|k, _| k.src != src);
+        self.slots.lock().retain(|k, _| k.src != src);
     }
 
     /// Open tunnel connections, for tests and the bench.
     pub fn connections(&self) -> usize {
-        self.slots.lock().expect("pool lock").values().map(|s| s.conns.lock().expect("pool lock").len()).sum()
+        self.slots.lock().values().map(|s| s.conns.lock().len()).sum()
+    }
+
+    /// Every (source, destination) in the pool with its connections and streams.
+    pub fn entries(&self) -> Vec<PoolEntry> {
+        let mut out: Vec<PoolEntry> = self
+            .slots
+            .lock()
+            .iter()
+            .map(|(k, slot)| {
+                let conns = slot.conns.lock();
+                PoolEntry {
+                    source_netns_cookie: k.src,
+                    destination: k.dst,
+                    destination_identity: k.dst_id.to_string(),
+                    connections: conns.len(),
+                    streams: conns.iter().map(|c| c.activity.active()).sum(),
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| (a.source_netns_cookie, a.destination).cmp(&(b.source_netns_cookie, b.destination)));
+        out
+    }
+
+    /// Destinations with a slot (for tests: emptied slots leave).
+    pub fn slots(&self) -> usize {
+        self.slots.lock().len()
     }
 
     fn slot(&self, key: &PoolKey) -> Arc<Slot> {
-        self.slots.lock().expect("pool lock").entry(key.clone()).or_default().clone()
+        self.slots.lock().entry(key.clone()).or_default().clone()
     }
 }
 
 /// A connection with room for one more stream, reserved for the caller (no await in between).
 fn pick(slot: &Slot, max: usize, generation: u64) -> Option<(Arc<Pooled>, ActivityGuard)> {
-    let conns = slot.conns.lock().expect("pool lock");
+    let conns = slot.conns.lock();
     let c = conns.iter().find(|c| c.usable(max, generation))?;
     Some((c.clone(), c.activity.enter()))
 }
 
-async fn evict_when_idle_or_closed(slot: Arc<Slot>, conn: Arc<Pooled>, idle: std::time::Duration) {
-    let mut closed = conn.conn.closed.clone();
-    loop {
-        tokio::select! {
-            _ = conn.activity.idle_for(idle) => {}
-            _ = closed.wait_for(|c| *c) => {}
+/// Takes a connection out of the pool when idle or closed, and its slot when that was the last.
+struct Eviction {
+    slots: Slots,
+    key: PoolKey,
+    slot: Arc<Slot>,
+}
+
+impl Eviction {
+    async fn when_idle_or_closed(self, conn: Arc<Pooled>, idle: std::time::Duration) {
+        let mut closed = conn.conn.closed.clone();
+        loop {
+            tokio::select! {
+                _ = conn.activity.idle_for(idle) => {}
+                _ = closed.wait_for(|c| *c) => {}
+            }
+            let mut conns = self.slot.conns.lock();
+            // Checked under the lock pickers reserve under: nobody took it meanwhile.
+            if conn.activity.active() == 0 || *conn.conn.closed.borrow() {
+                conns.retain(|c| !Arc::ptr_eq(c, &conn));
+                debug!("tunnel connection left the pool");
+                drop(conns);
+                self.remove_slot_if_empty();
+                return; // the last reference goes with this task: the connection closes
+            }
         }
-        let mut conns = slot.conns.lock().expect("pool lock");
-        // Checked under the lock pickers reserve under: nobody took it meanwhile.
-        if conn.activity.active() == 0 || *conn.conn.closed.borrow() {
-            conns.retain(|c| !Arc::ptr_eq(c, &conn));
-            debug!("tunnel connection left the pool");
-            return; // the last reference goes with this task: the connection closes
+    }
+
+    /// Removes the slot when it holds no connection and nobody is making one (locks taken in
+    /// the pool's order: slots, then a slot's connections).
+    fn remove_slot_if_empty(&self) {
+        let mut slots = self.slots.lock();
+        let ours = slots.get(&self.key).is_some_and(|s| Arc::ptr_eq(s, &self.slot));
+        if ours && self.slot.conns.lock().is_empty() && self.slot.connecting.try_lock().is_ok() {
+            slots.remove(&self.key);
         }
     }
 }

@@ -15,15 +15,29 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, info_span, warn, Instrument};
 
-use crate::app::Shared;
 use crate::authorize::{self, Request};
-use crate::handover::Role;
+use crate::config::TunnelLimits;
+use crate::handover::{Listeners, Role};
+use crate::limits::HandshakeLimiter;
+use crate::local::{LiveGuard, LocalPod, OwnedPeer};
 use crate::netns::{self, Netns};
-use crate::pods::{Listeners, LiveGuard, LocalPod, OwnedPeer};
 use crate::policy::Peer;
-use crate::pool::PoolKey;
+use crate::pool::{Pool, PoolKey};
 use crate::tunnel::{self, ActivityGuard, Ended, Inbound};
-use crate::workloads::canonical;
+use crate::workloads::{canonical, Store};
+
+/// What the data path needs, built once by the app and inputs by every pod's listeners
+/// (ztunnel's `ProxyInputs`). The data path imports nothing of the app or the pod lifecycle.
+pub struct Inputs {
+    pub limits: TunnelLimits,
+    pub store: Arc<Store>,
+    /// The agent's own netns, where threads return after creating sockets in a pod's.
+    pub home: Netns,
+    pub pool: Pool,
+    pub handshakes: Arc<HandshakeLimiter>,
+    /// Inbound decisions, counted.
+    pub decisions: Arc<authorize::Stats>,
+}
 
 /// Source address of deliveries into a pod (the app sees connections from 127.0.0.6).
 const DELIVERY_SOURCE_V4: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 6);
@@ -31,7 +45,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Starts the accept loops of `pod`'s listeners; they stop when `accepting` is cancelled.
 pub fn serve_pod(
-    shared: &Arc<Shared>,
+    inputs: &Arc<Inputs>,
     pod: &Arc<LocalPod>,
     listeners: Listeners,
     accepting: &CancellationToken,
@@ -39,19 +53,19 @@ pub fn serve_pod(
     for (spec, l) in listeners.0 {
         l.set_nonblocking(true)?;
         let l = TcpListener::from_std(l)?;
-        let (shared, pod, accepting) = (shared.clone(), pod.clone(), accepting.clone());
+        let (inputs, pod, accepting) = (inputs.clone(), pod.clone(), accepting.clone());
         match spec.role {
             Role::Outbound => tokio::spawn(accept_loop(l, accepting, "outbound", move |sock, peer| {
                 let span = info_span!("outbound", pod = %pod.key, %peer);
-                pod.conns.spawn(outbound(shared.clone(), pod.clone(), sock, peer).instrument(span));
+                pod.conns.spawn(outbound(inputs.clone(), pod.clone(), sock, peer).instrument(span));
             })),
             Role::Tunnel => tokio::spawn(accept_loop(l, accepting, "tunnel", move |sock, peer| {
                 let span = info_span!("inbound", pod = %pod.key, %peer);
-                pod.conns.spawn(tunnel_connection(shared.clone(), pod.clone(), sock, peer).instrument(span));
+                pod.conns.spawn(tunnel_connection(inputs.clone(), pod.clone(), sock, peer).instrument(span));
             })),
             Role::Inbound => tokio::spawn(accept_loop(l, accepting, "plaintext", move |sock, peer| {
                 let span = info_span!("plaintext", pod = %pod.key, %peer);
-                pod.conns.spawn(plaintext_connection(shared.clone(), pod.clone(), sock, peer).instrument(span));
+                pod.conns.spawn(plaintext_connection(inputs.clone(), pod.clone(), sock, peer).instrument(span));
             })),
         };
     }
@@ -103,7 +117,7 @@ async fn connect_from(
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, format!("connect to {to} timed out")))?
 }
 
-async fn outbound(shared: Arc<Shared>, pod: Arc<LocalPod>, app: TcpStream, peer: SocketAddr) {
+async fn outbound(inputs: Arc<Inputs>, pod: Arc<LocalPod>, app: TcpStream, peer: SocketAddr) {
     let Some(dst) = pod.orig.take(peer) else {
         warn!("no original destination recorded for this connection; resetting it");
         tunnel::reset(app);
@@ -116,11 +130,11 @@ async fn outbound(shared: Arc<Shared>, pod: Arc<LocalPod>, app: TcpStream, peer:
         return;
     }
     let dst = SocketAddr::new(canonical(dst.ip()), dst.port());
-    let dst_pod = shared.store.load().pod_by_ip(dst.ip()).filter(|p| p.mesh).cloned();
+    let dst_pod = inputs.store.load().pod_by_ip(dst.ip()).filter(|p| p.mesh).cloned();
     let Some(dst_pod) = dst_pod else {
         // Not a mesh destination: pass through, in plaintext, from the pod's own netns.
         debug!(dst_addr = %dst, "passthrough (destination is not in the mesh)");
-        match connect_from(&shared.home, &pod.netns, None, dst).await {
+        match connect_from(&inputs.home, &pod.netns, None, dst).await {
             Ok(up) => passthrough(app, up, &pod.stop).await,
             Err(e) => {
                 warn!(dst_addr = %dst, error = %e, "passthrough connect failed");
@@ -134,10 +148,10 @@ async fn outbound(shared: Arc<Shared>, pod: Arc<LocalPod>, app: TcpStream, peer:
     let key = PoolKey { src: pod.cookie, dst: tunnel_addr, dst_id: dst_pod.identity.clone() };
     let connect = || async {
         for fresh in [false, true] {
-            let tcp = connect_from(&shared.home, &pod.netns, None, tunnel_addr).await.map_err(tunnel::Error::Tcp)?;
+            let tcp = connect_from(&inputs.home, &pod.netns, None, tunnel_addr).await.map_err(tunnel::Error::Tcp)?;
             let _ = netns::tunnel_keepalive(&tcp);
             let tls = pod.tls.client(&dst_pod.identity).map_err(|e| tunnel::Error::Connect(e.to_string()))?;
-            let conn = tunnel::handshake(tcp, tls, tunnel_addr, &shared.config.tunnel).await?;
+            let conn = tunnel::handshake(tcp, tls, tunnel_addr, &inputs.limits).await?;
             // A resumed session shows the certificate of its first handshake; once that one has
             // expired, shake hands in full to see the peer's current one.
             if conn.peer_not_after > std::time::SystemTime::now() || fresh {
@@ -147,7 +161,7 @@ async fn outbound(shared: Arc<Shared>, pod: Arc<LocalPod>, app: TcpStream, peer:
         }
         unreachable!("the second attempt always returns")
     };
-    match shared.pool.stream(&key, dst, pod.tls.cert.generation(), connect).await {
+    match inputs.pool.stream(&key, dst, pod.tls.cert.generation(), connect).await {
         Ok(pooled) => {
             info!(src_id = %src_id, dst_id = %dst_pod.identity, dst_addr = %dst, "outbound connection over HBONE");
             let ended = pooled.stream.splice(app, &pod.stop).await;
@@ -163,7 +177,7 @@ async fn outbound(shared: Arc<Shared>, pod: Arc<LocalPod>, app: TcpStream, peer:
 
 /// Plaintext that sk_lookup steered to the pod's 15006: the mode, then policy with an
 /// unauthenticated source, then delivery to the app (or a reset, at once).
-async fn plaintext_connection(shared: Arc<Shared>, pod: Arc<LocalPod>, tcp: TcpStream, from: SocketAddr) {
+async fn plaintext_connection(inputs: Arc<Inputs>, pod: Arc<LocalPod>, tcp: TcpStream, from: SocketAddr) {
     // sk_lookup hands the connection to this listener as it was addressed: the accepted socket's
     // local address is the original destination.
     let target = match tcp.local_addr() {
@@ -177,13 +191,13 @@ async fn plaintext_connection(shared: Arc<Shared>, pod: Arc<LocalPod>, tcp: TcpS
     let workload = pod.workload();
     let policy = pod.policy();
     let req = Request { peer: Peer::Plaintext { ip: from.ip() }, dst: &workload, target, from };
-    let outcome = authorize::decide(&req, &policy, shared.store.load().policies.settings.dry_run);
-    authorize::record(&shared.decisions, &req, policy.mode.mode, &outcome);
+    let outcome = authorize::decide(&req, &policy, inputs.store.load().policies.settings.dry_run);
+    authorize::record(&inputs.decisions, &req, policy.mode.mode, &outcome);
     if !outcome.admit {
         tunnel::reset(tcp);
         return;
     }
-    let app = match connect_from(&shared.home, &pod.netns, delivery_source(target), target).await {
+    let app = match connect_from(&inputs.home, &pod.netns, delivery_source(target), target).await {
         Ok(app) => app,
         Err(e) => {
             warn!(src_addr = %from, dst_addr = %target, error = %e, "delivery to the app failed");
@@ -232,23 +246,23 @@ async fn passthrough(mut a: TcpStream, mut b: TcpStream, stop: &CancellationToke
 }
 
 /// One connection on a pod's tunnel port: the handshake cap, then HBONE.
-async fn tunnel_connection(shared: Arc<Shared>, pod: Arc<LocalPod>, tcp: TcpStream, peer: SocketAddr) {
-    let Some(permit) = shared.handshakes.try_acquire(canonical(peer.ip())) else {
-        debug!(refused_total = shared.handshakes.refused(), "too many TLS handshakes in progress; refusing");
+async fn tunnel_connection(inputs: Arc<Inputs>, pod: Arc<LocalPod>, tcp: TcpStream, peer: SocketAddr) {
+    let Some(permit) = inputs.handshakes.try_acquire(canonical(peer.ip())) else {
+        debug!(refused_total = inputs.handshakes.refused(), "too many TLS handshakes in progress; refusing");
         tunnel::reset(tcp);
         return;
     };
     let _ = tcp.set_nodelay(true);
     let _ = netns::tunnel_keepalive(&tcp);
     let handler = {
-        let (shared, pod) = (shared.clone(), pod.clone());
+        let (inputs, pod) = (inputs.clone(), pod.clone());
         move |inbound: Inbound, guard: ActivityGuard| {
-            let (shared, pod) = (shared.clone(), pod.clone());
+            let (inputs, pod) = (inputs.clone(), pod.clone());
             let span = info_span!("stream", src_id = %inbound.peer);
-            async move { inbound_stream(shared, pod, inbound, peer, guard).await }.instrument(span)
+            async move { inbound_stream(inputs, pod, inbound, peer, guard).await }.instrument(span)
         }
     };
-    let limits = &shared.config.tunnel;
+    let limits = &inputs.limits;
     let served = tunnel::serve(tcp, pod.tls.server.clone(), limits, permit, pod.draining.clone(), &pod.conns, handler);
     if let Err(e) = served.await {
         warn!(error = %e, "inbound tunnel connection refused or failed");
@@ -257,7 +271,7 @@ async fn tunnel_connection(shared: Arc<Shared>, pod: Arc<LocalPod>, tcp: TcpStre
 
 /// Decides one inbound CONNECT, then connects to the app inside the pod and splices.
 async fn inbound_stream(
-    shared: Arc<Shared>,
+    inputs: Arc<Inputs>,
     pod: Arc<LocalPod>,
     inbound: Inbound,
     from: SocketAddr,
@@ -281,13 +295,13 @@ async fn inbound_stream(
     let policy = pod.policy();
     let from = SocketAddr::new(canonical(from.ip()), from.port());
     let req = Request { peer: Peer::Authenticated { id: &src, ip: Some(from.ip()) }, dst: &workload, target, from };
-    let outcome = authorize::decide(&req, &policy, shared.store.load().policies.settings.dry_run);
-    authorize::record(&shared.decisions, &req, policy.mode.mode, &outcome);
+    let outcome = authorize::decide(&req, &policy, inputs.store.load().policies.settings.dry_run);
+    authorize::record(&inputs.decisions, &req, policy.mode.mode, &outcome);
     if !outcome.admit {
         inbound.refuse(outcome.status);
         return;
     }
-    let app = match connect_from(&shared.home, &pod.netns, delivery_source(target), target).await {
+    let app = match connect_from(&inputs.home, &pod.netns, delivery_source(target), target).await {
         Ok(app) => app,
         Err(e) => {
             warn!(src_id = %src, dst_addr = %target, error = %e, "delivery to the app failed");

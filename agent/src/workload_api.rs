@@ -10,13 +10,12 @@ use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
 
-use arc_swap::ArcSwap;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 use tracing::{info, warn};
 
 use crate::identity::verify::Trust;
-use crate::pods::LocalPod;
+use crate::local::{LocalPod, LocalPods};
 use crate::proto::workload::spiffe_workload_api_server::{SpiffeWorkloadApi, SpiffeWorkloadApiServer};
 use crate::proto::workload::{
     JwtBundlesRequest, JwtBundlesResponse, JwtsvidRequest, JwtsvidResponse, ValidateJwtsvidRequest,
@@ -25,9 +24,6 @@ use crate::proto::workload::{
 
 /// The header every Workload API call must carry (so a browser or a confused proxy cannot call it).
 const SECURITY_HEADER: &str = "workload.spiffe.io";
-
-/// The pods the API serves, as the lifecycle manager last published them.
-pub type LocalPods = Arc<ArcSwap<Vec<Arc<LocalPod>>>>;
 
 struct Api {
     pods: LocalPods,

@@ -56,6 +56,13 @@ pub struct Workload {
     pub label_mode: Option<crate::policy::LabelMode>,
 }
 
+impl Workload {
+    /// What the policy engine looks at to gather this pod's policy.
+    pub fn policy_target(&self) -> crate::policy::Target<'_> {
+        crate::policy::Target { namespace: &self.key.namespace, labels: &self.labels, label_mode: self.label_mode }
+    }
+}
+
 /// A snapshot of the cluster as one node's agent needs it.
 #[derive(Debug, Clone)]
 pub struct Directory {
@@ -103,7 +110,7 @@ impl Directory {
         let pod_policies = pods
             .values()
             .filter(|w| w.node == node)
-            .map(|w| (w.key.clone(), Arc::new(policies.for_workload(w))))
+            .map(|w| (w.key.clone(), Arc::new(policies.for_workload(&w.policy_target()))))
             .collect();
         Ok(Directory { trust_domain, node, cgroup_parent, pods, by_ip, policies, pod_policies })
     }
@@ -144,7 +151,7 @@ impl Directory {
     pub fn policy_for(&self, w: &Workload) -> Arc<PodPolicy> {
         match self.pod_policies.get(&w.key) {
             Some(p) => p.clone(),
-            None => Arc::new(self.policies.for_workload(w)),
+            None => Arc::new(self.policies.for_workload(&w.policy_target())),
         }
     }
 
@@ -186,10 +193,4 @@ pub trait WorkloadSource: Send + 'static {
     ) -> futures_util::future::BoxFuture<'static, Result<watch::Receiver<Arc<Directory>>, crate::Error>>;
 }
 
-/// IPv4-mapped IPv6 addresses name the IPv4 pod.
-pub fn canonical(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
-        v4 => v4,
-    }
-}
+pub use crate::policy::canonical;

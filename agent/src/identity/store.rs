@@ -13,7 +13,9 @@
 //! identity so that TLS session resumption works.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Weak};
+
+use parking_lot::Mutex;
 use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwapOption;
@@ -137,7 +139,7 @@ impl Identities {
             current: ArcSwapOption::new(Some(Arc::new(issued))),
             generation: watch::channel(1).0,
         });
-        self.live.lock().expect("identities lock").push(Arc::downgrade(&cert));
+        self.live.lock().push(Arc::downgrade(&cert));
         self.wake.notify_one();
         Ok(cert)
     }
@@ -184,14 +186,14 @@ impl Identities {
         let now = Instant::now();
         for cert in self.live() {
             let spread = Duration::from_millis(fastrand::u64(0..RESIGN_SPREAD.as_millis() as u64));
-            cert.schedule.lock().expect("schedule lock").next = now + spread;
+            cert.schedule.lock().next = now + spread;
         }
         info!("the signing CA changed; re-issuing every certificate");
         self.wake.notify_one();
     }
 
     fn live(&self) -> Vec<Arc<LiveCert>> {
-        let mut live = self.live.lock().expect("identities lock");
+        let mut live = self.live.lock();
         live.retain(|w| w.strong_count() > 0);
         live.iter().filter_map(Weak::upgrade).collect()
     }
@@ -234,7 +236,7 @@ impl Identities {
         self.live()
             .iter()
             .map(|c| {
-                let s = c.schedule.lock().expect("schedule lock");
+                let s = c.schedule.lock();
                 let expiry = if s.expired { far } else { instant_of(s.not_after) };
                 s.next.min(expiry)
             })
@@ -244,7 +246,7 @@ impl Identities {
 
     /// Marks `cert` expired if it is (failing closed), and says whether a renewal is due.
     fn expire_or_due(&self, cert: &LiveCert, now: Instant) -> bool {
-        let mut s = cert.schedule.lock().expect("schedule lock");
+        let mut s = cert.schedule.lock();
         if !s.expired && SystemTime::now() >= s.not_after {
             s.expired = true;
             cert.current.store(None);
@@ -258,7 +260,7 @@ impl Identities {
     async fn renew(&self, cert: &LiveCert) {
         match self.sign(&cert.id).await {
             Ok(issued) => {
-                let mut s = cert.schedule.lock().expect("schedule lock");
+                let mut s = cert.schedule.lock();
                 let recovered = s.expired;
                 s.next = self.renewal_time(issued.not_after);
                 s.not_after = issued.not_after;
@@ -270,7 +272,7 @@ impl Identities {
                 cert.generation.send_modify(|g| *g += 1);
             }
             Err(e) => {
-                let mut s = cert.schedule.lock().expect("schedule lock");
+                let mut s = cert.schedule.lock();
                 let cap = RETRY_MAX.min(s.lifetime / 4).max(RETRY_FIRST);
                 let delay = RETRY_FIRST.saturating_mul(1 << s.failures.min(6)).min(cap);
                 s.failures += 1;
@@ -349,7 +351,7 @@ impl PodTls {
     /// destination (TLS sessions resume) until this pod's certificate is renewed.
     pub fn client(&self, peer: &SpiffeId) -> Result<Arc<ClientConfig>, Error> {
         let generation = self.cert.generation();
-        let mut clients = self.clients.lock().expect("client configs lock");
+        let mut clients = self.clients.lock();
         if let Some((g, cfg)) = clients.get(peer) {
             if *g == generation {
                 return Ok(cfg.clone());
@@ -370,7 +372,7 @@ impl PodTls {
     /// Drops the client context of `peer` (and so its resumable sessions): the next connection
     /// makes a full handshake, seeing the peer's current certificate.
     pub fn forget_client(&self, peer: &SpiffeId) {
-        self.clients.lock().expect("client configs lock").remove(peer);
+        self.clients.lock().remove(peer);
     }
 }
 

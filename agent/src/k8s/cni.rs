@@ -9,7 +9,9 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -99,7 +101,7 @@ impl Registry {
                 Err(e) => warn!(record = %path.display(), error = %e, "ignoring an unreadable CNI record"),
             }
         }
-        let mut pods = self.pods.lock().expect("CNI registry lock");
+        let mut pods = self.pods.lock();
         if *pods != found {
             *pods = found;
             self.changed.notify_one();
@@ -141,7 +143,7 @@ impl Registry {
     }
 
     fn apply(&self, m: Message) {
-        let mut pods = self.pods.lock().expect("CNI registry lock");
+        let mut pods = self.pods.lock();
         match m {
             Message::Add { pod } => {
                 info!(pod = %format!("{}/{}", pod.namespace, pod.name), netns = %pod.netns.display(),
@@ -162,7 +164,7 @@ impl Registry {
     /// newest live sandbox's (a runtime that recreated a sandbox without a DEL leaves two records;
     /// the later one, by its record's time, is the pod's).
     pub fn netns(&self, namespace: &str, name: &str, uid: &str) -> Option<PathBuf> {
-        let pods = self.pods.lock().expect("CNI registry lock");
+        let pods = self.pods.lock();
         let written = |p: &CniPod| {
             std::fs::metadata(self.dir.join("pods").join(format!("{}.json", p.container_id)))
                 .and_then(|m| m.modified())

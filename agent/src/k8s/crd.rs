@@ -1,5 +1,5 @@
 //! The policy resources: `PeerAuthentication` and `AuthorizationPolicy` in group `meshless.io`,
-//! version `v1alpha1`. Their specs are the policy model's types (`crate::policy::model`), the very
+//! version `v1alpha1`. Their specs are the policy model's types (`meshless_policy::model`), the very
 //! shapes the state file holds, so a policy moves between the two unchanged; the CRDs are
 //! generated from those types (`meshless manifests crds`), and a test keeps `deploy/` equal to
 //! what they generate.
@@ -12,8 +12,49 @@ use kube::CustomResourceExt as _;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::policy::model::{AuthorizationPolicy, ObjectMeta, PeerAuthentication};
-pub use crate::policy::model::{AuthorizationPolicyResource, PeerAuthenticationResource};
+use crate::policy::model::{
+    AuthorizationPolicy, AuthorizationPolicySpec, ObjectMeta, PeerAuthentication, PeerAuthenticationSpec,
+};
+use crate::policy::{FieldError, PolicyObject};
+
+/// The mTLS mode of the selected workloads' inbound plaintext (Istio's PeerAuthentication).
+/// (The policy model's spec, unchanged on the wire and in the schema; this wrapper only carries
+/// the resource's definition.)
+#[derive(kube::CustomResource, Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "meshless.io",
+    version = "v1alpha1",
+    kind = "PeerAuthentication",
+    root = "PeerAuthenticationResource",
+    namespaced,
+    status = "PolicyStatus",
+    category = "meshless",
+    printcolumn = r#"{"name":"Mode","type":"string","jsonPath":".spec.mtls.mode"}"#,
+    printcolumn = r#"{"name":"Accepted","type":"string","jsonPath":".status.accepted"}"#,
+    printcolumn = r#"{"name":"Message","type":"string","jsonPath":".status.message","priority":1}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(transparent)]
+pub struct PeerAuthenticationResourceSpec(pub PeerAuthenticationSpec);
+
+/// Which connections the selected workloads accept (Istio's AuthorizationPolicy, L4).
+/// (The policy model's spec, unchanged.)
+#[derive(kube::CustomResource, Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "meshless.io",
+    version = "v1alpha1",
+    kind = "AuthorizationPolicy",
+    root = "AuthorizationPolicyResource",
+    namespaced,
+    status = "PolicyStatus",
+    category = "meshless",
+    printcolumn = r#"{"name":"Action","type":"string","jsonPath":".spec.action"}"#,
+    printcolumn = r#"{"name":"Accepted","type":"string","jsonPath":".status.accepted"}"#,
+    printcolumn = r#"{"name":"Message","type":"string","jsonPath":".status.message","priority":1}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(transparent)]
+pub struct AuthorizationPolicyResourceSpec(pub AuthorizationPolicySpec);
 
 /// What meshless made of a policy object.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -31,7 +72,7 @@ pub struct PolicyStatus {
 }
 
 impl PolicyStatus {
-    pub fn of(check: &Result<(), String>, generation: Option<i64>) -> PolicyStatus {
+    pub fn of(check: &Result<(), FieldError>, generation: Option<i64>) -> PolicyStatus {
         match check {
             Ok(()) => PolicyStatus {
                 accepted: "True".into(),
@@ -42,17 +83,28 @@ impl PolicyStatus {
             Err(e) => PolicyStatus {
                 accepted: "False".into(),
                 reason: "Invalid".into(),
-                message: e.clone(),
+                message: e.to_string(),
                 observed_generation: generation,
             },
         }
     }
 }
 
-/// Schema of a field meshless parses only to refuse with a reason (L7 attributes and the like):
-/// kept as written, so the refusal can name it instead of the API server silently pruning it.
-pub fn preserved(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
-    schemars::json_schema!({ "x-kubernetes-preserve-unknown-fields": true })
+/// A policy resource and the policy model's object it carries: one definition per kind, used by
+/// the agents' watches and the issuer's status reporter alike.
+pub trait PolicyResource:
+    kube::Resource<Scope = kube::core::NamespaceResourceScope, DynamicType = ()>
+    + Clone
+    + serde::de::DeserializeOwned
+    + std::fmt::Debug
+    + Send
+    + Sync
+    + 'static
+{
+    type Object: PolicyObject;
+    /// The resource as the policy model's object (what the state file would hold).
+    fn object(&self) -> Self::Object;
+    fn status(&self) -> Option<&PolicyStatus>;
 }
 
 fn meta(m: &kube::api::ObjectMeta) -> ObjectMeta {
@@ -63,22 +115,33 @@ fn meta(m: &kube::api::ObjectMeta) -> ObjectMeta {
     }
 }
 
-/// The resource as the policy model's object (what the state file would hold).
-pub fn authorization_policy(r: &AuthorizationPolicyResource) -> AuthorizationPolicy {
-    AuthorizationPolicy {
-        api_version: Some("meshless.io/v1alpha1".into()),
-        kind: Some("AuthorizationPolicy".into()),
-        metadata: meta(&r.metadata),
-        spec: r.spec.clone(),
+impl PolicyResource for PeerAuthenticationResource {
+    type Object = PeerAuthentication;
+    fn object(&self) -> PeerAuthentication {
+        PeerAuthentication {
+            api_version: Some("meshless.io/v1alpha1".into()),
+            kind: Some(PeerAuthentication::KIND.into()),
+            metadata: meta(&self.metadata),
+            spec: self.spec.0.clone(),
+        }
+    }
+    fn status(&self) -> Option<&PolicyStatus> {
+        self.status.as_ref()
     }
 }
 
-pub fn peer_authentication(r: &PeerAuthenticationResource) -> PeerAuthentication {
-    PeerAuthentication {
-        api_version: Some("meshless.io/v1alpha1".into()),
-        kind: Some("PeerAuthentication".into()),
-        metadata: meta(&r.metadata),
-        spec: r.spec.clone(),
+impl PolicyResource for AuthorizationPolicyResource {
+    type Object = AuthorizationPolicy;
+    fn object(&self) -> AuthorizationPolicy {
+        AuthorizationPolicy {
+            api_version: Some("meshless.io/v1alpha1".into()),
+            kind: Some(AuthorizationPolicy::KIND.into()),
+            metadata: meta(&self.metadata),
+            spec: self.spec.0.clone(),
+        }
+    }
+    fn status(&self) -> Option<&PolicyStatus> {
+        self.status.as_ref()
     }
 }
 
@@ -86,40 +149,10 @@ pub fn peer_authentication(r: &PeerAuthenticationResource) -> PeerAuthentication
 /// process (the issuer), not by every agent: status writes then cost one per change, not one per
 /// node. Agents apply the same checks themselves and never wait for this.
 pub async fn report_status(client: kube::Client) {
-    tokio::join!(
-        report::<PeerAuthenticationResource>(client.clone(), |r| {
-            crate::policy::check_peer_authentication(&peer_authentication(r))
-        }),
-        report::<AuthorizationPolicyResource>(client, |r| {
-            crate::policy::check_authorization_policy(&authorization_policy(r))
-        }),
-    );
+    tokio::join!(report::<PeerAuthenticationResource>(client.clone()), report::<AuthorizationPolicyResource>(client));
 }
 
-trait HasStatus {
-    fn status(&self) -> Option<&PolicyStatus>;
-}
-impl HasStatus for PeerAuthenticationResource {
-    fn status(&self) -> Option<&PolicyStatus> {
-        self.status.as_ref()
-    }
-}
-impl HasStatus for AuthorizationPolicyResource {
-    fn status(&self) -> Option<&PolicyStatus> {
-        self.status.as_ref()
-    }
-}
-
-async fn report<K>(client: kube::Client, check: fn(&K) -> Result<(), String>)
-where
-    K: kube::Resource<Scope = kube::core::NamespaceResourceScope, DynamicType = ()>
-        + HasStatus
-        + Clone
-        + serde::de::DeserializeOwned
-        + std::fmt::Debug
-        + Send
-        + 'static,
-{
+async fn report<K: PolicyResource>(client: kube::Client) {
     use futures_util::StreamExt as _;
     use kube::runtime::{watcher, WatchStreamExt as _};
     let all = kube::Api::<K>::all(client.clone());
@@ -135,7 +168,7 @@ where
         };
         let meta = object.meta();
         let (Some(ns), Some(name)) = (meta.namespace.clone(), meta.name.clone()) else { continue };
-        let want = PolicyStatus::of(&check(&object), meta.generation);
+        let want = PolicyStatus::of(&object.object().check(), meta.generation);
         if object.status() == Some(&want) {
             continue;
         }
@@ -254,13 +287,13 @@ mod tests {
              to: [{operation: {ports: [\"8080\", 9090]}}]\n",
         )
         .unwrap();
-        assert_eq!(authorization_policy(&r), from_file);
+        assert_eq!(r.object(), from_file);
         let bad: AuthorizationPolicyResource = serde_yaml::from_str(
             "apiVersion: meshless.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: p, namespace: ns}\n\
              spec:\n  rules:\n  - to: [{operation: {methods: [GET]}}]\n",
         )
         .unwrap();
-        let status = PolicyStatus::of(&crate::policy::check_authorization_policy(&authorization_policy(&bad)), Some(3));
+        let status = PolicyStatus::of(&bad.object().check(), Some(3));
         assert_eq!((status.accepted.as_str(), status.observed_generation), ("False", Some(3)));
         assert!(status.message.contains("methods"), "{}", status.message);
     }

@@ -22,7 +22,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::fmt::Debug;
 use std::net::IpAddr;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::time::{Duration, Instant};
 
 use super::objects::{Namespace, Pod};
@@ -37,7 +39,7 @@ use tracing::{debug, info, warn};
 use super::cni::{self, Registry};
 use super::crd::{self, AuthorizationPolicyResource, PeerAuthenticationResource};
 use crate::identity::{workload_id, TrustDomain};
-use crate::policy::{LabelMode, MeshSettings, Mode, Policies, PolicyInput};
+use crate::policy::{LabelMode, MeshSettings, Mode, Policies, PolicyInput, PolicyObject};
 use crate::workloads::{canonical, Directory, PodKey, Workload, WorkloadSource};
 
 /// Bounds of the pause between a change and the directory rebuilt for it.
@@ -149,7 +151,7 @@ impl WorkloadSource for KubeSource {
                     Some(Registry::start(&self.cni_dir, changed.clone())?)
                 }
                 None => {
-                    state.lock().expect("cluster lock").synced[0] = true;
+                    state.lock().synced[0] = true;
                     None
                 }
             };
@@ -193,7 +195,7 @@ impl WorkloadSource for KubeSource {
                 Builder { source: *self, cni, cgroups: HashMap::new(), problems: HashMap::new(), policies: None };
             loop {
                 let waiting: Vec<&str> = {
-                    let c = state.lock().expect("cluster lock");
+                    let c = state.lock();
                     (0..WATCHES).filter(|&i| !c.synced[i]).map(|i| NAMES[i]).collect()
                 };
                 if waiting.is_empty() {
@@ -203,7 +205,7 @@ impl WorkloadSource for KubeSource {
                     warn!(waiting = ?waiting, waited_s = started.elapsed().as_secs(), "still waiting for the API server to list");
                 }
             }
-            let first = builder.build(&state.lock().expect("cluster lock"));
+            let first = builder.build(&state.lock());
             info!(
                 pods = first.len(),
                 local = first.local_pods().count(),
@@ -232,7 +234,7 @@ impl WorkloadSource for KubeSource {
                     // Let a burst of events settle into one directory.
                     tokio::time::sleep(settle).await;
                     let t = Instant::now();
-                    let dir = builder.build(&state.lock().expect("cluster lock"));
+                    let dir = builder.build(&state.lock());
                     settle = (t.elapsed() * 4).clamp(SETTLE_MIN, SETTLE_MAX);
                     tx.send_replace(Arc::new(dir));
                 }
@@ -306,7 +308,7 @@ async fn mirror<K, MK, V>(
         if let Some(since) = failing_since.take() {
             info!(watch = NAMES[index], down_ms = since.elapsed().as_millis() as u64, "watch resumed");
         }
-        let mut c = state.lock().expect("cluster lock");
+        let mut c = state.lock();
         // Init and InitApply only fill the buffer; the maps change at InitDone, Apply, Delete.
         let event_kind = match event {
             watcher::Event::Init | watcher::Event::InitApply(_) => Kind::Listing,
@@ -504,30 +506,28 @@ impl Builder {
 
     /// The valid policy objects; invalid ones are left out (their status says why).
     fn policy_input(&mut self, c: &Cluster) -> PolicyInput {
-        let mut input = PolicyInput { mesh: self.source.mesh.clone(), ..Default::default() };
-        for r in c.peer.values() {
-            let pa = crd::peer_authentication(r);
-            let what = format!("PeerAuthentication {}/{}", pa.metadata.namespace, pa.metadata.name);
-            match crate::policy::check_peer_authentication(&pa) {
+        PolicyInput {
+            mesh: self.source.mesh.clone(),
+            peer_authentications: self.valid(c.peer.values()),
+            authorization_policies: self.valid(c.authz.values()),
+        }
+    }
+
+    /// The objects of the resources that pass their checks; each problem reported once.
+    fn valid<'r, R: crd::PolicyResource>(&mut self, resources: impl Iterator<Item = &'r R>) -> Vec<R::Object> {
+        let mut out = Vec::new();
+        for r in resources {
+            let object = r.object();
+            let what = format!("{} {}", <R::Object as PolicyObject>::KIND, object.reference());
+            match object.check() {
                 Ok(()) => {
                     self.report(what, None);
-                    input.peer_authentications.push(pa);
+                    out.push(object);
                 }
-                Err(e) => self.report(what, Some(e)),
+                Err(e) => self.report(what, Some(e.to_string())),
             }
         }
-        for r in c.authz.values() {
-            let ap = crd::authorization_policy(r);
-            let what = format!("AuthorizationPolicy {}/{}", ap.metadata.namespace, ap.metadata.name);
-            match crate::policy::check_authorization_policy(&ap) {
-                Ok(()) => {
-                    self.report(what, None);
-                    input.authorization_policies.push(ap);
-                }
-                Err(e) => self.report(what, Some(e)),
-            }
-        }
-        input
+        out
     }
 }
 
@@ -617,10 +617,10 @@ pub async fn synthetic(pods: usize, nodes: usize) -> (Duration, Duration, Arc<Di
     )
     .await;
     let mut builder = Builder { source, cni: None, cgroups: HashMap::new(), problems: HashMap::new(), policies: None };
-    let dir = Arc::new(builder.build(&state.lock().expect("cluster lock")));
+    let dir = Arc::new(builder.build(&state.lock()));
     let rebuild = Instant::now();
     // A second build, as after any change: what every later event burst costs.
-    drop(builder.build(&state.lock().expect("cluster lock")));
+    drop(builder.build(&state.lock()));
     (started.elapsed() - rebuild.elapsed(), rebuild.elapsed(), dir)
 }
 

@@ -4,8 +4,8 @@
 //! the node agent's ServiceAccount, its token bound to a live agent pod, and the node is that pod's
 //! `spec.nodeName`. The issuer then signs only identities of pods scheduled there.
 
+use parking_lot::Mutex;
 use std::collections::HashMap;
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use super::objects::Pod;
@@ -89,13 +89,13 @@ impl NodeAuthenticator for ServiceAccountTokens {
                 .and_then(|v| v.to_str().ok())
                 .ok_or("no ServiceAccount token was presented")?;
             let token = header.strip_prefix("Bearer ").ok_or("the authorization header is not a bearer token")?;
-            if let Some((node, at)) = self.cache.lock().expect("token cache").get(token) {
+            if let Some((node, at)) = self.cache.lock().get(token) {
                 if at.elapsed() < CACHE {
                     return Ok(node.clone());
                 }
             }
             let node = self.review(token).await?;
-            let mut cache = self.cache.lock().expect("token cache");
+            let mut cache = self.cache.lock();
             cache.retain(|_, (_, at)| at.elapsed() < CACHE);
             cache.insert(token.to_string(), (node.clone(), Instant::now()));
             Ok(node)

@@ -129,7 +129,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Directory, Error> {
         peer_authentications: raw.peer_authentications,
         authorization_policies: raw.authorization_policies,
     })
-    .map_err(|e| invalid(e.0))?;
+    .map_err(|e| invalid(e.to_string()))?;
     Directory::new(trust_domain, raw.node, raw.cgroup_parent, workloads, policies).map_err(|e| invalid(e.0))
 }
 

@@ -1,8 +1,19 @@
 //! Tables of connections and the verdict, mode and deciding rule each must get.
 
 use super::*;
-use crate::identity::TrustDomain;
-use crate::workloads::PodKey;
+
+/// A pod as the policy sees it: namespace, labels and the mode label.
+struct Pod {
+    namespace: String,
+    labels: BTreeMap<String, String>,
+    label_mode: Option<LabelMode>,
+}
+
+impl Policies {
+    fn for_pod(&self, p: &Pod) -> PodPolicy {
+        self.for_workload(&Target { namespace: &p.namespace, labels: &p.labels, label_mode: p.label_mode })
+    }
+}
 
 fn input(yaml: &str) -> PolicyInput {
     serde_yaml::from_str(yaml).expect("test YAML parses")
@@ -12,18 +23,9 @@ fn compile(yaml: &str) -> Policies {
     Policies::compile(&input(yaml)).unwrap_or_else(|e| panic!("policies must compile: {e}"))
 }
 
-fn pod(ns: &str, name: &str, labels: &[(&str, &str)]) -> Workload {
-    let td = TrustDomain::new("cluster.local").unwrap();
-    Workload {
-        key: PodKey { namespace: ns.into(), name: name.into() },
-        service_account: name.into(),
-        node: "node1".into(),
-        ips: vec!["198.19.1.10".parse().unwrap()],
-        netns: None,
-        cgroup: None,
-        mesh: true,
-        host_network: false,
-        identity: crate::identity::workload_id(&td, ns, name).unwrap(),
+fn pod(ns: &str, _name: &str, labels: &[(&str, &str)]) -> Pod {
+    Pod {
+        namespace: ns.into(),
         labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
         label_mode: None,
     }
@@ -72,7 +74,7 @@ authorizationPolicies:
 #[test]
 fn deny_first_then_a_matching_allow_is_required_once_an_allow_policy_selects_the_workload() {
     let p = compile(SHOP);
-    let api = p.for_workload(&pod("shop", "api", &[("app", "api")]));
+    let api = p.for_pod(&pod("shop", "api", &[("app", "api")]));
     let frontend = id("spiffe://cluster.local/ns/shop/sa/frontend");
     let other = id("spiffe://cluster.local/ns/shop/sa/other");
     let ops = id("spiffe://cluster.local/ns/ops/sa/prometheus");
@@ -91,18 +93,18 @@ fn deny_first_then_a_matching_allow_is_required_once_an_allow_policy_selects_the
         assert_eq!(verdict(&api, peer, port), (allowed, why.to_string()), "{peer} → shop/api:{port}");
     }
     // A workload no ALLOW policy selects: default allow, but the namespace-wide DENY still applies.
-    let cart = p.for_workload(&pod("shop", "cart", &[("app", "cart")]));
+    let cart = p.for_pod(&pod("shop", "cart", &[("app", "cart")]));
     assert_eq!(verdict(&cart, auth(&other), 8080), (true, "default-allow".into()));
     assert_eq!(verdict(&cart, auth(&legacy), 8080), (false, "shop/no-legacy rules[0]".into()));
     // Policies of another namespace do not apply.
-    let elsewhere = p.for_workload(&pod("other", "api", &[("app", "api")]));
+    let elsewhere = p.for_pod(&pod("other", "api", &[("app", "api")]));
     assert_eq!(verdict(&elsewhere, auth(&legacy), 8080), (true, "default-allow".into()));
 }
 
 #[test]
 fn audit_marks_without_changing_the_outcome() {
     let p = compile(SHOP);
-    let api = p.for_workload(&pod("shop", "api", &[("app", "api")]));
+    let api = p.for_pod(&pod("shop", "api", &[("app", "api")]));
     let ops = id("spiffe://cluster.local/ns/ops/sa/prometheus");
     let d = api.decide(&Peer::Authenticated { id: &ops, ip: None }, 9090);
     assert!(d.allowed);
@@ -132,7 +134,7 @@ authorizationPolicies:
         - from: [{source: {principals: ["*/sa/admin"]}}]
 "#,
     );
-    let db = p.for_workload(&pod("db", "db", &[]));
+    let db = p.for_pod(&pod("db", "db", &[]));
     let shop = id("spiffe://cluster.local/ns/shop/sa/api");
     let ops = id("spiffe://cluster.local/ns/ops-eu/sa/x");
     let web = id("spiffe://cluster.local/ns/web/sa/x");
@@ -151,7 +153,7 @@ authorizationPolicies:
         "notPorts"
     );
 
-    let w = p.for_workload(&pod("web", "web", &[]));
+    let w = p.for_pod(&pod("web", "web", &[]));
     let ip = |s: &str| s.parse::<IpAddr>().unwrap();
     let plain = |s: &str| Peer::Plaintext { ip: ip(s) };
     assert_eq!(verdict(&w, plain("198.19.1.5"), 80), (true, "web/lan rules[0]".into()));
@@ -182,9 +184,9 @@ authorizationPolicies:
     );
     let peer_id = id("spiffe://cluster.local/ns/x/sa/y");
     let peer = Peer::Authenticated { id: &peer_id, ip: None };
-    assert_eq!(verdict(&p.for_workload(&pod("a", "p", &[])), peer, 80), (false, "no-allow-matched".into()));
-    assert_eq!(verdict(&p.for_workload(&pod("b", "p", &[])), peer, 80), (true, "b/allow-all rules[0]".into()));
-    assert_eq!(verdict(&p.for_workload(&pod("c", "p", &[])), peer, 80), (true, "default-allow".into()));
+    assert_eq!(verdict(&p.for_pod(&pod("a", "p", &[])), peer, 80), (false, "no-allow-matched".into()));
+    assert_eq!(verdict(&p.for_pod(&pod("b", "p", &[])), peer, 80), (true, "b/allow-all rules[0]".into()));
+    assert_eq!(verdict(&p.for_pod(&pod("c", "p", &[])), peer, 80), (true, "default-allow".into()));
 }
 
 #[test]
@@ -205,8 +207,8 @@ authorizationPolicies:
     );
     let legacy = id("spiffe://cluster.local/ns/legacy/sa/x");
     let shop = id("spiffe://cluster.local/ns/shop/sa/x");
-    let web = p.for_workload(&pod("web", "web", &[]));
-    let db = p.for_workload(&pod("data", "pg", &[("tier", "db")]));
+    let web = p.for_pod(&pod("web", "web", &[]));
+    let db = p.for_pod(&pod("data", "pg", &[("tier", "db")]));
     let auth = |id| Peer::Authenticated { id, ip: None };
     assert_eq!(verdict(&web, auth(&legacy), 80), (false, "mesh-root/deny-legacy-everywhere rules[0]".into()));
     assert_eq!(verdict(&web, auth(&shop), 80), (true, "default-allow".into()));
@@ -230,8 +232,8 @@ peerAuthentications:
     spec: {selector: {matchLabels: {app: inherit}}, mtls: {mode: UNSET}}
 "#,
     );
-    let mode = |w: Workload| {
-        let c = p.for_workload(&w).mode;
+    let mode = |w: Pod| {
+        let c = p.for_pod(&w).mode;
         (c.mode, c.scope, c.policy.map(|r| r.to_string()).unwrap_or_default())
     };
     assert_eq!(mode(pod("shop", "a", &[])), (Mode::Strict, "mesh", "meshless-system/default".into()));
@@ -244,8 +246,15 @@ peerAuthentications:
         mode(pod("legacy", "i", &[("app", "inherit")])),
         (Mode::Permissive, "namespace", "legacy/relaxed".into())
     );
+    // A PeerAuthentication of the namespace wins over the mode label.
+    let labelled =
+        |ns: &str, mode| Pod { label_mode: Some(LabelMode { mode, scope: "namespace label" }), ..pod(ns, "l", &[]) };
+    assert_eq!(mode(labelled("legacy", Mode::Strict)), (Mode::Permissive, "namespace", "legacy/relaxed".into()));
     let none = Policies::compile(&PolicyInput::default()).unwrap();
-    let c = none.for_workload(&pod("x", "y", &[])).mode;
+    // Where no PeerAuthentication applies, the label does.
+    let c = none.for_pod(&labelled("x", Mode::Strict)).mode;
+    assert_eq!((c.mode, c.scope, c.policy), (Mode::Strict, "namespace label", None));
+    let c = none.for_pod(&pod("x", "y", &[])).mode;
     assert_eq!((c.mode, c.scope, c.policy), (Mode::Permissive, "default", None));
 }
 
@@ -264,11 +273,11 @@ authorizationPolicies:
 "#,
     );
     let plain = Peer::Plaintext { ip: "198.19.1.5".parse().unwrap() };
-    assert_eq!(verdict(&p.for_workload(&pod("s", "a", &[])), plain, 80), (false, "plaintext-refused".into()));
-    assert_eq!(verdict(&p.for_workload(&pod("d", "a", &[])), plain, 80), (true, "not-captured".into()));
+    assert_eq!(verdict(&p.for_pod(&pod("s", "a", &[])), plain, 80), (false, "plaintext-refused".into()));
+    assert_eq!(verdict(&p.for_pod(&pod("d", "a", &[])), plain, 80), (true, "not-captured".into()));
     let peer_id = id("spiffe://cluster.local/ns/x/sa/y");
     let tls = Peer::Authenticated { id: &peer_id, ip: None };
-    assert_eq!(verdict(&p.for_workload(&pod("s", "a", &[])), tls, 80), (true, "s/allow-all rules[0]".into()));
+    assert_eq!(verdict(&p.for_pod(&pod("s", "a", &[])), tls, 80), (true, "s/allow-all rules[0]".into()));
 }
 
 #[test]
@@ -346,7 +355,7 @@ peerAuthentications:
 "#,
     );
     assert_eq!(p.counts(), (1, 1));
-    let w = p.for_workload(&pod("foo", "httpbin", &[("app", "httpbin"), ("version", "v1")]));
+    let w = p.for_pod(&pod("foo", "httpbin", &[("app", "httpbin"), ("version", "v1")]));
     assert_eq!(w.mode.mode, Mode::Strict);
     let dev = id("spiffe://cluster.local/ns/dev/sa/anything");
     assert_eq!(verdict(&w, Peer::Authenticated { id: &dev, ip: None }, 8000), (true, "foo/httpbin rules[0]".into()));

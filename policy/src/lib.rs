@@ -26,12 +26,61 @@ use serde::Serialize;
 
 pub use model::{Action, AuthorizationPolicy, MeshSettings, MtlsMode, PeerAuthentication};
 
-use crate::identity::SpiffeId;
-use crate::workloads::{canonical, Workload};
+pub use spiffe::SpiffeId;
 
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct Invalid(pub String);
+/// Why a field of a policy object cannot be enforced: the field's path in the object
+/// (`spec.rules[0].from[0].source.ipBlocks[0]`) and what is wrong with it. The CRD status, the
+/// CLI and the agent's log all show this one value.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, thiserror::Error)]
+#[error("{}", join(&[&self.field, &self.reason]))]
+pub struct FieldError {
+    /// Path of the field within the object; empty for the object as a whole.
+    pub field: String,
+    pub reason: String,
+}
+
+impl FieldError {
+    fn new(field: impl Into<String>, reason: impl Into<String>) -> FieldError {
+        FieldError { field: field.into(), reason: reason.into() }
+    }
+
+    /// The same error, its path below `parent` (`parent` + `.field` or `[i]`).
+    fn within(mut self, parent: &str) -> FieldError {
+        self.field.insert_str(0, parent);
+        self
+    }
+}
+
+/// An object of a policy set that cannot be enforced: which object (`authorizationPolicies[3]
+/// (shop/api-allow)`, or `mesh`) and the field.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, thiserror::Error)]
+#[error("{}", join(&[&self.object, &self.error.to_string()]))]
+pub struct Invalid {
+    pub object: String,
+    pub error: FieldError,
+}
+
+/// `a: b`, leaving out empty parts.
+fn join(parts: &[&str]) -> String {
+    parts.iter().filter(|p| !p.is_empty()).copied().collect::<Vec<_>>().join(": ")
+}
+
+/// IPv4-mapped IPv6 addresses name the IPv4 pod.
+pub fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+        v4 => v4,
+    }
+}
+
+/// The workload a pod's policy is gathered for: what selectors and modes look at.
+#[derive(Debug, Clone, Copy)]
+pub struct Target<'a> {
+    pub namespace: &'a str,
+    pub labels: &'a BTreeMap<String, String>,
+    /// The mode the `meshless.io/mode` label asks for, if any.
+    pub label_mode: Option<LabelMode>,
+}
 
 /// The policy objects of one snapshot, as written (the state file's `mesh`,
 /// `peerAuthentications` and `authorizationPolicies`).
@@ -56,16 +105,6 @@ pub enum Mode {
 }
 
 impl Mode {
-    /// The value of the kernel's `INBOUND` map.
-    pub fn kernel(self) -> u32 {
-        use meshless_common::inbound;
-        match self {
-            Mode::Strict => inbound::STRICT,
-            Mode::Permissive => inbound::PERMISSIVE,
-            Mode::Disable => inbound::DISABLE,
-        }
-    }
-
     pub fn as_str(self) -> &'static str {
         match self {
             Mode::Strict => "STRICT",
@@ -436,24 +475,25 @@ impl Policies {
     /// never half-applied); the error names the object and the field.
     pub fn compile(input: &PolicyInput) -> Result<Policies, Invalid> {
         let settings = input.mesh.clone();
-        check_name(&settings.root_namespace).map_err(|e| Invalid(format!("mesh.rootNamespace: {e}")))?;
+        check_name(&settings.root_namespace)
+            .map_err(|e| Invalid { object: String::new(), error: e.within("mesh.rootNamespace") })?;
         let mut peer: HashMap<String, Vec<Arc<CompiledPeer>>> = HashMap::new();
         let mut seen = HashSet::new();
         for (i, pa) in input.peer_authentications.iter().enumerate() {
-            let at = format!("peerAuthentications[{i}] ({}/{})", pa.metadata.namespace, pa.metadata.name);
-            let c = compile_peer(pa).map_err(|e| Invalid(format!("{at}: {e}")))?;
+            let object = format!("peerAuthentications[{i}] ({}/{})", pa.metadata.namespace, pa.metadata.name);
+            let c = compile_peer(pa).map_err(|error| Invalid { object: object.clone(), error })?;
             if !seen.insert(c.reference.clone()) {
-                return Err(Invalid(format!("{at}: defined twice")));
+                return Err(Invalid { object, error: FieldError::new("", "defined twice") });
             }
             peer.entry(c.reference.namespace.clone()).or_default().push(Arc::new(c));
         }
         let mut authz: HashMap<String, Vec<Arc<CompiledPolicy>>> = HashMap::new();
         let mut seen = HashSet::new();
         for (i, ap) in input.authorization_policies.iter().enumerate() {
-            let at = format!("authorizationPolicies[{i}] ({}/{})", ap.metadata.namespace, ap.metadata.name);
-            let c = compile_authz(ap).map_err(|e| Invalid(format!("{at}: {e}")))?;
+            let object = format!("authorizationPolicies[{i}] ({}/{})", ap.metadata.namespace, ap.metadata.name);
+            let c = compile_authz(ap).map_err(|error| Invalid { object: object.clone(), error })?;
             if !seen.insert(c.reference.clone()) {
-                return Err(Invalid(format!("{at}: defined twice")));
+                return Err(Invalid { object, error: FieldError::new("", "defined twice") });
             }
             authz.entry(c.reference.namespace.clone()).or_default().push(Arc::new(c));
         }
@@ -475,30 +515,27 @@ impl Policies {
     /// Gathers what applies to `w`: its mode (workload, then namespace, then mesh, then the
     /// PERMISSIVE default; UNSET inherits) and the authorization policies selecting it (those of
     /// its namespace, and those of the root namespace, which apply mesh-wide).
-    pub fn for_workload(&self, w: &Workload) -> PodPolicy {
-        let ns = w.key.namespace.as_str();
+    pub fn for_workload(&self, w: &Target<'_>) -> PodPolicy {
+        let ns = w.namespace;
         let root = self.settings.root_namespace.as_str();
         let set = |p: &&Arc<CompiledPeer>| p.mode != MtlsMode::Unset;
         let local = self.peer.get(ns).map(Vec::as_slice).unwrap_or_default();
-        let workload = local.iter().filter(set).find(|p| p.selector.is_some() && selects(&p.selector, &w.labels));
+        let workload = local.iter().filter(set).find(|p| p.selector.is_some() && selects(&p.selector, w.labels));
         let namespace = local.iter().filter(set).find(|p| p.selector.is_none());
         let mesh = self.peer.get(root).and_then(|l| l.iter().filter(set).find(|p| p.selector.is_none()));
-        let mode = match (workload, namespace, mesh) {
-            (Some(p), _, _) => choice(p, "workload"),
-            (None, Some(p), _) if ns != root => choice(p, "namespace"),
-            (None, Some(p), _) => choice(p, "mesh"),
-            (None, None, _) if w.label_mode.is_some() => {
-                let l = w.label_mode.expect("checked");
-                ModeChoice { mode: l.mode, policy: None, scope: l.scope }
-            }
-            (None, None, Some(p)) => choice(p, "mesh"),
-            (None, None, None) => ModeChoice { mode: Mode::Permissive, policy: None, scope: "default" },
+        let mode = match (workload, namespace, w.label_mode, mesh) {
+            (Some(p), _, _, _) => choice(p, "workload"),
+            (None, Some(p), _, _) if ns != root => choice(p, "namespace"),
+            (None, Some(p), _, _) => choice(p, "mesh"),
+            (None, None, Some(l), _) => ModeChoice { mode: l.mode, policy: None, scope: l.scope },
+            (None, None, None, Some(p)) => choice(p, "mesh"),
+            (None, None, None, None) => ModeChoice { mode: Mode::Permissive, policy: None, scope: "default" },
         };
         let mut pod = PodPolicy { mode, deny: Vec::new(), allow: Vec::new(), audit: Vec::new() };
         let namespaces: &[&str] = if ns == root { &[ns] } else { &[root, ns] };
         for n in namespaces {
             for p in self.authz.get(*n).into_iter().flatten() {
-                if !selects(&p.selector, &w.labels) {
+                if !selects(&p.selector, w.labels) {
                     continue;
                 }
                 match p.action {
@@ -523,7 +560,7 @@ fn choice(p: &CompiledPeer, scope: &'static str) -> ModeChoice {
 }
 
 /// A Kubernetes object name or namespace: DNS labels, 1–253 characters.
-fn check_name(s: &str) -> Result<(), String> {
+fn check_name(s: &str) -> Result<(), FieldError> {
     let ok = !s.is_empty()
         && s.len() <= 253
         && s.split('.').all(|l| {
@@ -536,7 +573,50 @@ fn check_name(s: &str) -> Result<(), String> {
     if ok {
         Ok(())
     } else {
-        Err(format!("{s:?} is not a valid Kubernetes name (lowercase letters, digits, '-' and '.')"))
+        Err(FieldError::new(
+            "",
+            format!("{s:?} is not a valid Kubernetes name (lowercase letters, digits, '-' and '.')"),
+        ))
+    }
+}
+
+/// The two kinds of policy object, as one: their kind, metadata and validation. The state file,
+/// the Kubernetes source, the CRD status and the CLI go through this trait rather than a copy of
+/// their code per kind.
+pub trait PolicyObject {
+    /// `PeerAuthentication` or `AuthorizationPolicy`.
+    const KIND: &'static str;
+    /// Where the state file lists objects of this kind (`peerAuthentications`, ...).
+    const LIST: &'static str;
+    fn metadata(&self) -> &model::ObjectMeta;
+    /// Validates the object on its own (what a Kubernetes object's status reports); the error
+    /// names the field.
+    fn check(&self) -> Result<(), FieldError>;
+    /// `namespace/name`.
+    fn reference(&self) -> PolicyRef {
+        PolicyRef { namespace: self.metadata().namespace.clone(), name: self.metadata().name.clone() }
+    }
+}
+
+impl PolicyObject for PeerAuthentication {
+    const KIND: &'static str = "PeerAuthentication";
+    const LIST: &'static str = "peerAuthentications";
+    fn metadata(&self) -> &model::ObjectMeta {
+        &self.metadata
+    }
+    fn check(&self) -> Result<(), FieldError> {
+        compile_peer(self).map(drop)
+    }
+}
+
+impl PolicyObject for AuthorizationPolicy {
+    const KIND: &'static str = "AuthorizationPolicy";
+    const LIST: &'static str = "authorizationPolicies";
+    fn metadata(&self) -> &model::ObjectMeta {
+        &self.metadata
+    }
+    fn check(&self) -> Result<(), FieldError> {
+        compile_authz(self).map(drop)
     }
 }
 
@@ -545,48 +625,42 @@ fn check_object(
     api_version: &Option<String>,
     k: &Option<String>,
     meta: &model::ObjectMeta,
-) -> Result<PolicyRef, String> {
+) -> Result<PolicyRef, FieldError> {
     if let Some(v) = api_version {
         if !model::API_VERSIONS.contains(&v.as_str()) {
-            return Err(format!("apiVersion: {v:?} is not one of {}", model::API_VERSIONS.join(", ")));
+            return Err(FieldError::new(
+                "apiVersion",
+                format!("{v:?} is not one of {}", model::API_VERSIONS.join(", ")),
+            ));
         }
     }
     if let Some(k) = k {
         if k != kind {
-            return Err(format!("kind: {k:?} where {kind} belongs"));
+            return Err(FieldError::new("kind", format!("{k:?} where {kind} belongs")));
         }
     }
-    check_name(&meta.name).map_err(|e| format!("metadata.name: {e}"))?;
-    check_name(&meta.namespace).map_err(|e| format!("metadata.namespace: {e}"))?;
+    check_name(&meta.name).map_err(|e| e.within("metadata.name"))?;
+    check_name(&meta.namespace).map_err(|e| e.within("metadata.namespace"))?;
     Ok(PolicyRef { namespace: meta.namespace.clone(), name: meta.name.clone() })
 }
 
-fn selector(s: &Option<model::WorkloadSelector>) -> Result<Option<BTreeMap<String, String>>, String> {
+fn selector(s: &Option<model::WorkloadSelector>) -> Result<Option<BTreeMap<String, String>>, FieldError> {
     let Some(s) = s else { return Ok(None) };
     if s.match_labels.keys().any(String::is_empty) {
-        return Err("spec.selector.matchLabels: a label key is empty".into());
+        return Err(FieldError::new("spec.selector.matchLabels", "a label key is empty"));
     }
     // An empty selector selects every workload, as no selector does.
     Ok(Some(s.match_labels.clone()).filter(|l| !l.is_empty()))
 }
 
-/// Validates one PeerAuthentication on its own (what a Kubernetes object's status reports); the
-/// error names the field.
-pub fn check_peer_authentication(pa: &PeerAuthentication) -> Result<(), String> {
-    compile_peer(pa).map(drop)
-}
-
-/// Validates one AuthorizationPolicy on its own; the error names the field.
-pub fn check_authorization_policy(ap: &AuthorizationPolicy) -> Result<(), String> {
-    compile_authz(ap).map(drop)
-}
-
-fn compile_peer(pa: &PeerAuthentication) -> Result<CompiledPeer, String> {
-    let reference = check_object("PeerAuthentication", &pa.api_version, &pa.kind, &pa.metadata)?;
+fn compile_peer(pa: &PeerAuthentication) -> Result<CompiledPeer, FieldError> {
+    let reference = check_object(PeerAuthentication::KIND, &pa.api_version, &pa.kind, &pa.metadata)?;
     if pa.spec.port_level_mtls.is_some() {
-        return Err("spec.portLevelMtls: per-port modes are not supported (a pod has one mode, which the \
-                    kernel enforces even while no agent runs); use a workload selector instead"
-            .into());
+        return Err(FieldError::new(
+            "spec.portLevelMtls",
+            "per-port modes are not supported (a pod has one mode, which the kernel enforces even while no \
+             agent runs); use a workload selector instead",
+        ));
     }
     Ok(CompiledPeer {
         reference,
@@ -595,52 +669,59 @@ fn compile_peer(pa: &PeerAuthentication) -> Result<CompiledPeer, String> {
     })
 }
 
-fn compile_authz(ap: &AuthorizationPolicy) -> Result<CompiledPolicy, String> {
-    let reference = check_object("AuthorizationPolicy", &ap.api_version, &ap.kind, &ap.metadata)?;
+fn compile_authz(ap: &AuthorizationPolicy) -> Result<CompiledPolicy, FieldError> {
+    let reference = check_object(AuthorizationPolicy::KIND, &ap.api_version, &ap.kind, &ap.metadata)?;
     let spec = &ap.spec;
     for (field, v) in [("targetRef", &spec.target_ref), ("targetRefs", &spec.target_refs), ("provider", &spec.provider)]
     {
         if v.is_some() {
-            return Err(format!("spec.{field}: not supported (meshless policies select workloads by labels)"));
+            return Err(FieldError::new(
+                format!("spec.{field}"),
+                "not supported (meshless policies select workloads by labels)",
+            ));
         }
     }
     if spec.action == Action::Custom {
-        return Err("spec.action: CUSTOM (external authorization) is not supported; use ALLOW, DENY or AUDIT".into());
+        return Err(FieldError::new(
+            "spec.action",
+            "CUSTOM (external authorization) is not supported; use ALLOW, DENY or AUDIT",
+        ));
     }
     let mut rules = Vec::with_capacity(spec.rules.len());
     for (r, rule) in spec.rules.iter().enumerate() {
         let at = format!("spec.rules[{r}]");
         if rule.when.is_some() {
-            return Err(format!(
-                "{at}.when: conditions are HTTP (L7) attributes; meshless authorizes connections (L4)"
+            return Err(FieldError::new(
+                format!("{at}.when"),
+                "conditions are HTTP (L7) attributes; meshless authorizes connections (L4)",
             ));
         }
         let mut from = Vec::with_capacity(rule.from.len());
         for (i, f) in rule.from.iter().enumerate() {
-            from.push(compile_source(&f.source).map_err(|e| format!("{at}.from[{i}].source{e}"))?);
+            from.push(compile_source(&f.source).map_err(|e| e.within(&format!("{at}.from[{i}].source")))?);
         }
         let mut to = Vec::with_capacity(rule.to.len());
         for (i, t) in rule.to.iter().enumerate() {
-            to.push(compile_operation(&t.operation).map_err(|e| format!("{at}.to[{i}].operation{e}"))?);
+            to.push(compile_operation(&t.operation).map_err(|e| e.within(&format!("{at}.to[{i}].operation")))?);
         }
         rules.push(CompiledRule { from, to });
     }
     Ok(CompiledPolicy { reference, action: spec.action, selector: selector(&spec.selector)?, rules })
 }
 
-/// Errors start with `.field` (the caller prefixes the path).
-fn compile_source(s: &model::Source) -> Result<SourceMatch, String> {
+/// Error paths start with `.field` (the caller puts its own path in front).
+fn compile_source(s: &model::Source) -> Result<SourceMatch, FieldError> {
     if s.request_principals.is_some() {
-        return Err(format!(".requestPrincipals: {}", model::L7));
+        return Err(FieldError::new(".requestPrincipals", model::L7));
     }
     if s.not_request_principals.is_some() {
-        return Err(format!(".notRequestPrincipals: {}", model::L7));
+        return Err(FieldError::new(".notRequestPrincipals", model::L7));
     }
-    let names = |field: &str, v: &Option<Vec<String>>, principal: bool| -> Result<Option<Names>, String> {
-        v.as_ref().map(|list| compile_names(list, principal).map_err(|e| format!(".{field}{e}"))).transpose()
+    let names = |field: &str, v: &Option<Vec<String>>, principal: bool| -> Result<Option<Names>, FieldError> {
+        v.as_ref().map(|list| compile_names(list, principal).map_err(|e| e.within(&format!(".{field}")))).transpose()
     };
-    let blocks = |field: &str, v: &Option<Vec<String>>| -> Result<Option<Vec<IpNet>>, String> {
-        v.as_ref().map(|list| compile_blocks(list).map_err(|e| format!(".{field}{e}"))).transpose()
+    let blocks = |field: &str, v: &Option<Vec<String>>| -> Result<Option<Vec<IpNet>>, FieldError> {
+        v.as_ref().map(|list| compile_blocks(list).map_err(|e| e.within(&format!(".{field}")))).transpose()
     };
     let merge = |a: Option<Vec<IpNet>>, b: Option<Vec<IpNet>>| match (a, b) {
         (Some(mut a), Some(b)) => Some({
@@ -667,14 +748,14 @@ fn compile_source(s: &model::Source) -> Result<SourceMatch, String> {
         && m.ip_blocks.is_none()
         && m.not_ip_blocks.is_none();
     if empty {
-        return Err(": must not be empty (leave `from` out to match any source)".into());
+        return Err(FieldError::new("", "must not be empty (leave `from` out to match any source)"));
     }
     Ok(m)
 }
 
-fn compile_names(list: &[String], principal: bool) -> Result<Names, String> {
+fn compile_names(list: &[String], principal: bool) -> Result<Names, FieldError> {
     if list.is_empty() {
-        return Err(": must not be an empty list".into());
+        return Err(FieldError::new("", "must not be an empty list"));
     }
     let mut n = Names::default();
     for (i, raw) in list.iter().enumerate() {
@@ -682,43 +763,48 @@ fn compile_names(list: &[String], principal: bool) -> Result<Names, String> {
         let v = if principal { raw.strip_prefix("spiffe://").unwrap_or(raw) } else { raw.as_str() };
         let stars = v.matches('*').count();
         match (v, stars) {
-            ("", _) => return Err(format!("[{i}]: must not be empty")),
+            ("", _) => return Err(FieldError::new(format!("[{i}]"), "must not be empty")),
             ("*", 1) => n.any = true,
             (v, 0) => {
                 n.exact.insert(v.to_string());
             }
             (v, 1) if v.ends_with('*') => n.prefixes.push(v.trim_end_matches('*').to_string()),
             (v, 1) if v.starts_with('*') => n.suffixes.push(v.trim_start_matches('*').to_string()),
-            _ => return Err(format!("[{i}]: {raw:?}: '*' is allowed only alone, at the start or at the end")),
+            _ => {
+                return Err(FieldError::new(
+                    format!("[{i}]"),
+                    format!("{raw:?}: '*' is allowed only alone, at the start or at the end"),
+                ))
+            }
         }
     }
     Ok(n)
 }
 
-fn compile_blocks(list: &[String]) -> Result<Vec<IpNet>, String> {
+fn compile_blocks(list: &[String]) -> Result<Vec<IpNet>, FieldError> {
     if list.is_empty() {
-        return Err(": must not be an empty list".into());
+        return Err(FieldError::new("", "must not be an empty list"));
     }
     list.iter()
         .enumerate()
         .map(|(i, s)| {
-            s.parse::<IpNet>()
-                .map(|n| n.trunc())
-                .or_else(|_| s.parse::<IpAddr>().map(IpNet::from))
-                .map(|n| match n {
-                    // A v4-mapped block names IPv4 sources.
-                    IpNet::V6(v6) if v6.addr().to_ipv4_mapped().is_some() && v6.prefix_len() >= 96 => {
-                        let v4 = v6.addr().to_ipv4_mapped().expect("checked");
-                        IpNet::V4(ipnet::Ipv4Net::new(v4, v6.prefix_len() - 96).expect("prefix ≤ 32"))
-                    }
-                    n => n,
-                })
-                .map_err(|_| format!("[{i}]: {s:?} is not an IP address or CIDR block"))
+            let net = s.parse::<IpNet>().map(|n| n.trunc()).or_else(|_| s.parse::<IpAddr>().map(IpNet::from));
+            match net {
+                // A v4-mapped block names IPv4 sources.
+                Ok(IpNet::V6(v6)) if v6.prefix_len() >= 96 => match v6.addr().to_ipv4_mapped() {
+                    Some(v4) => ipnet::Ipv4Net::new(v4, v6.prefix_len() - 96)
+                        .map(IpNet::V4)
+                        .map_err(|_| FieldError::new(format!("[{i}]"), "prefix too long")),
+                    None => Ok(IpNet::V6(v6)),
+                },
+                Ok(n) => Ok(n),
+                Err(_) => Err(FieldError::new(format!("[{i}]"), format!("{s:?} is not an IP address or CIDR block"))),
+            }
         })
         .collect()
 }
 
-fn compile_operation(o: &model::Operation) -> Result<PortMatch, String> {
+fn compile_operation(o: &model::Operation) -> Result<PortMatch, FieldError> {
     for (field, v) in [
         ("hosts", &o.hosts),
         ("notHosts", &o.not_hosts),
@@ -728,13 +814,13 @@ fn compile_operation(o: &model::Operation) -> Result<PortMatch, String> {
         ("notPaths", &o.not_paths),
     ] {
         if v.is_some() {
-            return Err(format!(".{field}: {}", model::L7));
+            return Err(FieldError::new(format!(".{field}"), model::L7));
         }
     }
-    let ports = |field: &str, v: &Option<Vec<model::PortValue>>| -> Result<Option<Vec<u16>>, String> {
+    let ports = |field: &str, v: &Option<Vec<model::PortValue>>| -> Result<Option<Vec<u16>>, FieldError> {
         let Some(list) = v else { return Ok(None) };
         if list.is_empty() {
-            return Err(format!(".{field}: must not be an empty list"));
+            return Err(FieldError::new(format!(".{field}"), "must not be an empty list"));
         }
         list.iter()
             .enumerate()
@@ -745,14 +831,14 @@ fn compile_operation(o: &model::Operation) -> Result<PortMatch, String> {
                 };
                 n.and_then(|n| u16::try_from(n).ok())
                     .filter(|n| *n != 0)
-                    .ok_or_else(|| format!(".{field}[{i}]: {p:?} is not a port (1-65535)"))
+                    .ok_or_else(|| FieldError::new(format!(".{field}[{i}]"), format!("{p:?} is not a port (1-65535)")))
             })
-            .collect::<Result<Vec<u16>, String>>()
+            .collect::<Result<Vec<u16>, FieldError>>()
             .map(Some)
     };
     let m = PortMatch { ports: ports("ports", &o.ports)?, not_ports: ports("notPorts", &o.not_ports)? };
     if m.ports.is_none() && m.not_ports.is_none() {
-        return Err(": must not be empty (leave `to` out to match any port)".into());
+        return Err(FieldError::new("", "must not be empty (leave `to` out to match any port)"));
     }
     Ok(m)
 }

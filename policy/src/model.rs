@@ -51,22 +51,9 @@ pub struct PeerAuthentication {
     pub spec: PeerAuthenticationSpec,
 }
 
-/// The same spec is a Kubernetes resource's (`PeerAuthenticationResource`, kind
-/// `PeerAuthentication` in `meshless.io`); its CRD is generated from this type.
-#[derive(kube::CustomResource, Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[kube(
-    group = "meshless.io",
-    version = "v1alpha1",
-    kind = "PeerAuthentication",
-    root = "PeerAuthenticationResource",
-    namespaced,
-    status = "crate::k8s::crd::PolicyStatus",
-    category = "meshless",
-    printcolumn = r#"{"name":"Mode","type":"string","jsonPath":".spec.mtls.mode"}"#,
-    printcolumn = r#"{"name":"Accepted","type":"string","jsonPath":".status.accepted"}"#,
-    printcolumn = r#"{"name":"Message","type":"string","jsonPath":".status.message","priority":1}"#,
-    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
-)]
+/// The `spec` of the object (and of the Kubernetes resource, whose CRD is generated from this type
+/// in the agent's `k8s::crd`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PeerAuthenticationSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -75,7 +62,7 @@ pub struct PeerAuthenticationSpec {
     pub mtls: Option<MutualTls>,
     /// Istio's per-port modes: not supported (the kernel decides per pod while no agent runs).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(schema_with = "crate::k8s::crd::preserved")]
+    #[schemars(schema_with = "crate::model::preserved")]
     pub port_level_mtls: Option<serde_yaml::Value>,
 }
 
@@ -110,22 +97,9 @@ pub struct AuthorizationPolicy {
     pub spec: AuthorizationPolicySpec,
 }
 
-/// The same spec is a Kubernetes resource's (`AuthorizationPolicyResource`, kind
-/// `AuthorizationPolicy` in `meshless.io`); its CRD is generated from this type.
-#[derive(kube::CustomResource, Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[kube(
-    group = "meshless.io",
-    version = "v1alpha1",
-    kind = "AuthorizationPolicy",
-    root = "AuthorizationPolicyResource",
-    namespaced,
-    status = "crate::k8s::crd::PolicyStatus",
-    category = "meshless",
-    printcolumn = r#"{"name":"Action","type":"string","jsonPath":".spec.action"}"#,
-    printcolumn = r#"{"name":"Accepted","type":"string","jsonPath":".status.accepted"}"#,
-    printcolumn = r#"{"name":"Message","type":"string","jsonPath":".status.message","priority":1}"#,
-    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
-)]
+/// The `spec` of the object (and of the Kubernetes resource, whose CRD is generated from this type
+/// in the agent's `k8s::crd`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AuthorizationPolicySpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -137,13 +111,13 @@ pub struct AuthorizationPolicySpec {
     pub rules: Vec<Rule>,
     /// Istio's Gateway API attachment and external authorizers: not supported.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(schema_with = "crate::k8s::crd::preserved")]
+    #[schemars(schema_with = "crate::model::preserved")]
     pub target_ref: Option<serde_yaml::Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(schema_with = "crate::k8s::crd::preserved")]
+    #[schemars(schema_with = "crate::model::preserved")]
     pub target_refs: Option<serde_yaml::Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(schema_with = "crate::k8s::crd::preserved")]
+    #[schemars(schema_with = "crate::model::preserved")]
     pub provider: Option<serde_yaml::Value>,
 }
 
@@ -169,7 +143,7 @@ pub struct Rule {
     pub to: Vec<ToClause>,
     /// Istio's conditions (`request.headers`, JWT claims, …): L7, not supported.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(schema_with = "crate::k8s::crd::preserved")]
+    #[schemars(schema_with = "crate::model::preserved")]
     pub when: Option<serde_yaml::Value>,
 }
 
@@ -202,10 +176,10 @@ pub struct Source {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub not_remote_ip_blocks: Option<Vec<String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(schema_with = "crate::k8s::crd::preserved")]
+    #[schemars(schema_with = "crate::model::preserved")]
     pub request_principals: Option<serde_yaml::Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(schema_with = "crate::k8s::crd::preserved")]
+    #[schemars(schema_with = "crate::model::preserved")]
     pub not_request_principals: Option<serde_yaml::Value>,
 }
 
@@ -224,22 +198,22 @@ pub struct Operation {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub not_ports: Option<Vec<PortValue>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(schema_with = "crate::k8s::crd::preserved")]
+    #[schemars(schema_with = "crate::model::preserved")]
     pub hosts: Option<serde_yaml::Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(schema_with = "crate::k8s::crd::preserved")]
+    #[schemars(schema_with = "crate::model::preserved")]
     pub not_hosts: Option<serde_yaml::Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(schema_with = "crate::k8s::crd::preserved")]
+    #[schemars(schema_with = "crate::model::preserved")]
     pub methods: Option<serde_yaml::Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(schema_with = "crate::k8s::crd::preserved")]
+    #[schemars(schema_with = "crate::model::preserved")]
     pub not_methods: Option<serde_yaml::Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(schema_with = "crate::k8s::crd::preserved")]
+    #[schemars(schema_with = "crate::model::preserved")]
     pub paths: Option<serde_yaml::Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(schema_with = "crate::k8s::crd::preserved")]
+    #[schemars(schema_with = "crate::model::preserved")]
     pub not_paths: Option<serde_yaml::Value>,
 }
 
@@ -285,6 +259,12 @@ impl Default for MeshSettings {
     fn default() -> Self {
         MeshSettings { root_namespace: default_root_namespace(), dry_run: false, close_denied_connections: false }
     }
+}
+
+/// Schema of a field meshless parses only to refuse with a reason (L7 attributes and the like):
+/// kept as written, so the refusal can name it instead of the API server silently pruning it.
+pub fn preserved(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({ "x-kubernetes-preserve-unknown-fields": true })
 }
 
 /// Why an L7-only field cannot be honoured, for the validation error.
