@@ -14,6 +14,7 @@ use crate::config::AgentConfig;
 use crate::handover::{self, Inherited};
 use crate::identity::store::{Identities, Rotation};
 use crate::identity::CertificateSource;
+use crate::kernel::Node;
 use crate::limits::HandshakeLimiter;
 use crate::local::LocalPod;
 use crate::netns::{self, Netns};
@@ -73,8 +74,12 @@ pub async fn run(config: Arc<AgentConfig>, deps: Deps, shutdown: impl Future<Out
         decisions: Default::default(),
     });
     let trust = identities.trust.clone();
-    let deps = pods::Deps {
+    let kernel = Node {
         capture: capture.clone(),
+        home: Netns::current().map_err(|e| Error::Io("opening the agent's own netns".into(), e))?,
+    };
+    let deps = pods::Deps {
+        kernel,
         identities,
         proxy: proxy.clone(),
         local_pods: Default::default(),

@@ -5,12 +5,12 @@
 //! logged as one structured line and counted; `meshless policy explain` and the admin endpoint
 //! call the same [`PodPolicy::decide`].
 
-use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 
 use http::StatusCode;
 use meshless_common::AGENT_POD_PORTS;
+use parking_lot::Mutex;
 use tracing::{info, warn};
 
 use crate::policy::{Decision, Mode, Peer, PodPolicy};

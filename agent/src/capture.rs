@@ -14,15 +14,18 @@
 //! `INBOUND_LISTENERS`. The listener leaves that map when its socket closes, so with no agent a
 //! STRICT pod drops plaintext and a PERMISSIVE one passes it. Health probes are announced by a
 //! `sock_ops` program on the probe cgroup (the kubelet's), pinned like the others.
+//!
+//! Parts: this file (load, attach, the per-pod maps), [`pins`] (the pin directory: bpffs, the
+//! cgroup claim, layouts, uninstall), [`probes`] (the probe cgroup). The pod lifecycle reaches
+//! all of it through [`crate::kernel::Kernel`].
 
-use parking_lot::Mutex;
 use std::collections::HashSet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
 
-use aya::maps::{Array, HashMap, HashOfMaps, Map, MapData, SockHash};
+use aya::maps::{HashMap, HashOfMaps, Map, MapData, SockHash};
 use aya::programs::links::FdLink;
 use aya::programs::{CgroupAttachMode, CgroupSockAddr, SkLookup, SockOps};
 use aya::{Ebpf, EbpfLoader};
@@ -30,9 +33,18 @@ use meshless_common::{
     maps, mode, programs, EnrolledPod, InboundPod, OrigDst, OrigDstKey, PodAddr, AF_INET, AF_INET6, LAYOUT_VERSION,
     ORIG_DST_PER_POD,
 };
+use parking_lot::Mutex;
 use tracing::{info, warn};
 
 use crate::policy::Mode;
+
+mod pins;
+mod probes;
+
+pub use pins::uninstall;
+use pins::{claim_for_cgroup, ensure_bpffs, netns_links, pins, remove_other_layouts, stamp};
+use probes::check_probe_cgroup;
+pub use probes::probe_cgroup;
 
 /// A pod's mode as the kernel's `INBOUND` map holds it.
 fn kernel_mode(mode: Mode) -> u32 {
@@ -64,13 +76,6 @@ pub enum Error {
 /// The embedded kernel programs (built by build.rs).
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/meshless-ebpf"));
 
-/// `statfs(2)` magic of the BPF file system.
-const BPF_FS_MAGIC: i64 = 0xcafe4a11;
-/// Where a BPF file system is mounted when the machine has none.
-const DEFAULT_BPFFS: &str = "/sys/fs/bpf";
-/// Name of the pinned array recording the cgroup (by inode number) a pin directory serves.
-const CGROUP_MAP: &str = "CGROUP";
-
 pub struct Capture {
     /// `<bpf dir>/v<LAYOUT_VERSION>`.
     dir: PathBuf,
@@ -84,8 +89,9 @@ pub struct Capture {
     listeners: Mutex<SockHash<MapData, u64>>,
 }
 
-/// A pod's own original-destination map, read by the agent after `accept()`.
-pub struct PodOrig(Mutex<HashMap<MapData, OrigDstKey, OrigDst>>);
+/// A pod's own original-destination map, read by the agent after `accept()`. (`None`: a pod
+/// without capture, which a fake kernel in tests hands out.)
+pub struct PodOrig(Option<Mutex<HashMap<MapData, OrigDstKey, OrigDst>>>);
 
 impl Capture {
     /// Opens (or creates) the pinned maps under `bpf_dir` for the cgroup `cgroup_parent`, and
@@ -326,7 +332,7 @@ impl Capture {
             }
         }
         self.set(cookie, pod)?;
-        Ok(PodOrig(Mutex::new(inner)))
+        Ok(PodOrig(Some(Mutex::new(inner))))
     }
 
     /// Marks the netns `cookie` as a pod the agent knows and leaves alone.
@@ -400,11 +406,17 @@ impl Capture {
 }
 
 impl PodOrig {
+    /// A map that holds nothing (a fake kernel's).
+    #[cfg(test)]
+    pub fn none() -> PodOrig {
+        PodOrig(None)
+    }
+
     /// The original destination of the connection accepted from `peer`; the entry is removed
     /// (each is read once).
     pub fn take(&self, peer: SocketAddr) -> Option<SocketAddr> {
         let key = orig_key(peer);
-        let mut map = self.0.lock();
+        let mut map = self.0.as_ref()?.lock();
         let orig = map.get(&key, 0).ok()?;
         let _ = map.remove(&key);
         Some(orig_to_addr(&orig))
@@ -426,91 +438,6 @@ fn orig_key(peer: SocketAddr) -> OrigDstKey {
     }
 }
 
-/// A name part that orders pins by who made them and when: `<pid>-<nanoseconds>`.
-fn stamp() -> String {
-    format!(
-        "{}-{}",
-        std::process::id(),
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0)
-    )
-}
-
-/// The pinned sk_lookup links of the netns `cookie`.
-fn netns_links(dir: &Path, cookie: u64) -> Vec<PathBuf> {
-    let prefix = format!("{cookie}@");
-    std::fs::read_dir(dir)
-        .map(|entries| {
-            entries
-                .flatten()
-                .filter(|e| e.file_name().to_str().is_some_and(|n| n.starts_with(&prefix)))
-                .map(|e| e.path())
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-/// Resolves `--probe-cgroup`: `none`, `auto` (the cgroup of a running process named `kubelet`),
-/// or a path.
-pub fn probe_cgroup(spec: &str) -> Result<Option<PathBuf>, Error> {
-    match spec {
-        "none" | "" => Ok(None),
-        "auto" => {
-            let found = kubelet_cgroup();
-            match &found {
-                Some(p) => {
-                    info!(cgroup = %p.display(), "health probes: the kubelet's cgroup is exempt from inbound capture")
-                }
-                None => {
-                    info!("health probes: no kubelet process found; no connection is exempt (--probe-cgroup sets one)")
-                }
-            }
-            Ok(found)
-        }
-        path => Ok(Some(PathBuf::from(path))),
-    }
-}
-
-/// The cgroup2 directory of the first process named `kubelet`.
-fn kubelet_cgroup() -> Option<PathBuf> {
-    let mount = cgroup2_mount()?;
-    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
-        e.file_name().to_str()?.parse::<u32>().ok()?;
-        let comm = std::fs::read_to_string(e.path().join("comm")).ok()?;
-        if comm.trim_end() != "kubelet" {
-            return None;
-        }
-        let cgroups = std::fs::read_to_string(e.path().join("cgroup")).ok()?;
-        let rel = cgroups.lines().find_map(|l| l.strip_prefix("0::"))?;
-        Some(mount.join(rel.trim_start_matches('/')))
-    })
-}
-
-fn cgroup2_mount() -> Option<PathBuf> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    info.lines().find_map(|l| {
-        let (pre, post) = l.split_once(" - ")?;
-        let point = pre.split_whitespace().nth(4)?;
-        (post.split_whitespace().next() == Some("cgroup2")).then(|| PathBuf::from(point))
-    })
-}
-
-/// The probe cgroup must not hold the pods: their connections would pass as probes.
-fn check_probe_cgroup(probes: &Path, pods: &Path) -> Result<(), Error> {
-    let bad = |msg: &str| Error::Cgroup { path: probes.into(), source: std::io::Error::other(msg.to_string()) };
-    let meta = std::fs::metadata(probes).map_err(|source| Error::Cgroup { path: probes.into(), source })?;
-    if !meta.is_dir() || !probes.join("cgroup.procs").exists() {
-        return Err(bad("the probe cgroup is not a cgroup2 directory"));
-    }
-    let (probes, pods) = (probes.canonicalize().unwrap_or(probes.into()), pods.canonicalize().unwrap_or(pods.into()));
-    if pods.starts_with(&probes) || probes.starts_with(&pods) {
-        return Err(bad(&format!(
-            "the probe cgroup and the pods' cgroup {} contain one another; the probe cgroup must hold only the kubelet",
-            pods.display()
-        )));
-    }
-    Ok(())
-}
-
 fn pod_addr(ip: IpAddr) -> PodAddr {
     match crate::workloads::canonical(ip) {
         IpAddr::V4(v4) => PodAddr { addr: [u32::from_ne_bytes(v4.octets()), 0, 0, 0], family: AF_INET.into() },
@@ -527,83 +454,8 @@ fn absent(e: &aya::maps::MapError) -> bool {
     }
 }
 
-fn pins(path: &Path, msg: String) -> Error {
-    Error::Pins { path: path.into(), msg }
-}
-
 fn take(ebpf: &mut Ebpf, name: &'static str) -> Result<Map, Error> {
     ebpf.take_map(name).ok_or(Error::Missing(name))
-}
-
-/// Makes sure `bpf_dir` is on a BPF file system, mounting one at /sys/fs/bpf if the machine has
-/// none there and `bpf_dir` is below it (as Cilium does).
-fn ensure_bpffs(bpf_dir: &Path) -> Result<(), Error> {
-    let on_bpffs = |p: &Path| nix::sys::statfs::statfs(p).map(|s| s.filesystem_type().0 == BPF_FS_MAGIC);
-    let existing = bpf_dir.ancestors().find(|p| p.exists()).unwrap_or(Path::new("/"));
-    if on_bpffs(existing).unwrap_or(false) {
-        return Ok(());
-    }
-    if !bpf_dir.starts_with(DEFAULT_BPFFS) {
-        return Err(pins(bpf_dir, "is not on a BPF file system; mount one (`mount -t bpf bpf /sys/fs/bpf`)".into()));
-    }
-    std::fs::create_dir_all(DEFAULT_BPFFS).map_err(|e| pins(Path::new(DEFAULT_BPFFS), e.to_string()))?;
-    nix::mount::mount(Some("bpf"), DEFAULT_BPFFS, Some("bpf"), nix::mount::MsFlags::empty(), None::<&str>)
-        .map_err(|e| pins(Path::new(DEFAULT_BPFFS), format!("mounting a BPF file system: {e}")))?;
-    info!(path = DEFAULT_BPFFS, "mounted a BPF file system (the machine had none)");
-    Ok(())
-}
-
-/// Records (first use) or checks (later uses) which cgroup the pin directory serves.
-fn claim_for_cgroup(dir: &Path, cgroup: &Path, ino: u64) -> Result<(), Error> {
-    let path = dir.join(CGROUP_MAP);
-    let name = CGROUP_MAP;
-    if path.exists() {
-        let data = MapData::from_pin(&path).map_err(|source| Error::Map { name, source })?;
-        let arr: Array<MapData, u64> =
-            Array::try_from(Map::Array(data)).map_err(|source| Error::Map { name, source })?;
-        let owner = arr.get(&0, 0).map_err(|source| Error::Map { name, source })?;
-        if owner != ino {
-            return Err(pins(
-                dir,
-                format!(
-                    "belongs to another cgroup (inode {owner}), not {} (inode {ino}); give each node's agent its own --bpf-dir",
-                    cgroup.display()
-                ),
-            ));
-        }
-        return Ok(());
-    }
-    let mut arr: Array<MapData, u64> = Array::create(1, 0).map_err(|source| Error::Map { name, source })?;
-    arr.set(0, ino, 0).map_err(|source| Error::Map { name, source })?;
-    arr.pin(&path).map_err(|e| pins(&path, e.to_string()))
-}
-
-/// Removes pin directories of other layout versions (unpinning their links detaches them).
-fn remove_other_layouts(ours: &Path) -> usize {
-    let Some(parent) = ours.parent() else { return 0 };
-    let Ok(entries) = std::fs::read_dir(parent) else { return 0 };
-    let mut removed = 0;
-    for e in entries.flatten() {
-        let p = e.path();
-        let is_layout = p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with('v'));
-        if is_layout && p != ours {
-            match std::fs::remove_dir_all(&p) {
-                Ok(()) => removed += 1,
-                Err(e) => warn!(path = %p.display(), error = %e, "cannot remove a stale pin directory"),
-            }
-        }
-    }
-    removed
-}
-
-/// Removes everything meshless pinned under `bpf_dir`: the programs detach, the maps go.
-/// Enrolled pods then connect directly again (`meshless uninstall`).
-pub fn uninstall(bpf_dir: &Path) -> Result<bool, Error> {
-    if !bpf_dir.exists() {
-        return Ok(false);
-    }
-    std::fs::remove_dir_all(bpf_dir).map_err(|e| pins(bpf_dir, e.to_string()))?;
-    Ok(true)
 }
 
 fn spawn_kernel_logger(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {

@@ -11,6 +11,7 @@
 //! | [`identity`] | SPIFFE IDs, the CA directory, certificate sources, the certificate store and rotation, verifiers |
 //! | [`issuer`] | `meshless issuer`: the CA service that signs a node only its own pods' identities |
 //! | [`capture`] | the kernel programs: load, pin, attach, enrollment maps, original destinations |
+//! | [`kernel`] | what the pod lifecycle asks of the kernel (pods' netns, the agent's sockets there, capture maps): a trait, real and faked |
 //! | [`pods`] | the lifecycle of this node's pods: enroll, update, unenroll, retry; publishes the node status |
 //! | [`local`] | a pod of this node in the mesh as the data path sees it (leaf) |
 //! | [`status`] | the node status read model: pods with state and last error, certificates, pool, draining |
@@ -35,6 +36,7 @@ pub mod handover;
 pub mod identity;
 pub mod issuer;
 pub mod k8s;
+pub mod kernel;
 pub mod limits;
 pub mod local;
 pub mod netns;

@@ -15,19 +15,16 @@
 //! if the mesh asks for it, established inbound connections the new policy denies are reset.
 
 use std::collections::HashMap;
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use meshless_common::{INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT, TUNNEL_PORT};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::capture::Capture;
 use crate::handover::{Inherited, ListenerSpec, Listeners, Role};
 use crate::identity::store::Identities;
+use crate::kernel::Kernel;
 use crate::local::{LocalPod, LocalPods};
-use crate::netns::{self, Netns};
 use crate::policy::PodPolicy;
 use crate::proxy;
 use crate::status::{NodeStatus, PodState, PodStatus, Published};
@@ -41,14 +38,12 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 pub enum Error {
     #[error("has no netns path")]
     NoNetns,
-    #[error("{0}")]
-    Netns(std::io::Error),
-    #[error("cannot listen on {addr} inside its netns: {source} (is another agent or app using the port?)")]
-    Listen { addr: SocketAddr, source: std::io::Error },
+    #[error(transparent)]
+    Kernel(#[from] crate::kernel::Error),
     #[error("identity: {0}")]
     Identity(#[from] crate::identity::Error),
-    #[error("kernel maps: {0}")]
-    Capture(#[from] crate::capture::Error),
+    #[error("serving its listeners: {0}")]
+    Serve(std::io::Error),
 }
 
 enum Slot {
@@ -82,8 +77,9 @@ impl Slot {
 }
 
 /// What the pod lifecycle needs, built once by the app.
-pub struct Deps {
-    pub capture: Arc<Capture>,
+pub struct Deps<K> {
+    /// The node's kernel: pods' netns, the agent's sockets in them, the capture maps.
+    pub kernel: K,
     pub identities: Arc<Identities>,
     /// What each pod's listeners serve with.
     pub proxy: Arc<proxy::Inputs>,
@@ -95,8 +91,8 @@ pub struct Deps {
     pub drain_timeout: Duration,
 }
 
-pub struct Manager {
-    deps: Deps,
+pub struct Manager<K: Kernel> {
+    deps: Deps<K>,
     slots: HashMap<PodKey, Slot>,
     /// Listeners handed over by a predecessor, not yet claimed by a pod.
     inherited: Inherited,
@@ -104,8 +100,8 @@ pub struct Manager {
     draining: bool,
 }
 
-impl Manager {
-    pub fn new(deps: Deps, inherited: Inherited) -> Manager {
+impl<K: Kernel> Manager<K> {
+    pub fn new(deps: Deps<K>, inherited: Inherited) -> Manager<K> {
         Manager { deps, slots: HashMap::new(), inherited, draining: false }
     }
 
@@ -130,13 +126,13 @@ impl Manager {
                     let policy = dir.policy_for(w);
                     let (old_ips, old_mode) = (pod.workload().ips.clone(), pod.policy().mode.clone());
                     if old_ips != w.ips {
-                        match self.deps.capture.enroll(pod.cookie, &w.ips) {
+                        match self.deps.kernel.enroll(pod.cookie, &w.ips) {
                             Ok(_) => info!(pod = %key, ips = ?w.ips, "pod addresses updated"),
                             Err(e) => warn!(pod = %key, error = %e, "cannot update the pod's addresses in the kernel"),
                         }
                     }
                     if old_ips != w.ips || old_mode.mode != policy.mode.mode {
-                        match self.deps.capture.set_mode(pod.cookie, &w.ips, policy.mode.mode) {
+                        match self.deps.kernel.set_mode(pod.cookie, &w.ips, policy.mode.mode) {
                             Ok(()) if old_mode.mode != policy.mode.mode => {
                                 info!(pod = %key, from = %old_mode.mode, mode = %policy.mode, "inbound mode changed")
                             }
@@ -238,7 +234,11 @@ impl Manager {
 
     /// Retries the pods whose retry time has come.
     pub async fn retry_due(&mut self, dir: &Directory) {
-        let now = Instant::now();
+        self.retry_due_at(dir, Instant::now()).await
+    }
+
+    /// Retries the pods whose retry time is at or before `now`.
+    async fn retry_due_at(&mut self, dir: &Directory, now: Instant) {
         let due: Vec<PodKey> = self
             .slots
             .iter()
@@ -371,38 +371,34 @@ impl Manager {
 
     /// A pod outside the mesh: the kernel learns its netns, so its connects pass untouched.
     fn know(&self, w: &Workload) -> Result<u64, Error> {
-        let netns = Netns::open(w.netns.as_ref().ok_or(Error::NoNetns)?).map_err(Error::Netns)?;
-        let cookie =
-            netns.run(&self.deps.proxy.home, netns::current_cookie).map_err(Error::Netns)?.map_err(Error::Netns)?;
-        self.deps.capture.bypass(cookie)?;
+        let (_, cookie) = self.deps.kernel.pod_netns(w.netns.as_ref().ok_or(Error::NoNetns)?)?;
+        self.deps.kernel.bypass(cookie)?;
         info!(pod = %w.key, netns_cookie = cookie, "pod is outside the mesh; its connections pass untouched");
         Ok(cookie)
     }
 
     async fn enroll(&mut self, w: &Arc<Workload>, policy: Arc<PodPolicy>) -> Result<Slot, Error> {
         let deps = &self.deps;
-        let home = &deps.proxy.home;
-        let netns = Netns::open(w.netns.as_ref().ok_or(Error::NoNetns)?).map_err(Error::Netns)?;
-        let cookie = netns.run(home, netns::current_cookie).map_err(Error::Netns)?.map_err(Error::Netns)?;
+        let (netns, cookie) = deps.kernel.pod_netns(w.netns.as_ref().ok_or(Error::NoNetns)?)?;
         let (listeners, inherited) = match self.inherited.take(&w.key, cookie) {
             Some(l) => (l, true),
             None => (Listeners(Vec::new()), false),
         };
         // Listeners not handed over (none, or a predecessor without some role) are opened here.
-        let listeners = netns.run(home, || open_listeners(&w.key, listeners)).map_err(Error::Netns)??;
+        let listeners = deps.kernel.listeners(&netns, &w.key, listeners)?;
         // The certificate comes before the kernel entry: the pod's first connection finds it.
         let cert = deps.identities.issue(&w.key.to_string(), &w.identity).await?;
         let serial = cert.issued().map(|i| i.serial.clone()).unwrap_or_default();
         let tls = deps.identities.pod_tls(cert)?;
-        let orig = deps.capture.enroll(cookie, &w.ips)?;
+        let orig = deps.kernel.enroll(cookie, &w.ips)?;
         if let Some((_, l)) = listeners.0.iter().find(|(spec, _)| spec.role == Role::Inbound) {
-            deps.capture.steer(cookie, &netns, &w.ips, policy.mode.mode, l)?;
+            deps.kernel.steer(cookie, &netns, &w.ips, policy.mode.mode, l)?;
         }
         let handover =
             listeners.0.iter().filter_map(|(spec, l)| l.try_clone().ok().map(|dup| (spec.clone(), dup))).collect();
         let pod = Arc::new(LocalPod::new(w.clone(), netns, cookie, tls, orig, policy.clone()));
         let accepting = CancellationToken::new();
-        proxy::serve_pod(&deps.proxy, &pod, listeners, &accepting).map_err(Error::Netns)?;
+        proxy::serve_pod(&deps.proxy, &pod, listeners, &accepting).map_err(Error::Serve)?;
         info!(pod = %w.key, id = %w.identity, serial = %serial, netns_cookie = cookie, inherited_listeners = inherited,
             mode = %policy.mode, authorization_policies = policy.len(), "pod enrolled");
         Ok(Slot::Running { pod, accepting, handover })
@@ -415,7 +411,7 @@ impl Manager {
             Slot::Running { pod, accepting, .. } => {
                 // Kernel first, so nothing new is captured; then the listeners; then the drain.
                 if forget {
-                    if let Err(e) = self.deps.capture.forget(pod.cookie) {
+                    if let Err(e) = self.deps.kernel.forget(pod.cookie) {
                         warn!(pod = %key, error = %e, "cannot remove the pod's kernel state");
                     }
                 }
@@ -438,7 +434,7 @@ impl Manager {
             }
             Slot::Known { cookie, .. } => {
                 if forget {
-                    if let Err(e) = self.deps.capture.forget(cookie) {
+                    if let Err(e) = self.deps.kernel.forget(cookie) {
                         warn!(pod = %key, error = %e, "cannot remove the pod's kernel state");
                     }
                 }
@@ -459,52 +455,258 @@ fn backoff(attempt: u32) -> Duration {
     FIRST_BACKOFF.saturating_mul(1 << attempt.min(16)).min(MAX_BACKOFF)
 }
 
-/// Opens the agent's listeners inside the calling thread's netns (a pod's), but for the roles
-/// `have` already holds (handed over by a predecessor): 127.0.0.1:15001 and [::1]:15001
-/// (outbound capture), [::]:15006 (plaintext steered by sk_lookup) and [::]:15008 (tunnel), both
-/// dual-stack. A pod without IPv6 gets the IPv4 ones only.
-fn open_listeners(pod: &PodKey, have: Listeners) -> Result<Listeners, Error> {
-    let listen = |role: Role, addr: SocketAddr| {
-        netns::listener(addr).map(|l| (ListenerSpec { pod: pod.clone(), role, addr }, l))
-    };
-    let err = |addr| move |source| Error::Listen { addr, source };
-    let mut out = have.0;
-    let missing = |out: &Vec<(ListenerSpec, std::net::TcpListener)>, role| !out.iter().any(|(s, _)| s.role == role);
-    if missing(&out, Role::Outbound) {
-        let v4 = SocketAddr::from((Ipv4Addr::LOCALHOST, OUTBOUND_PORT));
-        out.push(listen(Role::Outbound, v4).map_err(err(v4))?);
-        let v6 = SocketAddr::from((Ipv6Addr::LOCALHOST, OUTBOUND_PORT));
-        match listen(Role::Outbound, v6) {
-            Ok(l) => out.push(l),
-            Err(e) if netns::ipv6_unavailable(&e) => {}
-            Err(e) => return Err(err(v6)(e)),
-        }
-    }
-    for (role, port) in [(Role::Inbound, INBOUND_PLAINTEXT_PORT), (Role::Tunnel, TUNNEL_PORT)] {
-        if !missing(&out, role) {
-            continue;
-        }
-        let any6 = SocketAddr::from((Ipv6Addr::UNSPECIFIED, port));
-        match listen(role, any6) {
-            Ok(l) => out.push(l),
-            Err(e) if netns::ipv6_unavailable(&e) => {
-                let any4 = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
-                out.push(listen(role, any4).map_err(err(any4))?);
-            }
-            Err(e) => return Err(err(any6)(e)),
-        }
-    }
-    Ok(Listeners(out))
-}
-
 #[cfg(test)]
 mod tests {
+    use std::collections::{BTreeMap, HashSet};
+    use std::net::IpAddr;
+    use std::path::{Path, PathBuf};
+
+    use parking_lot::Mutex;
+    use proptest::prelude::*;
+
     use super::*;
+    use crate::capture::PodOrig;
+    use crate::config::TunnelLimits;
+    use crate::identity::ca::{self, LocalCa, Signer};
+    use crate::identity::store::Rotation;
+    use crate::identity::{workload_id, TrustDomain};
+    use crate::kernel;
+    use crate::limits::HandshakeLimiter;
+    use crate::netns::Netns;
+    use crate::policy::{LabelMode, Mode, Policies};
+    use crate::pool::Pool;
+    use crate::status::{PodState, Published};
+    use crate::workloads::Store;
 
     #[test]
     fn backoff_doubles_from_a_quarter_second_up_to_thirty() {
         let ms: Vec<u128> = (0..10).map(|a| backoff(a).as_millis()).collect();
         assert_eq!(ms, [250, 500, 1000, 2000, 4000, 8000, 16000, 30000, 30000, 30000]);
         assert_eq!(backoff(u32::MAX), MAX_BACKOFF);
+    }
+
+    /// What the fake kernel holds for one netns cookie.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    enum Entry {
+        /// Captured, with its addresses and inbound mode (`None`: not steered yet).
+        Enrolled(Vec<IpAddr>, Option<Mode>),
+        Bypass,
+    }
+
+    /// A kernel that records what the lifecycle wrote. A netns path containing `broken` cannot be
+    /// opened (a pod whose sandbox is gone); listeners are loopback sockets of the test's netns.
+    #[derive(Default)]
+    struct Fake {
+        cookies: Mutex<HashMap<PathBuf, u64>>,
+        entries: Mutex<HashMap<u64, Entry>>,
+    }
+
+    impl Fake {
+        fn cookie(&self, path: &Path) -> u64 {
+            let mut c = self.cookies.lock();
+            let next = c.len() as u64 + 1;
+            *c.entry(path.into()).or_insert(next)
+        }
+    }
+
+    impl kernel::Kernel for Arc<Fake> {
+        fn pod_netns(&self, path: &Path) -> Result<(Netns, u64), kernel::Error> {
+            if path.to_string_lossy().contains("broken") {
+                return Err(kernel::Error::Netns(std::io::Error::from(std::io::ErrorKind::NotFound)));
+            }
+            Ok((Netns::current().map_err(kernel::Error::Netns)?, self.cookie(path)))
+        }
+        fn listeners(&self, _: &Netns, pod: &PodKey, have: Listeners) -> Result<Listeners, kernel::Error> {
+            let mut out = have.0;
+            for role in [Role::Outbound, Role::Inbound, Role::Tunnel] {
+                if !out.iter().any(|(s, _)| s.role == role) {
+                    let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(kernel::Error::Netns)?;
+                    let addr = l.local_addr().map_err(kernel::Error::Netns)?;
+                    out.push((ListenerSpec { pod: pod.clone(), role, addr }, l));
+                }
+            }
+            Ok(Listeners(out))
+        }
+        fn enroll(&self, cookie: u64, ips: &[IpAddr]) -> Result<PodOrig, kernel::Error> {
+            let mut e = self.entries.lock();
+            let mode = match e.get(&cookie) {
+                Some(Entry::Enrolled(_, mode)) => *mode,
+                _ => None,
+            };
+            e.insert(cookie, Entry::Enrolled(ips.to_vec(), mode));
+            Ok(PodOrig::none())
+        }
+        fn steer(
+            &self,
+            cookie: u64,
+            _: &Netns,
+            ips: &[IpAddr],
+            mode: Mode,
+            _: &std::net::TcpListener,
+        ) -> Result<(), kernel::Error> {
+            self.set_mode(cookie, ips, mode)
+        }
+        fn set_mode(&self, cookie: u64, ips: &[IpAddr], mode: Mode) -> Result<(), kernel::Error> {
+            self.entries.lock().insert(cookie, Entry::Enrolled(ips.to_vec(), Some(mode)));
+            Ok(())
+        }
+        fn bypass(&self, cookie: u64) -> Result<(), kernel::Error> {
+            self.entries.lock().insert(cookie, Entry::Bypass);
+            Ok(())
+        }
+        fn forget(&self, cookie: u64) -> Result<(), kernel::Error> {
+            self.entries.lock().remove(&cookie);
+            Ok(())
+        }
+    }
+
+    fn td() -> TrustDomain {
+        TrustDomain::new("cluster.local").unwrap()
+    }
+
+    async fn manager(name: &str) -> (Manager<Arc<Fake>>, Arc<Fake>, Published) {
+        let dir = std::env::temp_dir().join(format!("meshless-pods-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        ca::init(&dir, &td()).unwrap();
+        let source = Arc::new(LocalCa { signer: Signer::load(&dir).unwrap(), ttl: Duration::from_secs(3600) });
+        let rotation = Rotation { renew_fraction: 0.5, bundle_refresh: Duration::from_secs(3600) };
+        let identities = Identities::new(source, rotation).await.unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        let empty = Arc::new(Directory::empty(td(), "node1".into(), "/unused".into()));
+        let proxy = Arc::new(proxy::Inputs {
+            limits: TunnelLimits::default(),
+            store: Arc::new(Store::new(empty)),
+            home: Netns::current().unwrap(),
+            pool: Pool::new(TunnelLimits::default()),
+            handshakes: HandshakeLimiter::new(8, 8),
+            decisions: Default::default(),
+        });
+        let fake = Arc::new(Fake::default());
+        let status = Published::default();
+        let deps = Deps {
+            kernel: fake.clone(),
+            identities,
+            proxy,
+            local_pods: Default::default(),
+            status: status.clone(),
+            drain_timeout: Duration::from_millis(100),
+        };
+        (Manager::new(deps, Inherited::default()), fake, status)
+    }
+
+    /// One pod of the generated directories: which of a few netns paths it has, whether it is in
+    /// the mesh, its addresses and the mode its label asks for.
+    #[derive(Debug, Clone)]
+    struct Spec {
+        name: usize,
+        netns: usize,
+        mesh: bool,
+        ips: usize,
+        strict: bool,
+    }
+
+    fn workload(s: &Spec) -> Workload {
+        let name = format!("p{}", s.name);
+        // Netns variant 2 is a sandbox that is gone: the pod fails and is retried.
+        let netns = if s.netns == 2 { format!("/fake/{name}-broken") } else { format!("/fake/{name}-{}", s.netns) };
+        let ips = (0..=s.ips).map(|i| IpAddr::from([10, s.name as u8, 0, i as u8])).collect();
+        let mode = if s.strict { Mode::Strict } else { Mode::Permissive };
+        Workload {
+            key: PodKey { namespace: "ns".into(), name: name.clone() },
+            service_account: name.clone(),
+            node: "node1".into(),
+            ips,
+            netns: Some(PathBuf::from(netns)),
+            cgroup: None,
+            mesh: s.mesh,
+            host_network: false,
+            identity: workload_id(&td(), "ns", &name).unwrap(),
+            labels: BTreeMap::new(),
+            label_mode: Some(LabelMode { mode, scope: "pod label" }),
+        }
+    }
+
+    fn directory(specs: &[Spec]) -> Directory {
+        let mut seen = HashSet::new();
+        let pods: Vec<Workload> = specs.iter().filter(|s| seen.insert(s.name)).map(workload).collect();
+        Directory::new(td(), "node1".into(), "/unused".into(), pods, Policies::default()).unwrap()
+    }
+
+    /// The kernel state and node status a directory must leave, checked against what they are.
+    fn check(dir: &Directory, fake: &Fake, status: &Published) -> Result<(), TestCaseError> {
+        let mut want: HashMap<u64, Entry> = HashMap::new();
+        let mut states: BTreeMap<String, PodState> = BTreeMap::new();
+        for w in dir.local_pods() {
+            let path = w.netns.as_ref().unwrap();
+            let state = if path.to_string_lossy().contains("broken") {
+                PodState::Failing
+            } else if w.mesh {
+                let mode = dir.policy_for(w).mode.mode;
+                want.insert(fake.cookie(path), Entry::Enrolled(w.ips.clone(), Some(mode)));
+                PodState::Enrolled
+            } else {
+                want.insert(fake.cookie(path), Entry::Bypass);
+                PodState::OutsideMesh
+            };
+            states.insert(w.key.to_string(), state);
+        }
+        prop_assert_eq!(&*fake.entries.lock(), &want, "kernel state after {:?}", dir.local_pods().collect::<Vec<_>>());
+        let published = status.load();
+        let have: BTreeMap<String, PodState> = published.pods.iter().map(|p| (p.pod.to_string(), p.state)).collect();
+        prop_assert_eq!(have, states, "published pod states");
+        for p in published.pods.iter().filter(|p| p.state == PodState::Failing) {
+            prop_assert!(p.last_error.as_deref().is_some_and(|e| e.contains("network namespace")), "{:?}", p);
+        }
+        Ok(())
+    }
+
+    fn spec() -> impl Strategy<Value = Spec> {
+        (0..4usize, 0..3usize, any::<bool>(), 0..2usize, any::<bool>())
+            .prop_map(|(name, netns, mesh, ips, strict)| Spec { name, netns, mesh, ips, strict })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+        /// After any sequence of directories (pods added, removed, moved to another netns, in and
+        /// out of the mesh, readdressed, their mode changed, failing), the kernel holds exactly
+        /// the desired state and the published status says what each pod is.
+        #[test]
+        fn kernel_state_follows_any_sequence_of_directories(steps in prop::collection::vec(prop::collection::vec(spec(), 0..5), 1..6)) {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async {
+                let (mut m, fake, status) = manager("prop").await;
+                for step in &steps {
+                    let dir = directory(step);
+                    m.reconcile(&dir).await;
+                    check(&dir, &fake, &status)?;
+                }
+                let end = directory(&[]);
+                m.reconcile(&end).await;
+                prop_assert!(fake.entries.lock().is_empty(), "every pod forgotten when the directory is empty");
+                Ok(())
+            })?;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failing_pod_is_retried_and_enrolled_once_its_netns_exists() {
+        let (mut m, fake, status) = manager("retry").await;
+        let broken = Spec { name: 1, netns: 2, mesh: true, ips: 0, strict: true };
+        let dir = directory(std::slice::from_ref(&broken));
+        m.reconcile(&dir).await;
+        check(&dir, &fake, &status).unwrap();
+        let failing = &status.load().pods[0];
+        assert_eq!((failing.state, failing.attempts), (PodState::Failing, 1));
+        assert!(m.next_retry().is_some(), "a retry is scheduled");
+        // The same pod, retried while its sandbox is still gone: still failing, one more attempt.
+        m.retry_due_at(&dir, Instant::now() + MAX_BACKOFF).await;
+        assert_eq!(status.load().pods[0].attempts, 2);
+        // Its sandbox appears: enrolled with the STRICT mode its label asks for.
+        let fixed = directory(&[Spec { netns: 0, ..broken }]);
+        m.reconcile(&fixed).await;
+        check(&fixed, &fake, &status).unwrap();
+        assert_eq!(m.counts(), (1, 0, 0));
+        assert_eq!(status.load().pods[0].mode, Some(Mode::Strict));
+        assert!(m.next_retry().is_none());
     }
 }

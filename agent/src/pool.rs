@@ -185,7 +185,7 @@ impl Pool {
                 }
             })
             .collect();
-        out.sort_by(|a, b| (a.source_netns_cookie, a.destination).cmp(&(b.source_netns_cookie, b.destination)));
+        out.sort_by_key(|e| (e.source_netns_cookie, e.destination));
         out
     }
 

@@ -5,9 +5,14 @@
 //! [`open`] sends one `CONNECT` with `:authority` = the original destination `ip:port`.
 //! Server side: [`serve`] verifies the client, bounds the HTTP/2 session (header list, streams,
 //! deadlines, keepalive, idle) and hands each CONNECT to a handler as an [`Inbound`].
-//! [`H2Stream::splice`] joins a CONNECT stream to a TCP connection: a clean end on one side is a
-//! clean end on the other (END_STREAM ⇄ FIN), a failure or reset on one side is a reset on the
-//! other (RST_STREAM ⇄ TCP RST), so a truncated transfer never looks complete.
+//! [`H2Stream::splice`] joins a CONNECT stream to the application's connection: a clean end on
+//! one side is a clean end on the other (END_STREAM ⇄ FIN), a failure or reset on one side is a
+//! reset on the other (RST_STREAM ⇄ TCP RST), so a truncated transfer never looks complete.
+//!
+//! The seams: both ends of the tunnel run over any `AsyncRead + AsyncWrite` transport (a TCP
+//! socket in the agent, an in-memory pipe in tests and fuzzing), and the application side of a
+//! splice is an [`AppSide`] (a TCP socket in the agent, a unix socket pair in tests; the kernel
+//! fast path will be a third).
 
 use std::future::Future;
 use std::io;
@@ -19,7 +24,8 @@ use bytes::{Bytes, BytesMut};
 use h2::{Reason, RecvStream, SendStream};
 use http::{Method, Request, Response, StatusCode};
 use rustls::pki_types::ServerName;
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpStream, UnixStream};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -187,12 +193,15 @@ pub struct ClientConn {
 /// Opens a tunnel connection over `tcp` (connected to the peer's 15008): TLS presenting our
 /// certificate (from `tls`), HTTP/2 preface, all within the handshake deadline. The connection is
 /// driven by a task of its own with keepalive pings.
-pub async fn handshake(
-    tcp: TcpStream,
+pub async fn handshake<IO>(
+    tcp: IO,
     tls: Arc<rustls::ClientConfig>,
     peer: SocketAddr,
     limits: &TunnelLimits,
-) -> Result<ClientConn, Error> {
+) -> Result<ClientConn, Error>
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let (peer_not_after, (send, mut conn)) = tokio::time::timeout(limits.handshake_timeout, async {
         let name = ServerName::IpAddress(peer.ip().into());
         let tls = tokio_rustls::TlsConnector::from(tls).connect(name, tcp).await.map_err(Error::Tls)?;
@@ -269,8 +278,8 @@ impl Inbound {
 /// the peer closes it, stops answering pings, stays idle past the idle timeout, or `drain` fires
 /// (then a GOAWAY lets the streams in progress finish). `handshake_permit` is released as soon as
 /// the TLS handshake and preface are done.
-pub async fn serve<H, F>(
-    tcp: TcpStream,
+pub async fn serve<IO, H, F>(
+    tcp: IO,
     tls: Arc<rustls::ServerConfig>,
     limits: &TunnelLimits,
     handshake_permit: impl Send,
@@ -279,6 +288,7 @@ pub async fn serve<H, F>(
     handler: H,
 ) -> Result<(), Error>
 where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     H: Fn(Inbound, ActivityGuard) -> F,
     F: Future<Output = ()> + Send + 'static,
 {
@@ -355,7 +365,7 @@ fn status_only(status: StatusCode) -> Response<()> {
     r
 }
 
-/// One HBONE CONNECT stream. [`H2Stream::splice`] joins it to a TCP connection.
+/// One HBONE CONNECT stream. [`H2Stream::splice`] joins it to the application's connection.
 pub struct H2Stream {
     send: SendStream<Bytes>,
     recv: Recv,
@@ -418,13 +428,13 @@ impl H2Stream {
     /// buffers to and from h2 as `Bytes` (no intermediate copy). A clean end of one direction is
     /// passed on as such (TCP EOF → END_STREAM, END_STREAM → TCP FIN) while the other goes on. An
     /// error or reset on either side resets both: RST_STREAM to the peer, TCP RST to the app.
-    pub async fn splice(self, tcp: TcpStream, cancel: &CancellationToken) -> Ended {
+    pub async fn splice<A: AppSide>(self, tcp: A, cancel: &CancellationToken) -> Ended {
         let H2Stream { mut send, recv } = self;
         let result = tokio::select! {
             r = async { tokio::try_join!(upload(&tcp, &mut send), download(&tcp, recv)) } => r,
             _ = cancel.cancelled() => {
                 send.send_reset(Reason::CANCEL);
-                reset(tcp);
+                tcp.reset();
                 return Ended::Cancelled;
             }
         };
@@ -432,15 +442,74 @@ impl H2Stream {
             Ok((up, down)) => Ended::Clean(up, down),
             Err(e) => {
                 send.send_reset(Reason::CANCEL);
-                reset(tcp);
+                tcp.reset();
                 Ended::Reset(e)
             }
         }
     }
 }
 
-/// TCP → tunnel.
-async fn upload(tcp: &TcpStream, send: &mut SendStream<Bytes>) -> io::Result<u64> {
+/// The application's side of a spliced connection, read and written without a buffer held while
+/// it is idle (readiness first, then a non-blocking read into a fresh buffer): the shape of
+/// tokio's socket types, so a TCP socket and a unix socket implement it as they are.
+pub trait AppSide: Send + Sync {
+    fn readable(&self) -> impl Future<Output = io::Result<()>> + Send;
+    fn try_read_buf(&self, buf: &mut BytesMut) -> io::Result<usize>;
+    fn writable(&self) -> impl Future<Output = io::Result<()>> + Send;
+    fn try_write(&self, data: &[u8]) -> io::Result<usize>;
+    /// Passes a clean end on (TCP FIN).
+    fn shutdown_write(&self) -> io::Result<()>;
+    /// Ends the connection so the application sees a failure, not a clean end (TCP RST).
+    fn reset(self);
+}
+
+impl AppSide for TcpStream {
+    fn readable(&self) -> impl Future<Output = io::Result<()>> + Send {
+        TcpStream::readable(self)
+    }
+    fn try_read_buf(&self, buf: &mut BytesMut) -> io::Result<usize> {
+        TcpStream::try_read_buf(self, buf)
+    }
+    fn writable(&self) -> impl Future<Output = io::Result<()>> + Send {
+        TcpStream::writable(self)
+    }
+    fn try_write(&self, data: &[u8]) -> io::Result<usize> {
+        TcpStream::try_write(self, data)
+    }
+    fn shutdown_write(&self) -> io::Result<()> {
+        socket2::SockRef::from(self).shutdown(std::net::Shutdown::Write)
+    }
+    fn reset(self) {
+        reset(self)
+    }
+}
+
+/// A unix stream socket as the application's side: what tests (and fuzzing) splice into.
+impl AppSide for UnixStream {
+    fn readable(&self) -> impl Future<Output = io::Result<()>> + Send {
+        UnixStream::readable(self)
+    }
+    fn try_read_buf(&self, buf: &mut BytesMut) -> io::Result<usize> {
+        UnixStream::try_read_buf(self, buf)
+    }
+    fn writable(&self) -> impl Future<Output = io::Result<()>> + Send {
+        UnixStream::writable(self)
+    }
+    fn try_write(&self, data: &[u8]) -> io::Result<usize> {
+        UnixStream::try_write(self, data)
+    }
+    fn shutdown_write(&self) -> io::Result<()> {
+        socket2::SockRef::from(self).shutdown(std::net::Shutdown::Write)
+    }
+    /// Unix sockets have no reset: the connection is closed; the peer sees ECONNRESET only if it
+    /// had unread data. Tests tell the two ends apart by [`Ended`].
+    fn reset(self) {
+        drop(self)
+    }
+}
+
+/// Application → tunnel.
+async fn upload<A: AppSide>(tcp: &A, send: &mut SendStream<Bytes>) -> io::Result<u64> {
     let mut total = 0u64;
     let mut chunk = MIN_CHUNK;
     loop {
@@ -492,8 +561,8 @@ async fn upload(tcp: &TcpStream, send: &mut SendStream<Bytes>) -> io::Result<u64
     }
 }
 
-/// Tunnel → TCP.
-async fn download(tcp: &TcpStream, recv: Recv) -> io::Result<u64> {
+/// Tunnel → application.
+async fn download<A: AppSide>(tcp: &A, recv: Recv) -> io::Result<u64> {
     let mut recv = recv.ready().await?;
     let mut total = 0u64;
     while let Some(data) = recv.data().await {
@@ -504,11 +573,11 @@ async fn download(tcp: &TcpStream, recv: Recv) -> io::Result<u64> {
         total += data.len() as u64;
     }
     // The peer's END_STREAM: a clean end of this direction, passed on as FIN.
-    socket2::SockRef::from(tcp).shutdown(std::net::Shutdown::Write)?;
+    tcp.shutdown_write()?;
     Ok(total)
 }
 
-async fn write_all(tcp: &TcpStream, mut data: &[u8]) -> io::Result<()> {
+async fn write_all<A: AppSide>(tcp: &A, mut data: &[u8]) -> io::Result<()> {
     while !data.is_empty() {
         tcp.writable().await?;
         match tcp.try_write(data) {
@@ -692,6 +761,60 @@ mod tests {
         }
         assert_eq!(seen.recv().await.unwrap(), "spiffe://cluster.local/ns/default/sa/client");
         assert!(ends.recv().await.unwrap().starts_with("Clean"), "the server side ended cleanly too");
+    }
+
+    /// The relay seam: client and server of HBONE over an in-memory pipe (no socket), each
+    /// stream spliced into a unix socket pair standing for the app; what fuzzing and the kernel
+    /// fast path build on.
+    #[tokio::test]
+    async fn hbone_runs_over_an_in_memory_pipe_into_unix_socket_apps() {
+        let p = pki("pipe").await;
+        let (client_io, server_io) = tokio::io::duplex(64 << 10);
+        let (seen_tx, mut seen) = tokio::sync::mpsc::unbounded_channel();
+        let server_tls = p.server.server.clone();
+        let server = tokio::spawn(async move {
+            let handler = move |inbound: Inbound, _guard: ActivityGuard| {
+                let seen_tx = seen_tx.clone();
+                async move {
+                    let _ = seen_tx.send((inbound.peer.to_string(), inbound.target));
+                    let stream = inbound.accept().unwrap();
+                    let (agent_end, app) = UnixStream::pair().unwrap();
+                    // The server's app echoes upper-cased and closes after the client's EOF.
+                    tokio::spawn(async move {
+                        let (mut r, mut w) = app.into_split();
+                        let mut all = Vec::new();
+                        r.read_to_end(&mut all).await.unwrap();
+                        w.write_all(&all.to_ascii_uppercase()).await.unwrap();
+                        w.shutdown().await.unwrap();
+                    });
+                    stream.splice(agent_end, &CancellationToken::new()).await
+                }
+            };
+            let tasks = tokio_util::task::TaskTracker::new();
+            serve(server_io, server_tls, &limits(), (), CancellationToken::new(), &tasks, |i, g| {
+                let f = handler(i, g);
+                async move {
+                    assert!(matches!(f.await, Ended::Clean(5, 5)), "the server side ends cleanly");
+                }
+            })
+            .await
+        });
+        let target: SocketAddr = "198.19.2.10:8080".parse().unwrap();
+        let conn = handshake(client_io, p.client.client(&p.server_id).unwrap(), target, &limits()).await.unwrap();
+        let stream = open(&conn.send, target, Duration::from_secs(5)).await.unwrap();
+        let (agent_end, app) = UnixStream::pair().unwrap();
+        let splice = tokio::spawn(async move { stream.splice(agent_end, &CancellationToken::new()).await });
+        let (mut r, mut w) = app.into_split();
+        w.write_all(b"hello").await.unwrap();
+        w.shutdown().await.unwrap();
+        let mut back = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), r.read_to_end(&mut back)).await.unwrap().unwrap();
+        assert_eq!(back, b"HELLO");
+        assert!(matches!(splice.await.unwrap(), Ended::Clean(5, 5)));
+        let (peer, to) = seen.recv().await.unwrap();
+        assert_eq!((peer.as_str(), to), ("spiffe://cluster.local/ns/default/sa/client", Ok(target)));
+        drop(conn);
+        let _ = tokio::time::timeout(Duration::from_secs(10), server).await.expect("the server ends with the pipe");
     }
 
     #[tokio::test]

@@ -14,11 +14,10 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Weak};
-
-use parking_lot::Mutex;
 use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwapOption;
+use parking_lot::Mutex;
 use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, ServerConfig, SignatureScheme};
 use tokio::sync::{watch, Notify};

@@ -23,8 +23,6 @@ use std::fmt::Debug;
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-
-use parking_lot::Mutex;
 use std::time::{Duration, Instant};
 
 use super::objects::{Namespace, Pod};
@@ -32,6 +30,7 @@ use futures_util::{Stream, StreamExt as _};
 use kube::runtime::watcher::{self, watcher};
 use kube::runtime::WatchStreamExt as _;
 use kube::{Api, Client, Resource, ResourceExt as _};
+use parking_lot::Mutex;
 use serde::de::DeserializeOwned;
 use tokio::sync::{watch, Notify};
 use tracing::{debug, info, warn};

@@ -4,7 +4,6 @@
 //! the node agent's ServiceAccount, its token bound to a live agent pod, and the node is that pod's
 //! `spec.nodeName`. The issuer then signs only identities of pods scheduled there.
 
-use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
@@ -12,6 +11,7 @@ use super::objects::Pod;
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
 use kube::api::PostParams;
 use kube::Api;
+use parking_lot::Mutex;
 
 use crate::identity::BoxFuture;
 use crate::issuer::{Caller, NodeAuthenticator};
