@@ -46,15 +46,6 @@ enum Cmd {
     /// Install meshless-cni on this node: copy the plugin binary and chain it into the first CNI
     /// network configuration (idempotent; the DaemonSet's init container runs it).
     CniInstall(crate::k8s::cni::InstallArgs),
-    /// Scale benchmark (used by `cargo xtask bench`): synthetic pods through the Kubernetes
-    /// source's watch mirror and directory builder; prints time and memory as JSON.
-    #[command(hide = true)]
-    BenchDirectory {
-        #[arg(long, default_value_t = 100_000)]
-        pods: usize,
-        #[arg(long, default_value_t = 5_000)]
-        nodes: usize,
-    },
     /// Print the Kubernetes manifests: `crds` (generated from meshless's types) or `all`.
     Manifests {
         #[arg(value_enum)]
@@ -269,32 +260,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::CniInstall(args) => {
             let what = crate::k8s::cni::install(&args)?;
             println!("{what}");
-            Ok(())
-        }
-        Cmd::BenchDirectory { pods, nodes } => {
-            let rss = || {
-                std::fs::read_to_string("/proc/self/statm")
-                    .ok()
-                    .and_then(|s| s.split_whitespace().nth(1).and_then(|p| p.parse::<u64>().ok()))
-                    .map(|pages| pages * 4)
-                    .unwrap_or(0)
-            };
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-            let before = rss();
-            let (took, rebuild, dir) = rt.block_on(crate::k8s::source::synthetic(pods, nodes));
-            crate::limits::release_free_memory();
-            let after = rss();
-            println!(
-                "{}",
-                serde_json::json!({
-                    "pods": pods, "nodes": nodes, "in_directory": dir.len(),
-                    "local": dir.local_pods().count(), "sync_ms": took.as_secs_f64() * 1e3,
-                    "rebuild_ms": rebuild.as_secs_f64() * 1e3,
-                    "rss_before_kib": before, "rss_after_kib": after,
-                    "bytes_per_pod": (after.saturating_sub(before) * 1024) as f64 / pods.max(1) as f64,
-                })
-            );
-            drop(dir);
             Ok(())
         }
         Cmd::Manifests { what: Manifest::Crds } => {

@@ -178,7 +178,7 @@ pub fn run(bins: &Bins, args: Args) -> Result<()> {
         std::fs::write(&path, serde_json::to_string_pretty(&v)?)
             .with_context(|| format!("writing {}", path.display()))?;
     }
-    directory_scale(bins)?;
+    directory_scale()?;
     if !args.memory_only {
         policy_decisions()?;
     }
@@ -186,18 +186,19 @@ pub fn run(bins: &Bins, args: Args) -> Result<()> {
 }
 
 /// The Kubernetes source at scale: 100 000 synthetic pods on 5 000 nodes through the agent's watch
-/// mirror and directory builder (`meshless bench-directory`), in a fresh process: the time from
-/// the first listed object to the finished directory, and the memory it keeps.
-fn directory_scale(bins: &Bins) -> Result<()> {
+/// mirror and directory builder (`agent/benches/directory.rs`, built with the `synthetic` feature,
+/// never part of the agent), each size in a fresh process: the time from the first listed object
+/// to the finished directory, and the memory it keeps.
+fn directory_scale() -> Result<()> {
     for (pods, nodes) in [(10_000, 500), (100_000, 5_000)] {
         eprintln!("xtask: the Kubernetes directory with {pods} pods on {nodes} nodes (synthetic)");
-        let out = run_ok(std::process::Command::new(&bins.meshless).args([
-            "bench-directory",
-            "--pods",
-            &pods.to_string(),
-            "--nodes",
-            &nodes.to_string(),
-        ]))?;
+        let out = run_ok(
+            super::cargo()
+                .args(["bench", "-q", "-p", "meshless-agent", "--features", "synthetic", "--bench", "directory", "--"])
+                .args(["--pods", &pods.to_string(), "--nodes", &nodes.to_string()])
+                // The directory code only: the bench profile need not build the kernel programs.
+                .env("AYA_BUILD_SKIP", "1"),
+        )?;
         let v = json(&out)?;
         println!(
             "kubernetes directory, {pods} pods / {nodes} nodes: synced in {:.0} ms, each rebuild {:.0} ms, \

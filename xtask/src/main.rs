@@ -113,7 +113,18 @@ fn build() -> Result<Bins> {
     })
 }
 
+/// `cargo fmt --check` and `cargo clippy --all-targets -D warnings`: the README's test command
+/// (and so CI) fails on unformatted code and on any lint, before the long tests start.
+fn lint() -> Result<()> {
+    eprintln!("xtask: checking formatting and lints (cargo fmt --check, cargo clippy -D warnings)");
+    setup::run_cmd(cargo().args(["fmt", "--all", "--check"]))
+        .context("the code is not formatted as rustfmt.toml says: run `cargo fmt --all`")?;
+    setup::run_cmd(cargo().args(["clippy", "--all-targets", "--all-features", "--release", "--", "-D", "warnings"]))
+        .context("clippy found problems (above)")
+}
+
 fn test(extra: &[String]) -> Result<()> {
+    lint()?;
     let bins = build()?;
     // The Kubernetes tests' control plane (built once per machine, then cached).
     let kube = kube::ensure()?;
@@ -123,7 +134,8 @@ fn test(extra: &[String]) -> Result<()> {
     let skips = std::env::temp_dir().join(format!("meshless-skips-{}", std::process::id()));
     let _ = std::fs::remove_file(&skips);
     let mut cmd = cargo();
-    cmd.args(["test", "--release"])
+    // Every test binary runs even when an earlier one failed: one failure must not hide others.
+    cmd.args(["test", "--release", "--no-fail-fast"])
         .env("MESHLESS_SKIPS", &skips)
         .env("MESHLESS_BIN", &bins.meshless)
         .env("MESHLESS_TESTBIN", &bins.testbin)
@@ -143,9 +155,13 @@ fn test(extra: &[String]) -> Result<()> {
     cmd.stdout(Stdio::piped());
     let mut child = cmd.spawn().context("starting cargo test")?;
     let (mut passed, mut failed, mut ignored) = (0u64, 0u64, 0u64);
+    let mut ignored_names = Vec::new();
     for line in BufReader::new(child.stdout.take().expect("piped stdout")).lines() {
         let line = line?;
         println!("{line}");
+        if let Some(name) = line.strip_prefix("test ").and_then(|l| l.strip_suffix(" ... ignored")) {
+            ignored_names.push(name.to_string());
+        }
         if let Some(rest) = line.strip_prefix("test result: ") {
             for part in rest.split(['.', ';']) {
                 let mut words = part.split_whitespace();
@@ -161,15 +177,33 @@ fn test(extra: &[String]) -> Result<()> {
         }
     }
     let status = child.wait()?;
-    let skipped = std::fs::read_to_string(&skips).map(|s| s.lines().count() as u64).unwrap_or(0);
+    let skipped: Vec<String> =
+        std::fs::read_to_string(&skips).map(|s| s.lines().map(str::to_string).collect()).unwrap_or_default();
     let _ = std::fs::remove_file(&skips);
-    let passed = passed.saturating_sub(skipped);
-    println!("meshless: {passed} passed, {failed} failed, {} skipped", ignored + skipped);
+    let passed = passed.saturating_sub(skipped.len() as u64);
+    for name in &skipped {
+        println!("meshless: skipped {name}");
+    }
+    if !ignored_names.is_empty() {
+        println!("meshless: ignored {}", ignored_names.join(", "));
+    }
+    println!("meshless: {passed} passed, {failed} failed, {} skipped", ignored + skipped.len() as u64);
     if !status.success() {
         bail!("the test suite failed ({status})");
     }
     if passed == 0 {
         bail!("the test suite ran no test");
     }
+    if ci() && (ignored > 0 || !skipped.is_empty()) {
+        bail!(
+            "under CI=true every test must run; skipped or ignored: {}",
+            [ignored_names, skipped].concat().join(", ")
+        );
+    }
     Ok(())
+}
+
+/// `CI=true` (as `.ci/run` sets it): nothing may skip.
+fn ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
 }

@@ -32,6 +32,7 @@ const LLVM_BIN: &str = "/usr/lib/llvm-22/bin";
 pub fn run() -> Result<()> {
     apt_packages()?;
     rust_src()?;
+    lint_tools()?;
     bpf_linker()?;
     eprintln!("setup: everything is in place");
     Ok(())
@@ -95,6 +96,19 @@ fn rust_src() -> Result<()> {
     }
     step("adding rust-src to the nightly toolchain (the eBPF build compiles core from source)");
     run_cmd(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))
+}
+
+/// rustfmt and clippy for the default toolchain (`cargo xtask test` checks formatting and lints);
+/// rustup's default profile has them, a minimal one does not.
+fn lint_tools() -> Result<()> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let have = |sub: &str| Command::new(&cargo).args([sub, "--version"]).output().is_ok_and(|o| o.status.success());
+    if have("fmt") && have("clippy") {
+        step("rustfmt and clippy present, skipping");
+        return Ok(());
+    }
+    step("adding rustfmt and clippy to the default toolchain");
+    run_cmd(Command::new("rustup").args(["component", "add", "rustfmt", "clippy"]))
 }
 
 fn bpf_linker() -> Result<()> {

@@ -1,0 +1,40 @@
+//! The Kubernetes source at scale: `--pods` synthetic pods on `--nodes` nodes through the agent's
+//! watch mirror and directory builder, in a process of their own; prints one JSON line: the time
+//! from the first listed object to the finished directory, one rebuild, and the memory kept.
+//!
+//! `cargo bench -p meshless-agent --features synthetic --bench directory -- --pods N --nodes M`
+//! (run by `cargo xtask bench`).
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let arg = |name: &str, default: usize| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .map(|v| v.parse::<usize>().unwrap_or_else(|e| panic!("{name} {v}: {e}")))
+            .unwrap_or(default)
+    };
+    let (pods, nodes) = (arg("--pods", 100_000), arg("--nodes", 5_000));
+    let rss = || {
+        std::fs::read_to_string("/proc/self/statm")
+            .ok()
+            .and_then(|s| s.split_whitespace().nth(1).and_then(|p| p.parse::<u64>().ok()))
+            .map(|pages| pages * 4)
+            .unwrap_or(0)
+    };
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime");
+    let before = rss();
+    let (took, rebuild, dir) = rt.block_on(meshless::k8s::source::synthetic::run(pods, nodes));
+    meshless::limits::release_free_memory();
+    let after = rss();
+    println!(
+        "{}",
+        serde_json::json!({
+            "pods": pods, "nodes": nodes, "in_directory": dir.len(),
+            "local": dir.local_pods().count(), "sync_ms": took.as_secs_f64() * 1e3,
+            "rebuild_ms": rebuild.as_secs_f64() * 1e3,
+            "rss_before_kib": before, "rss_after_kib": after,
+            "bytes_per_pod": (after.saturating_sub(before) * 1024) as f64 / pods.max(1) as f64,
+        })
+    );
+}
