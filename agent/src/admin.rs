@@ -90,25 +90,62 @@ impl Explanation {
     }
 }
 
+/// Why a question cannot be answered.
+#[derive(Debug, thiserror::Error)]
+pub enum ExplainError {
+    /// The question is malformed (HTTP 400).
+    #[error("{0}")]
+    BadQuestion(String),
+    /// A pod it names is not in the directory, or has no address (HTTP 404).
+    #[error("{0}")]
+    NotFound(String),
+    /// The destination is not in the mesh: nothing is enforced for it (HTTP 422).
+    #[error("{0} is not in the mesh: nothing is enforced for it")]
+    NotMeshed(String),
+}
+
+impl ExplainError {
+    fn status(&self) -> StatusCode {
+        match self {
+            ExplainError::BadQuestion(_) => StatusCode::BAD_REQUEST,
+            ExplainError::NotFound(_) => StatusCode::NOT_FOUND,
+            ExplainError::NotMeshed(_) => StatusCode::UNPROCESSABLE_ENTITY,
+        }
+    }
+}
+
+/// What asking the admin endpoint can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum AskError {
+    #[error("cannot reach the agent's admin endpoint at {addr}: {source} (is the agent running on this node?)")]
+    Unreachable { addr: String, source: std::io::Error },
+    #[error("admin endpoint {addr}: {detail}")]
+    Protocol { addr: String, detail: String },
+    /// The endpoint answered with an error status; its message.
+    #[error("{message}")]
+    Refused { status: StatusCode, message: String },
+}
+
 /// Answers `q` against the snapshot `dir`, with the code the data path runs.
-pub fn explain(dir: &Directory, q: &Question) -> Result<Explanation, String> {
+pub fn explain(dir: &Directory, q: &Question) -> Result<Explanation, ExplainError> {
+    let missing = |what: &str| ExplainError::NotFound(format!("no pod {what} in the workload directory"));
     let to = pod_key(&q.to)?;
-    let dst = dir.get(&to).ok_or_else(|| format!("no pod {} in the workload directory", q.to))?;
+    let dst = dir.get(&to).ok_or_else(|| missing(&q.to))?;
     if !dst.mesh {
-        return Err(format!("{} is not in the mesh: nothing is enforced for it", q.to));
+        return Err(ExplainError::NotMeshed(q.to.clone()));
     }
     if q.port == 0 {
-        return Err("port must be 1-65535".into());
+        return Err(ExplainError::BadQuestion("port must be 1-65535".into()));
     }
     let id;
     let peer = if let Ok(ip) = q.from.parse::<IpAddr>() {
         Peer::Plaintext { ip }
     } else if q.from.starts_with("spiffe://") {
-        id = SpiffeId::new(&q.from).map_err(|e| format!("--from {:?}: {e}", q.from))?;
+        id = SpiffeId::new(&q.from).map_err(|e| ExplainError::BadQuestion(format!("--from {:?}: {e}", q.from)))?;
         Peer::Authenticated { id: &id, ip: None }
     } else {
-        let src = dir.get(&pod_key(&q.from)?).ok_or_else(|| format!("no pod {} in the workload directory", q.from))?;
-        let ip = *src.ips.first().ok_or_else(|| format!("{} has no address", q.from))?;
+        let src = dir.get(&pod_key(&q.from)?).ok_or_else(|| missing(&q.from))?;
+        let ip = *src.ips.first().ok_or_else(|| ExplainError::NotFound(format!("{} has no address", q.from)))?;
         if src.mesh {
             id = src.identity.clone();
             Peer::Authenticated { id: &id, ip: Some(ip) }
@@ -116,7 +153,7 @@ pub fn explain(dir: &Directory, q: &Question) -> Result<Explanation, String> {
             Peer::Plaintext { ip }
         }
     };
-    let target_ip = *dst.ips.first().ok_or_else(|| format!("{} has no address", q.to))?;
+    let target_ip = *dst.ips.first().ok_or_else(|| ExplainError::NotFound(format!("{} has no address", q.to)))?;
     let from_addr = match peer {
         Peer::Plaintext { ip } | Peer::Authenticated { ip: Some(ip), .. } => SocketAddr::new(ip, 0),
         Peer::Authenticated { ip: None, .. } => SocketAddr::from(([0, 0, 0, 0], 0)),
@@ -144,12 +181,12 @@ pub fn explain(dir: &Directory, q: &Question) -> Result<Explanation, String> {
     })
 }
 
-fn pod_key(s: &str) -> Result<PodKey, String> {
+fn pod_key(s: &str) -> Result<PodKey, ExplainError> {
     match s.split_once('/') {
         Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
             Ok(PodKey { namespace: ns.into(), name: name.into() })
         }
-        _ => Err(format!("{s:?}: expected namespace/pod")),
+        _ => Err(ExplainError::BadQuestion(format!("{s:?}: expected namespace/pod"))),
     }
 }
 
@@ -197,7 +234,7 @@ pub async fn serve(addr: SocketAddr, state: State, stop: tokio_util::sync::Cance
 async fn explain_handler(With(state): With<State>, Query(q): Query<Question>) -> Response {
     match explain(&state.proxy.store.load(), &q) {
         Ok(e) => Json(e).into_response(),
-        Err(e) => (StatusCode::BAD_REQUEST, e + "\n").into_response(),
+        Err(e) => (e.status(), format!("{e}\n")).into_response(),
     }
 }
 
@@ -277,31 +314,33 @@ fn escape(s: &str) -> String {
 }
 
 /// Asks the admin endpoint at `addr` (host:port) to explain `q` (`meshless policy … --agent`).
-pub async fn ask(addr: &str, q: &Question) -> Result<Explanation, String> {
-    let query = serde_urlencoded::to_string(q).map_err(|e| e.to_string())?;
+pub async fn ask(addr: &str, q: &Question) -> Result<Explanation, AskError> {
+    let protocol = |detail: String| AskError::Protocol { addr: addr.into(), detail };
+    let query = serde_urlencoded::to_string(q).map_err(|e| protocol(e.to_string()))?;
     let body = get_path(addr, &format!("/policy/explain?{query}")).await?;
-    serde_json::from_slice(&body).map_err(|e| format!("admin endpoint {addr}: unexpected answer: {e}"))
+    serde_json::from_slice(&body).map_err(|e| protocol(format!("unexpected answer: {e}")))
 }
 
 /// `GET path` on the admin endpoint; the body, or the error the endpoint answered.
-pub async fn get_path(addr: &str, path: &str) -> Result<bytes::Bytes, String> {
+pub async fn get_path(addr: &str, path: &str) -> Result<bytes::Bytes, AskError> {
     use http_body_util::BodyExt as _;
-    let tcp = tokio::net::TcpStream::connect(addr).await.map_err(|e| {
-        format!("cannot reach the agent's admin endpoint at {addr}: {e} (is the agent running on this node?)")
-    })?;
+    let protocol = |detail: String| AskError::Protocol { addr: addr.into(), detail };
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|source| AskError::Unreachable { addr: addr.into(), source })?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
         .await
-        .map_err(|e| format!("admin endpoint {addr}: {e}"))?;
+        .map_err(|e| protocol(e.to_string()))?;
     tokio::spawn(conn);
     let req = http::Request::get(path)
         .header(http::header::HOST, addr)
         .body(http_body_util::Empty::<bytes::Bytes>::new())
-        .map_err(|e| e.to_string())?;
-    let resp = sender.send_request(req).await.map_err(|e| format!("admin endpoint {addr}: {e}"))?;
+        .map_err(|e| protocol(e.to_string()))?;
+    let resp = sender.send_request(req).await.map_err(|e| protocol(e.to_string()))?;
     let status = resp.status();
-    let body = resp.into_body().collect().await.map_err(|e| format!("admin endpoint {addr}: {e}"))?.to_bytes();
+    let body = resp.into_body().collect().await.map_err(|e| protocol(e.to_string()))?.to_bytes();
     if !status.is_success() {
-        return Err(String::from_utf8_lossy(&body).trim().to_string());
+        return Err(AskError::Refused { status, message: String::from_utf8_lossy(&body).trim().to_string() });
     }
     Ok(body)
 }

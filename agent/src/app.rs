@@ -7,6 +7,7 @@ use std::future::Future;
 use std::sync::Arc;
 
 use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::capture::Capture;
@@ -35,29 +36,44 @@ pub struct Deps {
 
 /// Runs the agent until `shutdown` resolves or a successor has taken over, then drains.
 pub async fn run(config: Arc<AgentConfig>, deps: Deps, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
+    let agent = start(config.clone(), deps).await?;
+    let (why, mut manager, admin_stop) = agent.serve(shutdown).await;
+    admin_stop.cancel();
+    let pods = manager.stop_accepting();
+    info!(
+        why,
+        pods = pods.len(),
+        deadline_s = config.drain_timeout.as_secs_f64(),
+        "stopped accepting; draining connections"
+    );
+    drain(&pods, config.drain_timeout).await;
+    Ok(())
+}
+
+/// An agent that has taken over (or started) and serves its pods.
+struct Running {
+    manager: Manager<Node>,
+    store: Arc<Store>,
+    updates: tokio::sync::watch::Receiver<Arc<crate::workloads::Directory>>,
+    successors: tokio::sync::mpsc::Receiver<handover::Request>,
+    admin_stop: CancellationToken,
+}
+
+/// Start-up: the first directory, the certificates, the kernel programs, the predecessor's
+/// listeners, this node's pods, then the programs attached, stale kernel state removed, and the
+/// side endpoints (hand-over, Workload API, admin) serving.
+async fn start(config: Arc<AgentConfig>, deps: Deps) -> Result<Running, Error> {
     let mut updates = deps.workloads.start().await?;
     let first = updates.borrow_and_update().clone();
-    let rotation =
-        Rotation { renew_fraction: config.identity.renew_fraction, bundle_refresh: config.identity.bundle_refresh };
-    let identities = Identities::new(deps.certs, rotation).await?;
-    if identities.trust_domain != first.trust_domain {
-        return Err(crate::identity::Error::Bundle(format!(
-            "the certificate source serves trust domain {}, the workload directory says {}",
-            identities.trust_domain, first.trust_domain
-        ))
-        .into());
-    }
-    tokio::spawn(identities.clone().run());
-    let home = Netns::current().map_err(|e| Error::Io("opening the agent's own netns".into(), e))?;
+    let identities = identities(&config, deps.certs, &first).await?;
     let probe_cgroup = crate::capture::probe_cgroup(&config.probe_cgroup)?;
     let capture =
         Arc::new(Capture::load(&config.bpf_dir, &first.cgroup_parent, probe_cgroup.as_deref(), config.kernel_log)?);
-
     // Take over the listeners of an agent running before us, if there is one.
     let socket = handover::socket_path(&config.run_dir);
     let taken = {
         let socket = socket.clone();
-        tokio::task::spawn_blocking(move || handover::receive(&socket)).await.expect("hand-over task")?
+        tokio::task::spawn_blocking(move || handover::receive(&socket)).await.map_err(join_error)??
     };
     let (inherited, predecessor) = match taken {
         Some((i, p)) => (i, Some(p)),
@@ -68,18 +84,14 @@ pub async fn run(config: Arc<AgentConfig>, deps: Deps, shutdown: impl Future<Out
     let proxy = Arc::new(proxy::Inputs {
         limits: config.tunnel.clone(),
         store: store.clone(),
-        home,
+        home: own_netns()?,
         pool: Pool::new(config.tunnel.clone()),
         handshakes: HandshakeLimiter::new(config.tunnel.max_handshakes, config.tunnel.max_handshakes_per_source),
         decisions: Default::default(),
     });
     let trust = identities.trust.clone();
-    let kernel = Node {
-        capture: capture.clone(),
-        home: Netns::current().map_err(|e| Error::Io("opening the agent's own netns".into(), e))?,
-    };
     let deps = pods::Deps {
-        kernel,
+        kernel: Node { capture: capture.clone(), home: own_netns()? },
         identities,
         proxy: proxy.clone(),
         local_pods: Default::default(),
@@ -97,82 +109,117 @@ pub async fn run(config: Arc<AgentConfig>, deps: Deps, shutdown: impl Future<Out
     manager.reconcile(&first).await;
     manager.release_inherited();
     capture.attach()?;
-    let ours: HashSet<u64> = manager.cookies().into_iter().chain([own]).collect();
+    let stale = remove_stale(&capture, manager.cookies().into_iter().chain([own]).collect());
+    if let Some(p) = predecessor {
+        match tokio::task::spawn_blocking(move || p.adopted()).await.map_err(join_error)? {
+            Ok(()) => info!("the previous agent stops accepting; it drains its connections"),
+            Err(e) => warn!(error = %e, "could not tell the previous agent to stop accepting"),
+        }
+    }
+    let successors = handover::serve(&socket)?;
+    let workload_socket = config.workload_api_socket.clone().unwrap_or_else(|| config.run_dir.join("workload.sock"));
+    crate::workload_api::serve(&workload_socket, admin_state.local_pods.clone(), trust)?;
+    let admin_stop = CancellationToken::new();
+    serve_admin(&config, admin_state, admin_stop.clone()).await?;
+    let (enrolled, known, failing) = manager.counts();
+    info!(node = %first.node, enrolled, known, failing, stale_removed = stale, "agent ready");
+    Ok(Running { manager, store, updates, successors, admin_stop })
+}
+
+/// The pods' certificate store, checked to serve the directory's trust domain, renewing.
+async fn identities(
+    config: &AgentConfig,
+    certs: Arc<dyn CertificateSource>,
+    first: &crate::workloads::Directory,
+) -> Result<Arc<Identities>, Error> {
+    let rotation =
+        Rotation { renew_fraction: config.identity.renew_fraction, bundle_refresh: config.identity.bundle_refresh };
+    let identities = Identities::new(certs, rotation).await?;
+    if identities.trust_domain != first.trust_domain {
+        return Err(crate::identity::Error::Bundle(format!(
+            "the certificate source serves trust domain {}, the workload directory says {}",
+            identities.trust_domain, first.trust_domain
+        ))
+        .into());
+    }
+    tokio::spawn(identities.clone().run());
+    Ok(identities)
+}
+
+fn own_netns() -> Result<Netns, Error> {
+    Netns::current().map_err(|e| Error::Io("opening the agent's own netns".into(), e))
+}
+
+fn join_error(e: tokio::task::JoinError) -> Error {
+    Error::Io("a blocking hand-over task".into(), std::io::Error::other(e))
+}
+
+/// Removes kernel state of netns this agent does not manage (pods gone while no agent ran).
+fn remove_stale(capture: &Capture, ours: HashSet<u64>) -> usize {
     let stale: Vec<u64> = capture.cookies().into_iter().filter(|c| !ours.contains(c)).collect();
     for cookie in &stale {
         if let Err(e) = capture.forget(*cookie) {
             warn!(netns_cookie = cookie, error = %e, "cannot remove stale kernel state");
         }
     }
-    if let Some(p) = predecessor {
-        match tokio::task::spawn_blocking(move || p.adopted()).await.expect("hand-over task") {
-            Ok(()) => info!("the previous agent stops accepting; it drains its connections"),
-            Err(e) => warn!(error = %e, "could not tell the previous agent to stop accepting"),
-        }
-    }
-    let mut successors = handover::serve(&socket)?;
-    let workload_socket = config.workload_api_socket.clone().unwrap_or_else(|| config.run_dir.join("workload.sock"));
-    crate::workload_api::serve(&workload_socket, admin_state.local_pods.clone(), trust)?;
-    let admin_stop = tokio_util::sync::CancellationToken::new();
-    if config.admin_addr != "none" {
-        let addr: std::net::SocketAddr = config
-            .admin_addr
-            .parse()
-            .map_err(|e| Error::Io(format!("--admin-addr {:?}", config.admin_addr), std::io::Error::other(e)))?;
-        admin::serve(addr, admin_state, admin_stop.clone())
-            .await
-            .map_err(|e| Error::Io(format!("admin endpoint on {addr}"), e))?;
-    }
-    let (enrolled, known, failing) = manager.counts();
-    info!(node = %first.node, enrolled, known, failing, stale_removed = stale.len(), "agent ready");
+    stale.len()
+}
 
-    tokio::pin!(shutdown);
-    let mut adopted: Option<oneshot::Receiver<()>> = None;
-    let mut memory = tokio::time::interval(std::time::Duration::from_secs(1));
-    let mut trimmer = crate::limits::Trimmer::new(TRIM_AFTER_DROP);
-    let why = loop {
-        let retry = manager.next_retry();
-        tokio::select! {
-            changed = updates.changed() => {
-                if changed.is_err() {
-                    warn!("the workload source stopped; serving the last state");
-                    updates = tokio::sync::watch::channel(store.load()).1;
-                    continue;
+async fn serve_admin(config: &AgentConfig, state: admin::State, stop: CancellationToken) -> Result<(), Error> {
+    if config.admin_addr == "none" {
+        return Ok(());
+    }
+    let addr: std::net::SocketAddr = config
+        .admin_addr
+        .parse()
+        .map_err(|e| Error::Io(format!("--admin-addr {:?}", config.admin_addr), std::io::Error::other(e)))?;
+    admin::serve(addr, state, stop).await.map_err(|e| Error::Io(format!("admin endpoint on {addr}"), e))
+}
+
+impl Running {
+    /// Serves until told to stop or a successor took over: applies directory changes, retries
+    /// failing pods, gives memory back after bursts, answers a successor. Returns why it stopped.
+    async fn serve(self, shutdown: impl Future<Output = ()>) -> (&'static str, Manager<Node>, CancellationToken) {
+        let Running { mut manager, store, mut updates, mut successors, admin_stop } = self;
+        tokio::pin!(shutdown);
+        let mut adopted: Option<oneshot::Receiver<()>> = None;
+        let mut memory = tokio::time::interval(std::time::Duration::from_secs(1));
+        let mut trimmer = crate::limits::Trimmer::new(TRIM_AFTER_DROP);
+        let why = loop {
+            let retry = manager.next_retry();
+            tokio::select! {
+                changed = updates.changed() => {
+                    if changed.is_err() {
+                        warn!("the workload source stopped; serving the last state");
+                        updates = tokio::sync::watch::channel(store.load()).1;
+                        continue;
+                    }
+                    let dir = updates.borrow_and_update().clone();
+                    store.store(dir.clone());
+                    manager.reconcile(&dir).await;
                 }
-                let dir = updates.borrow_and_update().clone();
-                store.store(dir.clone());
-                manager.reconcile(&dir).await;
-            }
-            _ = sleep_until(retry), if retry.is_some() => manager.retry_due(&store.load()).await,
-            _ = memory.tick() => {
-                if trimmer.observe(manager.live_connections()) {
-                    crate::limits::release_free_memory();
+                _ = sleep_until(retry), if retry.is_some() => manager.retry_due(&store.load()).await,
+                _ = memory.tick() => {
+                    if trimmer.observe(manager.live_connections()) {
+                        crate::limits::release_free_memory();
+                    }
                 }
-            }
-            Some(req) = successors.recv() => {
-                let _ = req.listeners.send(manager.handover_listeners());
-                adopted = Some(req.adopted);
-            }
-            r = async { adopted.as_mut().expect("guarded").await }, if adopted.is_some() => {
-                adopted = None;
-                if r.is_ok() {
-                    break "a successor took over";
+                Some(req) = successors.recv() => {
+                    let _ = req.listeners.send(manager.handover_listeners());
+                    adopted = Some(req.adopted);
                 }
-                warn!("the successor went away before taking over; serving on");
+                r = async { adopted.as_mut().expect("guarded").await }, if adopted.is_some() => {
+                    adopted = None;
+                    if r.is_ok() {
+                        break "a successor took over";
+                    }
+                    warn!("the successor went away before taking over; serving on");
+                }
+                _ = &mut shutdown => break "told to stop",
             }
-            _ = &mut shutdown => break "told to stop",
-        }
-    };
-    admin_stop.cancel();
-    let pods = manager.stop_accepting();
-    info!(
-        why,
-        pods = pods.len(),
-        deadline_s = config.drain_timeout.as_secs_f64(),
-        "stopped accepting; draining connections"
-    );
-    drain(&pods, config.drain_timeout).await;
-    Ok(())
+        };
+        (why, manager, admin_stop)
+    }
 }
 
 async fn sleep_until(at: Option<std::time::Instant>) {

@@ -174,60 +174,7 @@ pub fn main() {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
-        Cmd::Ca { cmd: CaCmd::Init { out, trust_domain } } => {
-            let td =
-                identity::TrustDomain::new(&trust_domain).with_context(|| format!("trust domain {trust_domain:?}"))?;
-            identity::ca::init(&out, &td)?;
-            println!("created the CA directory {} for trust domain {td}", out.display());
-            Ok(())
-        }
-        Cmd::Ca { cmd: CaCmd::Node { ca_dir, node, out } } => {
-            let (cert, key) = identity::ca::node_credential(&ca_dir, &node)?;
-            std::fs::create_dir_all(&out)?;
-            std::fs::write(out.join("node.pem"), cert)?;
-            identity::write_private(&out.join("node-key.pem"), key.as_bytes())
-                .with_context(|| format!("writing node-key.pem into {}", out.display()))?;
-            println!("wrote {}/node.pem and node-key.pem for node {node}", out.display());
-            Ok(())
-        }
-        Cmd::Ca { cmd: CaCmd::Rotate { ca_dir, stage } } => {
-            println!("{}", identity::ca::rotate(&ca_dir, stage)?);
-            Ok(())
-        }
-        Cmd::Ca { cmd: CaCmd::Issue { ca_dir, id, out, name } } => {
-            let signer = identity::ca::Signer::load(&ca_dir)?;
-            let id = identity::SpiffeId::new(&id).with_context(|| format!("SPIFFE ID {id:?}"))?;
-            let (chain, key) = signer.issue(&id, identity::SVID_TTL)?.to_pem();
-            std::fs::create_dir_all(&out)?;
-            std::fs::write(out.join(format!("{name}.pem")), chain)?;
-            identity::write_private(&out.join(format!("{name}-key.pem")), key.as_bytes())
-                .with_context(|| format!("writing {name}-key.pem into {}", out.display()))?;
-            println!("wrote {}/{name}.pem and {name}-key.pem for {id}", out.display());
-            Ok(())
-        }
-        Cmd::Ca { cmd: CaCmd::Request { issuer, node_credentials, issuer_token, bundle, trust_domain, id } } => {
-            let td =
-                identity::TrustDomain::new(&trust_domain).with_context(|| format!("trust domain {trust_domain:?}"))?;
-            let id = identity::SpiffeId::new(&id).with_context(|| format!("SPIFFE ID {id:?}"))?;
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-            rt.block_on(async {
-                let proof = match (node_credentials, issuer_token) {
-                    (Some(dir), _) => identity::client::NodeProof::Credentials(dir),
-                    (None, Some(token)) => identity::client::NodeProof::Token(token),
-                    (None, None) => anyhow::bail!("give --node-credentials or --issuer-token"),
-                };
-                let client = identity::client::IssuerClient::new(&issuer, &proof, &bundle, &td)?;
-                let (_, csr) = identity::key_and_csr(&id)?;
-                let (chain, _) = identity::CertificateSource::sign(&client, &id, &csr).await?;
-                let leaf = chain.first().context("the issuer sent an empty chain")?;
-                println!(
-                    "issued {} serial {}",
-                    identity::spiffe_id_of(leaf).map_err(anyhow::Error::msg)?,
-                    identity::serial_of(leaf)
-                );
-                Ok(())
-            })
-        }
+        Cmd::Ca { cmd } => ca(cmd),
         Cmd::Issuer(cfg) => issuer(cfg),
         Cmd::Policy { cmd: PolicyCmd::Validate { state } } => {
             let dir = crate::workloads::statefile::load(&state)?;
@@ -253,7 +200,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Agent(cfg) => agent(*cfg),
         Cmd::Ready { agent } => {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-            let body = rt.block_on(crate::admin::get_path(&agent, "/readyz")).map_err(anyhow::Error::msg)?;
+            let body = rt.block_on(crate::admin::get_path(&agent, "/readyz"))?;
             print!("{}", String::from_utf8_lossy(&body));
             Ok(())
         }
@@ -269,6 +216,66 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Manifests { what: Manifest::All } => {
             print!("{}", crate::k8s::crd::all_yaml());
             Ok(())
+        }
+    }
+}
+
+/// `meshless ca …`: the CA directory and certificates by hand.
+fn ca(cmd: CaCmd) -> anyhow::Result<()> {
+    match cmd {
+        CaCmd::Init { out, trust_domain } => {
+            let td =
+                identity::TrustDomain::new(&trust_domain).with_context(|| format!("trust domain {trust_domain:?}"))?;
+            identity::ca::init(&out, &td)?;
+            println!("created the CA directory {} for trust domain {td}", out.display());
+            Ok(())
+        }
+        CaCmd::Node { ca_dir, node, out } => {
+            let (cert, key) = identity::ca::node_credential(&ca_dir, &node)?;
+            std::fs::create_dir_all(&out)?;
+            std::fs::write(out.join("node.pem"), cert)?;
+            identity::write_private(&out.join("node-key.pem"), key.as_bytes())
+                .with_context(|| format!("writing node-key.pem into {}", out.display()))?;
+            println!("wrote {}/node.pem and node-key.pem for node {node}", out.display());
+            Ok(())
+        }
+        CaCmd::Rotate { ca_dir, stage } => {
+            println!("{}", identity::ca::rotate(&ca_dir, stage)?);
+            Ok(())
+        }
+        CaCmd::Issue { ca_dir, id, out, name } => {
+            let signer = identity::ca::Signer::load(&ca_dir)?;
+            let id = identity::SpiffeId::new(&id).with_context(|| format!("SPIFFE ID {id:?}"))?;
+            let (chain, key) = signer.issue(&id, identity::SVID_TTL)?.to_pem();
+            std::fs::create_dir_all(&out)?;
+            std::fs::write(out.join(format!("{name}.pem")), chain)?;
+            identity::write_private(&out.join(format!("{name}-key.pem")), key.as_bytes())
+                .with_context(|| format!("writing {name}-key.pem into {}", out.display()))?;
+            println!("wrote {}/{name}.pem and {name}-key.pem for {id}", out.display());
+            Ok(())
+        }
+        CaCmd::Request { issuer, node_credentials, issuer_token, bundle, trust_domain, id } => {
+            let td =
+                identity::TrustDomain::new(&trust_domain).with_context(|| format!("trust domain {trust_domain:?}"))?;
+            let id = identity::SpiffeId::new(&id).with_context(|| format!("SPIFFE ID {id:?}"))?;
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            rt.block_on(async {
+                let proof = match (node_credentials, issuer_token) {
+                    (Some(dir), _) => identity::client::NodeProof::Credentials(dir),
+                    (None, Some(token)) => identity::client::NodeProof::Token(token),
+                    (None, None) => anyhow::bail!("give --node-credentials or --issuer-token"),
+                };
+                let client = identity::client::IssuerClient::new(&issuer, &proof, &bundle, &td)?;
+                let (_, csr) = identity::key_and_csr(&id)?;
+                let (chain, _) = identity::CertificateSource::sign(&client, &id, &csr).await?;
+                let leaf = chain.first().context("the issuer sent an empty chain")?;
+                println!(
+                    "issued {} serial {}",
+                    identity::spiffe_id_of(leaf).map_err(anyhow::Error::msg)?,
+                    identity::serial_of(leaf)
+                );
+                Ok(())
+            })
         }
     }
 }
@@ -334,11 +341,11 @@ fn policy(q: PolicyQuery, explain: bool) -> anyhow::Result<()> {
     let answer = match &q.state {
         Some(state) => {
             let dir = crate::workloads::statefile::load(state)?;
-            crate::admin::explain(&dir, &question).map_err(anyhow::Error::msg)?
+            crate::admin::explain(&dir, &question)?
         }
         None => {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-            rt.block_on(crate::admin::ask(&q.agent, &question)).map_err(anyhow::Error::msg)?
+            rt.block_on(crate::admin::ask(&q.agent, &question))?
         }
     };
     if q.json {

@@ -75,11 +75,36 @@ pub struct Caller<'a> {
     pub metadata: &'a tonic::metadata::MetadataMap,
 }
 
+/// Why a certificate request is refused; each kind is its own gRPC status.
+#[derive(Debug, thiserror::Error)]
+pub enum Refusal {
+    /// The caller did not prove it is a node (`UNAUTHENTICATED`).
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// The node may not hold the identity (`PERMISSION_DENIED`).
+    #[error("{0}")]
+    PermissionDenied(String),
+    /// The caller could not be checked: the API server did not answer (`UNAVAILABLE`; the agent
+    /// retries).
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+impl From<Refusal> for Status {
+    fn from(r: Refusal) -> Status {
+        match r {
+            Refusal::Unauthenticated(m) => Status::unauthenticated(m),
+            Refusal::PermissionDenied(m) => Status::permission_denied(m),
+            Refusal::Unavailable(m) => Status::unavailable(m),
+        }
+    }
+}
+
 /// Authenticates the node a request comes from. The embedded mode uses node credentials; the
-/// Kubernetes mode will review ServiceAccount tokens.
+/// Kubernetes mode reviews ServiceAccount tokens.
 pub trait NodeAuthenticator: Send + Sync + 'static {
     /// The node's name, or why the caller is not a node.
-    fn authenticate<'a>(&'a self, caller: &'a Caller<'a>) -> BoxFuture<'a, Result<String, String>>;
+    fn authenticate<'a>(&'a self, caller: &'a Caller<'a>) -> BoxFuture<'a, Result<String, Refusal>>;
 }
 
 /// Node credentials of the embedded mode: a client certificate signed by the CA directory's
@@ -89,15 +114,21 @@ pub struct NodeCredentials {
 }
 
 impl NodeAuthenticator for NodeCredentials {
-    fn authenticate<'a>(&'a self, caller: &'a Caller<'a>) -> BoxFuture<'a, Result<String, String>> {
+    fn authenticate<'a>(&'a self, caller: &'a Caller<'a>) -> BoxFuture<'a, Result<String, Refusal>> {
         Box::pin(async move {
-            let leaf = caller.certs.and_then(|c| c.first()).ok_or("no node credential was presented")?;
-            let id = crate::identity::spiffe_id_of(leaf)?;
+            let refuse = |why: String| Refusal::Unauthenticated(why);
+            let leaf = caller
+                .certs
+                .and_then(|c| c.first())
+                .ok_or_else(|| refuse("no node credential was presented".into()))?;
+            let id = crate::identity::spiffe_id_of(leaf).map_err(|e| refuse(e.to_string()))?;
             let node = id
                 .path()
                 .strip_prefix("/meshless/node/")
                 .filter(|n| !n.is_empty() && !n.contains('/') && id.is_member_of(&self.trust_domain))
-                .ok_or_else(|| format!("{id} is not a node credential of trust domain {}", self.trust_domain))?;
+                .ok_or_else(|| {
+                    refuse(format!("{id} is not a node credential of trust domain {}", self.trust_domain))
+                })?;
             Ok(node.to_string())
         })
     }
@@ -121,15 +152,15 @@ impl Service {
     }
 
     /// Whether `node` may hold `id`: some pod scheduled on `node` has that identity.
-    fn authorize(&self, node: &str, id: &SpiffeId) -> Result<(), String> {
+    fn authorize(&self, node: &str, id: &SpiffeId) -> Result<(), Refusal> {
         let dir = self.directory.borrow().clone();
         if dir.pods().any(|p| p.node == node && p.mesh && &p.identity == id) {
             return Ok(());
         }
         if dir.pods().any(|p| &p.identity == id) {
-            Err(format!("no pod with identity {id} is scheduled on node {node}"))
+            Err(Refusal::PermissionDenied(format!("no pod with identity {id} is scheduled on node {node}")))
         } else {
-            Err(format!("no pod has identity {id}"))
+            Err(Refusal::PermissionDenied(format!("no pod has identity {id}")))
         }
     }
 }
@@ -143,7 +174,7 @@ impl Issuer for Service {
             Ok(node) => node,
             Err(why) => {
                 warn!(why = %why, "refused a certificate request: the caller is not an authenticated node");
-                return Err(Status::unauthenticated(why));
+                return Err(why.into());
             }
         };
         let req = request.into_inner();
@@ -156,7 +187,7 @@ impl Issuer for Service {
         };
         if let Err(why) = self.authorize(&node, &id) {
             warn!(node = %node, id = %id, why = %why, "refused a certificate request");
-            return Err(Status::permission_denied(why));
+            return Err(why.into());
         }
         let chain = self.signer.load().sign_csr(&req.csr, &id, self.ttl).map_err(|e| {
             warn!(node = %node, id = %id, error = %e, "refused a certificate request");

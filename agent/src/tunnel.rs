@@ -657,6 +657,14 @@ mod tests {
         TunnelLimits::default()
     }
 
+    /// The next report of the test server, within 10 s.
+    async fn next<T>(rx: &mut tokio::sync::mpsc::UnboundedReceiver<T>, what: &str) -> T {
+        tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .unwrap_or_else(|_| panic!("no report of {what} within 10 s"))
+            .unwrap_or_else(|| panic!("the test server ended before reporting {what}"))
+    }
+
     /// What the test app behind the server does with a stream.
     #[derive(Clone, Copy)]
     enum App {
@@ -759,8 +767,8 @@ mod tests {
             }
             other => panic!("a clean exchange must end cleanly, got {other:?}"),
         }
-        assert_eq!(seen.recv().await.unwrap(), "spiffe://cluster.local/ns/default/sa/client");
-        assert!(ends.recv().await.unwrap().starts_with("Clean"), "the server side ended cleanly too");
+        assert_eq!(next(&mut seen, "the client identity").await, "spiffe://cluster.local/ns/default/sa/client");
+        assert!(next(&mut ends, "the server's end").await.starts_with("Clean"), "the server side ended cleanly too");
     }
 
     /// The relay seam: client and server of HBONE over an in-memory pipe (no socket), each
@@ -811,7 +819,7 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(10), r.read_to_end(&mut back)).await.unwrap().unwrap();
         assert_eq!(back, b"HELLO");
         assert!(matches!(splice.await.unwrap(), Ended::Clean(5, 5)));
-        let (peer, to) = seen.recv().await.unwrap();
+        let (peer, to) = next(&mut seen, "the CONNECT").await;
         assert_eq!((peer.as_str(), to), ("spiffe://cluster.local/ns/default/sa/client", Ok(target)));
         drop(conn);
         let _ = tokio::time::timeout(Duration::from_secs(10), server).await.expect("the server ends with the pipe");
@@ -829,7 +837,7 @@ mod tests {
         let err = app.read_to_end(&mut buf).await.expect_err("the app must see an error, not a clean EOF");
         assert_eq!(err.kind(), io::ErrorKind::ConnectionReset, "{err}");
         assert!(matches!(splice.await.unwrap(), Ended::Reset(_)));
-        assert!(ends.recv().await.unwrap().starts_with("Reset"), "the server side saw its app's reset");
+        assert!(next(&mut ends, "the server's end").await.starts_with("Reset"), "the server side saw its app's reset");
     }
 
     #[tokio::test]

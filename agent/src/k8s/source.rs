@@ -134,76 +134,13 @@ impl WorkloadSource for KubeSource {
         Box::pin(async move {
             let changed = Arc::new(Notify::new());
             let state = Arc::new(Mutex::new(Cluster::default()));
-            let client = self.client.clone();
-            let s = (state.clone(), changed.clone());
-            let cni = match &self.node {
-                Some(node) => {
-                    let node_pods = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
-                    spawn_mirror(
-                        0,
-                        Api::<Pod>::all(client.clone()),
-                        node_pods,
-                        s.clone(),
-                        |c| &mut c.local,
-                        |p| Some(pod_info(&p, true)),
-                    );
-                    Some(Registry::start(&self.cni_dir, changed.clone())?)
-                }
-                None => {
-                    state.lock().synced[0] = true;
-                    None
-                }
-            };
-            spawn_mirror(
-                1,
-                Api::<Pod>::all(client.clone()),
-                watcher::Config::default(),
-                s.clone(),
-                |c| &mut c.all,
-                |p| Some(pod_info(&p, false)),
-            );
-            spawn_mirror(
-                2,
-                Api::<Namespace>::all(client.clone()),
-                watcher::Config::default(),
-                s.clone(),
-                |c| &mut c.namespaces,
-                |n| Some(n.labels().get(MODE_LABEL).cloned()),
-            );
-            spawn_mirror(
-                3,
-                Api::<PeerAuthenticationResource>::all(client.clone()),
-                watcher::Config::default(),
-                s.clone(),
-                |c| &mut c.peer,
-                Some,
-            );
-            spawn_mirror(
-                4,
-                Api::<AuthorizationPolicyResource>::all(client),
-                watcher::Config::default(),
-                s,
-                |c| &mut c.authz,
-                Some,
-            );
-
+            let cni = self.watch(&state, &changed)?;
             // The first directory waits for every watch to have listed: an agent that started
             // with a partial view would unenroll pods it has simply not heard of yet.
             let started = Instant::now();
+            wait_listed(&state, &changed).await;
             let mut builder =
                 Builder { source: *self, cni, cgroups: HashMap::new(), problems: HashMap::new(), policies: None };
-            loop {
-                let waiting: Vec<&str> = {
-                    let c = state.lock();
-                    (0..WATCHES).filter(|&i| !c.synced[i]).map(|i| NAMES[i]).collect()
-                };
-                if waiting.is_empty() {
-                    break;
-                }
-                if tokio::time::timeout(Duration::from_secs(10), changed.notified()).await.is_err() {
-                    warn!(waiting = ?waiting, waited_s = started.elapsed().as_secs(), "still waiting for the API server to list");
-                }
-            }
             let first = builder.build(&state.lock());
             info!(
                 pods = first.len(),
@@ -212,34 +149,113 @@ impl WorkloadSource for KubeSource {
                 "Kubernetes watches synced"
             );
             let (tx, rx) = watch::channel(Arc::new(first));
-            tokio::spawn(async move {
-                // A rebuild costs time proportional to the cluster (about 4 µs per pod here);
-                // waiting a few times as long as the last one took before the next bounds the
-                // CPU spent on rebuilds at about 20 % of a core, however fast pods churn, while a
-                // small cluster still applies changes within 20 ms.
-                let mut settle = SETTLE_MIN;
-                loop {
-                    tokio::select! {
-                        _ = changed.notified() => {}
-                        _ = tx.closed() => return,
-                        // Pods without a network namespace yet may get one without an event
-                        // (an old pod found through its cgroup).
-                        _ = tokio::time::sleep(Duration::from_secs(30)) => {
-                            if let Some(cni) = &builder.cni {
-                                cni.rescan();
-                            }
-                        }
-                    }
-                    // Let a burst of events settle into one directory.
-                    tokio::time::sleep(settle).await;
-                    let t = Instant::now();
-                    let dir = builder.build(&state.lock());
-                    settle = (t.elapsed() * 4).clamp(SETTLE_MIN, SETTLE_MAX);
-                    tx.send_replace(Arc::new(dir));
-                }
-            });
+            tokio::spawn(rebuild(builder, state, changed, tx));
             Ok(rx)
         })
+    }
+}
+
+impl KubeSource {
+    /// Starts the five watches, each mirrored into its map of `state`; with a node, also the CNI
+    /// registry of this node's pods' network namespaces.
+    fn watch(&self, state: &Arc<Mutex<Cluster>>, changed: &Arc<Notify>) -> Result<Option<Arc<Registry>>, crate::Error> {
+        let client = self.client.clone();
+        let s = (state.clone(), changed.clone());
+        let cni = match &self.node {
+            Some(node) => {
+                let node_pods = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
+                spawn_mirror(
+                    0,
+                    Api::<Pod>::all(client.clone()),
+                    node_pods,
+                    s.clone(),
+                    |c| &mut c.local,
+                    |p| Some(pod_info(&p, true)),
+                );
+                Some(Registry::start(&self.cni_dir, changed.clone())?)
+            }
+            None => {
+                state.lock().synced[0] = true;
+                None
+            }
+        };
+        let all = watcher::Config::default;
+        spawn_mirror(
+            1,
+            Api::<Pod>::all(client.clone()),
+            all(),
+            s.clone(),
+            |c| &mut c.all,
+            |p| Some(pod_info(&p, false)),
+        );
+        spawn_mirror(
+            2,
+            Api::<Namespace>::all(client.clone()),
+            all(),
+            s.clone(),
+            |c| &mut c.namespaces,
+            |n| Some(n.labels().get(MODE_LABEL).cloned()),
+        );
+        spawn_mirror(
+            3,
+            Api::<PeerAuthenticationResource>::all(client.clone()),
+            all(),
+            s.clone(),
+            |c| &mut c.peer,
+            Some,
+        );
+        spawn_mirror(4, Api::<AuthorizationPolicyResource>::all(client), all(), s, |c| &mut c.authz, Some);
+        Ok(cni)
+    }
+}
+
+/// Waits until every watch has listed, saying which ones it still waits for every 10 s.
+async fn wait_listed(state: &Mutex<Cluster>, changed: &Notify) {
+    let started = Instant::now();
+    loop {
+        let waiting: Vec<&str> = {
+            let c = state.lock();
+            (0..WATCHES).filter(|&i| !c.synced[i]).map(|i| NAMES[i]).collect()
+        };
+        if waiting.is_empty() {
+            return;
+        }
+        if tokio::time::timeout(Duration::from_secs(10), changed.notified()).await.is_err() {
+            warn!(waiting = ?waiting, waited_s = started.elapsed().as_secs(), "still waiting for the API server to list");
+        }
+    }
+}
+
+/// Rebuilds the directory after each burst of changes, until nobody listens.
+async fn rebuild(
+    mut builder: Builder,
+    state: Arc<Mutex<Cluster>>,
+    changed: Arc<Notify>,
+    tx: watch::Sender<Arc<Directory>>,
+) {
+    // A rebuild costs time proportional to the cluster (about 4 µs per pod here); waiting a few
+    // times as long as the last one took before the next bounds the CPU spent on rebuilds at
+    // about 20 % of a core, however fast pods churn, while a small cluster still applies changes
+    // within 20 ms.
+    let mut settle = SETTLE_MIN;
+    loop {
+        tokio::select! {
+            _ = changed.notified() => {}
+            _ = tx.closed() => return,
+            // Pods without a network namespace yet may get one without an event (an old pod
+            // found through its cgroup).
+            _ = tokio::time::sleep(Duration::from_secs(30)) => {
+                if let Some(cni) = &builder.cni {
+                    cni.rescan();
+                }
+            }
+        }
+        // Let a burst of events settle into one directory.
+        tokio::time::sleep(settle).await;
+        let t = Instant::now();
+        let dir = builder.build(&state.lock());
+        settle = (t.elapsed() * 4).clamp(SETTLE_MIN, SETTLE_MAX);
+        tx.send_replace(Arc::new(dir));
     }
 }
 

@@ -14,7 +14,7 @@ use kube::Api;
 use parking_lot::Mutex;
 
 use crate::identity::BoxFuture;
-use crate::issuer::{Caller, NodeAuthenticator};
+use crate::issuer::{Caller, NodeAuthenticator, Refusal};
 
 /// The audience agents request their token for (and the issuer requires).
 pub const AUDIENCE: &str = "meshless-issuer";
@@ -34,7 +34,8 @@ impl ServiceAccountTokens {
         ServiceAccountTokens { client, agent, audience, cache: Mutex::default() }
     }
 
-    async fn review(&self, token: &str) -> Result<String, String> {
+    async fn review(&self, token: &str) -> Result<String, Refusal> {
+        let refuse = Refusal::Unauthenticated;
         let review = TokenReview {
             spec: TokenReviewSpec { token: Some(token.to_string()), audiences: Some(vec![self.audience.clone()]) },
             ..Default::default()
@@ -42,53 +43,56 @@ impl ServiceAccountTokens {
         let answer = Api::<TokenReview>::all(self.client.clone())
             .create(&PostParams::default(), &review)
             .await
-            .map_err(|e| format!("cannot review the token: {e}"))?;
+            .map_err(|e| Refusal::Unavailable(format!("cannot review the token: {e}")))?;
         let status = answer.status.unwrap_or_default();
         if status.authenticated != Some(true) {
-            return Err(format!(
+            return Err(refuse(format!(
                 "the API server does not accept the token for audience {}: {}",
                 self.audience,
                 status.error.unwrap_or_else(|| "not authenticated".into())
-            ));
+            )));
         }
         let user = status.user.unwrap_or_default();
         let username = user.username.unwrap_or_default();
         let want = format!("system:serviceaccount:{}:{}", self.agent.0, self.agent.1);
         if username != want {
-            return Err(format!("the token is {username}'s, not the node agent's ({want})"));
+            return Err(refuse(format!("the token is {username}'s, not the node agent's ({want})")));
         }
         let extra = user.extra.unwrap_or_default();
         let one = |k: &str| extra.get(k).and_then(|v| v.first()).cloned();
         let (Some(pod), Some(uid)) =
             (one("authentication.kubernetes.io/pod-name"), one("authentication.kubernetes.io/pod-uid"))
         else {
-            return Err("the token is not bound to a pod (use a projected ServiceAccount token)".into());
+            return Err(refuse("the token is not bound to a pod (use a projected ServiceAccount token)".into()));
         };
         let agent_pod = Api::<Pod>::namespaced(self.client.clone(), &self.agent.0)
             .get_opt(&pod)
             .await
-            .map_err(|e| format!("cannot look up agent pod {pod}: {e}"))?
-            .ok_or_else(|| format!("agent pod {}/{pod} does not exist", self.agent.0))?;
+            .map_err(|e| Refusal::Unavailable(format!("cannot look up agent pod {pod}: {e}")))?
+            .ok_or_else(|| refuse(format!("agent pod {}/{pod} does not exist", self.agent.0)))?;
         if agent_pod.metadata.uid.as_deref() != Some(uid.as_str()) {
-            return Err(format!("the token was bound to an earlier pod named {pod}"));
+            return Err(refuse(format!("the token was bound to an earlier pod named {pod}")));
         }
         agent_pod
             .spec
             .and_then(|s| s.node_name)
             .filter(|n| !n.is_empty())
-            .ok_or_else(|| format!("agent pod {pod} is not scheduled on a node"))
+            .ok_or_else(|| refuse(format!("agent pod {pod} is not scheduled on a node")))
     }
 }
 
 impl NodeAuthenticator for ServiceAccountTokens {
-    fn authenticate<'a>(&'a self, caller: &'a Caller<'a>) -> BoxFuture<'a, Result<String, String>> {
+    fn authenticate<'a>(&'a self, caller: &'a Caller<'a>) -> BoxFuture<'a, Result<String, Refusal>> {
         Box::pin(async move {
+            let refuse = |why: &str| Refusal::Unauthenticated(why.into());
             let header = caller
                 .metadata
                 .get("authorization")
                 .and_then(|v| v.to_str().ok())
-                .ok_or("no ServiceAccount token was presented")?;
-            let token = header.strip_prefix("Bearer ").ok_or("the authorization header is not a bearer token")?;
+                .ok_or_else(|| refuse("no ServiceAccount token was presented"))?;
+            let token = header
+                .strip_prefix("Bearer ")
+                .ok_or_else(|| refuse("the authorization header is not a bearer token"))?;
             if let Some((node, at)) = self.cache.lock().get(token) {
                 if at.elapsed() < CACHE {
                     return Ok(node.clone());
