@@ -270,10 +270,19 @@ fn read_to_end_or_reset(s: &mut TcpStream) -> (String, Vec<u8>) {
 }
 
 fn end(addr: &str, text: &str) -> std::io::Result<()> {
-    let mut s = connect(addr)?;
-    s.write_all(text.as_bytes())?;
-    s.shutdown(Shutdown::Write)?;
-    let (how, out) = read_to_end_or_reset(&mut s);
+    let reset = |e: &std::io::Error| e.kind() == std::io::ErrorKind::ConnectionReset;
+    // A reset before the request was even out (a refusal can be that quick, even before
+    // connect_timeout has seen the connection up) is still a reset.
+    let sent = connect(addr).and_then(|mut s| {
+        s.write_all(text.as_bytes())?;
+        s.shutdown(Shutdown::Write)?;
+        Ok(s)
+    });
+    let (how, out) = match sent {
+        Err(e) if reset(&e) => ("reset".to_string(), Vec::new()),
+        Err(e) => return Err(e),
+        Ok(mut s) => read_to_end_or_reset(&mut s),
+    };
     println!("{}", serde_json::json!({"end": how, "reply": String::from_utf8_lossy(&out)}));
     Ok(())
 }
