@@ -5,6 +5,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 fn scratch(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("meshless-cni-plugin-{name}-{}", std::process::id()));
@@ -68,12 +69,25 @@ fn with_no_agent_add_passes_the_result_on_and_leaves_a_record_and_del_removes_it
 fn a_listening_agent_is_told_of_add_and_del() {
     let state = scratch("agent");
     let listener = UnixListener::bind(state.join("agent.sock")).unwrap();
+    // Non-blocking, so that a plugin that never calls fails the test instead of hanging it.
+    listener.set_nonblocking(true).unwrap();
     let agent = std::thread::spawn(move || {
         let mut got = Vec::new();
-        for _ in 0..2 {
-            let (mut s, _) = listener.accept().unwrap();
+        for i in 0..2 {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let mut s = loop {
+                match listener.accept() {
+                    Ok((s, _)) => break s,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(10))
+                    }
+                    Err(e) => panic!("the plugin did not call the agent socket (call {} of 2) within 10 s: {e}", i + 1),
+                }
+            };
+            s.set_nonblocking(false).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
             let mut line = String::new();
-            BufReader::new(&s).read_line(&mut line).unwrap();
+            BufReader::new(&s).read_line(&mut line).expect("the plugin's request line within 10 s");
             s.write_all(b"ok\n").unwrap();
             got.push(serde_json::from_str::<serde_json::Value>(&line).unwrap());
         }

@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 
+pub mod bpf;
 pub mod kube;
 pub mod mesh;
 pub mod pcap;

@@ -332,3 +332,29 @@ pub fn wait_listening(ns: &crate::Netns, port: u16) -> Result<()> {
     }
     Ok(())
 }
+
+/// GETs `path` from node `node`'s agent's admin endpoint (127.0.0.1:15000 in the node's netns).
+pub fn admin_get(tb: &Testbed, node: usize, path: &str) -> Result<String> {
+    run_ok(
+        tb.node(node)
+            .netns
+            .command("curl", None)?
+            .args(["-sS", "--fail", "--max-time", "5"])
+            .arg(format!("http://127.0.0.1:{}{path}", crate::ADMIN_PORT)),
+    )
+}
+
+/// The inbound connections node `node`'s agent has decided with `decision` ("allow", "deny", …),
+/// summed over its `meshless_inbound_decisions_total` counters; `None` if the endpoint does not
+/// answer.
+pub fn inbound_decisions(tb: &Testbed, node: usize, decision: &str) -> Option<u64> {
+    let metrics = admin_get(tb, node, "/metrics").ok()?;
+    let label = format!("decision=\"{decision}\"");
+    Some(
+        metrics
+            .lines()
+            .filter(|l| l.starts_with("meshless_inbound_decisions_total{") && l.contains(&label))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum(),
+    )
+}

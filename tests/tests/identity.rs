@@ -12,7 +12,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use meshless_tests::mesh::{node_credentials, run_ok, wait_listening, Mesh, ISSUER_PORT, TRUST_DOMAIN};
+use meshless_tests::mesh::{
+    inbound_decisions, node_credentials, run_ok, wait_listening, Mesh, ISSUER_PORT, TRUST_DOMAIN,
+};
 use meshless_tests::{sockaddr, wait_for, Layout, Testbed, CONTROL_IPV4};
 use rcgen::PublicKeyData as _;
 use support::{background, finish, run};
@@ -278,7 +280,15 @@ fn a_root_rollover_under_traffic_loses_no_request() {
             );
         }
     };
-    std::thread::sleep(Duration::from_secs(2));
+    // The rollover starts once node 2's agent is carrying the stream's requests.
+    let allowed = || inbound_decisions(&tb, 2, "allow").unwrap_or(0);
+    let before = allowed();
+    let carried = wait_for(Duration::from_secs(10), || (allowed() >= before + 5).then_some(()));
+    assert!(
+        carried.is_some(),
+        "node2's agent allowed {} requests of the stream within 10 s",
+        allowed().saturating_sub(before)
+    );
     rotate("add");
     both_agents("trusted the new root", &|l| l["message"] == "trust bundle updated" && l["roots"] == 2);
     rotate("switch");

@@ -8,11 +8,12 @@
 
 mod support;
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use meshless_tests::mesh::{wait_listening, Mesh};
 use meshless_tests::pcap::{seen, Dump};
-use meshless_tests::{sockaddr, Layout, Testbed};
+use meshless_tests::{bpf, sockaddr, wait_for, Layout, Testbed};
 use support::{background, finish, run};
 
 #[test]
@@ -39,7 +40,26 @@ fn two_sockets_of_one_pod_sharing_a_source_port_reach_their_own_destinations() {
         "198.19.1.201",
         &sockaddr(server.ipv4.into(), 7101),
     ]));
-    std::thread::sleep(Duration::from_millis(500));
+    // Both connects are filed, side by side, each with its own destination, before the agent
+    // resumes and accepts them (the collision would be one overwriting the other here).
+    let at = |ip: &str, port: u16| -> SocketAddr { SocketAddr::new(ip.parse().unwrap(), port) };
+    let server_ip = server.ipv4.to_string();
+    let want = [
+        (at(&client.ipv4.to_string(), 41000), at(&server_ip, 7100)),
+        (at("198.19.1.201", 41000), at(&server_ip, 7101)),
+    ];
+    let mut filed = Vec::new();
+    let both_filed = wait_for(Duration::from_secs(10), || {
+        filed = bpf::pending_connections(&tb.bpf_dir(1)).expect("reading node1's ORIG_DST maps");
+        filed.retain(|p| p.src.port() == 41000);
+        let pairs: Vec<(SocketAddr, SocketAddr)> = filed.iter().map(|p| (p.src, p.orig_dst)).collect();
+        let one_pod = filed.iter().all(|p| p.pod_map == filed[0].pod_map);
+        (want.iter().all(|w| pairs.contains(w)) && one_pod).then_some(())
+    });
+    assert!(
+        both_filed.is_some(),
+        "within 10 s the client pod's map did not hold both sockets of port 41000 with their own destinations: {filed:?}"
+    );
     tb.signal(agent, libc::SIGCONT);
     let (ok, _, out, err) = finish(both);
     assert!(ok, "{err}");
@@ -69,13 +89,30 @@ fn one_pods_connect_flood_cannot_evict_another_pods_pending_connection() {
     tb.signal(agent, libc::SIGSTOP);
     // The victim's connection waits in the listener's queue, its destination filed.
     let victim_call = background(victim.command(&bins.testbin).unwrap().args(["send", &to, "v"]));
-    std::thread::sleep(Duration::from_millis(300));
-    // More connects than a map shared by all pods would hold (65536): each files an entry.
+    let from = |pod: &meshless_tests::Pod, filed: &[bpf::Pending]| -> Vec<bpf::Pending> {
+        filed.iter().filter(|p| p.pod == Some(pod.ipv4)).cloned().collect()
+    };
+    let pending = || bpf::pending_connections(&tb.bpf_dir(1)).expect("reading node1's ORIG_DST maps");
+    let victims = wait_for(Duration::from_secs(10), || Some(from(victim, &pending())).filter(|v| v.len() == 1));
+    let victims =
+        victims.unwrap_or_else(|| panic!("within 10 s the victim's connect was not filed in its map: {:?}", pending()));
+    // Far more connects than the flooder's own map holds (ORIG_DST_PER_POD): each files an entry.
     let (ok, out, err) = run(flooder.command(&bins.testbin).unwrap().args(["flood", &to, "70000"]));
-    tb.signal(agent, libc::SIGCONT);
     assert!(ok, "{err}");
     let attempts: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
-    assert_eq!(attempts["attempts"], 70000, "the flood must complete to mean anything: {attempts}");
+    // What the kernel filed, read while the agent (which takes entries out) is still paused: the
+    // flood filled the flooder's own map, and the victim's entry is still there, in another map.
+    let filed = pending();
+    let (flood, after) = (from(flooder, &filed), from(victim, &filed));
+    tb.signal(agent, libc::SIGCONT);
+    let per_pod = meshless_common::ORIG_DST_PER_POD as usize;
+    assert!(
+        flood.len() >= per_pod * 3 / 4 && flood.len() <= per_pod,
+        "the flood must fill the flooder's map ({per_pod} entries) to mean anything: {} entries filed; {attempts}",
+        flood.len()
+    );
+    assert!(flood.iter().all(|p| p.pod_map != victims[0].pod_map), "the flood's entries went to the victim's map");
+    assert_eq!(after, victims, "the flood evicted the victim's pending entry");
     let (ok, _, out, err) = finish(victim_call);
     assert!(ok && out == "served", "the victim's pending connection was lost to the flood: {out} {err}");
     // The flood's connections, reset while queued, cost no upstream stream.
@@ -83,7 +120,7 @@ fn one_pods_connect_flood_cannot_evict_another_pods_pending_connection() {
         mesh.log_lines(1).iter().filter(|l| l["message"] == "the app's connection ended before it was accepted").count()
     };
     assert!(
-        meshless_tests::wait_for(Duration::from_secs(10), || (skipped(&mesh) > 100).then_some(())).is_some(),
+        wait_for(Duration::from_secs(10), || (skipped(&mesh) > 100).then_some(())).is_some(),
         "queued connections the flood reset were carried upstream anyway ({} skipped)",
         skipped(&mesh)
     );

@@ -214,8 +214,14 @@ fn pods_in_opted_in_namespaces_are_meshed_from_the_api_and_the_cni_plugin_and_ot
     }
     // The readiness probe: ready while the agent serves, not once it is gone.
     let ready = |node: usize| tb.node(node).netns.command(&bins.meshless, None).unwrap().arg("ready").output().unwrap();
-    let out = ready(1);
-    assert!(out.status.success() && out.stdout.starts_with(b"ready"), "{}", String::from_utf8_lossy(&out.stderr));
+    for node in [1, 2] {
+        let out = ready(node);
+        assert!(
+            out.status.success() && out.stdout.starts_with(b"ready"),
+            "node{node}'s serving agent is not ready: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
     tb.stop(mesh.agents[1]);
     let out = ready(2);
     assert!(!out.status.success(), "`meshless ready` succeeded with no agent on node2");
@@ -351,17 +357,13 @@ fn policy_resources_decide_as_the_state_file_does_and_an_invalid_one_gets_a_stat
     assert!(status.contains("methods") && status.contains("L7"), "the status names the field and why: {status}");
     let table = api.kubectl_ok(tb, &["get", "authorizationpolicies", "-n", "shop", "-o", "wide"], None).unwrap();
     assert!(table.contains("bad-l7") && table.contains("False") && table.contains("MESSAGE"), "{table}");
-    std::thread::sleep(Duration::from_millis(500));
+    // Enforcement is checked once node 2's agent has seen (and left out) the invalid object.
+    let left_out = mesh.wait_log(2, "left out of the mesh directory", Duration::from_secs(15), |l| {
+        l["object"] == "AuthorizationPolicy shop/bad-l7"
+    });
+    assert!(left_out.is_some(), "the agent should say it left the invalid object out: {}", mesh.log_tail(2));
     assert!(!works(batch), "an invalid policy changed enforcement");
     assert!(works(frontend));
-    assert!(
-        mesh.log_lines(2)
-            .iter()
-            .any(|l| l["message"] == "left out of the mesh directory"
-                && l["object"] == "AuthorizationPolicy shop/bad-l7"),
-        "the agent should say it left the invalid object out: {}",
-        mesh.log_tail(2)
-    );
 
     // A PeerAuthentication resource overrides the namespace label's mode.
     let pa = "apiVersion: meshless.io/v1alpha1\nkind: PeerAuthentication\nmetadata: {name: shop-permissive, namespace: shop}\n\
@@ -502,8 +504,16 @@ fn an_api_server_restart_loses_no_traffic_and_no_enrollment_and_the_watches_resu
     );
     let mut load = client.command("sh").unwrap();
     load.args(["-c", &script]);
+    let allowed = |tb: &Testbed| meshless_tests::mesh::inbound_decisions(tb, 2, "allow").unwrap_or(0);
+    let before = allowed(&c.tb);
     let load = support::background(&mut load);
-    std::thread::sleep(Duration::from_secs(2));
+    // The restart comes once node 2's agent is carrying the load's requests.
+    let carried = wait_for(Duration::from_secs(10), || (allowed(&c.tb) >= before + 5).then_some(()));
+    assert!(
+        carried.is_some(),
+        "node2's agent allowed {} requests of the load within 10 s",
+        allowed(&c.tb).saturating_sub(before)
+    );
     let count =
         |mesh: &KubeMesh, n: usize, message: &str| mesh.log_lines(n).iter().filter(|l| l["message"] == message).count();
     let away = c.api.restart(&c.tb, Duration::from_secs(3)).expect("restarting the API server");

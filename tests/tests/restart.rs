@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use meshless_tests::mesh::{json_lines, TRUST_DOMAIN};
 use meshless_tests::pcap::{seen, Dump};
-use support::{background, echo_pair, finish, run, Pair};
+use meshless_tests::wait_for;
+use support::{background, echo_pair, finish, run, LongLived, Pair};
 
 #[test]
 fn an_upgrade_under_load_loses_no_new_connection_and_keeps_the_established_ones() {
@@ -19,8 +20,8 @@ fn an_upgrade_under_load_loses_no_new_connection_and_keeps_the_established_ones(
     let Pair { tb, mut mesh, to } = echo_pair("upgrade", &bins, &[]);
     let client = tb.pod(1, 1);
     let stream = background(client.command(&bins.testbin).unwrap().args(["stream", &to, "9", "10"]));
-    let long = background(client.command(&bins.testbin).unwrap().args(["longlived", &to, "7"]));
-    std::thread::sleep(Duration::from_millis(800));
+    let mut long = LongLived::start(&tb, &bins, client, &to, 9, "upgrade-long");
+    long.wait_rounds(2, "the long-lived connection is established before the upgrade");
 
     // Upgrade the server side's agent, then the client side's, each while the other runs.
     let mut old = Vec::new();
@@ -35,11 +36,22 @@ fn an_upgrade_under_load_loses_no_new_connection_and_keeps_the_established_ones(
             "the successor takes the pod's four listeners (15001 on 127.0.0.1 and ::1, 15006, 15008): {took:?}"
         );
         tb.signal(old_pid, libc::SIGTERM);
+        // The old agent has handed over (it no longer accepts: only the successor can serve
+        // what comes next), and the established connection it carries still carries data.
+        let handed_over = wait_for(Duration::from_secs(10), || {
+            json_lines(&old_log).into_iter().find(|l| l["message"] == "stopped accepting; draining connections")
+        });
+        assert!(handed_over.is_some(), "node{node}'s old agent did not stop accepting within 10 s after SIGTERM");
+        // The successor serves the new connections of the load meanwhile.
+        let serves = if node == 2 { "inbound decision" } else { "outbound connection over HBONE" };
+        let served =
+            wait_for(Duration::from_secs(10), || json_lines(&new_log).into_iter().find(|l| l["message"] == serves));
+        assert!(served.is_some(), "node{node}'s successor logged no {serves:?} within 10 s: {new_log:?}");
+        long.wait_more_rounds(3, &format!("the long-lived connection carries data after node{node}'s upgrade"));
         old.push((node, old_pid, old_log));
-        std::thread::sleep(Duration::from_millis(800));
     }
 
-    let (ok, result, _, err) = finish(long);
+    let (ok, result, _, err) = long.finish();
     assert!(ok, "the long-lived connection did not survive the upgrade: {err}");
     assert!(result["rounds"].as_u64().unwrap_or(0) > 50, "{result}");
     let (ok, result, _, err) = finish(stream);
@@ -77,14 +89,14 @@ fn after_kill_9_nothing_leaves_in_plaintext_and_a_restarted_agent_serves_again()
     let Pair { tb, mut mesh, to } = echo_pair("kill9", &bins, &[]);
     let client = tb.pod(1, 1);
     let dump = Dump::start(&tb, 1, "kill9").unwrap();
-    let long = background(client.command(&bins.testbin).unwrap().args(["longlived", &to, "20"]));
-    std::thread::sleep(Duration::from_millis(500));
+    let mut long = LongLived::start(&tb, &bins, client, &to, 20, "kill9-long");
+    long.wait_rounds(2, "the long-lived connection is established before the kill");
 
     let killed = mesh.agents[0];
     tb.signal(killed, libc::SIGKILL);
     assert!(tb.wait_exit(killed, Duration::from_secs(10)).is_some(), "the agent did not die");
     // The connection that agent carried ends (it held its sockets).
-    let (ok, _, _, err) = finish(long);
+    let (ok, _, _, err) = long.finish();
     assert!(!ok, "a connection carried by a killed agent cannot go on");
     assert!(err.contains("round"), "it ends with an error in mid-conversation: {err}");
     // While no agent runs, the pinned programs still capture: the connect is refused, nothing

@@ -8,7 +8,10 @@
 //!   tls-idle      completes TLS, then sends nothing (no HTTP/2 preface); reports when closed
 //!   preface-idle  completes TLS and the HTTP/2 preface, then sends no CONNECT; reports when closed
 //!   no-read       opens a CONNECT to <target>, sends a little, then stops reading the socket
-//!                 altogether (no pings answered) for 8 s; reports how far it got
+//!                 altogether (no pings answered) for 8 s; reports when it paused (since its start
+//!                 and as Unix time) and when it gave up
+//! The idle modes and no-read also report their connection's own address ("local"), by which the
+//! server's log names them.
 //!   big-headers   sends a CONNECT with a 100 KiB header; reports the outcome
 //!   many-streams  opens 150 CONNECT streams at once, before the server's SETTINGS can limit it;
 //!                 reports how many were answered 200 and how many refused
@@ -58,9 +61,10 @@ async fn run(args: &[String]) -> Result<serde_json::Value> {
         }
         other => other?,
     };
+    let local = tcp.local_addr()?.to_string();
     if mode == "tcp-idle" {
         closed(tcp).await?;
-        return Ok(json!({"closed_after_s": start.elapsed().as_secs_f64()}));
+        return Ok(json!({"closed_after_s": start.elapsed().as_secs_f64(), "local": local}));
     }
     if mode == "handshakes" {
         drop(tcp);
@@ -74,9 +78,12 @@ async fn run(args: &[String]) -> Result<serde_json::Value> {
     let name = ServerName::IpAddress(addr.ip().into());
     let mut tls = tokio_rustls::TlsConnector::from(tls).connect(name, io).await?;
     if mode == "tls-idle" {
-        let mut buf = [0u8; 64];
-        let n = tls.read(&mut buf).await.unwrap_or(0);
-        return Ok(json!({"closed_after_s": start.elapsed().as_secs_f64(), "bytes": n}));
+        // The server speaks first (its HTTP/2 SETTINGS): read on until it closes.
+        let (mut buf, mut n) = ([0u8; 4096], 0);
+        while let Ok(got @ 1..) = tls.read(&mut buf).await {
+            n += got;
+        }
+        return Ok(json!({"closed_after_s": start.elapsed().as_secs_f64(), "bytes": n, "local": local}));
     }
     let mut builder = h2::client::Builder::new();
     builder.initial_max_send_streams(1000).max_header_list_size(1 << 20);
@@ -84,7 +91,7 @@ async fn run(args: &[String]) -> Result<serde_json::Value> {
     match mode {
         "preface-idle" => {
             let r = (&mut conn).await;
-            Ok(json!({"closed_after_s": start.elapsed().as_secs_f64(), "result": format!("{r:?}")}))
+            Ok(json!({"closed_after_s": start.elapsed().as_secs_f64(), "result": format!("{r:?}"), "local": local}))
         }
         "big-headers" => {
             tokio::spawn(async move {
@@ -145,12 +152,19 @@ async fn run(args: &[String]) -> Result<serde_json::Value> {
             }
             // Stop reading the socket altogether: no data, no pings, no pong answered.
             paused.store(true, Ordering::SeqCst);
+            let paused_at_s = start.elapsed().as_secs_f64();
+            let paused_at_unix_s = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs_f64();
             for _ in 0..64 {
                 let _ = stream.send_data(Bytes::from(vec![0u8; 64 << 10]), false);
             }
             tokio::time::sleep(Duration::from_secs(8)).await;
             driver.abort();
-            Ok(json!({"paused_after_s": start.elapsed().as_secs_f64()}))
+            Ok(json!({
+                "paused_at_s": paused_at_s,
+                "paused_at_unix_s": paused_at_unix_s,
+                "paused_after_s": start.elapsed().as_secs_f64(),
+                "local": local,
+            }))
         }
         other => Err(format!("unknown mode {other}").into()),
     }

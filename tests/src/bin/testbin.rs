@@ -25,8 +25,10 @@
 //!                                                keeps them until stdin closes (at most 600 s)
 //! meshless-testbin stream <addr> <seconds> <ms>  a new connection with one request every <ms> for <seconds>;
 //!                                                prints {"ok":..,"failed":..}, failures on stderr
-//! meshless-testbin longlived <addr> <seconds>    one connection, a round trip every 50 ms for <seconds>,
-//!                                                then a clean close; prints {"rounds":..} or fails
+//! meshless-testbin longlived <addr> <seconds> [<progress file>]
+//!                                                one connection, a round trip every 50 ms for <seconds>,
+//!                                                then a clean close; prints {"rounds":..} or fails; keeps
+//!                                                the count of completed rounds in <progress file>
 //! meshless-testbin flood <addr> <count>          non-blocking connects closed at once (RST), as fast as it
 //!                                                can, at most <count> and 60 s; prints {"attempts":..}
 //! meshless-testbin same-port <port> <src1> <dst1> <src2> <dst2>
@@ -90,7 +92,7 @@ fn main() {
         "storm" => storm(a(1), n(2) as usize),
         "hold" => hold(a(1), n(2) as usize),
         "stream" => stream(a(1), n(2), n(3)),
-        "longlived" => longlived(a(1), n(2)),
+        "longlived" => longlived(a(1), n(2), args.get(3).map(std::path::Path::new)),
         "flood" => flood(a(1), n(2)),
         "same-port" => same_port(n(1) as u16, [(a(2), a(3)), (a(4), a(5))]),
         other => {
@@ -268,10 +270,19 @@ fn read_to_end_or_reset(s: &mut TcpStream) -> (String, Vec<u8>) {
 }
 
 fn end(addr: &str, text: &str) -> std::io::Result<()> {
-    let mut s = connect(addr)?;
-    s.write_all(text.as_bytes())?;
-    s.shutdown(Shutdown::Write)?;
-    let (how, out) = read_to_end_or_reset(&mut s);
+    let reset = |e: &std::io::Error| e.kind() == std::io::ErrorKind::ConnectionReset;
+    // A reset before the request was even out (a refusal can be that quick, even before
+    // connect_timeout has seen the connection up) is still a reset.
+    let sent = connect(addr).and_then(|mut s| {
+        s.write_all(text.as_bytes())?;
+        s.shutdown(Shutdown::Write)?;
+        Ok(s)
+    });
+    let (how, out) = match sent {
+        Err(e) if reset(&e) => ("reset".to_string(), Vec::new()),
+        Err(e) => return Err(e),
+        Ok(mut s) => read_to_end_or_reset(&mut s),
+    };
     println!("{}", serde_json::json!({"end": how, "reply": String::from_utf8_lossy(&out)}));
     Ok(())
 }
@@ -446,7 +457,14 @@ fn stream(addr: &str, seconds: u64, every_ms: u64) -> std::io::Result<()> {
     Ok(())
 }
 
-fn longlived(addr: &str, seconds: u64) -> std::io::Result<()> {
+fn longlived(addr: &str, seconds: u64, progress: Option<&std::path::Path>) -> std::io::Result<()> {
+    // Written whole and renamed into place, so a reader never sees a partial count.
+    let report = |rounds: u64| -> std::io::Result<()> {
+        let Some(path) = progress else { return Ok(()) };
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, rounds.to_string())?;
+        std::fs::rename(&tmp, path)
+    };
     let mut s = connect(addr)?;
     s.set_nodelay(true)?;
     let start = Instant::now();
@@ -462,6 +480,7 @@ fn longlived(addr: &str, seconds: u64) -> std::io::Result<()> {
             return Err(std::io::Error::other(format!("round {rounds}: echo differs")));
         }
         rounds += 1;
+        report(rounds)?;
         std::thread::sleep(Duration::from_millis(50));
     }
     s.shutdown(Shutdown::Write)?;

@@ -115,3 +115,60 @@ pub fn echo_pair(label: &str, bins: &Bins, node2_args: &[&str]) -> Pair {
     let to = meshless_tests::sockaddr(server.ipv4.into(), 7000);
     Pair { tb, mesh, to }
 }
+
+/// A `longlived` client (one connection, a round trip every 50 ms) whose completed round trips the
+/// test can watch while it runs: proof that the connection is up and still carries data.
+pub struct LongLived {
+    child: std::process::Child,
+    progress: std::path::PathBuf,
+}
+
+impl LongLived {
+    /// Starts `longlived` from `from` to `to` for `seconds`; `name` names its progress file.
+    pub fn start(
+        tb: &meshless_tests::Testbed,
+        bins: &Bins,
+        from: &meshless_tests::Pod,
+        to: &str,
+        seconds: u64,
+        name: &str,
+    ) -> LongLived {
+        let progress = tb.dir.join(format!("{name}.rounds"));
+        let mut cmd = from.command(&bins.testbin).unwrap();
+        cmd.args(["longlived", to, &seconds.to_string()]).arg(&progress);
+        LongLived { child: background(&mut cmd), progress }
+    }
+
+    /// Round trips completed so far.
+    pub fn rounds(&self) -> u64 {
+        std::fs::read_to_string(&self.progress).ok().and_then(|t| t.trim().parse().ok()).unwrap_or(0)
+    }
+
+    /// Waits (at most 10 s) until at least `n` round trips have completed and returns the count;
+    /// panics, saying `what` was expected, if they do not or the client ends first.
+    pub fn wait_rounds(&mut self, n: u64, what: &str) -> u64 {
+        let done = meshless_tests::wait_for(std::time::Duration::from_secs(10), || {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("{what}: the long-lived client ended ({status}) after {} round trips", self.rounds());
+            }
+            Some(self.rounds()).filter(|r| *r >= n)
+        });
+        done.unwrap_or_else(|| panic!("{what}: {} of {n} round trips within 10 s", self.rounds()))
+    }
+
+    /// Waits (at most 10 s) for `n` more round trips than now: the connection still carries data.
+    pub fn wait_more_rounds(&mut self, n: u64, what: &str) -> u64 {
+        let now = self.rounds();
+        self.wait_rounds(now + n, what)
+    }
+
+    /// The client's pid.
+    pub fn id(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits for the client's end, as [`finish`].
+    pub fn finish(self) -> (bool, serde_json::Value, String, String) {
+        finish(self.child)
+    }
+}
