@@ -107,10 +107,6 @@ impl Inherited {
     pub fn len(&self) -> usize {
         self.0.values().map(Vec::len).sum()
     }
-
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
 }
 
 /// The successor's open line to its predecessor, to say "adopted" once serving.

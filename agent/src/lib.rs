@@ -1,52 +1,54 @@
 //! meshless: the node agent of a sidecar-free, eBPF-captured mTLS mesh, as a library.
 //!
-//! The `meshless` binary is a thin `main` over [`cli`]; tests build the whole agent in-process
-//! with [`app::run`] and injected parts ([`app::Deps`]: where workloads and certificates come
-//! from). One module per concern:
+//! The `meshless` binary is a thin `main` over [`cli`]; `app::run` builds the agent from
+//! injected parts (`app::Deps`: where workloads and certificates come from). Only what the binary
+//! and the benchmarks use is public (`cli`, `identity`, `workloads`, `k8s`, `limits`, `policy`);
+//! every other module is the crate's own. One module per concern; which uses which is in
+//! ARCHITECTURE.md (checked by `tests/modules.rs`: no cycle):
 //!
 //! | module | concern |
 //! |---|---|
-//! | [`workloads`] | the workload directory (snapshots, lock-free store) and its sources (state file) |
-//! | [`k8s`] | Kubernetes: the workload source (watches), the CNI hand-off, the policy CRDs |
-//! | [`identity`] | SPIFFE IDs, the CA directory, certificate sources, the certificate store and rotation, verifiers |
-//! | [`issuer`] | `meshless issuer`: the CA service that signs a node only its own pods' identities |
-//! | [`capture`] | the kernel programs: load, pin, attach, enrollment maps, original destinations |
-//! | [`kernel`] | what the pod lifecycle asks of the kernel (pods' netns, the agent's sockets there, capture maps): a trait, real and faked |
-//! | [`pods`] | the lifecycle of this node's pods: enroll, update, unenroll, retry; publishes the node status |
-//! | [`local`] | a pod of this node in the mesh as the data path sees it (leaf) |
-//! | [`status`] | the node status read model: pods with state and last error, certificates, pool, draining |
-//! | [`proxy`] | the data path: outbound, tunnel server, delivery |
-//! | [`policy`] | PeerAuthentication and AuthorizationPolicy: validation, the per-pod index, decisions |
-//! | [`authorize`] | the decision on an inbound connection: target checks, then [`policy`]; logged and counted |
-//! | [`tunnel`] | HBONE: HTTP/2 CONNECT over mTLS, limits, splice with RST/FIN semantics |
-//! | [`pool`] | pooled tunnel connections per (source pod, destination pod) |
-//! | [`handover`] | upgrades: listening sockets passed to a successor agent |
-//! | [`admin`] | the node-local admin endpoint: policy explain, per-pod modes, decision metrics |
-//! | [`workload_api`] | the SPIFFE Workload API for the pods of this node (unix socket) |
-//! | [`limits`] | handshake caps, open-files limit |
-//! | [`netns`] | network namespaces and the agent's sockets in them (the `unsafe` lives here) |
+//! | `workloads` | the workload directory (snapshots, lock-free store) and its sources (state file) |
+//! | `k8s` | Kubernetes: the workload source (watches), the CNI hand-off, the policy CRDs |
+//! | `identity` | SPIFFE IDs, the CA directory, certificate sources, the certificate store and rotation, verifiers |
+//! | `issuer` | `meshless issuer`: the CA service that signs a node only its own pods' identities |
+//! | `capture` | the kernel programs: load, pin, attach, enrollment maps, original destinations |
+//! | `kernel` | what the pod lifecycle asks of the kernel (pods' netns, the agent's sockets there, capture maps): a trait, real and faked |
+//! | `pods` | the lifecycle of this node's pods: enroll, update, unenroll, retry; publishes the node status |
+//! | `local` | a pod of this node in the mesh as the data path sees it (leaf) |
+//! | `status` | the node status read model: pods with state and last error, certificates, pool, draining |
+//! | `proxy` | the data path: outbound, tunnel server, delivery |
+//! | `policy` | PeerAuthentication and AuthorizationPolicy: validation, the per-pod index, decisions |
+//! | `authorize` | the decision on an inbound connection: target checks, then [`policy`]; logged and counted |
+//! | `tunnel` | HBONE: HTTP/2 CONNECT over mTLS, limits, splice with RST/FIN semantics |
+//! | `pool` | pooled tunnel connections per (source pod, destination pod) |
+//! | `handover` | upgrades: listening sockets passed to a successor agent |
+//! | `admin` | the node-local admin endpoint: policy explain, per-pod modes, node status, decision metrics |
+//! | `workload_api` | the SPIFFE Workload API for the pods of this node (unix socket) |
+//! | `limits` | handshake caps, open-files limit |
+//! | `netns` | network namespaces and the agent's sockets in them (the `unsafe` lives here) |
 
-pub mod admin;
-pub mod app;
-pub mod authorize;
-pub mod capture;
+pub(crate) mod admin;
+pub(crate) mod app;
+pub(crate) mod authorize;
+pub(crate) mod capture;
 pub mod cli;
-pub mod config;
-pub mod handover;
+pub(crate) mod config;
+pub(crate) mod handover;
 pub mod identity;
-pub mod issuer;
+pub(crate) mod issuer;
 pub mod k8s;
-pub mod kernel;
+pub(crate) mod kernel;
 pub mod limits;
-pub mod local;
-pub mod netns;
-pub mod pods;
-pub mod pool;
-pub mod proto;
-pub mod proxy;
-pub mod status;
-pub mod tunnel;
-pub mod workload_api;
+pub(crate) mod local;
+pub(crate) mod netns;
+pub(crate) mod pods;
+pub(crate) mod pool;
+pub(crate) mod proto;
+pub(crate) mod proxy;
+pub(crate) mod status;
+pub(crate) mod tunnel;
+pub(crate) mod workload_api;
 pub mod workloads;
 
 /// The policy engine, its own crate (no Kubernetes client, no kernel): see `meshless-policy`.

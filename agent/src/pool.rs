@@ -83,10 +83,11 @@ impl Pooled {
     }
 }
 
-/// A stream from the pool; the guard keeps its connection's slot counted until dropped.
+/// A stream from the pool; the guard keeps its connection's slot counted until dropped (it is held
+/// for that alone, never read).
 pub struct PooledStream {
     pub stream: H2Stream,
-    pub guard: ActivityGuard,
+    pub _guard: ActivityGuard,
 }
 
 impl Pool {
@@ -147,7 +148,7 @@ impl Pool {
                 }
             };
             match tunnel::open(&conn.conn.send, target, self.limits.request_timeout).await {
-                Ok(stream) => return Ok(PooledStream { stream, guard }),
+                Ok(stream) => return Ok(PooledStream { stream, _guard: guard }),
                 Err(e) if e.retryable() && !retried => {
                     debug!(dst = %key.dst, error = %e, "pooled tunnel connection went away; retrying on a new one");
                     slot.conns.lock().retain(|c| !Arc::ptr_eq(c, &conn));
@@ -161,11 +162,6 @@ impl Pool {
     /// Drops the pool's slots of a source pod (unenrolled); connections in use finish first.
     pub fn forget_source(&self, src: u64) {
         self.slots.lock().retain(|k, _| k.src != src);
-    }
-
-    /// Open tunnel connections, for tests and the bench.
-    pub fn connections(&self) -> usize {
-        self.slots.lock().values().map(|s| s.conns.lock().len()).sum()
     }
 
     /// Every (source, destination) in the pool with its connections and streams.
@@ -190,7 +186,8 @@ impl Pool {
     }
 
     /// Destinations with a slot (for tests: emptied slots leave).
-    pub fn slots(&self) -> usize {
+    #[cfg(test)]
+    fn slots(&self) -> usize {
         self.slots.lock().len()
     }
 
@@ -241,5 +238,72 @@ impl Eviction {
         if ours && self.slot.conns.lock().is_empty() && self.slot.connecting.try_lock().is_ok() {
             slots.remove(&self.key);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use http::StatusCode;
+    use tokio_util::sync::CancellationToken;
+
+    use super::*;
+    use crate::identity::ca::{self, LocalCa, Signer};
+    use crate::identity::store::{Identities, Rotation};
+    use crate::identity::{workload_id, TrustDomain};
+    use crate::tunnel::Inbound;
+
+    /// A pooled connection's slot leaves the pool with the connection: a long-lived pod's pool
+    /// holds the destinations it calls now, not every one it ever called.
+    #[tokio::test]
+    async fn a_slot_leaves_the_pool_with_its_last_connection() {
+        let dir = std::env::temp_dir().join(format!("meshless-pool-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let td = TrustDomain::new("cluster.local").unwrap();
+        ca::init(&dir, &td).unwrap();
+        let source = Arc::new(LocalCa { signer: Signer::load(&dir).unwrap(), ttl: Duration::from_secs(3600) });
+        let ids = Identities::new(source, Rotation { renew_fraction: 0.5, bundle_refresh: Duration::from_secs(3600) })
+            .await
+            .unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        let (cid, sid) = (workload_id(&td, "ns", "client").unwrap(), workload_id(&td, "ns", "server").unwrap());
+        let client = ids.pod_tls(ids.issue("ns/client", &cid).await.unwrap()).unwrap();
+        let server = ids.pod_tls(ids.issue("ns/server", &sid).await.unwrap()).unwrap();
+
+        let limits = TunnelLimits { idle_timeout: Duration::from_millis(200), ..TunnelLimits::default() };
+        let pool = Pool::new(limits.clone());
+        let target: SocketAddr = "198.19.2.10:8080".parse().unwrap();
+        let key = PoolKey { src: 7, dst: "198.19.2.10:15008".parse().unwrap(), dst_id: sid.clone() };
+        let connect = || {
+            let (client_io, server_io) = tokio::io::duplex(64 << 10);
+            let (server_tls, server_limits) = (server.server.clone(), limits.clone());
+            tokio::spawn(async move {
+                let tasks = tokio_util::task::TaskTracker::new();
+                let refuse = |inbound: Inbound, _| async move { inbound.refuse(StatusCode::SERVICE_UNAVAILABLE) };
+                let _ =
+                    tunnel::serve(server_io, server_tls, &server_limits, (), CancellationToken::new(), &tasks, refuse)
+                        .await;
+            });
+            let tls = client.client(&sid).unwrap();
+            let limits = limits.clone();
+            async move { tunnel::handshake(client_io, tls, target, &limits).await }
+        };
+        let stream = pool.stream(&key, target, 0, connect).await.unwrap();
+        let entries = pool.entries();
+        assert_eq!(entries.len(), 1);
+        assert_eq!((entries[0].connections, entries[0].streams), (1, 1), "{entries:?}");
+        assert_eq!(entries[0].destination_identity, sid.to_string());
+        drop(stream);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while pool.slots() > 0 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the emptied slot never left the pool: {:?}",
+                pool.entries()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(pool.entries().is_empty());
     }
 }

@@ -184,8 +184,8 @@ pub struct ClientConn {
     pub send: h2::client::SendRequest<Bytes>,
     /// Flips to true when the connection has ended (closed, failed, or keepalive timed out).
     pub closed: watch::Receiver<bool>,
-    /// Dropping this sender closes the connection at once.
-    pub close: tokio::sync::oneshot::Sender<()>,
+    /// Dropping this sender closes the connection at once (held for that alone, never read).
+    pub _close: tokio::sync::oneshot::Sender<()>,
     /// When the peer's certificate expires: no new stream may use the connection after that.
     pub peer_not_after: SystemTime,
 }
@@ -224,7 +224,7 @@ where
         }
         let _ = closed_tx.send(true);
     });
-    Ok(ClientConn { send, closed, close, peer_not_after })
+    Ok(ClientConn { send, closed, _close: close, peer_not_after })
 }
 
 /// The end of validity of a peer's (verified) certificate.

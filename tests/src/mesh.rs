@@ -344,6 +344,48 @@ pub fn admin_get(tb: &Testbed, node: usize, path: &str) -> Result<String> {
     )
 }
 
+/// Node `node`'s agent's status (`GET /status`: every pod it manages with its state, mode,
+/// certificate, last error), or `None` if the endpoint does not answer.
+pub fn status(tb: &Testbed, node: usize) -> Option<serde_json::Value> {
+    serde_json::from_str(&admin_get(tb, node, "/status").ok()?).ok()
+}
+
+/// The status entry of `pod` (`namespace/name`) on node `node`, if the agent manages it.
+pub fn pod_status(tb: &Testbed, node: usize, pod: &str) -> Option<serde_json::Value> {
+    let status = status(tb, node)?;
+    status["pods"]
+        .as_array()?
+        .iter()
+        .find(|p| {
+            format!("{}/{}", p["pod"]["namespace"].as_str().unwrap_or(""), p["pod"]["name"].as_str().unwrap_or(""))
+                == pod
+        })
+        .cloned()
+}
+
+/// Waits up to 40 s until node `node`'s status shows `pod` in `state` (`enrolled`,
+/// `outside_mesh`, `failing`) with `f` true of its entry; panics with the last status otherwise.
+pub fn wait_pod_state(
+    tb: &Testbed,
+    node: usize,
+    pod: &str,
+    state: &str,
+    f: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    crate::wait_for(std::time::Duration::from_secs(40), || {
+        pod_status(tb, node, pod).filter(|p| p["state"] == state && f(p))
+    })
+    .unwrap_or_else(|| panic!("node{node}'s status never showed {pod} {state}: {:?}", status(tb, node)))
+}
+
+/// Waits up to 40 s until node `node`'s agent no longer manages `pod`.
+pub fn wait_pod_gone(tb: &Testbed, node: usize, pod: &str) {
+    let gone = crate::wait_for(std::time::Duration::from_secs(40), || {
+        status(tb, node).filter(|_| pod_status(tb, node, pod).is_none())
+    });
+    assert!(gone.is_some(), "node{node}'s agent still manages {pod}: {:?}", status(tb, node));
+}
+
 /// The inbound connections node `node`'s agent has decided with `decision` ("allow", "deny", …),
 /// summed over its `meshless_inbound_decisions_total` counters; `None` if the endpoint does not
 /// answer.

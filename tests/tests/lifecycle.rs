@@ -7,19 +7,13 @@ mod support;
 
 use std::time::Duration;
 
-use meshless_tests::mesh::{is_listening, wait_listening, Mesh, TRUST_DOMAIN};
+use meshless_tests::mesh::{is_listening, wait_listening, wait_pod_gone, wait_pod_state, Mesh, TRUST_DOMAIN};
 use meshless_tests::pcap::{seen, Dump};
 use meshless_tests::{sockaddr, wait_for, Layout, Pod, Testbed};
 use support::{background, finish, run};
 
 fn send(bins: &support::Bins, from: &Pod, to: &str, text: &str) -> (bool, String, String) {
     run(from.command(&bins.testbin).unwrap().args(["send", to, text]))
-}
-
-/// Waits for a log line of node `node`'s current agent with `message` and `pod`.
-fn wait_pod_log(mesh: &Mesh, node: usize, message: &str, pod: &str) -> serde_json::Value {
-    mesh.wait_log(node, message, |l| l["pod"] == pod)
-        .unwrap_or_else(|| panic!("node{node}'s agent never logged {message:?} for {pod}: {}", mesh.log_summary(node)))
 }
 
 #[test]
@@ -48,7 +42,8 @@ fn pods_come_and_go_at_runtime_while_traffic_between_others_never_fails() {
     for node in [1, 2] {
         mesh.write_state(&tb, node, &all, "").unwrap();
     }
-    wait_pod_log(&mesh, 1, "pod enrolled", "default/pod2-n1");
+    let enrolled = wait_pod_state(&tb, 1, "default/pod2-n1", "enrolled", |_| true);
+    assert!(enrolled["certificate"]["serial"].is_string(), "an enrolled pod has its certificate: {enrolled}");
     assert!(mesh.wait_log(2, "state file changed; applying it", |_| true).is_some(), "node2 did not reload");
     let (ok, out, err) = send(&bins, newcomer, &to, "newcomer-marker-5d2");
     assert!(ok && out == "newcomer-marker-5d2<19 bytes>", "the enrolled newcomer's call: {out} {err}");
@@ -66,9 +61,10 @@ fn pods_come_and_go_at_runtime_while_traffic_between_others_never_fails() {
     for node in [1, 2] {
         mesh.write_state(&tb, node, &without_leaver, "").unwrap();
     }
-    wait_pod_log(&mesh, 1, "pod unenrolled", "default/pod3-n1");
+    wait_pod_gone(&tb, 1, "default/pod3-n1");
     for port in [15001, 15008] {
-        assert!(!is_listening(&leaver.netns, port), "the removed pod still has the agent's listener on {port}");
+        let closed = wait_for(Duration::from_secs(10), || (!is_listening(&leaver.netns, port)).then_some(()));
+        assert!(closed.is_some(), "the removed pod still has the agent's listener on {port}");
     }
     let (ok, _, err) = send(&bins, leaver, &to, "leaver-marker-9e0");
     assert!(!ok && err.contains("Operation not permitted"), "a removed pod must not connect out: {err}");
@@ -78,7 +74,7 @@ fn pods_come_and_go_at_runtime_while_traffic_between_others_never_fails() {
     for node in [1, 2] {
         mesh.write_state(&tb, node, &newcomer_out, "").unwrap();
     }
-    wait_pod_log(&mesh, 1, "pod is outside the mesh; its connections pass untouched", "default/pod2-n1");
+    wait_pod_state(&tb, 1, "default/pod2-n1", "outside_mesh", |_| true);
     let (ok, out, err) = send(&bins, newcomer, &to, "plaintext-control-3b8");
     assert!(ok && out.starts_with("plaintext-control-3b8"), "a pod outside the mesh connects directly: {err}");
 
@@ -107,9 +103,8 @@ fn a_bad_state_file_keeps_the_old_state_and_a_pod_that_cannot_be_set_up_does_not
     let squatting = tb.spawn(squatter.command(&bins.testbin).unwrap().args(["echo-serve", "15008"])).unwrap();
     wait_listening(&squatter.netns, 15008).unwrap();
     let mesh = Mesh::start(&tb, &bins, &|_| true, &[]).expect("the agent starts despite a pod it cannot set up");
-    let failing =
-        wait_pod_log(&mesh, 1, "pod cannot be set up; it cannot connect out until it is (retrying)", "default/pod2-n1");
-    assert!(failing["error"].as_str().unwrap_or("").contains("cannot listen on [::]:15008"), "{failing}");
+    let failing = wait_pod_state(&tb, 1, "default/pod2-n1", "failing", |_| true);
+    assert!(failing["last_error"].as_str().unwrap_or("").contains("cannot listen on [::]:15008"), "{failing}");
     tb.spawn(server.command(&bins.testbin).unwrap().args(["echo-serve", "7000"])).unwrap();
     wait_listening(&server.netns, 7000).unwrap();
     let to = sockaddr(server.ipv4.into(), 7000);
@@ -127,10 +122,8 @@ fn a_bad_state_file_keeps_the_old_state_and_a_pod_that_cannot_be_set_up_does_not
     );
     let pods = [(client, true), (squatter, true), (server, true)];
     mesh.write_state(&tb, 1, &pods, &ghost).unwrap();
-    let retried = wait_for(Duration::from_secs(15), || {
-        mesh.log_lines(1).into_iter().find(|l| l["pod"] == "default/ghost" && l["attempt"].as_u64() >= Some(3))
-    });
-    assert!(retried.is_some(), "the ghost pod is not retried with backoff: {}", mesh.log_summary(1));
+    let retried = wait_pod_state(&tb, 1, "default/ghost", "failing", |p| p["attempts"].as_u64() >= Some(3));
+    assert!(retried["retry_in_ms"].is_u64(), "a failing pod has its next retry: {retried}");
 
     // An invalid state file is rejected in one line; the previous state keeps serving.
     std::fs::write(&mesh.states[0], "pods: [this is not\n").unwrap();
@@ -150,16 +143,8 @@ fn a_bad_state_file_keeps_the_old_state_and_a_pod_that_cannot_be_set_up_does_not
 
     // The squatter pod was enrolled on a retry, and is meshed; the ghost leaves with the file.
     mesh.write_state(&tb, 1, &pods, "").unwrap();
-    assert!(
-        wait_for(Duration::from_secs(40), || mesh
-            .log_lines(1)
-            .into_iter()
-            .find(|l| l["message"] == "pod enrolled" && l["pod"] == "default/pod2-n1"))
-        .is_some(),
-        "the squatter pod was not enrolled once its port was free: {}",
-        mesh.log_summary(1)
-    );
-    wait_pod_log(&mesh, 1, "pod that could not be set up was dropped", "default/ghost");
+    wait_pod_state(&tb, 1, "default/pod2-n1", "enrolled", |_| true);
+    wait_pod_gone(&tb, 1, "default/ghost");
     let (ok, out, err) = send(&bins, squatter, &to, "squatter-meshed");
     assert!(ok && out == "squatter-meshed<15 bytes>", "{err}");
     let id = tb.spiffe_id(TRUST_DOMAIN, squatter);

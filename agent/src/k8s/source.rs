@@ -430,47 +430,13 @@ impl Builder {
                 continue;
             }
             let what = format!("pod {}/{}", k.0, k.1);
-            let ns_label = c.namespaces.get(&k.0).cloned().flatten();
-            let (pod_mode, ns_mode) = match (label_mode(p.mode_label.as_deref()), label_mode(ns_label.as_deref())) {
-                (Ok(p), Ok(n)) => (p, n),
-                (Err(e), _) | (_, Err(e)) => {
-                    // A typo must not quietly take a pod out of (or into) the mesh: leave it out
-                    // of the directory, which keeps a local pod's connections refused.
-                    self.report(what, Some(e));
+            let w = match self.workload(c, k, p, is_local) {
+                Ok(w) => w,
+                Err(problem) => {
+                    self.report(what, Some(problem));
                     continue;
                 }
             };
-            let label = match (pod_mode, ns_mode) {
-                (Some(m), _) => m.map(|mode| LabelMode { mode, scope: "pod label" }),
-                (None, Some(m)) => m.map(|mode| LabelMode { mode, scope: "namespace label" }),
-                (None, None) => None,
-            };
-            let identity = match workload_id(&td, &k.0, &p.service_account) {
-                Ok(id) => id,
-                Err(e) => {
-                    self.report(what, Some(e.to_string()));
-                    continue;
-                }
-            };
-            let (mut netns, mut cgroup) = (None, None);
-            if is_local {
-                cgroup = self.cgroups.get(&p.uid).cloned().or_else(|| {
-                    let found = cni::pod_cgroup(&cgroup_parent, &p.uid)?;
-                    self.cgroups.insert(p.uid.clone(), found.clone());
-                    Some(found)
-                });
-                netns = self
-                    .cni
-                    .as_ref()
-                    .and_then(|r| r.netns(&k.0, &k.1, &p.uid))
-                    .or_else(|| cgroup.as_deref().and_then(cni::discover));
-                if netns.is_none() {
-                    // Until the CNI plugin (or the pod's cgroup) says where it is, the kernel
-                    // keeps refusing its connections: an unknown pod never talks plaintext.
-                    self.report(what, Some("no network namespace known yet (waiting for meshless-cni)".into()));
-                    continue;
-                }
-            }
             if let Some(ip) = p.ips.iter().find(|ip| owners.contains_key(&canonical(**ip))) {
                 let other = &owners[&canonical(*ip)];
                 self.report(what, Some(format!("IP {ip} is also {}/{}'s", other.0, other.1)));
@@ -480,34 +446,72 @@ impl Builder {
             for ip in &p.ips {
                 owners.insert(canonical(*ip), k.clone());
             }
-            workloads.push(Workload {
-                key: PodKey { namespace: k.0.clone(), name: k.1.clone() },
-                service_account: p.service_account.clone(),
-                node: p.node.clone(),
-                ips: p.ips.clone(),
-                netns,
-                cgroup,
-                mesh: label.is_some(),
-                host_network: false,
-                identity,
-                labels: p.labels.clone(),
-                label_mode: label,
-            });
+            workloads.push(w);
         }
         self.cgroups.retain(|uid, _| c.local.values().any(|p| &p.uid == uid));
-        let policies = match &self.policies {
+        let policies = self.policies(c);
+        Directory::new(td.clone(), node.clone(), cgroup_parent.clone(), workloads, policies).unwrap_or_else(|e| {
+            // Conflicts were resolved above; this is a bug, and serving nothing is safer than guessing.
+            warn!(error = %e, "inconsistent directory; serving an empty one");
+            Directory::empty(td, node, cgroup_parent)
+        })
+    }
+
+    /// One pod as a workload of the directory, or why it is left out: its mode from the labels
+    /// (a typo leaves it out rather than quietly taking it out of or into the mesh), its identity,
+    /// and for this node's pods the cgroup and network namespace (unknown: left out, so the kernel
+    /// keeps refusing its connections and an unknown pod never talks plaintext).
+    fn workload(&mut self, c: &Cluster, k: &Key, p: &PodInfo, is_local: bool) -> Result<Workload, String> {
+        let ns_label = c.namespaces.get(&k.0).cloned().flatten();
+        let pod_mode = label_mode(p.mode_label.as_deref())?;
+        let ns_mode = label_mode(ns_label.as_deref())?;
+        let label = match (pod_mode, ns_mode) {
+            (Some(m), _) => m.map(|mode| LabelMode { mode, scope: "pod label" }),
+            (None, Some(m)) => m.map(|mode| LabelMode { mode, scope: "namespace label" }),
+            (None, None) => None,
+        };
+        let identity = workload_id(&self.source.trust_domain, &k.0, &p.service_account).map_err(|e| e.to_string())?;
+        let (mut netns, mut cgroup) = (None, None);
+        if is_local {
+            cgroup = self.cgroups.get(&p.uid).cloned().or_else(|| {
+                let found = cni::pod_cgroup(&self.source.cgroup_parent, &p.uid)?;
+                self.cgroups.insert(p.uid.clone(), found.clone());
+                Some(found)
+            });
+            netns = self
+                .cni
+                .as_ref()
+                .and_then(|r| r.netns(&k.0, &k.1, &p.uid))
+                .or_else(|| cgroup.as_deref().and_then(cni::discover));
+            if netns.is_none() {
+                return Err("no network namespace known yet (waiting for meshless-cni)".into());
+            }
+        }
+        Ok(Workload {
+            key: PodKey { namespace: k.0.clone(), name: k.1.clone() },
+            service_account: p.service_account.clone(),
+            node: p.node.clone(),
+            ips: p.ips.clone(),
+            netns,
+            cgroup,
+            mesh: label.is_some(),
+            host_network: false,
+            identity,
+            labels: p.labels.clone(),
+            label_mode: label,
+        })
+    }
+
+    /// The compiled policy set, compiled again only when a policy resource changed.
+    fn policies(&mut self, c: &Cluster) -> Arc<Policies> {
+        match &self.policies {
             Some((seen, p)) if *seen == c.policy_changes => p.clone(),
             _ => {
                 let p = Arc::new(self.compile_policies(c));
                 self.policies = Some((c.policy_changes, p.clone()));
                 p
             }
-        };
-        Directory::new(td.clone(), node.clone(), cgroup_parent.clone(), workloads, policies).unwrap_or_else(|e| {
-            // Conflicts were resolved above; this is a bug, and serving nothing is safer than guessing.
-            warn!(error = %e, "inconsistent directory; serving an empty one");
-            Directory::empty(td, node, cgroup_parent)
-        })
+        }
     }
 
     fn compile_policies(&mut self, c: &Cluster) -> Policies {
