@@ -257,6 +257,25 @@ impl Capture {
         let name = maps::INBOUND_LISTENERS;
         self.listeners.lock().insert(cookie, listener.as_raw_fd(), 0).map_err(|source| Error::Map { name, source })?;
         self.set_mode(cookie, ips, mode)?;
+        self.attach_lookup(cookie, netns)
+    }
+
+    /// Holds the inbound of a pod the agent cannot serve (no certificate, a port taken) as the
+    /// kernel does while no agent runs: its mode in `INBOUND`, the sk_lookup program attached,
+    /// and no listener, so STRICT drops plaintext and PERMISSIVE passes it to the app. A failure
+    /// never lifts steering.
+    pub fn guard(&self, cookie: u64, netns: &impl AsFd, ips: &[IpAddr], mode: Mode) -> Result<(), Error> {
+        match self.listeners.lock().remove(&cookie) {
+            Err(source) if !absent(&source) => return Err(Error::Map { name: maps::INBOUND_LISTENERS, source }),
+            _ => {}
+        }
+        self.set_mode(cookie, ips, mode)?;
+        self.attach_lookup(cookie, netns)
+    }
+
+    /// Attaches the sk_lookup program to the netns `cookie` and pins the link, then unpins the
+    /// links pinned for it before (so there is no moment without one).
+    fn attach_lookup(&self, cookie: u64, netns: &impl AsFd) -> Result<(), Error> {
         let dir = self.dir.join("links/netns");
         let earlier = netns_links(&dir, cookie);
         let name = programs::SK_LOOKUP;

@@ -46,6 +46,9 @@ pub trait Kernel: Send + Sync + 'static {
         mode: Mode,
         listener: &TcpListener,
     ) -> Result<(), Error>;
+    /// Holds the inbound of a pod the agent cannot serve as the kernel does with no agent:
+    /// STRICT drops plaintext, PERMISSIVE passes it (no listener). A failure never lifts steering.
+    fn guard(&self, cookie: u64, netns: &Netns, ips: &[IpAddr], mode: Mode) -> Result<(), Error>;
     /// Sets the inbound mode of every address of the pod.
     fn set_mode(&self, cookie: u64, ips: &[IpAddr], mode: Mode) -> Result<(), Error>;
     /// A pod outside the mesh: known, its connections pass untouched.
@@ -85,6 +88,10 @@ impl Kernel for Node {
         listener: &TcpListener,
     ) -> Result<(), Error> {
         Ok(self.capture.steer(cookie, netns, ips, mode, listener)?)
+    }
+
+    fn guard(&self, cookie: u64, netns: &Netns, ips: &[IpAddr], mode: Mode) -> Result<(), Error> {
+        Ok(self.capture.guard(cookie, netns, ips, mode)?)
     }
 
     fn set_mode(&self, cookie: u64, ips: &[IpAddr], mode: Mode) -> Result<(), Error> {

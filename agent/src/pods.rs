@@ -25,7 +25,7 @@ use crate::handover::{Inherited, ListenerSpec, Listeners, Role};
 use crate::identity::store::Identities;
 use crate::kernel::Kernel;
 use crate::local::{LocalPod, LocalPods};
-use crate::policy::PodPolicy;
+use crate::policy::{Mode, PodPolicy};
 use crate::proxy;
 use crate::status::{NodeStatus, PodState, PodStatus, Published};
 use crate::workloads::{Directory, PodKey, Workload};
@@ -64,6 +64,9 @@ enum Slot {
         retry_at: Instant,
         /// Why the last attempt failed.
         error: String,
+        /// The netns cookie and the mode the kernel holds for the pod meanwhile (a pod in the
+        /// mesh whose netns could be opened): STRICT drops plaintext, PERMISSIVE passes it.
+        guarded: Option<(u64, Mode)>,
     },
 }
 
@@ -154,8 +157,10 @@ impl<K: Kernel> Manager<K> {
                 Some(Slot::Known { workload, cookie }) if !w.mesh && same_pod(&workload, w) => {
                     self.slots.insert(key.clone(), Slot::Known { workload: w.clone(), cookie });
                 }
-                Some(Slot::Failing { workload, attempt, retry_at, error }) if *workload == **w => {
-                    self.slots.insert(key.clone(), Slot::Failing { workload, attempt, retry_at, error });
+                Some(Slot::Failing { workload, attempt, retry_at, error, guarded })
+                    if *workload == **w && guarded.is_none_or(|(_, m)| Some(m) == self.guard_mode(w, dir)) =>
+                {
+                    self.slots.insert(key.clone(), Slot::Failing { workload, attempt, retry_at, error, guarded });
                 }
                 Some(mut old) => {
                     let why = if old.workload().mesh != w.mesh { "mesh membership changed" } else { "pod changed" };
@@ -204,10 +209,10 @@ impl<K: Kernel> Manager<K> {
                         (PodState::Enrolled, Some(pod.cookie), Some(pod.policy().mode.mode), None, 0, None)
                     }
                     Slot::Known { cookie, .. } => (PodState::OutsideMesh, Some(*cookie), None, None, 0, None),
-                    Slot::Failing { attempt, retry_at, error, .. } => (
+                    Slot::Failing { attempt, retry_at, error, guarded, .. } => (
                         PodState::Failing,
-                        None,
-                        None,
+                        guarded.map(|(cookie, _)| cookie),
+                        guarded.map(|(_, mode)| mode),
                         Some(error.clone()),
                         *attempt,
                         Some(retry_at.saturating_duration_since(now).as_millis() as u64),
@@ -295,7 +300,7 @@ impl<K: Kernel> Manager<K> {
             .filter_map(|s| match s {
                 Slot::Running { pod, .. } => Some(pod.cookie),
                 Slot::Known { cookie, .. } => Some(*cookie),
-                Slot::Failing { .. } => None,
+                Slot::Failing { guarded, .. } => guarded.map(|(cookie, _)| cookie),
             })
             .collect()
     }
@@ -356,6 +361,7 @@ impl<K: Kernel> Manager<K> {
                 let delay = backoff(attempt);
                 warn!(pod = %w.key, error = %e, attempt = attempt + 1, retry_in_ms = delay.as_millis() as u64,
                     "pod cannot be set up; it cannot connect out until it is (retrying)");
+                let guarded = self.guard(&w, dir);
                 self.slots.insert(
                     w.key.clone(),
                     Slot::Failing {
@@ -363,8 +369,30 @@ impl<K: Kernel> Manager<K> {
                         attempt: attempt + 1,
                         retry_at: Instant::now() + delay,
                         error: e.to_string(),
+                        guarded,
                     },
                 );
+            }
+        }
+    }
+
+    /// The mode the kernel must hold for `w` while it cannot be served (`None`: not in the mesh).
+    fn guard_mode(&self, w: &Workload, dir: &Directory) -> Option<Mode> {
+        w.mesh.then(|| dir.policy_for(w).mode.mode)
+    }
+
+    /// Holds the inbound of a mesh pod that cannot be served as the kernel does with no agent
+    /// (STRICT drops plaintext): whatever failed, steering is never lifted. Returns the cookie and
+    /// mode held, or `None` when the pod's netns cannot even be opened (then nothing can reach it
+    /// through the agent either, and a predecessor's pinned state is kept by its cookie).
+    fn guard(&self, w: &Workload, dir: &Directory) -> Option<(u64, Mode)> {
+        let mode = self.guard_mode(w, dir)?;
+        let (netns, cookie) = self.deps.kernel.pod_netns(w.netns.as_ref()?).ok()?;
+        match self.deps.kernel.guard(cookie, &netns, &w.ips, mode) {
+            Ok(()) => Some((cookie, mode)),
+            Err(e) => {
+                warn!(pod = %w.key, error = %e, "cannot hold the failing pod's inbound mode in the kernel");
+                None
             }
         }
     }
@@ -440,7 +468,14 @@ impl<K: Kernel> Manager<K> {
                 }
                 info!(pod = %key, why, "pod forgotten");
             }
-            Slot::Failing { .. } => info!(pod = %key, why, "pod that could not be set up was dropped"),
+            Slot::Failing { guarded, .. } => {
+                if let (true, Some((cookie, _))) = (forget, guarded) {
+                    if let Err(e) = self.deps.kernel.forget(cookie) {
+                        warn!(pod = %key, error = %e, "cannot remove the pod's kernel state");
+                    }
+                }
+                info!(pod = %key, why, "pod that could not be set up was dropped")
+            }
         }
     }
 }
@@ -490,15 +525,20 @@ mod tests {
     enum Entry {
         /// Captured, with its addresses and inbound mode (`None`: not steered yet).
         Enrolled(Vec<IpAddr>, Option<Mode>),
+        /// A failing pod's inbound held without a listener.
+        Guarded(Vec<IpAddr>, Mode),
         Bypass,
     }
 
     /// A kernel that records what the lifecycle wrote. A netns path containing `broken` cannot be
-    /// opened (a pod whose sandbox is gone); listeners are loopback sockets of the test's netns.
+    /// opened (a pod whose sandbox is gone); in one containing `busy` the agent's ports are taken;
+    /// listeners are loopback sockets of the test's netns.
     #[derive(Default)]
     struct Fake {
         cookies: Mutex<HashMap<PathBuf, u64>>,
         entries: Mutex<HashMap<u64, Entry>>,
+        /// The netns opened last: the lifecycle opens a pod's, then its listeners in it.
+        opened: Mutex<PathBuf>,
     }
 
     impl Fake {
@@ -514,9 +554,14 @@ mod tests {
             if path.to_string_lossy().contains("broken") {
                 return Err(kernel::Error::Netns(std::io::Error::from(std::io::ErrorKind::NotFound)));
             }
+            *self.opened.lock() = path.into();
             Ok((Netns::current().map_err(kernel::Error::Netns)?, self.cookie(path)))
         }
         fn listeners(&self, _: &Netns, pod: &PodKey, have: Listeners) -> Result<Listeners, kernel::Error> {
+            if self.opened.lock().to_string_lossy().contains("busy") {
+                let addr = "[::]:15008".parse().unwrap();
+                return Err(kernel::Error::Listen { addr, source: std::io::ErrorKind::AddrInUse.into() });
+            }
             let mut out = have.0;
             for role in [Role::Outbound, Role::Inbound, Role::Tunnel] {
                 if !out.iter().any(|(s, _)| s.role == role) {
@@ -545,6 +590,10 @@ mod tests {
             _: &std::net::TcpListener,
         ) -> Result<(), kernel::Error> {
             self.set_mode(cookie, ips, mode)
+        }
+        fn guard(&self, cookie: u64, _: &Netns, ips: &[IpAddr], mode: Mode) -> Result<(), kernel::Error> {
+            self.entries.lock().insert(cookie, Entry::Guarded(ips.to_vec(), mode));
+            Ok(())
         }
         fn set_mode(&self, cookie: u64, ips: &[IpAddr], mode: Mode) -> Result<(), kernel::Error> {
             self.entries.lock().insert(cookie, Entry::Enrolled(ips.to_vec(), Some(mode)));
@@ -607,8 +656,13 @@ mod tests {
 
     fn workload(s: &Spec) -> Workload {
         let name = format!("p{}", s.name);
-        // Netns variant 2 is a sandbox that is gone: the pod fails and is retried.
-        let netns = if s.netns == 2 { format!("/fake/{name}-broken") } else { format!("/fake/{name}-{}", s.netns) };
+        // Netns variant 2 is a sandbox that is gone, variant 3 one where the agent's ports are
+        // taken: the pod fails and is retried.
+        let netns = match s.netns {
+            2 => format!("/fake/{name}-broken"),
+            3 => format!("/fake/{name}-busy"),
+            n => format!("/fake/{name}-{n}"),
+        };
         let ips = (0..=s.ips).map(|i| IpAddr::from([10, s.name as u8, 0, i as u8])).collect();
         let mode = if s.strict { Mode::Strict } else { Mode::Permissive };
         Workload {
@@ -638,10 +692,14 @@ mod tests {
         let mut states: BTreeMap<String, PodState> = BTreeMap::new();
         for w in dir.local_pods() {
             let path = w.netns.as_ref().unwrap();
+            let mode = dir.policy_for(w).mode.mode;
             let state = if path.to_string_lossy().contains("broken") {
                 PodState::Failing
+            } else if w.mesh && path.to_string_lossy().contains("busy") {
+                // A failing pod's inbound is held: STRICT keeps dropping plaintext.
+                want.insert(fake.cookie(path), Entry::Guarded(w.ips.clone(), mode));
+                PodState::Failing
             } else if w.mesh {
-                let mode = dir.policy_for(w).mode.mode;
                 want.insert(fake.cookie(path), Entry::Enrolled(w.ips.clone(), Some(mode)));
                 PodState::Enrolled
             } else {
@@ -655,13 +713,14 @@ mod tests {
         let have: BTreeMap<String, PodState> = published.pods.iter().map(|p| (p.pod.to_string(), p.state)).collect();
         prop_assert_eq!(have, states, "published pod states");
         for p in published.pods.iter().filter(|p| p.state == PodState::Failing) {
-            prop_assert!(p.last_error.as_deref().is_some_and(|e| e.contains("network namespace")), "{:?}", p);
+            let why = p.last_error.as_deref().unwrap_or_default();
+            prop_assert!(why.contains("network namespace") || why.contains("cannot listen"), "{:?}", p);
         }
         Ok(())
     }
 
     fn spec() -> impl Strategy<Value = Spec> {
-        (0..4usize, 0..3usize, any::<bool>(), 0..2usize, any::<bool>())
+        (0..4usize, 0..4usize, any::<bool>(), 0..2usize, any::<bool>())
             .prop_map(|(name, netns, mesh, ips, strict)| Spec { name, netns, mesh, ips, strict })
     }
 

@@ -6,7 +6,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use meshless_tests::mesh::{wait_listening, Mesh};
+use meshless_tests::mesh::{pod_status, wait_listening, wait_pod_state, Mesh};
 use meshless_tests::{Layout, Pod, Testbed};
 
 /// What a client saw: (reply, how the reply ended: "eof", "reset", or a connect error).
@@ -165,6 +165,51 @@ fn plaintext_meets_strict_permissive_and_disable_with_and_without_an_agent() {
     assert!(reply.is_empty() && end.contains("reset"), "now STRICT: refused after the agent saw it, got {end:?}");
     let d = last_decision(&mesh, 2, "pod2-n2", 8000);
     assert!(decisions(&mesh, 2, "pod2-n2", 8000).len() > before, "the refusal was decided (and logged) by the agent");
+    assert_eq!((d["mode"].as_str(), d["decision"].as_str()), (Some("STRICT"), Some("deny")), "{d}");
+}
+
+/// A restart while the issuer is unreachable: the restarted agent cannot get its pods'
+/// certificates, and a STRICT pod must stay closed to plaintext meanwhile (the failing pod's mode
+/// is held in the kernel with no listener), then be served again once the issuer is back.
+#[test]
+fn a_restart_with_the_issuer_down_never_lifts_strict() {
+    let Some(bins) = support::privileged("a_restart_with_the_issuer_down_never_lifts_strict") else {
+        return;
+    };
+    let tb = Testbed::new(Layout { label: "noissuer", pods: &[1, 1] }).expect("testbed");
+    let policy = String::from("peerAuthentications:\n") + &peer_auth("strict", "pod1-n2", "STRICT");
+    let args = |_| vec![];
+    let mut mesh = Mesh::start_full(&tb, &bins, &|p| Some(p.node == 2), &args, &[], &policy).expect("agents");
+    let (legacy, strict) = (tb.pod(1, 1), tb.pod(2, 1));
+    tb.spawn(strict.command(&bins.testbin).unwrap().args(["addr-serve", "8000"])).unwrap();
+    wait_listening(&strict.netns, 8000).unwrap();
+    let to = meshless_tests::sockaddr(strict.ipv4.into(), 8000);
+    let (reply, end) = exchange(&bins, legacy, &to, "hello");
+    assert!(reply.is_empty() && end.contains("reset"), "control: STRICT refuses plaintext, got {end:?} {reply:?}");
+
+    // The issuer goes away; node 2's agent dies and comes back without it.
+    tb.stop(mesh.issuer);
+    tb.signal(mesh.agents[1], libc::SIGKILL);
+    assert!(tb.wait_exit(mesh.agents[1], Duration::from_secs(10)).is_some(), "agent killed");
+    mesh.spawn_agent(&tb, &bins, 2).expect("the agent starts without the issuer");
+    let failing = wait_pod_state(&tb, 2, "default/pod1-n2", "failing", |_| true);
+    assert_eq!(failing["mode"], "STRICT", "the failing pod's STRICT mode is held in the kernel: {failing}");
+    assert!(failing["netns_cookie"].is_u64(), "{failing}");
+    for _ in 0..3 {
+        let (reply, end) = exchange(&bins, legacy, &to, "hello");
+        assert!(
+            reply.is_empty() && !end.contains("eof"),
+            "plaintext must not reach a STRICT pod whose agent has no certificate for it, got {end:?} {reply:?}"
+        );
+    }
+    assert_eq!(pod_status(&tb, 2, "default/pod1-n2").unwrap()["state"], "failing", "still failing: nothing healed it");
+
+    // The issuer is back: the pod is enrolled on a retry, and the agent refuses the plaintext.
+    mesh.start_issuer(&tb, &bins).unwrap();
+    wait_pod_state(&tb, 2, "default/pod1-n2", "enrolled", |_| true);
+    let (reply, end) = exchange(&bins, legacy, &to, "hello");
+    assert!(reply.is_empty() && end.contains("reset"), "STRICT once served again, got {end:?} {reply:?}");
+    let d = last_decision(&mesh, 2, "pod1-n2", 8000);
     assert_eq!((d["mode"].as_str(), d["decision"].as_str()), (Some("STRICT"), Some("deny")), "{d}");
 }
 
