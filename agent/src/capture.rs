@@ -256,8 +256,7 @@ impl Capture {
     ) -> Result<(), Error> {
         let name = maps::INBOUND_LISTENERS;
         self.listeners.lock().insert(cookie, listener.as_raw_fd(), 0).map_err(|source| Error::Map { name, source })?;
-        self.set_mode(cookie, ips, mode)?;
-        self.attach_lookup(cookie, netns)
+        self.apply_mode(cookie, netns, ips, mode)
     }
 
     /// Holds the inbound of a pod the agent cannot serve (no certificate, a port taken) as the
@@ -269,7 +268,21 @@ impl Capture {
             Err(source) if !absent(&source) => return Err(Error::Map { name: maps::INBOUND_LISTENERS, source }),
             _ => {}
         }
+        self.apply_mode(cookie, netns, ips, mode)
+    }
+
+    /// Writes the pod's mode on its addresses and attaches the sk_lookup program to its netns —
+    /// or, for DISABLE, takes the program off (nothing of the pod's inbound is captured). With
+    /// the program attached, a connection to an address of the netns that meshless does not
+    /// know (IPv6 link-local, a secondary or SLAAC address) is dropped, not passed.
+    pub fn apply_mode(&self, cookie: u64, netns: &impl AsFd, ips: &[IpAddr], mode: Mode) -> Result<(), Error> {
         self.set_mode(cookie, ips, mode)?;
+        if mode == Mode::Disable {
+            for link in netns_links(&self.dir.join("links/netns"), cookie) {
+                let _ = std::fs::remove_file(link);
+            }
+            return Ok(());
+        }
         self.attach_lookup(cookie, netns)
     }
 
@@ -297,7 +310,7 @@ impl Capture {
 
     /// Sets the inbound mode of the pod `cookie` on every one of its addresses (and forgets
     /// addresses it no longer has). Applies to the next connection the kernel looks up.
-    pub fn set_mode(&self, cookie: u64, ips: &[IpAddr], mode: Mode) -> Result<(), Error> {
+    fn set_mode(&self, cookie: u64, ips: &[IpAddr], mode: Mode) -> Result<(), Error> {
         let name = maps::INBOUND;
         let mode = kernel_mode(mode);
         let mut map = self.inbound.lock();

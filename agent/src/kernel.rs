@@ -49,8 +49,10 @@ pub trait Kernel: Send + Sync + 'static {
     /// Holds the inbound of a pod the agent cannot serve as the kernel does with no agent:
     /// STRICT drops plaintext, PERMISSIVE passes it (no listener). A failure never lifts steering.
     fn guard(&self, cookie: u64, netns: &Netns, ips: &[IpAddr], mode: Mode) -> Result<(), Error>;
-    /// Sets the inbound mode of every address of the pod.
-    fn set_mode(&self, cookie: u64, ips: &[IpAddr], mode: Mode) -> Result<(), Error>;
+    /// Sets the inbound mode of every address of the pod (DISABLE: nothing of its inbound is
+    /// captured; otherwise a connection to an address of its netns meshless does not know is
+    /// dropped).
+    fn set_mode(&self, cookie: u64, netns: &Netns, ips: &[IpAddr], mode: Mode) -> Result<(), Error>;
     /// A pod outside the mesh: known, its connections pass untouched.
     fn bypass(&self, cookie: u64) -> Result<(), Error>;
     /// Removes every kernel entry of the netns `cookie`.
@@ -94,8 +96,8 @@ impl Kernel for Node {
         Ok(self.capture.guard(cookie, netns, ips, mode)?)
     }
 
-    fn set_mode(&self, cookie: u64, ips: &[IpAddr], mode: Mode) -> Result<(), Error> {
-        Ok(self.capture.set_mode(cookie, ips, mode)?)
+    fn set_mode(&self, cookie: u64, netns: &Netns, ips: &[IpAddr], mode: Mode) -> Result<(), Error> {
+        Ok(self.capture.apply_mode(cookie, netns, ips, mode)?)
     }
 
     fn bypass(&self, cookie: u64) -> Result<(), Error> {

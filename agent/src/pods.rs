@@ -135,7 +135,7 @@ impl<K: Kernel> Manager<K> {
                         }
                     }
                     if old_ips != w.ips || old_mode.mode != policy.mode.mode {
-                        match self.deps.kernel.set_mode(pod.cookie, &w.ips, policy.mode.mode) {
+                        match self.deps.kernel.set_mode(pod.cookie, &pod.netns, &w.ips, policy.mode.mode) {
                             Ok(()) if old_mode.mode != policy.mode.mode => {
                                 info!(pod = %key, from = %old_mode.mode, mode = %policy.mode, "inbound mode changed")
                             }
@@ -589,13 +589,13 @@ mod tests {
             mode: Mode,
             _: &std::net::TcpListener,
         ) -> Result<(), kernel::Error> {
-            self.set_mode(cookie, ips, mode)
+            self.set_mode(cookie, &Netns::current().map_err(kernel::Error::Netns)?, ips, mode)
         }
         fn guard(&self, cookie: u64, _: &Netns, ips: &[IpAddr], mode: Mode) -> Result<(), kernel::Error> {
             self.entries.lock().insert(cookie, Entry::Guarded(ips.to_vec(), mode));
             Ok(())
         }
-        fn set_mode(&self, cookie: u64, ips: &[IpAddr], mode: Mode) -> Result<(), kernel::Error> {
+        fn set_mode(&self, cookie: u64, _: &Netns, ips: &[IpAddr], mode: Mode) -> Result<(), kernel::Error> {
             self.entries.lock().insert(cookie, Entry::Enrolled(ips.to_vec(), Some(mode)));
             Ok(())
         }

@@ -6,9 +6,14 @@
 //! never for packets of established ones. It leaves alone: anything that is not TCP; connections
 //! from inside the pod (from loopback or the pod's own address: its own connections, and the
 //! agent's deliveries, which it makes from inside the pod); the tunnel port 15008 (mTLS, served by the agent itself);
-//! addresses that are not an enrolled pod's; DISABLE pods; and health probes from the probe cgroup.
-//! When no agent listens (its listener socket is gone from the map), a STRICT pod drops the
-//! connection (the client sees a reset at once) and a PERMISSIVE pod lets it through.
+//! DISABLE pods (the agent takes the program off their netns too); and health probes from the
+//! probe cgroup. When no agent listens (its listener socket is gone from the map), a STRICT pod
+//! drops the connection (the client sees a reset at once) and a PERMISSIVE pod lets it through.
+//!
+//! The program runs only in enrolled pods' netns, so a connection to an address the agent did not
+//! list for the pod (its IPv6 link-local address, a secondary or SLAAC address, another
+//! interface's) is dropped: meshless cannot tell which pod's listener it belongs to, and plaintext
+//! must never reach a STRICT app by an address meshless does not know.
 
 use core::ptr::{addr_of, read_volatile};
 
@@ -48,8 +53,9 @@ pub fn meshless_sk_lookup(ctx: SkLookupContext) -> u32 {
     if remote == local || is_loopback(family, &remote) {
         return SK_PASS;
     }
+    // SAFETY: the value is copied out at once.
     let Some(pod) = (unsafe { INBOUND.get(&PodAddr { addr: local, family }) }).copied() else {
-        return SK_PASS; // not addressed to an enrolled pod
+        return SK_DROP; // an address of this enrolled netns that meshless does not know: fail closed
     };
     if pod.mode == inbound::DISABLE || probe(&ctx, family, local, remote, local_port as u16) {
         return SK_PASS;

@@ -213,6 +213,68 @@ fn a_restart_with_the_issuer_down_never_lifts_strict() {
     assert_eq!((d["mode"].as_str(), d["decision"].as_str()), (Some("STRICT"), Some("deny")), "{d}");
 }
 
+/// A pod's IPv6 link-local address on its eth0, once it is usable (not tentative).
+fn link_local(pod: &Pod) -> String {
+    let found = meshless_tests::wait_for(Duration::from_secs(10), || {
+        let out = pod
+            .netns
+            .command("ip", None)
+            .ok()?
+            .args(["-6", "-o", "addr", "show", "dev", "eth0", "scope", "link"])
+            .output()
+            .ok()?;
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        if text.contains("tentative") {
+            return None;
+        }
+        let word = text.split_whitespace().skip_while(|w| *w != "inet6").nth(1)?;
+        Some(word.split('/').next()?.to_string())
+    });
+    found.unwrap_or_else(|| panic!("{} has no usable link-local address", pod.name))
+}
+
+/// An address the agent was never told about (the pod's IPv6 link-local one, reachable from its
+/// node's bridge) must not be a way around STRICT: the connection is dropped, while a DISABLE
+/// pod's link-local address still reaches its app (control) and the STRICT pod's listed
+/// addresses are refused by the agent as ever.
+#[test]
+fn an_address_meshless_does_not_know_never_reaches_a_strict_app() {
+    let Some(bins) = support::privileged("an_address_meshless_does_not_know_never_reaches_a_strict_app") else {
+        return;
+    };
+    let tb = Testbed::new(Layout { label: "linklocal", pods: &[1, 2] }).expect("testbed");
+    let policy = String::from("peerAuthentications:\n")
+        + &peer_auth("strict", "pod1-n2", "STRICT")
+        + &peer_auth("off", "pod2-n2", "DISABLE");
+    let args = |_| vec![];
+    let mesh = Mesh::start_full(&tb, &bins, &|p| Some(p.node == 2), &args, &[], &policy).expect("agents");
+    let (strict, off) = (tb.pod(2, 1), tb.pod(2, 2));
+    for p in [strict, off] {
+        tb.spawn(p.command(&bins.testbin).unwrap().args(["addr-serve", "8000"])).unwrap();
+        wait_listening(&p.netns, 8000).unwrap();
+    }
+    // From the node itself, over the pods' bridge: a neighbour on the pods' link.
+    let from_node = |to: String| -> (String, String) {
+        let (_, out, err) =
+            support::run(tb.node(2).netns.command(&bins.testbin, None).unwrap().args(["end", &to, "hi"]));
+        match serde_json::from_str::<serde_json::Value>(out.trim()) {
+            Ok(v) => (v["reply"].as_str().unwrap_or_default().into(), v["end"].as_str().unwrap_or_default().into()),
+            Err(_) => (String::new(), format!("connect failed: {}", err.trim())),
+        }
+    };
+    let (reply, end) = from_node(format!("[{}%cbr0]:8000", link_local(off)));
+    assert!(!reply.is_empty() && end == "eof", "control: a DISABLE pod's link-local address reaches its app: {end:?}");
+    let (reply, end) = from_node(format!("[{}%cbr0]:8000", link_local(strict)));
+    assert!(
+        reply.is_empty() && !end.contains("eof"),
+        "plaintext to a STRICT pod's link-local address must not reach its app, got {reply:?} {end:?}"
+    );
+    let (reply, end) = from_node(meshless_tests::sockaddr(strict.ipv6.into(), 8000));
+    assert!(reply.is_empty() && end.contains("reset"), "its listed address is refused by the agent: {end:?}");
+    let d = last_decision(&mesh, 2, "pod1-n2", 8000);
+    assert_eq!((d["mode"].as_str(), d["decision"].as_str()), (Some("STRICT"), Some("deny")), "{d}");
+}
+
 const MATRIX_POLICY: &str = r#"
 authorizationPolicies:
   - metadata: {name: api, namespace: default}

@@ -218,8 +218,22 @@ fn sink(mut s: TcpStream) -> std::io::Result<()> {
     s.shutdown(Shutdown::Write)
 }
 
+/// `ip:port`, or `[fe80::…%iface]:port` for an IPv6 link-local address on interface `iface`.
 fn parse(addr: &str) -> std::io::Result<SocketAddr> {
-    addr.parse().map_err(|e| std::io::Error::other(format!("{addr}: {e}")))
+    let bad = |e: &dyn std::fmt::Display| std::io::Error::other(format!("{addr}: {e}"));
+    let Some((ip, rest)) = addr.strip_prefix('[').and_then(|a| a.split_once('%')) else {
+        return addr.parse().map_err(|e| bad(&e));
+    };
+    let (iface, port) = rest.split_once("]:").ok_or_else(|| bad(&"expected [ip%iface]:port"))?;
+    let ip: std::net::Ipv6Addr = ip.parse().map_err(|e| bad(&e))?;
+    let port: u16 = port.parse().map_err(|e| bad(&e))?;
+    let name = std::ffi::CString::new(iface).map_err(|e| bad(&e))?;
+    // SAFETY: if_nametoindex reads the NUL-terminated name and nothing else.
+    let scope = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    if scope == 0 {
+        return Err(bad(&std::io::Error::last_os_error()));
+    }
+    Ok(SocketAddr::V6(std::net::SocketAddrV6::new(ip, port, 0, scope)))
 }
 
 fn connect(addr: &str) -> std::io::Result<TcpStream> {
