@@ -27,6 +27,8 @@ pub enum Error {
     Api(#[from] kube::Error),
     #[error("CNI records in {path}: {source}")]
     Cni { path: PathBuf, source: std::io::Error },
+    #[error("mesh settings (--root-namespace): {0}")]
+    Mesh(#[from] crate::policy::Invalid),
 }
 
 /// A client from `kubeconfig`, or else the usual inference (in-cluster service account, then

@@ -132,6 +132,9 @@ impl WorkloadSource for KubeSource {
         self: Box<Self>,
     ) -> futures_util::future::BoxFuture<'static, Result<watch::Receiver<Arc<Directory>>, crate::Error>> {
         Box::pin(async move {
+            // Bad mesh settings stop the agent here, rather than ever serving without policy.
+            Policies::compile(&PolicyInput { mesh: self.mesh.clone(), ..Default::default() })
+                .map_err(super::Error::from)?;
             let changed = Arc::new(Notify::new());
             let state = Arc::new(Mutex::new(Cluster::default()));
             let cni = self.watch(&state, &changed)?;
@@ -139,8 +142,14 @@ impl WorkloadSource for KubeSource {
             // with a partial view would unenroll pods it has simply not heard of yet.
             let started = Instant::now();
             wait_listed(&state, &changed).await;
-            let mut builder =
-                Builder { source: *self, cni, cgroups: HashMap::new(), problems: HashMap::new(), policies: None };
+            let mut builder = Builder {
+                source: *self,
+                cni,
+                cgroups: HashMap::new(),
+                problems: HashMap::new(),
+                policies: None,
+                last: None,
+            };
             let first = builder.build(&state.lock());
             info!(
                 pods = first.len(),
@@ -148,7 +157,7 @@ impl WorkloadSource for KubeSource {
                 ms = started.elapsed().as_millis() as u64,
                 "Kubernetes watches synced"
             );
-            let (tx, rx) = watch::channel(Arc::new(first));
+            let (tx, rx) = watch::channel(first);
             tokio::spawn(rebuild(builder, state, changed, tx));
             Ok(rx)
         })
@@ -255,7 +264,7 @@ async fn rebuild(
         let t = Instant::now();
         let dir = builder.build(&state.lock());
         settle = (t.elapsed() * 4).clamp(SETTLE_MIN, SETTLE_MAX);
-        tx.send_replace(Arc::new(dir));
+        tx.send_replace(dir);
     }
 }
 
@@ -381,6 +390,8 @@ struct Builder {
     problems: HashMap<String, String>,
     /// The policy compiled for `Cluster::policy_changes` = `.0`: pod events reuse it.
     policies: Option<(u64, Arc<Policies>)>,
+    /// The last directory built, served again should a new one be inconsistent.
+    last: Option<Arc<Directory>>,
 }
 
 fn label_mode(value: Option<&str>) -> Result<Option<Option<Mode>>, String> {
@@ -410,7 +421,7 @@ impl Builder {
         }
     }
 
-    fn build(&mut self, c: &Cluster) -> Directory {
+    fn build(&mut self, c: &Cluster) -> Arc<Directory> {
         let (node, cgroup_parent, td) = (
             self.source.node.clone().unwrap_or_default(),
             self.source.cgroup_parent.clone(),
@@ -422,7 +433,10 @@ impl Builder {
         // arrived), the pod the node actually runs wins. This node's pods come from the node
         // watch only (with labels and UID), never half-known from the cluster-wide one.
         let local = c.local.iter().map(|(k, p)| (k, p, true));
-        let remote = c.all.iter().filter(|(_, p)| p.node != node).map(|(k, p)| (k, p, false));
+        // A pod this node's watch has is this node's, whatever the cluster-wide watch still says
+        // (a StatefulSet pod that moved here before the other watch caught up): one entry per key.
+        let remote =
+            c.all.iter().filter(|(k, p)| p.node != node && !c.local.contains_key(*k)).map(|(k, p)| (k, p, false));
         let mut entries: Vec<_> = local.chain(remote).collect();
         entries.sort_by(|a, b| b.2.cmp(&a.2).then_with(|| a.0.cmp(b.0)));
         for (k, p, is_local) in entries {
@@ -450,11 +464,18 @@ impl Builder {
         }
         self.cgroups.retain(|uid, _| c.local.values().any(|p| &p.uid == uid));
         let policies = self.policies(c);
-        Directory::new(td.clone(), node.clone(), cgroup_parent.clone(), workloads, policies).unwrap_or_else(|e| {
-            // Conflicts were resolved above; this is a bug, and serving nothing is safer than guessing.
-            warn!(error = %e, "inconsistent directory; serving an empty one");
-            Directory::empty(td, node, cgroup_parent)
-        })
+        let dir = match Directory::new(td.clone(), node.clone(), cgroup_parent.clone(), workloads, policies) {
+            Ok(dir) => Arc::new(dir),
+            Err(e) => {
+                // Conflicts were resolved above, so this is a bug. One inconsistent object must
+                // never empty the directory (that would unenroll every pod of the node): the last
+                // good one keeps serving.
+                warn!(error = %e, "inconsistent directory; the previous one keeps serving");
+                return self.last.clone().unwrap_or_else(|| Arc::new(Directory::empty(td, node, cgroup_parent)));
+            }
+        };
+        self.last = Some(dir.clone());
+        dir
     }
 
     /// One pod as a workload of the directory, or why it is left out: its mode from the labels
@@ -502,25 +523,26 @@ impl Builder {
         })
     }
 
-    /// The compiled policy set, compiled again only when a policy resource changed.
+    /// The compiled policy set, compiled again only when a policy resource changed. A set that
+    /// fails as a whole never means "no policy": the last compiled set keeps deciding. (Objects
+    /// are checked one by one first, and the mesh settings when the source starts, so this is a
+    /// bug, logged as such.)
     fn policies(&mut self, c: &Cluster) -> Arc<Policies> {
-        match &self.policies {
-            Some((seen, p)) if *seen == c.policy_changes => p.clone(),
-            _ => {
-                let p = Arc::new(self.compile_policies(c));
-                self.policies = Some((c.policy_changes, p.clone()));
-                p
+        if let Some((seen, p)) = &self.policies {
+            if *seen == c.policy_changes {
+                return p.clone();
             }
         }
-    }
-
-    fn compile_policies(&mut self, c: &Cluster) -> Policies {
         let input = self.policy_input(c);
-        Policies::compile(&input).unwrap_or_else(|e| {
-            // Objects are checked one by one first; what is left is a bad --root-namespace.
-            warn!(error = %e, "the policy set is inconsistent; enforcing no policy objects");
-            Policies::compile(&PolicyInput { mesh: self.source.mesh.clone(), ..Default::default() }).unwrap_or_default()
-        })
+        let p = match Policies::compile(&input) {
+            Ok(p) => Arc::new(p),
+            Err(e) => {
+                warn!(error = %e, "the policy set is inconsistent; the previous one keeps deciding");
+                self.policies.as_ref().map(|(_, last)| last.clone()).unwrap_or_default()
+            }
+        };
+        self.policies = Some((c.policy_changes, p.clone()));
+        p
     }
 
     /// The valid policy objects; invalid ones are left out (their status says why).
@@ -571,7 +593,7 @@ mod tests {
             cni_dir: PathBuf::new(),
             mesh: MeshSettings::default(),
         };
-        Builder { source, cni: None, cgroups: HashMap::new(), problems: HashMap::new(), policies: None }
+        Builder { source, cni: None, cgroups: HashMap::new(), problems: HashMap::new(), policies: None, last: None }
     }
 
     fn info(node: &str, ip: &str, mode: Option<&str>) -> PodInfo {
@@ -639,8 +661,11 @@ mod tests {
         c.namespaces.insert("a".into(), Some("permissive".into()));
         let mut local = info("node-0", "10.0.0.1", None);
         local.uid = "uid-10-0-0-1".into();
-        c.local.insert(key("a", "here"), local.clone());
-        c.all.insert(key("a", "here"), local);
+        c.local.insert(key("a", "here"), local);
+        // The cluster-wide watch still has it on the node it left, with its old address (a
+        // StatefulSet pod that moved here): one entry per key, this node's; never an empty
+        // directory for it.
+        c.all.insert(key("a", "here"), info("node-7", "10.0.0.9", None));
         // A pod elsewhere still listed with the same IP (its delete not seen yet).
         c.all.insert(key("a", "stale"), info("node-7", "10.0.0.1", None));
         let mut done = info("node-7", "10.0.0.2", None);
@@ -658,6 +683,7 @@ mod tests {
         assert_eq!(here.netns.as_deref(), Some(Path::new(&format!("/proc/{}/ns/net", std::process::id()))));
         assert_eq!(here.cgroup.as_deref(), Some(pod_dir.as_path()));
         assert_eq!(dir.local_pods().count(), 1);
+        assert!(dir.pod_by_ip("10.0.0.9".parse().unwrap()).is_none(), "the stale view of the moved pod is not used");
         assert!(b.problems["pod a/stale"].contains("10.0.0.1"));
         assert!(b.problems["pod a/unplaced"].contains("network namespace"));
         for gone in ["done", "host", "unplaced"] {

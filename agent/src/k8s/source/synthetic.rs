@@ -87,8 +87,9 @@ pub async fn run(pods: usize, nodes: usize) -> (Duration, Duration, Arc<Director
         |p| Some(pod_info(&p, true)),
     )
     .await;
-    let mut builder = Builder { source, cni: None, cgroups: HashMap::new(), problems: HashMap::new(), policies: None };
-    let dir = Arc::new(builder.build(&state.lock()));
+    let mut builder =
+        Builder { source, cni: None, cgroups: HashMap::new(), problems: HashMap::new(), policies: None, last: None };
+    let dir = builder.build(&state.lock());
     let rebuild = Instant::now();
     // A second build, as after any change: what every later event burst costs.
     drop(builder.build(&state.lock()));
