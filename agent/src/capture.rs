@@ -264,10 +264,7 @@ impl Capture {
     /// and no listener, so STRICT drops plaintext and PERMISSIVE passes it to the app. A failure
     /// never lifts steering.
     pub fn guard(&self, cookie: u64, netns: &impl AsFd, ips: &[IpAddr], mode: Mode) -> Result<(), Error> {
-        match self.listeners.lock().remove(&cookie) {
-            Err(source) if !absent(&source) => return Err(Error::Map { name: maps::INBOUND_LISTENERS, source }),
-            _ => {}
-        }
+        self.remove_listener(cookie)?;
         self.apply_mode(cookie, netns, ips, mode)
     }
 
@@ -278,9 +275,7 @@ impl Capture {
     pub fn apply_mode(&self, cookie: u64, netns: &impl AsFd, ips: &[IpAddr], mode: Mode) -> Result<(), Error> {
         self.set_mode(cookie, ips, mode)?;
         if mode == Mode::Disable {
-            for link in netns_links(&self.dir.join("links/netns"), cookie) {
-                let _ = std::fs::remove_file(link);
-            }
+            self.unpin_lookup(cookie);
             return Ok(());
         }
         self.attach_lookup(cookie, netns)
@@ -389,10 +384,20 @@ impl Capture {
     /// Takes the pod `cookie`'s inbound out of the kernel: its sk_lookup link, its addresses and
     /// its listener. Its plaintext then reaches the app directly (a pod leaving the mesh).
     pub fn unsteer(&self, cookie: u64) -> Result<(), Error> {
+        self.unpin_lookup(cookie);
+        self.set_mode_none(cookie)?;
+        self.remove_listener(cookie)
+    }
+
+    /// Unpins the netns `cookie`'s sk_lookup links: the program leaves that netns.
+    fn unpin_lookup(&self, cookie: u64) {
         for link in netns_links(&self.dir.join("links/netns"), cookie) {
             let _ = std::fs::remove_file(link);
         }
-        self.set_mode_none(cookie)?;
+    }
+
+    /// Takes the pod `cookie`'s plaintext listener out of the socket map (absent is fine).
+    fn remove_listener(&self, cookie: u64) -> Result<(), Error> {
         match self.listeners.lock().remove(&cookie) {
             Err(source) if !absent(&source) => Err(Error::Map { name: maps::INBOUND_LISTENERS, source }),
             _ => Ok(()),

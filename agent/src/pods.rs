@@ -64,13 +64,25 @@ enum Slot {
         retry_at: Instant,
         /// Why the last attempt failed.
         error: String,
-        /// The netns cookie and the mode the kernel holds for the pod meanwhile (a pod in the
-        /// mesh whose netns could be opened): STRICT drops plaintext, PERMISSIVE passes it.
-        guarded: Option<(u64, Mode)>,
+        /// The pod's netns cookie, once its netns could be opened: its kernel state is this
+        /// agent's (kept from stale removal, forgotten when the pod goes).
+        cookie: Option<u64>,
+        /// The mode the kernel holds for the pod meanwhile, with no listener: STRICT drops
+        /// plaintext, PERMISSIVE passes it.
+        held: Option<Mode>,
     },
 }
 
 impl Slot {
+    /// The netns cookie whose kernel state this slot owns, if known.
+    fn cookie(&self) -> Option<u64> {
+        match self {
+            Slot::Running { pod, .. } => Some(pod.cookie),
+            Slot::Known { cookie, .. } => Some(*cookie),
+            Slot::Failing { cookie, .. } => *cookie,
+        }
+    }
+
     fn workload(&self) -> Arc<Workload> {
         match self {
             Slot::Running { pod, .. } => pod.workload(),
@@ -124,8 +136,8 @@ impl<K: Kernel> Manager<K> {
         for key in keys {
             let w = &desired[key];
             match self.slots.remove(key) {
-                None => self.apply(w.clone(), dir, 0).await,
-                Some(Slot::Running { pod, accepting, handover }) if w.mesh && same_pod(&pod.workload(), w) => {
+                None => self.apply(w.clone(), dir, 0, None).await,
+                Some(Slot::Running { pod, accepting, mut handover }) if w.mesh && same_pod(&pod.workload(), w) => {
                     let policy = dir.policy_for(w);
                     let (old_ips, old_mode) = (pod.workload().ips.clone(), pod.policy().mode.clone());
                     if old_ips != w.ips {
@@ -141,7 +153,15 @@ impl<K: Kernel> Manager<K> {
                             }
                             Ok(()) => {}
                             Err(e) => {
-                                warn!(pod = %key, error = %e, "cannot update the pod's inbound mode in the kernel")
+                                // The kernel may not hold the new mode: the pod is set up again
+                                // (on the very listeners), or failing and held, and retried.
+                                warn!(pod = %key, error = %e, "cannot update the pod's inbound mode in the kernel");
+                                let cookie = pod.cookie;
+                                self.inherited.put(cookie, std::mem::take(&mut handover));
+                                let old = Slot::Running { pod, accepting, handover };
+                                self.remove(key, old, "its inbound mode could not be updated", false);
+                                self.apply(w.clone(), dir, 0, Some(cookie)).await;
+                                continue;
                             }
                         }
                     }
@@ -157,10 +177,13 @@ impl<K: Kernel> Manager<K> {
                 Some(Slot::Known { workload, cookie }) if !w.mesh && same_pod(&workload, w) => {
                     self.slots.insert(key.clone(), Slot::Known { workload: w.clone(), cookie });
                 }
-                Some(Slot::Failing { workload, attempt, retry_at, error, guarded })
-                    if *workload == **w && guarded.is_none_or(|(_, m)| Some(m) == self.guard_mode(w, dir)) =>
-                {
-                    self.slots.insert(key.clone(), Slot::Failing { workload, attempt, retry_at, error, guarded });
+                Some(Slot::Failing { workload, attempt, retry_at, error, cookie, held }) if *workload == **w => {
+                    // The same pod, maybe under another mode: held anew in place, its backoff kept.
+                    let (cookie, held) = match self.guard_mode(w, dir) {
+                        m if m != held && cookie.is_some() => self.guard(w, dir, cookie),
+                        _ => (cookie, held),
+                    };
+                    self.slots.insert(key.clone(), Slot::Failing { workload, attempt, retry_at, error, cookie, held });
                 }
                 Some(mut old) => {
                     let why = if old.workload().mesh != w.mesh { "mesh membership changed" } else { "pod changed" };
@@ -170,8 +193,9 @@ impl<K: Kernel> Manager<K> {
                         self.inherited.put(pod.cookie, std::mem::take(handover));
                     }
                     // Same netns: the kernel entry is overwritten below, never briefly missing.
+                    let known = if same_netns { old.cookie() } else { None };
                     self.remove(key, old, why, !same_netns);
-                    self.apply(w.clone(), dir, 0).await;
+                    self.apply(w.clone(), dir, 0, known).await;
                 }
             }
         }
@@ -198,25 +222,19 @@ impl<K: Kernel> Manager<K> {
 
     /// The state of every pod this agent manages, sorted by pod.
     pub fn status(&self) -> NodeStatus {
-        let now = Instant::now();
         let mut pods: Vec<PodStatus> = self
             .slots
             .iter()
             .map(|(key, slot)| {
                 let w = slot.workload();
-                let (state, netns_cookie, mode, error, attempts, retry_in_ms) = match slot {
+                let (state, netns_cookie, mode, error, attempts, retry_at) = match slot {
                     Slot::Running { pod, .. } => {
                         (PodState::Enrolled, Some(pod.cookie), Some(pod.policy().mode.mode), None, 0, None)
                     }
                     Slot::Known { cookie, .. } => (PodState::OutsideMesh, Some(*cookie), None, None, 0, None),
-                    Slot::Failing { attempt, retry_at, error, guarded, .. } => (
-                        PodState::Failing,
-                        guarded.map(|(cookie, _)| cookie),
-                        guarded.map(|(_, mode)| mode),
-                        Some(error.clone()),
-                        *attempt,
-                        Some(retry_at.saturating_duration_since(now).as_millis() as u64),
-                    ),
+                    Slot::Failing { attempt, retry_at, error, cookie, held, .. } => {
+                        (PodState::Failing, *cookie, *held, Some(error.clone()), *attempt, Some(*retry_at))
+                    }
                 };
                 PodStatus {
                     pod: key.clone(),
@@ -227,7 +245,8 @@ impl<K: Kernel> Manager<K> {
                     mode,
                     last_error: error,
                     attempts,
-                    retry_in_ms,
+                    retry_at,
+                    retry_in_ms: None,
                     certificate: None,
                     connections: None,
                 }
@@ -251,8 +270,8 @@ impl<K: Kernel> Manager<K> {
             .map(|(k, _)| k.clone())
             .collect();
         for key in due {
-            if let Some(Slot::Failing { workload, attempt, .. }) = self.slots.remove(&key) {
-                self.apply(workload, dir, attempt).await;
+            if let Some(Slot::Failing { workload, attempt, cookie, .. }) = self.slots.remove(&key) {
+                self.apply(workload, dir, attempt, cookie).await;
             }
         }
         self.publish();
@@ -295,14 +314,7 @@ impl<K: Kernel> Manager<K> {
 
     /// The netns cookies of every pod this agent has written to the kernel.
     pub fn cookies(&self) -> Vec<u64> {
-        self.slots
-            .values()
-            .filter_map(|s| match s {
-                Slot::Running { pod, .. } => Some(pod.cookie),
-                Slot::Known { cookie, .. } => Some(*cookie),
-                Slot::Failing { guarded, .. } => guarded.map(|(cookie, _)| cookie),
-            })
-            .collect()
+        self.slots.values().filter_map(Slot::cookie).collect()
     }
 
     /// Listeners nobody claimed are closed (their pods are gone).
@@ -347,7 +359,9 @@ impl<K: Kernel> Manager<K> {
         pods
     }
 
-    async fn apply(&mut self, w: Arc<Workload>, dir: &Directory, attempt: u32) {
+    /// Sets `w` up (`known`: its netns cookie, if an earlier attempt learned it); a pod that
+    /// cannot be set up is failing, held in the kernel, and retried with backoff.
+    async fn apply(&mut self, w: Arc<Workload>, dir: &Directory, attempt: u32, known: Option<u64>) {
         let result = if w.mesh {
             self.enroll(&w, dir.policy_for(&w)).await
         } else {
@@ -361,7 +375,7 @@ impl<K: Kernel> Manager<K> {
                 let delay = backoff(attempt);
                 warn!(pod = %w.key, error = %e, attempt = attempt + 1, retry_in_ms = delay.as_millis() as u64,
                     "pod cannot be set up; it cannot connect out until it is (retrying)");
-                let guarded = self.guard(&w, dir);
+                let (cookie, held) = self.guard(&w, dir, known);
                 self.slots.insert(
                     w.key.clone(),
                     Slot::Failing {
@@ -369,7 +383,8 @@ impl<K: Kernel> Manager<K> {
                         attempt: attempt + 1,
                         retry_at: Instant::now() + delay,
                         error: e.to_string(),
-                        guarded,
+                        cookie,
+                        held,
                     },
                 );
             }
@@ -382,17 +397,18 @@ impl<K: Kernel> Manager<K> {
     }
 
     /// Holds the inbound of a mesh pod that cannot be served as the kernel does with no agent
-    /// (STRICT drops plaintext): whatever failed, steering is never lifted. Returns the cookie and
-    /// mode held, or `None` when the pod's netns cannot even be opened (then nothing can reach it
-    /// through the agent either, and a predecessor's pinned state is kept by its cookie).
-    fn guard(&self, w: &Workload, dir: &Directory) -> Option<(u64, Mode)> {
-        let mode = self.guard_mode(w, dir)?;
-        let (netns, cookie) = self.deps.kernel.pod_netns(w.netns.as_ref()?).ok()?;
+    /// (STRICT drops plaintext): whatever failed, steering is never lifted. Returns the pod's
+    /// netns cookie (`known` if its netns cannot be opened now) and the mode held, if any.
+    fn guard(&self, w: &Workload, dir: &Directory, known: Option<u64>) -> (Option<u64>, Option<Mode>) {
+        let Some(Ok((netns, cookie))) = w.netns.as_ref().map(|p| self.deps.kernel.pod_netns(p)) else {
+            return (known, None);
+        };
+        let Some(mode) = self.guard_mode(w, dir) else { return (Some(cookie), None) };
         match self.deps.kernel.guard(cookie, &netns, &w.ips, mode) {
-            Ok(()) => Some((cookie, mode)),
+            Ok(()) => (Some(cookie), Some(mode)),
             Err(e) => {
                 warn!(pod = %w.key, error = %e, "cannot hold the failing pod's inbound mode in the kernel");
-                None
+                (Some(cookie), None)
             }
         }
     }
@@ -468,8 +484,8 @@ impl<K: Kernel> Manager<K> {
                 }
                 info!(pod = %key, why, "pod forgotten");
             }
-            Slot::Failing { guarded, .. } => {
-                if let (true, Some((cookie, _))) = (forget, guarded) {
+            Slot::Failing { cookie, .. } => {
+                if let (true, Some(cookie)) = (forget, cookie) {
                     if let Err(e) = self.deps.kernel.forget(cookie) {
                         warn!(pod = %key, error = %e, "cannot remove the pod's kernel state");
                     }
@@ -651,7 +667,8 @@ mod tests {
         netns: usize,
         mesh: bool,
         ips: usize,
-        strict: bool,
+        /// 0 STRICT, 1 PERMISSIVE, 2 DISABLE.
+        mode: usize,
     }
 
     fn workload(s: &Spec) -> Workload {
@@ -664,7 +681,7 @@ mod tests {
             n => format!("/fake/{name}-{n}"),
         };
         let ips = (0..=s.ips).map(|i| IpAddr::from([10, s.name as u8, 0, i as u8])).collect();
-        let mode = if s.strict { Mode::Strict } else { Mode::Permissive };
+        let mode = [Mode::Strict, Mode::Permissive, Mode::Disable][s.mode];
         Workload {
             key: PodKey { namespace: "ns".into(), name: name.clone() },
             service_account: name.clone(),
@@ -720,8 +737,13 @@ mod tests {
     }
 
     fn spec() -> impl Strategy<Value = Spec> {
-        (0..4usize, 0..4usize, any::<bool>(), 0..2usize, any::<bool>())
-            .prop_map(|(name, netns, mesh, ips, strict)| Spec { name, netns, mesh, ips, strict })
+        (0..4usize, 0..4usize, any::<bool>(), 0..2usize, 0..3usize).prop_map(|(name, netns, mesh, ips, mode)| Spec {
+            name,
+            netns,
+            mesh,
+            ips,
+            mode,
+        })
     }
 
     proptest! {
@@ -750,7 +772,7 @@ mod tests {
     #[tokio::test]
     async fn a_failing_pod_is_retried_and_enrolled_once_its_netns_exists() {
         let (mut m, fake, status) = manager("retry").await;
-        let broken = Spec { name: 1, netns: 2, mesh: true, ips: 0, strict: true };
+        let broken = Spec { name: 1, netns: 2, mesh: true, ips: 0, mode: 0 };
         let dir = directory(std::slice::from_ref(&broken));
         m.reconcile(&dir).await;
         check(&dir, &fake, &status).unwrap();

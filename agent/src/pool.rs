@@ -135,6 +135,9 @@ impl Pool {
                             }
                             Err(e) => {
                                 attempts.last_error = Some(e.to_string());
+                                drop(attempts);
+                                // Nobody else waits on this slot and it holds nothing: it goes.
+                                remove_if_unused(&self.slots, key, slot);
                                 return Err(e);
                             }
                         };
@@ -230,14 +233,19 @@ impl Eviction {
         }
     }
 
-    /// Removes the slot when it holds no connection and nobody is making one (locks taken in
-    /// the pool's order: slots, then a slot's connections).
-    fn remove_slot_if_empty(&self) {
-        let mut slots = self.slots.lock();
-        let ours = slots.get(&self.key).is_some_and(|s| Arc::ptr_eq(s, &self.slot));
-        if ours && self.slot.conns.lock().is_empty() && self.slot.connecting.try_lock().is_ok() {
-            slots.remove(&self.key);
-        }
+    fn remove_slot_if_empty(self) {
+        remove_if_unused(&self.slots, &self.key, self.slot);
+    }
+}
+
+/// Removes `key`'s slot if `slot` is it and nobody but the map and this caller holds it: every
+/// caller of `stream` and every pooled connection's eviction task holds the slot, so then it has
+/// no connection and nobody is making or waiting for one. Decided under the map's lock, which
+/// `slot()` hands slots out under: no caller can pick it up meanwhile.
+fn remove_if_unused(slots: &Slots, key: &PoolKey, slot: Arc<Slot>) {
+    let mut map = slots.lock();
+    if map.get(key).is_some_and(|s| Arc::ptr_eq(s, &slot)) && Arc::strong_count(&slot) == 2 {
+        map.remove(key);
     }
 }
 
@@ -305,5 +313,9 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         assert!(pool.entries().is_empty());
+        // A destination that cannot be reached leaves no slot behind either.
+        let refused = || async { Err::<ClientConn, _>(Error::Connect("refused".into())) };
+        assert!(pool.stream(&key, target, 0, refused).await.is_err());
+        assert_eq!(pool.slots(), 0, "a failed connect left its slot: {:?}", pool.entries());
     }
 }

@@ -7,9 +7,10 @@
 //! [`NodeStatus::with_live`] adds what moves between changes (connections, the certificate after a
 //! rotation, the pool) when it is read. Tests assert this state instead of log wording.
 
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::UNIX_EPOCH;
+use std::time::{Instant, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
 use serde::Serialize;
@@ -59,6 +60,9 @@ pub struct PodStatus {
     pub last_error: Option<String>,
     /// Failed attempts so far (failing pods).
     pub attempts: u32,
+    /// When the next attempt is due (failing pods); `retry_in_ms` counts down to it when read.
+    #[serde(skip)]
+    pub retry_at: Option<Instant>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub retry_in_ms: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -83,8 +87,13 @@ impl NodeStatus {
     /// current certificate, and the pool.
     pub fn with_live(&self, pods: &[Arc<LocalPod>], pool: &Pool) -> NodeStatus {
         let mut out = self.clone();
+        let now = Instant::now();
+        for p in &mut out.pods {
+            p.retry_in_ms = p.retry_at.map(|at| at.saturating_duration_since(now).as_millis() as u64);
+        }
+        let local: HashMap<&PodKey, &Arc<LocalPod>> = pods.iter().map(|l| (&l.key, l)).collect();
         for p in out.pods.iter_mut().filter(|p| p.state == PodState::Enrolled) {
-            let Some(local) = pods.iter().find(|l| l.key == p.pod) else { continue };
+            let Some(local) = local.get(&p.pod) else { continue };
             p.connections = Some(local.conns.len());
             p.certificate = local.tls.cert.issued().map(|i| CertificateStatus {
                 serial: i.serial.clone(),

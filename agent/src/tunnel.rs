@@ -779,6 +779,7 @@ mod tests {
         let p = pki("pipe").await;
         let (client_io, server_io) = tokio::io::duplex(64 << 10);
         let (seen_tx, mut seen) = tokio::sync::mpsc::unbounded_channel();
+        let (ends_tx, mut ends) = tokio::sync::mpsc::unbounded_channel();
         let server_tls = p.server.server.clone();
         let server = tokio::spawn(async move {
             let handler = move |inbound: Inbound, _guard: ActivityGuard| {
@@ -800,9 +801,9 @@ mod tests {
             };
             let tasks = tokio_util::task::TaskTracker::new();
             serve(server_io, server_tls, &limits(), (), CancellationToken::new(), &tasks, |i, g| {
-                let f = handler(i, g);
+                let (f, ends_tx) = (handler(i, g), ends_tx.clone());
                 async move {
-                    assert!(matches!(f.await, Ended::Clean(5, 5)), "the server side ends cleanly");
+                    let _ = ends_tx.send(format!("{:?}", f.await));
                 }
             })
             .await
@@ -821,6 +822,7 @@ mod tests {
         assert!(matches!(splice.await.unwrap(), Ended::Clean(5, 5)));
         let (peer, to) = next(&mut seen, "the CONNECT").await;
         assert_eq!((peer.as_str(), to), ("spiffe://cluster.local/ns/default/sa/client", Ok(target)));
+        assert_eq!(next(&mut ends, "the server's end").await, "Clean(5, 5)", "the server side ends cleanly");
         drop(conn);
         let _ = tokio::time::timeout(Duration::from_secs(10), server).await.expect("the server ends with the pipe");
     }

@@ -45,15 +45,36 @@ fn uses(code: &str, known: &BTreeSet<String>) -> BTreeSet<String> {
     for (i, _) in code.match_indices("crate::") {
         let rest = &code[i + "crate::".len()..];
         let names: Vec<&str> = match rest.strip_prefix('{') {
-            Some(group) => group[..group.find('}').unwrap_or(group.len())]
-                .split(',')
-                .map(|s| s.trim().split("::").next().unwrap_or_default())
-                .collect(),
+            Some(group) => {
+                top_level_items(group).into_iter().map(|s| s.trim().split("::").next().unwrap_or_default()).collect()
+            }
             None => vec![rest.split(|c: char| !(c.is_alphanumeric() || c == '_')).next().unwrap_or_default()],
         };
         out.extend(names.into_iter().filter(|n| known.contains(*n)).map(str::to_string));
     }
     out
+}
+
+/// The comma-separated items of a `{…}` group up to its closing brace, nested groups kept whole.
+fn top_level_items(group: &str) -> Vec<&str> {
+    let (mut depth, mut start, mut items) = (0usize, 0, Vec::new());
+    for (i, c) in group.char_indices() {
+        match c {
+            '{' => depth += 1,
+            '}' if depth == 0 => {
+                items.push(&group[start..i]);
+                return items;
+            }
+            '}' => depth -= 1,
+            ',' if depth == 0 => {
+                items.push(&group[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    items.push(&group[start..]);
+    items
 }
 
 fn graph() -> Graph {
@@ -136,6 +157,8 @@ fn the_cycle_check_finds_a_cycle() {
     let known: BTreeSet<String> = ["pods", "proxy", "app"].map(String::from).into();
     let used = uses("use crate::{pods, proxy::Inputs, Error};\nlet x = crate::app::run;", &known);
     assert_eq!(used, known);
+    let nested = uses("use crate::{proxy::{Inputs, Other}, pods};", &known);
+    assert_eq!(nested, ["pods", "proxy"].map(String::from).into(), "a nested group hides no module");
 }
 
 #[test]

@@ -586,8 +586,6 @@ fn check_name(s: &str) -> Result<(), FieldError> {
 pub trait PolicyObject {
     /// `PeerAuthentication` or `AuthorizationPolicy`.
     const KIND: &'static str;
-    /// Where the state file lists objects of this kind (`peerAuthentications`, ...).
-    const LIST: &'static str;
     fn metadata(&self) -> &model::ObjectMeta;
     /// Validates the object on its own (what a Kubernetes object's status reports); the error
     /// names the field.
@@ -600,7 +598,6 @@ pub trait PolicyObject {
 
 impl PolicyObject for PeerAuthentication {
     const KIND: &'static str = "PeerAuthentication";
-    const LIST: &'static str = "peerAuthentications";
     fn metadata(&self) -> &model::ObjectMeta {
         &self.metadata
     }
@@ -611,7 +608,6 @@ impl PolicyObject for PeerAuthentication {
 
 impl PolicyObject for AuthorizationPolicy {
     const KIND: &'static str = "AuthorizationPolicy";
-    const LIST: &'static str = "authorizationPolicies";
     fn metadata(&self) -> &model::ObjectMeta {
         &self.metadata
     }
