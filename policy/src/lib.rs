@@ -105,6 +105,15 @@ pub enum Mode {
 }
 
 impl Mode {
+    /// How much the mode protects: DISABLE < PERMISSIVE < STRICT.
+    fn strength(self) -> u8 {
+        match self {
+            Mode::Disable => 0,
+            Mode::Permissive => 1,
+            Mode::Strict => 2,
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Mode::Strict => "STRICT",
@@ -523,10 +532,15 @@ impl Policies {
         let workload = local.iter().filter(set).find(|p| p.selector.is_some() && selects(&p.selector, w.labels));
         let namespace = local.iter().filter(set).find(|p| p.selector.is_none());
         let mesh = self.peer.get(root).and_then(|l| l.iter().filter(set).find(|p| p.selector.is_none()));
+        // The mode label opts a workload in; it may raise the mesh-wide mode an administrator set
+        // (PERMISSIVE → STRICT), never lower it (STRICT → PERMISSIVE or DISABLE).
         let mode = match (workload, namespace, w.label_mode, mesh) {
             (Some(p), _, _, _) => choice(p, "workload"),
             (None, Some(p), _, _) if ns != root => choice(p, "namespace"),
             (None, Some(p), _, _) => choice(p, "mesh"),
+            (None, None, Some(l), Some(p)) if l.mode.strength() < choice(p, "mesh").mode.strength() => {
+                choice(p, "mesh")
+            }
             (None, None, Some(l), _) => ModeChoice { mode: l.mode, policy: None, scope: l.scope },
             (None, None, None, Some(p)) => choice(p, "mesh"),
             (None, None, None, None) => ModeChoice { mode: Mode::Permissive, policy: None, scope: "default" },

@@ -246,6 +246,16 @@ peerAuthentications:
         mode(pod("legacy", "i", &[("app", "inherit")])),
         (Mode::Permissive, "namespace", "legacy/relaxed".into())
     );
+    // A label may raise the mesh-wide STRICT? It is the top already; it may not lower it.
+    let labelled_pod =
+        |ns: &str, mode| Pod { label_mode: Some(LabelMode { mode, scope: "pod label" }), ..pod(ns, "l", &[]) };
+    for lower in [Mode::Permissive, Mode::Disable] {
+        assert_eq!(
+            mode(labelled_pod("shop", lower)),
+            (Mode::Strict, "mesh", "meshless-system/default".into()),
+            "a {lower} label must not lower the mesh-wide STRICT"
+        );
+    }
     // A PeerAuthentication of the namespace wins over the mode label.
     let labelled =
         |ns: &str, mode| Pod { label_mode: Some(LabelMode { mode, scope: "namespace label" }), ..pod(ns, "l", &[]) };
