@@ -66,7 +66,7 @@ async fn start(config: Arc<AgentConfig>, deps: Deps) -> Result<Running, Error> {
     let mut updates = deps.workloads.start().await?;
     let first = updates.borrow_and_update().clone();
     let identities = identities(&config, deps.certs, &first).await?;
-    let probe_cgroup = crate::capture::probe_cgroup(&config.probe_cgroup)?;
+    let probe_cgroup = crate::capture::probe_cgroup(&config.probe_cgroup, &first.cgroup_parent)?;
     let capture =
         Arc::new(Capture::load(&config.bpf_dir, &first.cgroup_parent, probe_cgroup.as_deref(), config.kernel_log)?);
     // Take over the listeners of an agent running before us, if there is one.
