@@ -74,6 +74,10 @@ struct PodInfo {
     finished: bool,
     mode_label: Option<String>,
     labels: BTreeMap<String, String>,
+    /// A static pod's mirror (`kubernetes.io/config.mirror`): its object is the node's word only.
+    mirror: bool,
+    /// `metadata.creationTimestamp`, seconds: on an IP claimed twice, the older pod keeps it.
+    created: Option<i64>,
 }
 
 type Key = (String, String);
@@ -120,8 +124,13 @@ fn pod_info(pod: &Pod, keep_labels: bool) -> PodInfo {
         finished: matches!(status.and_then(|s| s.phase.as_deref()), Some("Succeeded" | "Failed")),
         mode_label: labels.get(MODE_LABEL).cloned(),
         labels: if keep_labels { labels.clone() } else { BTreeMap::new() },
+        mirror: pod.annotations().contains_key(MIRROR_ANNOTATION),
+        created: pod.metadata.creation_timestamp.as_ref().map(|t| t.0.as_second()),
     }
 }
+
+/// Marks a static pod's mirror object.
+const MIRROR_ANNOTATION: &str = "kubernetes.io/config.mirror";
 
 fn key<K: Resource>(o: &K) -> Key {
     (o.meta().namespace.clone().unwrap_or_default(), o.meta().name.clone().unwrap_or_default())
@@ -438,7 +447,10 @@ impl Builder {
         let remote =
             c.all.iter().filter(|(k, p)| p.node != node && !c.local.contains_key(*k)).map(|(k, p)| (k, p, false));
         let mut entries: Vec<_> = local.chain(remote).collect();
-        entries.sort_by(|a, b| b.2.cmp(&a.2).then_with(|| a.0.cmp(b.0)));
+        // Then the older pod first: of two pods claiming one IP, the one that had it first keeps
+        // it (never merely the lexically first name).
+        let age = |p: &PodInfo| p.created.unwrap_or(i64::MAX);
+        entries.sort_by(|a, b| b.2.cmp(&a.2).then_with(|| age(a.1).cmp(&age(b.1))).then_with(|| a.0.cmp(b.0)));
         for (k, p, is_local) in entries {
             if p.finished || p.host_network || p.ips.is_empty() {
                 continue;
@@ -483,6 +495,11 @@ impl Builder {
     /// and for this node's pods the cgroup and network namespace (unknown: left out, so the kernel
     /// keeps refusing its connections and an unknown pod never talks plaintext).
     fn workload(&mut self, c: &Cluster, k: &Key, p: &PodInfo, is_local: bool) -> Result<Workload, String> {
+        if p.mirror {
+            // A static pod is declared by a node alone: a compromised node could name any
+            // namespace's account for it. It gets no identity.
+            return Err("a static (mirror) pod: its identity is the node's word only; left out of the mesh".into());
+        }
         let ns_label = c.namespaces.get(&k.0).cloned().flatten();
         let pod_mode = label_mode(p.mode_label.as_deref())?;
         let ns_mode = label_mode(ns_label.as_deref())?;
@@ -606,6 +623,8 @@ mod tests {
             finished: false,
             mode_label: mode.map(str::to_owned),
             labels: BTreeMap::new(),
+            mirror: false,
+            created: None,
         }
     }
 
@@ -668,6 +687,17 @@ mod tests {
         c.all.insert(key("a", "here"), info("node-7", "10.0.0.9", None));
         // A pod elsewhere still listed with the same IP (its delete not seen yet).
         c.all.insert(key("a", "stale"), info("node-7", "10.0.0.1", None));
+        // Two remote pods claiming one IP: the older keeps it, whatever the names.
+        let mut old = info("node-7", "10.0.0.5", None);
+        old.created = Some(100);
+        let mut new = info("node-8", "10.0.0.5", None);
+        new.created = Some(200);
+        c.all.insert(key("a", "zz-older"), old);
+        c.all.insert(key("a", "aa-newer"), new);
+        // A static pod's mirror gets no identity.
+        let mut mirror = info("node-7", "10.0.0.6", None);
+        mirror.mirror = true;
+        c.all.insert(key("kube-system", "etcd-node-7"), mirror);
         let mut done = info("node-7", "10.0.0.2", None);
         done.finished = true;
         c.all.insert(key("a", "done"), done);
@@ -685,6 +715,10 @@ mod tests {
         assert_eq!(dir.local_pods().count(), 1);
         assert!(dir.pod_by_ip("10.0.0.9".parse().unwrap()).is_none(), "the stale view of the moved pod is not used");
         assert!(b.problems["pod a/stale"].contains("10.0.0.1"));
+        assert_eq!(dir.pod_by_ip("10.0.0.5".parse().unwrap()).unwrap().key.name, "zz-older");
+        assert!(b.problems["pod a/aa-newer"].contains("10.0.0.5"));
+        assert!(dir.pod_by_ip("10.0.0.6".parse().unwrap()).is_none(), "a mirror pod is left out");
+        assert!(b.problems["pod kube-system/etcd-node-7"].contains("mirror"));
         assert!(b.problems["pod a/unplaced"].contains("network namespace"));
         for gone in ["done", "host", "unplaced"] {
             assert!(dir.get(&PodKey { namespace: "a".into(), name: gone.into() }).is_none(), "{gone}");
