@@ -447,6 +447,8 @@ impl KubeMesh {
             let name = format!("meshless-agent-{}", node.name);
             let uid =
                 api.create_pod(tb, SYSTEM_NS, &name, "meshless-agent", &node.name, json!({"app": "meshless-agent"}))?;
+            // It runs (host network: the node's address); the issuer accepts only a running agent pod's token.
+            api.set_pod_ips(tb, SYSTEM_NS, &name, &[node.ipv4.into()])?;
             mesh.agent_pods.push(uid);
             mesh.agents.push(0);
             mesh.logs.push(PathBuf::new());

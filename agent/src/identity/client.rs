@@ -125,6 +125,13 @@ impl IssuerClient {
             roots: b.roots.into_iter().map(CertificateDer::from).collect(),
             signer: b.signer,
         };
+        // The issuer may rotate roots, never move the node to another trust domain.
+        if bundle.trust_domain != self.bootstrap.trust_domain {
+            return Err(Error::Bundle(format!(
+                "the issuer sent a bundle for trust domain {}; this node serves {}: refused",
+                bundle.trust_domain, self.bootstrap.trust_domain
+            )));
+        }
         // Our own trust follows too: after a rotation the issuer presents a new chain.
         self.trust.update(&bundle)?;
         Ok(bundle)
@@ -163,5 +170,29 @@ impl CertificateSource for IssuerClient {
 
     fn bootstrap(&self) -> Result<Bundle, Error> {
         Ok(self.bootstrap.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A bundle for another trust domain never replaces the node's trust.
+    #[tokio::test]
+    async fn a_bundle_of_another_trust_domain_is_refused() {
+        let dir = std::env::temp_dir().join(format!("meshless-client-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let td = TrustDomain::new("cluster.local").unwrap();
+        ca::init(&dir, &td).unwrap();
+        let token = dir.join("token");
+        std::fs::write(&token, "t").unwrap();
+        let client = IssuerClient::new("127.0.0.1:1", &NodeProof::Token(token), &dir.join("bundle.pem"), &td).unwrap();
+        let roots = client.bootstrap.roots.iter().map(|c| c.to_vec()).collect::<Vec<_>>();
+        let foreign = BundleResponse { trust_domain: "evil.example".into(), roots: roots.clone(), signer: "x".into() };
+        let err = client.bundle_of(Some(foreign)).unwrap_err().to_string();
+        assert!(err.contains("evil.example") && err.contains("refused"), "{err}");
+        let own = BundleResponse { trust_domain: "cluster.local".into(), roots, signer: "x".into() };
+        assert!(client.bundle_of(Some(own)).is_ok());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -52,6 +52,13 @@ impl ServiceAccountTokens {
                 status.error.unwrap_or_else(|| "not authenticated".into())
             )));
         }
+        // The API server says which of the asked audiences the token is for: ours must be one.
+        if !status.audiences.as_ref().is_some_and(|a| a.contains(&self.audience)) {
+            return Err(refuse(format!(
+                "the token is not for audience {} (it is for {:?})",
+                self.audience, status.audiences
+            )));
+        }
         let user = status.user.unwrap_or_default();
         let username = user.username.unwrap_or_default();
         let want = format!("system:serviceaccount:{}:{}", self.agent.0, self.agent.1);
@@ -72,6 +79,10 @@ impl ServiceAccountTokens {
             .ok_or_else(|| refuse(format!("agent pod {}/{pod} does not exist", self.agent.0)))?;
         if agent_pod.metadata.uid.as_deref() != Some(uid.as_str()) {
             return Err(refuse(format!("the token was bound to an earlier pod named {pod}")));
+        }
+        let phase = agent_pod.status.as_ref().and_then(|s| s.phase.as_deref());
+        if phase != Some("Running") {
+            return Err(refuse(format!("agent pod {pod} is not running (phase {phase:?})")));
         }
         agent_pod
             .spec
