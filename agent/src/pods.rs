@@ -518,8 +518,6 @@ mod tests {
     use super::*;
     use crate::capture::PodOrig;
     use crate::config::TunnelLimits;
-    use crate::identity::ca::{self, LocalCa, Signer};
-    use crate::identity::store::Rotation;
     use crate::identity::{workload_id, TrustDomain};
     use crate::kernel;
     use crate::limits::HandshakeLimiter;
@@ -630,13 +628,7 @@ mod tests {
     }
 
     async fn manager(name: &str) -> (Manager<Arc<Fake>>, Arc<Fake>, Published) {
-        let dir = std::env::temp_dir().join(format!("meshless-pods-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        ca::init(&dir, &td()).unwrap();
-        let source = Arc::new(LocalCa { signer: Signer::load(&dir).unwrap(), ttl: Duration::from_secs(3600) });
-        let rotation = Rotation { renew_fraction: 0.5, bundle_refresh: Duration::from_secs(3600) };
-        let identities = Identities::new(source, rotation).await.unwrap();
-        std::fs::remove_dir_all(&dir).unwrap();
+        let identities = crate::identity::store::test_identities(&format!("pods-{name}")).await;
         let empty = Arc::new(Directory::empty(td(), "node1".into(), "/unused".into()));
         let proxy = Arc::new(proxy::Inputs {
             limits: TunnelLimits::default(),

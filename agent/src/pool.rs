@@ -257,8 +257,6 @@ mod tests {
     use tokio_util::sync::CancellationToken;
 
     use super::*;
-    use crate::identity::ca::{self, LocalCa, Signer};
-    use crate::identity::store::{Identities, Rotation};
     use crate::identity::{workload_id, TrustDomain};
     use crate::tunnel::Inbound;
 
@@ -266,15 +264,8 @@ mod tests {
     /// holds the destinations it calls now, not every one it ever called.
     #[tokio::test]
     async fn a_slot_leaves_the_pool_with_its_last_connection() {
-        let dir = std::env::temp_dir().join(format!("meshless-pool-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
         let td = TrustDomain::new("cluster.local").unwrap();
-        ca::init(&dir, &td).unwrap();
-        let source = Arc::new(LocalCa { signer: Signer::load(&dir).unwrap(), ttl: Duration::from_secs(3600) });
-        let ids = Identities::new(source, Rotation { renew_fraction: 0.5, bundle_refresh: Duration::from_secs(3600) })
-            .await
-            .unwrap();
-        std::fs::remove_dir_all(&dir).unwrap();
+        let ids = crate::identity::store::test_identities("pool").await;
         let (cid, sid) = (workload_id(&td, "ns", "client").unwrap(), workload_id(&td, "ns", "server").unwrap());
         let client = ids.pod_tls(ids.issue("ns/client", &cid).await.unwrap()).unwrap();
         let server = ids.pod_tls(ids.issue("ns/server", &sid).await.unwrap()).unwrap();

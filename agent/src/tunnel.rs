@@ -619,8 +619,6 @@ mod tests {
         assert_eq!(parse_target(&name), Err(":authority must be ip:port"));
     }
 
-    use crate::identity::ca::{self, LocalCa, Signer};
-    use crate::identity::store::{Identities, Rotation};
     use crate::identity::{workload_id, PodTls, TrustDomain};
 
     /// Two ends of a loopback TCP connection: (the agent's end, the app's end).
@@ -638,18 +636,12 @@ mod tests {
     }
 
     async fn pki(name: &str) -> Pki {
-        let dir = std::env::temp_dir().join(format!("meshless-tunnel-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
         let td = TrustDomain::new("cluster.local").unwrap();
-        ca::init(&dir, &td).unwrap();
-        let source = Arc::new(LocalCa { signer: Signer::load(&dir).unwrap(), ttl: Duration::from_secs(3600) });
-        let rotation = Rotation { renew_fraction: 0.5, bundle_refresh: Duration::from_secs(3600) };
-        let ids = Identities::new(source, rotation).await.unwrap();
+        let ids = crate::identity::store::test_identities(&format!("tunnel-{name}")).await;
         let (cid, sid) =
             (workload_id(&td, "default", "client").unwrap(), workload_id(&td, "default", "server").unwrap());
         let client = ids.pod_tls(ids.issue("default/client", &cid).await.unwrap()).unwrap();
         let server = ids.pod_tls(ids.issue("default/server", &sid).await.unwrap()).unwrap();
-        std::fs::remove_dir_all(&dir).unwrap();
         Pki { client, server, server_id: sid }
     }
 

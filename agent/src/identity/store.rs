@@ -375,6 +375,23 @@ impl PodTls {
     }
 }
 
+/// The certificate store of a test: a development CA made in a scratch directory (removed once
+/// loaded) for `cluster.local`, one-hour certificates. Unit tests of the data path and the pod
+/// lifecycle build their identities with it.
+#[cfg(test)]
+pub(crate) async fn test_identities(name: &str) -> Arc<Identities> {
+    use super::ca::{self, LocalCa, Signer};
+    let dir = std::env::temp_dir().join(format!("meshless-ids-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    ca::init(&dir, &TrustDomain::new("cluster.local").expect("a valid trust domain")).expect("a CA directory");
+    let source =
+        Arc::new(LocalCa { signer: Signer::load(&dir).expect("the CA loads"), ttl: Duration::from_secs(3600) });
+    let rotation = Rotation { renew_fraction: 0.5, bundle_refresh: Duration::from_secs(3600) };
+    let ids = Identities::new(source, rotation).await.expect("the store starts");
+    std::fs::remove_dir_all(&dir).expect("the scratch CA directory is removed");
+    ids
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
