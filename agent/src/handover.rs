@@ -181,6 +181,9 @@ pub fn serve(path: &Path) -> Result<mpsc::Receiver<Request>, Error> {
     let fd = socket::socket(AddressFamily::Unix, SockType::SeqPacket, SockFlag::SOCK_CLOEXEC, None)
         .map_err(|e| err(e.into()))?;
     socket::bind(fd.as_raw_fd(), &UnixAddr::new(path).map_err(|e| err(e.into()))?).map_err(|e| err(e.into()))?;
+    // Only the agent's own user may take the listeners: the socket is that user's alone, and
+    // every peer's credentials are checked as well (`serve_one`).
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600)).map_err(err)?;
     socket::listen(&fd, socket::Backlog::new(4).expect("valid backlog")).map_err(|e| err(e.into()))?;
     let (tx, rx) = mpsc::channel(1);
     let path = path.to_path_buf();
@@ -205,6 +208,17 @@ pub fn serve(path: &Path) -> Result<mpsc::Receiver<Request>, Error> {
 }
 
 fn serve_one(conn: &OwnedFd, tx: &mpsc::Sender<Request>) -> Result<(), Error> {
+    let peer =
+        socket::getsockopt(conn, socket::sockopt::PeerCredentials).map_err(|e| Error::Protocol(e.to_string()))?;
+    // SAFETY: geteuid(2) has no arguments and cannot fail.
+    let ours = unsafe { libc::geteuid() };
+    if peer.uid() != ours {
+        return Err(Error::Protocol(format!(
+            "the peer (pid {}, uid {}) is not the agent's user (uid {ours}): refused",
+            peer.pid(),
+            peer.uid()
+        )));
+    }
     set_timeout(conn).map_err(|e| Error::Protocol(e.to_string()))?;
     match recv(conn)?.0 {
         Message::Hello { version: VERSION } => {}
@@ -310,6 +324,49 @@ mod tests {
         line.adopted().unwrap();
         assert!(predecessor.await.unwrap(), "the predecessor learns that the successor serves");
         assert!(receive(&dir.join("nobody.sock")).unwrap().is_none());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Connects to the hand-over socket `path` as user nobody and says Hello; the exit code says
+    /// what happened: 2 the connect was refused, 3 closed without an answer, 0 answered.
+    fn as_nobody(path: &Path) -> Option<i32> {
+        let script = "import socket, sys\n\
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)\n\
+            s.settimeout(5)\n\
+            try:\n    s.connect(sys.argv[1])\nexcept PermissionError:\n    sys.exit(2)\n\
+            try:\n    s.send(b'{\"Hello\":{\"version\":1}}')\n    data = s.recv(65536)\nexcept OSError:\n    data = b''\n\
+            sys.exit(0 if data else 3)\n";
+        let out = std::process::Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/python3", "-c", script])
+            .arg(path)
+            .output();
+        match out {
+            Ok(o) if o.status.code().is_some() => o.status.code(),
+            _ => None,
+        }
+    }
+
+    /// Only the agent's user may take the listeners over: the socket is 0600, and a peer of
+    /// another user that reaches it anyway (the mode changed, another mount) is refused by its
+    /// credentials before anything is handed out. Needs root (to act as another user).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn only_the_agent_s_user_may_take_the_listeners() {
+        use std::os::unix::fs::PermissionsExt as _;
+        // SAFETY: geteuid(2) has no arguments and cannot fail.
+        if unsafe { libc::geteuid() } != 0 {
+            assert!(!matches!(std::env::var("CI").as_deref(), Ok("true" | "1")), "needs root under CI");
+            eprintln!("skipped: needs root to act as another user");
+            return;
+        }
+        let dir = std::env::temp_dir().join(format!("meshless-handover-peer-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let path = socket_path(&dir);
+        let mut requests = serve(&path).unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(as_nobody(&path), Some(2), "another user cannot even connect");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).unwrap();
+        assert_eq!(as_nobody(&path), Some(3), "another user that connects is refused without an answer");
+        assert!(requests.try_recv().is_err(), "nothing was handed to another user's successor");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
