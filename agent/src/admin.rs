@@ -67,6 +67,10 @@ pub struct Explanation {
     pub audited: Vec<String>,
     /// Policy denied, but the mesh is in dry-run: the connection goes through.
     pub dry_run: bool,
+    /// Policies that took part and are not enforced as written: what was left out, or what
+    /// stands in for an object that cannot be read.
+    #[serde(default)]
+    pub caveats: Vec<String>,
 }
 
 impl Explanation {
@@ -85,6 +89,9 @@ impl Explanation {
         }
         for a in &self.audited {
             let _ = writeln!(s, "  audited:  {a}");
+        }
+        for c in &self.caveats {
+            let _ = writeln!(s, "  caveat:   {c}");
         }
         s
     }
@@ -176,8 +183,13 @@ pub fn explain(dir: &Directory, q: &Question) -> Result<Explanation, ExplainErro
         reason: outcome.why.clone(),
         policy: rule.map(|r| r.policy.to_string()),
         rule: rule.map(|r| r.rule),
-        audited: outcome.decision.map(|d| d.audited.iter().map(ToString::to_string).collect()).unwrap_or_default(),
+        audited: outcome
+            .decision
+            .as_ref()
+            .map(|d| d.audited.iter().map(ToString::to_string).collect())
+            .unwrap_or_default(),
         dry_run: outcome.dry_run,
+        caveats: outcome.decision.map(|d| d.caveats).unwrap_or_default(),
     })
 }
 
@@ -246,6 +258,8 @@ struct PolicyView {
     close_denied_connections: bool,
     peer_authentications: usize,
     authorization_policies: usize,
+    /// Every policy object and how much of it is enforced.
+    objects: Vec<crate::policy::ObjectReport>,
     pods: Vec<PodView>,
 }
 
@@ -258,7 +272,12 @@ struct PodView {
 }
 
 async fn status_handler(With(state): With<State>) -> Json<crate::status::NodeStatus> {
-    Json(state.status.load().with_live(&state.local_pods.load(), &state.proxy.pool))
+    let mut status = state.status.load().with_live(&state.local_pods.load(), &state.proxy.pool);
+    let policies = &state.proxy.store.load().policies;
+    status.policy_objects = policies.states();
+    status.policy_problems =
+        policies.objects().iter().filter(|o| o.enforcement != crate::policy::Enforcement::Enforced).cloned().collect();
+    Json(status)
 }
 
 async fn policy_handler(With(state): With<State>) -> Json<PolicyView> {
@@ -286,6 +305,7 @@ async fn policy_handler(With(state): With<State>) -> Json<PolicyView> {
         close_denied_connections: s.close_denied_connections,
         peer_authentications: pa,
         authorization_policies: ap,
+        objects: dir.policies.objects().to_vec(),
         pods,
     })
 }
@@ -304,6 +324,14 @@ async fn metrics_handler(With(state): With<State>) -> impl IntoResponse {
             k.decision,
             escape(&k.by)
         );
+    }
+    let dir = state.proxy.store.load();
+    out.push_str(
+        "# HELP meshless_policy_objects Policy objects by how much of them is enforced (Enforced, PartiallyEnforced, FailedClosed).\n\
+         # TYPE meshless_policy_objects gauge\n",
+    );
+    for (state, n) in dir.policies.states() {
+        let _ = writeln!(out, "meshless_policy_objects{{state=\"{state}\"}} {n}");
     }
     ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
 }

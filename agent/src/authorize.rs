@@ -57,7 +57,7 @@ pub fn decide(req: &Request<'_>, policy: &PodPolicy, dry_run: bool) -> Outcome {
     if !req.dst.ips.iter().any(|ip| canonical(*ip) == canonical(req.target.ip())) {
         return refuse(StatusCode::MISDIRECTED_REQUEST, "target is not this pod");
     }
-    let decision = policy.decide(&req.peer, req.target.port());
+    let decision = policy.decide(&req.peer, req.target);
     let why = decision.reason.to_string();
     let denied_by_policy = !decision.allowed && !matches!(decision.reason, crate::policy::Reason::PlaintextRefused);
     let dry = dry_run && denied_by_policy;
@@ -121,12 +121,14 @@ pub fn record(stats: &Stats, req: &Request<'_>, mode: Mode, outcome: &Outcome) {
     let dst_id = req.dst.identity.to_string();
     let (src_addr, dst_addr, dst_port) = (req.from, req.target, req.target.port());
     let audited = audited.join(",");
+    // Policies that took part and are not enforced as written (partially, or failed closed).
+    let caveats = outcome.decision.as_ref().map(|d| d.caveats.join("; ")).unwrap_or_default();
     if outcome.admit && !outcome.dry_run {
         info!(transport, src_id, %src_addr, dst, dst_id, %dst_addr, dst_port, mode = mode.as_str(), decision, policy,
-            rule = rule_index, reason = %outcome.why, audited, "inbound decision");
+            rule = rule_index, reason = %outcome.why, audited, caveats, "inbound decision");
     } else {
         warn!(transport, src_id, %src_addr, dst, dst_id, %dst_addr, dst_port, mode = mode.as_str(), decision, policy,
-            rule = rule_index, reason = %outcome.why, audited, "inbound decision");
+            rule = rule_index, reason = %outcome.why, audited, caveats, "inbound decision");
     }
     stats.count(DecisionKey { transport, mode: mode.as_str(), decision, by });
 }

@@ -185,6 +185,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 dir.len(),
                 if dir.policies.settings.dry_run { " (dry run)" } else { "" }
             );
+            // Accepted, but not enforced as written: say what was left out and how it is treated.
+            for o in dir.policies.objects().iter().filter(|o| o.enforcement != crate::policy::Enforcement::Enforced) {
+                println!("{} {}: {}", o.kind, o.policy, o.enforcement.summary());
+            }
             Ok(())
         }
         Cmd::Policy { cmd: PolicyCmd::Check(q) } => policy(q, false),

@@ -100,7 +100,7 @@ impl LocalPod {
         let live = self.live.lock();
         let mut closed = 0;
         for conn in live.values() {
-            let decision = policy.decide(&conn.peer.as_peer(), conn.target.port());
+            let decision = policy.decide(&conn.peer.as_peer(), conn.target);
             if !decision.allowed && !conn.cancel.is_cancelled() {
                 warn!(pod = %self.key, src = %conn.peer.as_peer(), dst_port = conn.target.port(), reason = %decision.reason,
                     "closing an established connection the new policy denies");

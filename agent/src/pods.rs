@@ -253,7 +253,7 @@ impl<K: Kernel> Manager<K> {
             })
             .collect();
         pods.sort_by(|a, b| a.pod.cmp(&b.pod));
-        NodeStatus { draining: self.draining, pods, pool: Vec::new() }
+        NodeStatus { draining: self.draining, pods, ..NodeStatus::default() }
     }
 
     /// Retries the pods whose retry time has come.

@@ -1,13 +1,14 @@
 //! The node's status as operators and tests read it (`GET /status` on the admin endpoint): every
 //! pod the agent manages with its state (enrolled, outside the mesh, failing with the last error
 //! and the next retry), its mode and certificate, its live connections, the pooled tunnel
-//! connections per destination, and whether the agent is draining.
+//! connections per destination, whether the agent is draining, and how much of each policy object
+//! is enforced.
 //!
 //! The pod lifecycle manager publishes a [`NodeStatus`] after each change (one pointer swap);
 //! [`NodeStatus::with_live`] adds what moves between changes (connections, the certificate after a
 //! rotation, the pool) when it is read. Tests assert this state instead of log wording.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Instant, UNIX_EPOCH};
@@ -16,7 +17,7 @@ use arc_swap::ArcSwap;
 use serde::Serialize;
 
 use crate::local::LocalPod;
-use crate::policy::Mode;
+use crate::policy::{Mode, ObjectReport};
 use crate::pool::{Pool, PoolEntry};
 use crate::workloads::PodKey;
 
@@ -30,6 +31,10 @@ pub struct NodeStatus {
     pub pods: Vec<PodStatus>,
     /// Pooled tunnel connections, per (source pod, destination).
     pub pool: Vec<PoolEntry>,
+    /// How many policy objects are enforced, partially enforced, or failed closed.
+    pub policy_objects: BTreeMap<&'static str, usize>,
+    /// The objects not enforced as written: what was left out, or what stands in for them.
+    pub policy_problems: Vec<ObjectReport>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

@@ -7,18 +7,20 @@
 //! the workload, one of them must match; otherwise the connection is allowed. AUDIT policies only
 //! mark what they match.
 //!
-//! [`Policies::compile`] validates every object (errors name the object and the field) and indexes
-//! them by namespace; [`Policies::for_workload`] gathers what applies to one pod into a
-//! [`PodPolicy`] (the agent does this once per pod and snapshot), so a decision only looks at the
-//! policies that select that pod — not at every policy of the cluster — and exact principals are
-//! hash lookups. [`PodPolicy::decide`] is the one pure function the data path, `meshless policy
-//! explain` and the admin endpoint all call; its [`Decision`] says which policy and rule decided.
+//! [`Policies::compile`] translates every object (one translation for every source: what it
+//! cannot evaluate never widens access, see [`Enforcement`]) and indexes them by namespace;
+//! [`Policies::for_workload`] gathers what applies to one pod into a [`PodPolicy`] (the agent
+//! does this once per pod and snapshot), so a decision only looks at the policies that select
+//! that pod — not at every policy of the cluster — and exact principals are hash lookups.
+//! [`PodPolicy::decide`] is the one pure function the data path, `meshless policy explain` and
+//! the admin endpoint all call; its [`Decision`] says which policy and rule decided, and what of
+//! them is not enforced as written.
 
 pub mod model;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use ipnet::IpNet;
@@ -90,6 +92,10 @@ pub struct PolicyInput {
     pub mesh: MeshSettings,
     pub peer_authentications: Vec<PeerAuthentication>,
     pub authorization_policies: Vec<AuthorizationPolicy>,
+    /// Objects whose spec could not be parsed at all (from the API server; a state file that
+    /// does not parse is refused as a whole instead).
+    #[serde(skip)]
+    pub unreadable: Vec<Unreadable>,
 }
 
 /// A pod's inbound mode, as the kernel and the agent apply it.
@@ -265,6 +271,10 @@ pub struct Decision {
     /// AUDIT rules that matched (logged, never change the outcome).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub audited: Vec<RuleRef>,
+    /// Policies that took part and are not enforced as written: what was left out, or what
+    /// stands in for an object that cannot be read.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub caveats: Vec<String>,
 }
 
 impl Decision {
@@ -285,7 +295,95 @@ impl Decision {
     }
 }
 
-/// All policy of one snapshot, validated and indexed.
+/// How much of one policy object meshless enforces: the one translation every source (the
+/// Kubernetes resources, the state file, the offline CLI) goes through. Nothing meshless cannot
+/// read or evaluate ever widens access: what it cannot evaluate in a DENY is treated as matching,
+/// in an ALLOW as matching nothing, and an object it cannot read at all is replaced by a closed
+/// stand-in until it is fixed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "state")]
+pub enum Enforcement {
+    /// Every field, with Istio's meaning.
+    Enforced,
+    /// Accepted, but the fields named are not evaluated; each says how it is treated instead.
+    PartiallyEnforced { left_out: Vec<FieldError> },
+    /// Not readable (the error names the field); `effect` is what is enforced in its place.
+    FailedClosed { error: FieldError, effect: String },
+}
+
+impl Enforcement {
+    /// `Enforced`, `PartiallyEnforced` or `FailedClosed` (the status reason, the metric label).
+    pub fn state(&self) -> &'static str {
+        match self {
+            Enforcement::Enforced => "Enforced",
+            Enforcement::PartiallyEnforced { .. } => "PartiallyEnforced",
+            Enforcement::FailedClosed { .. } => "FailedClosed",
+        }
+    }
+
+    /// One line for the status message, the log and decisions: what was left out or refused.
+    pub fn summary(&self) -> String {
+        match self {
+            Enforcement::Enforced => "enforced".into(),
+            Enforcement::PartiallyEnforced { left_out } => {
+                let fields: Vec<String> = left_out.iter().map(ToString::to_string).collect();
+                format!("partially enforced; left out: {}", fields.join("; "))
+            }
+            Enforcement::FailedClosed { error, effect } => format!("cannot be read ({error}); fails closed: {effect}"),
+        }
+    }
+}
+
+/// What became of one object of a policy set.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ObjectReport {
+    /// `PeerAuthentication` or `AuthorizationPolicy`.
+    pub kind: &'static str,
+    pub policy: PolicyRef,
+    #[serde(flatten)]
+    pub enforcement: Enforcement,
+}
+
+/// A policy object that could not be parsed into its kind's type at all (a resource from the API
+/// whose `spec` has the wrong shape): what could be read of it, for its closed stand-in.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Unreadable {
+    /// `PeerAuthentication` or `AuthorizationPolicy`.
+    pub kind: &'static str,
+    pub metadata: model::ObjectMeta,
+    /// `spec.action`, when it is one meshless knows.
+    pub action: Option<Action>,
+    /// `spec.selector.matchLabels` when readable; `None`: every workload of the namespace (of the
+    /// mesh, in the root namespace).
+    pub selector: Option<BTreeMap<String, String>>,
+    pub error: FieldError,
+}
+
+/// Reads a policy object of kind `T` from its metadata and its `spec` as a generic value (what
+/// the API server sent). A spec that does not parse is returned as [`Unreadable`], with the
+/// path of the field that failed and whatever of its action and selector could be read.
+pub fn read_object<T: PolicyObject>(
+    metadata: model::ObjectMeta,
+    spec: serde_json::Value,
+) -> Result<T, Box<Unreadable>> {
+    let action = spec.get("action").and_then(|a| serde_json::from_value::<Action>(a.clone()).ok());
+    let selector = match spec.get("selector") {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(s) => serde_json::from_value::<model::WorkloadSelector>(s.clone())
+            .map(|s| Some(s.match_labels).filter(|l| !l.is_empty())),
+    };
+    match serde_path_to_error::deserialize::<_, T::Spec>(spec) {
+        Ok(spec) => Ok(T::assemble(metadata, spec)),
+        Err(e) => {
+            let path = e.path().to_string();
+            let field = if path == "." { "spec".to_string() } else { format!("spec.{path}") };
+            let error = FieldError::new(field, e.into_inner().to_string());
+            Err(Box::new(Unreadable { kind: T::KIND, metadata, action, selector: selector.unwrap_or(None), error }))
+        }
+    }
+}
+
+/// All policy of one snapshot, translated and indexed.
 #[derive(Debug, Default)]
 pub struct Policies {
     pub settings: MeshSettings,
@@ -294,6 +392,8 @@ pub struct Policies {
     /// AuthorizationPolicies by namespace, sorted by name.
     authz: HashMap<String, Vec<Arc<CompiledPolicy>>>,
     counts: (usize, usize),
+    /// What became of each object, in input order.
+    objects: Vec<ObjectReport>,
 }
 
 #[derive(Debug)]
@@ -302,6 +402,8 @@ struct CompiledPeer {
     /// `None`: the whole namespace (or mesh, in the root namespace).
     selector: Option<BTreeMap<String, String>>,
     mode: MtlsMode,
+    /// The strongest mode of `portLevelMtls`: the selected workloads get at least this one.
+    floor: Option<Mode>,
 }
 
 #[derive(Debug)]
@@ -310,13 +412,18 @@ struct CompiledPolicy {
     action: Action,
     selector: Option<BTreeMap<String, String>>,
     rules: Vec<CompiledRule>,
+    /// For decisions: why the policy is not enforced as written (`None`: it is).
+    caveat: Option<String>,
 }
 
-/// OR of `from` (empty: any source) AND OR of `to` (empty: any port).
-#[derive(Debug)]
+/// OR of `from` (empty: any source) AND OR of `to` (empty: any port) AND every condition.
+#[derive(Debug, Default)]
 struct CompiledRule {
     from: Vec<SourceMatch>,
     to: Vec<PortMatch>,
+    when: Vec<Condition>,
+    /// An ALLOW rule with a condition meshless cannot evaluate: matches nothing.
+    never: bool,
 }
 
 /// AND of the fields present.
@@ -326,14 +433,43 @@ struct SourceMatch {
     not_principals: Option<Names>,
     namespaces: Option<Names>,
     not_namespaces: Option<Names>,
+    service_accounts: Option<HashSet<(String, String)>>,
+    not_service_accounts: Option<HashSet<(String, String)>>,
     ip_blocks: Option<Vec<IpNet>>,
     not_ip_blocks: Option<Vec<IpNet>>,
+    /// An ALLOW clause with an attribute meshless cannot evaluate: matches nothing.
+    never: bool,
 }
 
 #[derive(Debug, Default)]
 struct PortMatch {
     ports: Option<Vec<u16>>,
     not_ports: Option<Vec<u16>>,
+    never: bool,
+}
+
+/// A `when` condition on an L4 attribute.
+#[derive(Debug)]
+struct Condition {
+    attribute: Attribute,
+    values: Option<Values>,
+    not_values: Option<Values>,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Attribute {
+    SourceIp,
+    SourceNamespace,
+    SourcePrincipal,
+    DestinationIp,
+    DestinationPort,
+}
+
+#[derive(Debug)]
+enum Values {
+    Blocks(Vec<IpNet>),
+    Names(Names),
+    Ports(Vec<u16>),
 }
 
 /// Istio's string match: exact, `prefix*`, `*suffix`, or `*` (any non-empty value).
@@ -375,30 +511,32 @@ impl PodPolicy {
         }
     }
 
-    /// Decides a connection from `peer` to this pod's `port`.
-    pub fn decide(&self, peer: &Peer<'_>, port: u16) -> Decision {
+    /// Decides a connection from `peer` to `to` (this pod's address and port).
+    pub fn decide(&self, peer: &Peer<'_>, to: SocketAddr) -> Decision {
+        let decision = |allowed, reason, audited, caveats| Decision { allowed, reason, audited, caveats };
         if let Peer::Plaintext { .. } = peer {
             match self.mode.mode {
-                Mode::Strict => return Decision { allowed: false, reason: Reason::PlaintextRefused, audited: vec![] },
-                Mode::Disable => return Decision { allowed: true, reason: Reason::NotCaptured, audited: vec![] },
+                Mode::Strict => return decision(false, Reason::PlaintextRefused, vec![], vec![]),
+                Mode::Disable => return decision(true, Reason::NotCaptured, vec![], vec![]),
                 Mode::Permissive => {}
             }
         }
-        let facts = Facts::of(peer, port);
+        let facts = Facts::of(peer, to);
         let audited = self.audit.iter().filter_map(|p| p.first_match(&facts)).collect();
-        if let Some(by) = self.deny.iter().find_map(|p| p.first_match(&facts)) {
-            return Decision { allowed: false, reason: Reason::Denied { by }, audited };
+        if let Some((p, by)) = self.deny.iter().find_map(|p| p.first_match(&facts).map(|by| (p, by))) {
+            return decision(false, Reason::Denied { by }, audited, p.caveats());
         }
         if self.allow.is_empty() {
-            return Decision { allowed: true, reason: Reason::DefaultAllow, audited };
+            return decision(true, Reason::DefaultAllow, audited, vec![]);
         }
-        match self.allow.iter().find_map(|p| p.first_match(&facts)) {
-            Some(by) => Decision { allowed: true, reason: Reason::Allowed { by }, audited },
-            None => Decision {
-                allowed: false,
-                reason: Reason::NoAllowMatched { policies: self.allow.iter().map(|p| p.reference.clone()).collect() },
+        match self.allow.iter().find_map(|p| p.first_match(&facts).map(|by| (p, by))) {
+            Some((p, by)) => decision(true, Reason::Allowed { by }, audited, p.caveats()),
+            None => decision(
+                false,
+                Reason::NoAllowMatched { policies: self.allow.iter().map(|p| p.reference.clone()).collect() },
                 audited,
-            },
+                self.allow.iter().flat_map(|p| p.caveats()).collect(),
+            ),
         }
     }
 
@@ -417,19 +555,24 @@ struct Facts<'a> {
     /// The SPIFFE ID without `spiffe://` (Istio's principal form).
     principal: Option<String>,
     namespace: Option<&'a str>,
+    /// (namespace, service account) of a `/ns/<ns>/sa/<sa>` SPIFFE ID.
+    service_account: Option<(&'a str, &'a str)>,
     ip: Option<IpAddr>,
+    destination: IpAddr,
     port: u16,
 }
 
 impl<'a> Facts<'a> {
-    fn of(peer: &'a Peer<'a>, port: u16) -> Facts<'a> {
-        let (principal, namespace) = match peer {
-            Peer::Authenticated { id, .. } => {
-                (Some(format!("{}{}", id.trust_domain_name(), id.path())), namespace_of(id.path()))
-            }
-            Peer::Plaintext { .. } => (None, None),
+    fn of(peer: &'a Peer<'a>, to: SocketAddr) -> Facts<'a> {
+        let (principal, namespace, service_account) = match peer {
+            Peer::Authenticated { id, .. } => (
+                Some(format!("{}{}", id.trust_domain_name(), id.path())),
+                namespace_of(id.path()),
+                service_account_of(id.path()),
+            ),
+            Peer::Plaintext { .. } => (None, None, None),
         };
-        Facts { principal, namespace, ip: peer.ip(), port }
+        Facts { principal, namespace, service_account, ip: peer.ip(), destination: canonical(to.ip()), port: to.port() }
     }
 }
 
@@ -442,16 +585,36 @@ fn namespace_of(path: &str) -> Option<&str> {
     }
 }
 
+/// (namespace, service account) of exactly `/ns/<namespace>/sa/<sa>`.
+fn service_account_of(path: &str) -> Option<(&str, &str)> {
+    let mut parts = path.strip_prefix('/')?.split('/');
+    match (parts.next(), parts.next(), parts.next(), parts.next(), parts.next()) {
+        (Some("ns"), Some(ns), Some("sa"), Some(sa), None) if !ns.is_empty() && !sa.is_empty() => Some((ns, sa)),
+        _ => None,
+    }
+}
+
 impl CompiledPolicy {
     fn first_match(&self, facts: &Facts<'_>) -> Option<RuleRef> {
         self.rules.iter().position(|r| r.matches(facts)).map(|rule| RuleRef { policy: self.reference.clone(), rule })
     }
+
+    fn caveats(&self) -> Vec<String> {
+        self.caveat.iter().map(|c| format!("{}: {c}", self.reference)).collect()
+    }
 }
 
 impl CompiledRule {
+    /// The rule that matches every connection (a failed-closed DENY's).
+    fn any() -> CompiledRule {
+        CompiledRule::default()
+    }
+
     fn matches(&self, f: &Facts<'_>) -> bool {
-        (self.from.is_empty() || self.from.iter().any(|s| s.matches(f)))
+        !self.never
+            && (self.from.is_empty() || self.from.iter().any(|s| s.matches(f)))
             && (self.to.is_empty() || self.to.iter().any(|p| p.matches(f.port)))
+            && self.when.iter().all(|c| c.holds(f))
     }
 }
 
@@ -459,10 +622,16 @@ impl SourceMatch {
     fn matches(&self, f: &Facts<'_>) -> bool {
         let in_blocks = |blocks: &Vec<IpNet>| f.ip.is_some_and(|ip| blocks.iter().any(|b| b.contains(&ip)));
         let principal = f.principal.as_deref();
-        self.principals.as_ref().is_none_or(|n| n.matches(principal))
+        let account = |set: &HashSet<(String, String)>| {
+            f.service_account.is_some_and(|(ns, sa)| set.contains(&(ns.to_string(), sa.to_string())))
+        };
+        !self.never
+            && self.principals.as_ref().is_none_or(|n| n.matches(principal))
             && self.not_principals.as_ref().is_none_or(|n| !n.matches(principal))
             && self.namespaces.as_ref().is_none_or(|n| n.matches(f.namespace))
             && self.not_namespaces.as_ref().is_none_or(|n| !n.matches(f.namespace))
+            && self.service_accounts.as_ref().is_none_or(account)
+            && self.not_service_accounts.as_ref().is_none_or(|s| !account(s))
             && self.ip_blocks.as_ref().is_none_or(in_blocks)
             && self.not_ip_blocks.as_ref().is_none_or(|b| !in_blocks(b))
     }
@@ -470,8 +639,24 @@ impl SourceMatch {
 
 impl PortMatch {
     fn matches(&self, port: u16) -> bool {
-        self.ports.as_ref().is_none_or(|p| p.contains(&port))
+        !self.never
+            && self.ports.as_ref().is_none_or(|p| p.contains(&port))
             && self.not_ports.as_ref().is_none_or(|p| !p.contains(&port))
+    }
+}
+
+impl Condition {
+    fn holds(&self, f: &Facts<'_>) -> bool {
+        let has = |v: &Values| match (self.attribute, v) {
+            (Attribute::SourceIp, Values::Blocks(b)) => f.ip.is_some_and(|ip| b.iter().any(|n| n.contains(&ip))),
+            (Attribute::DestinationIp, Values::Blocks(b)) => b.iter().any(|n| n.contains(&f.destination)),
+            (Attribute::SourceNamespace, Values::Names(n)) => n.matches(f.namespace),
+            (Attribute::SourcePrincipal, Values::Names(n)) => n.matches(f.principal.as_deref()),
+            (Attribute::DestinationPort, Values::Ports(p)) => p.contains(&f.port),
+            // Compiled together; never reached.
+            _ => false,
+        };
+        self.values.as_ref().is_none_or(has) && self.not_values.as_ref().is_none_or(|v| !has(v))
     }
 }
 
@@ -480,40 +665,76 @@ fn selects(selector: &Option<BTreeMap<String, String>>, labels: &BTreeMap<String
 }
 
 impl Policies {
-    /// Validates and indexes `input`. Any invalid object fails the whole set (a bad update is
-    /// never half-applied); the error names the object and the field.
+    /// Translates and indexes `input`, refusing the set as a whole if any object cannot be read
+    /// (or is defined twice): the state file's rule, under which a bad file never replaces a good
+    /// one. Objects that are only partially enforceable are accepted, with the same meaning as in
+    /// Kubernetes ([`Policies::objects`] says what was left out).
     pub fn compile(input: &PolicyInput) -> Result<Policies, Invalid> {
-        let settings = input.mesh.clone();
-        check_name(&settings.root_namespace)
-            .map_err(|e| Invalid { object: String::new(), error: e.within("mesh.rootNamespace") })?;
-        let mut peer: HashMap<String, Vec<Arc<CompiledPeer>>> = HashMap::new();
+        let (policies, mut problems) = Policies::translate(input);
+        match problems.is_empty() {
+            true => Ok(policies),
+            false => Err(problems.swap_remove(0)),
+        }
+    }
+
+    /// Translates and indexes `input`, never refusing it: an object that cannot be read is
+    /// replaced by its closed stand-in (a DENY that denies everything it could select, an ALLOW
+    /// that allows nothing, a STRICT PeerAuthentication), so one bad object cannot remove the
+    /// others, and cannot widen access either. For sources of many independent objects (the
+    /// Kubernetes resources).
+    pub fn compile_failing_closed(input: &PolicyInput) -> Policies {
+        Policies::translate(input).0
+    }
+
+    fn translate(input: &PolicyInput) -> (Policies, Vec<Invalid>) {
+        let mut problems = Vec::new();
+        if let Err(e) = check_name(&input.mesh.root_namespace) {
+            problems.push(Invalid { object: String::new(), error: e.within("mesh.rootNamespace") });
+        }
+        let mut p = Policies { settings: input.mesh.clone(), ..Policies::default() };
         let mut seen = HashSet::new();
+        let mut note = |p: &mut Policies, object: String, reference: PolicyRef, kind, enforcement: Enforcement| {
+            if let Enforcement::FailedClosed { error, .. } = &enforcement {
+                problems.push(Invalid { object: object.clone(), error: error.clone() });
+            }
+            if !seen.insert((kind, reference.clone())) {
+                problems.push(Invalid { object, error: FieldError::new("", "defined twice") });
+            }
+            p.objects.push(ObjectReport { kind, policy: reference, enforcement });
+        };
         for (i, pa) in input.peer_authentications.iter().enumerate() {
-            let object = format!("peerAuthentications[{i}] ({}/{})", pa.metadata.namespace, pa.metadata.name);
-            let c = compile_peer(pa).map_err(|error| Invalid { object: object.clone(), error })?;
-            if !seen.insert(c.reference.clone()) {
-                return Err(Invalid { object, error: FieldError::new("", "defined twice") });
-            }
-            peer.entry(c.reference.namespace.clone()).or_default().push(Arc::new(c));
+            let object = format!("peerAuthentications[{i}] ({})", pa.reference());
+            let (c, enforcement) = compile_peer(pa);
+            note(&mut p, object, c.reference.clone(), PeerAuthentication::KIND, enforcement);
+            p.peer.entry(c.reference.namespace.clone()).or_default().push(Arc::new(c));
         }
-        let mut authz: HashMap<String, Vec<Arc<CompiledPolicy>>> = HashMap::new();
-        let mut seen = HashSet::new();
         for (i, ap) in input.authorization_policies.iter().enumerate() {
-            let object = format!("authorizationPolicies[{i}] ({}/{})", ap.metadata.namespace, ap.metadata.name);
-            let c = compile_authz(ap).map_err(|error| Invalid { object: object.clone(), error })?;
-            if !seen.insert(c.reference.clone()) {
-                return Err(Invalid { object, error: FieldError::new("", "defined twice") });
+            let object = format!("authorizationPolicies[{i}] ({})", ap.reference());
+            let (c, enforcement) = compile_authz(ap);
+            note(&mut p, object, c.reference.clone(), AuthorizationPolicy::KIND, enforcement);
+            p.authz.entry(c.reference.namespace.clone()).or_default().push(Arc::new(c));
+        }
+        for u in &input.unreadable {
+            let reference = PolicyRef { namespace: u.metadata.namespace.clone(), name: u.metadata.name.clone() };
+            let object = format!("{} {reference}", u.kind);
+            if u.kind == PeerAuthentication::KIND {
+                let (c, enforcement) = peer_stand_in(reference.clone(), u.selector.clone(), u.error.clone());
+                note(&mut p, object, reference, PeerAuthentication::KIND, enforcement);
+                p.peer.entry(c.reference.namespace.clone()).or_default().push(Arc::new(c));
+            } else {
+                let (c, enforcement) = authz_stand_in(reference.clone(), u.action, u.selector.clone(), u.error.clone());
+                note(&mut p, object, reference, AuthorizationPolicy::KIND, enforcement);
+                p.authz.entry(c.reference.namespace.clone()).or_default().push(Arc::new(c));
             }
-            authz.entry(c.reference.namespace.clone()).or_default().push(Arc::new(c));
         }
-        for list in peer.values_mut() {
+        for list in p.peer.values_mut() {
             list.sort_by(|a, b| a.reference.cmp(&b.reference));
         }
-        for list in authz.values_mut() {
+        for list in p.authz.values_mut() {
             list.sort_by(|a, b| a.reference.cmp(&b.reference));
         }
-        let counts = (input.peer_authentications.len(), input.authorization_policies.len());
-        Ok(Policies { settings, peer, authz, counts })
+        p.counts = (p.peer.values().map(Vec::len).sum(), p.authz.values().map(Vec::len).sum());
+        (p, problems)
     }
 
     /// (PeerAuthentications, AuthorizationPolicies).
@@ -521,20 +742,41 @@ impl Policies {
         self.counts
     }
 
+    /// What became of each object: enforced, partially enforced (and what was left out), or
+    /// failed closed (and what stands in for it).
+    pub fn objects(&self) -> &[ObjectReport] {
+        &self.objects
+    }
+
+    /// How many objects are in each state (`Enforced`, `PartiallyEnforced`, `FailedClosed`).
+    pub fn states(&self) -> BTreeMap<&'static str, usize> {
+        let mut out = BTreeMap::from([("Enforced", 0), ("PartiallyEnforced", 0), ("FailedClosed", 0)]);
+        for o in &self.objects {
+            *out.entry(o.enforcement.state()).or_default() += 1;
+        }
+        out
+    }
+
     /// Gathers what applies to `w`: its mode (workload, then namespace, then mesh, then the
-    /// PERMISSIVE default; UNSET inherits) and the authorization policies selecting it (those of
-    /// its namespace, and those of the root namespace, which apply mesh-wide).
+    /// PERMISSIVE default; UNSET inherits; of two at one level the stronger) and the
+    /// authorization policies selecting it (those of its namespace, and those of the root
+    /// namespace, which apply mesh-wide).
     pub fn for_workload(&self, w: &Target<'_>) -> PodPolicy {
         let ns = w.namespace;
         let root = self.settings.root_namespace.as_str();
         let set = |p: &&Arc<CompiledPeer>| p.mode != MtlsMode::Unset;
+        let strongest = |p: &&Arc<CompiledPeer>| mode_of(p.mode).map_or(0, Mode::strength);
         let local = self.peer.get(ns).map(Vec::as_slice).unwrap_or_default();
-        let workload = local.iter().filter(set).find(|p| p.selector.is_some() && selects(&p.selector, w.labels));
-        let namespace = local.iter().filter(set).find(|p| p.selector.is_none());
-        let mesh = self.peer.get(root).and_then(|l| l.iter().filter(set).find(|p| p.selector.is_none()));
+        let mesh_wide = self.peer.get(root).map(Vec::as_slice).unwrap_or_default();
+        let for_workload = |p: &&Arc<CompiledPeer>| p.selector.is_some() && selects(&p.selector, w.labels);
+        let whole = |p: &&Arc<CompiledPeer>| p.selector.is_none();
+        // `rev` so that of equally strong ones the first by name wins.
+        let workload = local.iter().rev().filter(set).filter(for_workload).max_by_key(strongest);
+        let namespace = local.iter().rev().filter(set).filter(whole).max_by_key(strongest);
+        let mesh = mesh_wide.iter().rev().filter(set).filter(whole).max_by_key(strongest);
         // The mode label opts a workload in; it may raise the mesh-wide mode an administrator set
         // (PERMISSIVE → STRICT), never lower it (STRICT → PERMISSIVE or DISABLE).
-        let mode = match (workload, namespace, w.label_mode, mesh) {
+        let mut mode = match (workload, namespace, w.label_mode, mesh) {
             (Some(p), _, _, _) => choice(p, "workload"),
             (None, Some(p), _, _) if ns != root => choice(p, "namespace"),
             (None, Some(p), _, _) => choice(p, "mesh"),
@@ -545,6 +787,14 @@ impl Policies {
             (None, None, None, Some(p)) => choice(p, "mesh"),
             (None, None, None, None) => ModeChoice { mode: Mode::Permissive, policy: None, scope: "default" },
         };
+        // Per-port modes are not enforced per port: the strongest one named by a
+        // PeerAuthentication that applies raises the whole workload's mode.
+        let applies = local.iter().filter(|p| for_workload(p) || whole(p)).chain(mesh_wide.iter().filter(whole));
+        if let Some(p) = applies.filter(|p| p.floor.is_some()).max_by_key(|p| p.floor.map(Mode::strength)) {
+            if let Some(floor) = p.floor.filter(|f| f.strength() > mode.mode.strength()) {
+                mode = ModeChoice { mode: floor, policy: Some(p.reference.clone()), scope: "portLevelMtls" };
+            }
+        }
         let mut pod = PodPolicy { mode, deny: Vec::new(), allow: Vec::new(), audit: Vec::new() };
         let namespaces: &[&str] = if ns == root { &[ns] } else { &[root, ns] };
         for n in namespaces {
@@ -556,7 +806,8 @@ impl Policies {
                     Action::Allow => pod.allow.push(p.clone()),
                     Action::Deny => pod.deny.push(p.clone()),
                     Action::Audit => pod.audit.push(p.clone()),
-                    Action::Custom => {} // refused by validation
+                    // Replaced by a DENY stand-in when compiled.
+                    Action::Custom => pod.deny.push(p.clone()),
                 }
             }
         }
@@ -564,13 +815,17 @@ impl Policies {
     }
 }
 
+fn mode_of(m: MtlsMode) -> Option<Mode> {
+    match m {
+        MtlsMode::Strict => Some(Mode::Strict),
+        MtlsMode::Permissive => Some(Mode::Permissive),
+        MtlsMode::Disable => Some(Mode::Disable),
+        MtlsMode::Unset => None,
+    }
+}
+
 fn choice(p: &CompiledPeer, scope: &'static str) -> ModeChoice {
-    let mode = match p.mode {
-        MtlsMode::Strict => Mode::Strict,
-        MtlsMode::Disable => Mode::Disable,
-        MtlsMode::Permissive | MtlsMode::Unset => Mode::Permissive,
-    };
-    ModeChoice { mode, policy: Some(p.reference.clone()), scope }
+    ModeChoice { mode: mode_of(p.mode).unwrap_or(Mode::Permissive), policy: Some(p.reference.clone()), scope }
 }
 
 /// A Kubernetes object name or namespace: DNS labels, 1–253 characters.
@@ -594,16 +849,20 @@ fn check_name(s: &str) -> Result<(), FieldError> {
     }
 }
 
-/// The two kinds of policy object, as one: their kind, metadata and validation. The state file,
+/// The two kinds of policy object, as one: their kind, metadata and translation. The state file,
 /// the Kubernetes source, the CRD status and the CLI go through this trait rather than a copy of
 /// their code per kind.
-pub trait PolicyObject {
+pub trait PolicyObject: Sized {
     /// `PeerAuthentication` or `AuthorizationPolicy`.
     const KIND: &'static str;
+    /// The kind's `spec`.
+    type Spec: serde::de::DeserializeOwned;
     fn metadata(&self) -> &model::ObjectMeta;
-    /// Validates the object on its own (what a Kubernetes object's status reports); the error
-    /// names the field.
-    fn check(&self) -> Result<(), FieldError>;
+    /// The object of `metadata` and `spec` (as the API server holds it).
+    fn assemble(metadata: model::ObjectMeta, spec: Self::Spec) -> Self;
+    /// What meshless enforces of the object on its own (what a Kubernetes object's status
+    /// reports); problems name the field.
+    fn enforcement(&self) -> Enforcement;
     /// `namespace/name`.
     fn reference(&self) -> PolicyRef {
         PolicyRef { namespace: self.metadata().namespace.clone(), name: self.metadata().name.clone() }
@@ -612,21 +871,39 @@ pub trait PolicyObject {
 
 impl PolicyObject for PeerAuthentication {
     const KIND: &'static str = "PeerAuthentication";
+    type Spec = model::PeerAuthenticationSpec;
     fn metadata(&self) -> &model::ObjectMeta {
         &self.metadata
     }
-    fn check(&self) -> Result<(), FieldError> {
-        compile_peer(self).map(drop)
+    fn assemble(metadata: model::ObjectMeta, spec: Self::Spec) -> Self {
+        PeerAuthentication {
+            api_version: Some("meshless.io/v1alpha1".into()),
+            kind: Some(Self::KIND.into()),
+            metadata,
+            spec,
+        }
+    }
+    fn enforcement(&self) -> Enforcement {
+        compile_peer(self).1
     }
 }
 
 impl PolicyObject for AuthorizationPolicy {
     const KIND: &'static str = "AuthorizationPolicy";
+    type Spec = model::AuthorizationPolicySpec;
     fn metadata(&self) -> &model::ObjectMeta {
         &self.metadata
     }
-    fn check(&self) -> Result<(), FieldError> {
-        compile_authz(self).map(drop)
+    fn assemble(metadata: model::ObjectMeta, spec: Self::Spec) -> Self {
+        AuthorizationPolicy {
+            api_version: Some("meshless.io/v1alpha1".into()),
+            kind: Some(Self::KIND.into()),
+            metadata,
+            spec,
+        }
+    }
+    fn enforcement(&self) -> Enforcement {
+        compile_authz(self).1
     }
 }
 
@@ -663,23 +940,148 @@ fn selector(s: &Option<model::WorkloadSelector>) -> Result<Option<BTreeMap<Strin
     Ok(Some(s.match_labels.clone()).filter(|l| !l.is_empty()))
 }
 
-fn compile_peer(pa: &PeerAuthentication) -> Result<CompiledPeer, FieldError> {
-    let reference = check_object(PeerAuthentication::KIND, &pa.api_version, &pa.kind, &pa.metadata)?;
-    if pa.spec.port_level_mtls.is_some() {
-        return Err(FieldError::new(
-            "spec.portLevelMtls",
-            "per-port modes are not supported (a pod has one mode, which the kernel enforces even while no \
-             agent runs); use a workload selector instead",
-        ));
+fn compile_peer(pa: &PeerAuthentication) -> (CompiledPeer, Enforcement) {
+    let reference = pa.reference();
+    let attempt = || -> Result<(CompiledPeer, Vec<FieldError>), FieldError> {
+        let reference = check_object(PeerAuthentication::KIND, &pa.api_version, &pa.kind, &pa.metadata)?;
+        let selector = selector(&pa.spec.selector)?;
+        let mode = pa.spec.mtls.as_ref().map(|m| m.mode).unwrap_or_default();
+        let mut left_out = Vec::new();
+        let floor = match &pa.spec.port_level_mtls {
+            None => None,
+            Some(ports) => {
+                let floor = port_modes(ports)?.into_iter().filter_map(mode_of).max_by_key(|m| m.strength());
+                let effect = match floor {
+                    Some(f) => format!(
+                        "per-port modes are not enforced per port yet: {f}, the strongest mode named, \
+                         is the least every port of the selected workloads gets"
+                    ),
+                    None => "per-port modes are not enforced per port yet (every port here is UNSET)".into(),
+                };
+                left_out.push(FieldError::new("spec.portLevelMtls", effect));
+                floor
+            }
+        };
+        Ok((CompiledPeer { reference, selector, mode, floor }, left_out))
+    };
+    match attempt() {
+        Ok((c, left_out)) if left_out.is_empty() => (c, Enforcement::Enforced),
+        Ok((c, left_out)) => (c, Enforcement::PartiallyEnforced { left_out }),
+        Err(error) => peer_stand_in(reference, selector(&pa.spec.selector).unwrap_or(None), error),
     }
-    Ok(CompiledPeer {
-        reference,
-        selector: selector(&pa.spec.selector)?,
-        mode: pa.spec.mtls.as_ref().map(|m| m.mode).unwrap_or_default(),
-    })
 }
 
-fn compile_authz(ap: &AuthorizationPolicy) -> Result<CompiledPolicy, FieldError> {
+/// `portLevelMtls`: port (1-65535) → `{mode}`.
+fn port_modes(ports: &serde_yaml::Value) -> Result<Vec<MtlsMode>, FieldError> {
+    let map =
+        ports.as_mapping().ok_or_else(|| FieldError::new("spec.portLevelMtls", "must be a map of port to {mode}"))?;
+    let mut modes = Vec::with_capacity(map.len());
+    for (k, v) in map {
+        let port = match k {
+            serde_yaml::Value::Number(n) => n.as_u64(),
+            serde_yaml::Value::String(s) => s.parse::<u64>().ok(),
+            _ => None,
+        };
+        let key = serde_yaml::to_string(k).unwrap_or_default().trim().to_string();
+        if !port.is_some_and(|p| (1..=65535).contains(&p)) {
+            return Err(FieldError::new(format!("spec.portLevelMtls.{key}"), "is not a port (1-65535)"));
+        }
+        let m: model::MutualTls = serde_yaml::from_value(v.clone())
+            .map_err(|e| FieldError::new(format!("spec.portLevelMtls.{key}"), e.to_string()))?;
+        modes.push(m.mode);
+    }
+    Ok(modes)
+}
+
+/// A PeerAuthentication that cannot be read: the workloads it would select (all of its
+/// namespace when even that is unknown) are STRICT.
+fn peer_stand_in(
+    reference: PolicyRef,
+    selector: Option<BTreeMap<String, String>>,
+    error: FieldError,
+) -> (CompiledPeer, Enforcement) {
+    let effect = "the workloads it would select are STRICT until it is fixed".to_string();
+    (
+        CompiledPeer { reference, selector, mode: MtlsMode::Strict, floor: None },
+        Enforcement::FailedClosed { error, effect },
+    )
+}
+
+/// An AuthorizationPolicy that cannot be read, for the workloads it would select (all of its
+/// namespace, mesh-wide in the root namespace, when even that is unknown): a DENY, or an action
+/// meshless does not know, denies everything; an ALLOW allows nothing; an AUDIT marks nothing.
+fn authz_stand_in(
+    reference: PolicyRef,
+    action: Option<Action>,
+    selector: Option<BTreeMap<String, String>>,
+    error: FieldError,
+) -> (CompiledPolicy, Enforcement) {
+    let (action, rules, effect) = match action {
+        Some(Action::Allow) => (
+            Action::Allow,
+            vec![],
+            "allows nothing: the workloads it would select accept only what another ALLOW allows",
+        ),
+        Some(Action::Audit) => (Action::Audit, vec![], "marks nothing"),
+        Some(Action::Deny) => {
+            (Action::Deny, vec![CompiledRule::any()], "denies every connection to the workloads it would select")
+        }
+        Some(Action::Custom) | None => (
+            Action::Deny,
+            vec![CompiledRule::any()],
+            "an action meshless cannot evaluate is a DENY of every connection to the workloads it would select",
+        ),
+    };
+    let enforcement = Enforcement::FailedClosed { error, effect: effect.into() };
+    let caveat = Some(enforcement.summary());
+    (CompiledPolicy { reference, action, selector, rules, caveat }, enforcement)
+}
+
+/// Translation state of one AuthorizationPolicy: its action, namespace (for service accounts
+/// written without one) and what was left out.
+struct Translation<'a> {
+    action: Action,
+    namespace: &'a str,
+    left_out: Vec<FieldError>,
+}
+
+impl Translation<'_> {
+    /// Records an attribute meshless cannot evaluate, at `field`. Returns whether the clause
+    /// holding it may still match on its other fields: yes in a DENY or AUDIT (the attribute is
+    /// treated as matching), no in an ALLOW (the clause — `unit` — matches nothing).
+    fn cannot_evaluate(&mut self, field: String, what: &str, unit: &str) -> bool {
+        let (treated, matching) = match self.action {
+            Action::Allow => {
+                (format!("its {unit} matches nothing, so the ALLOW allows no more than Istio's would"), false)
+            }
+            Action::Audit => ("treated as matching, so the AUDIT marks at least what Istio's would".into(), true),
+            _ => ("treated as matching, so the DENY denies at least what Istio's would".into(), true),
+        };
+        self.left_out.push(FieldError::new(field, format!("{what}: {treated}")));
+        matching
+    }
+}
+
+fn compile_authz(ap: &AuthorizationPolicy) -> (CompiledPolicy, Enforcement) {
+    let reference = ap.reference();
+    let mut t = Translation { action: ap.spec.action, namespace: &ap.metadata.namespace, left_out: Vec::new() };
+    match translate_authz(ap, &mut t) {
+        Ok(mut c) if t.left_out.is_empty() => {
+            c.caveat = None;
+            (c, Enforcement::Enforced)
+        }
+        Ok(mut c) => {
+            let enforcement = Enforcement::PartiallyEnforced { left_out: t.left_out };
+            c.caveat = Some(enforcement.summary());
+            (c, enforcement)
+        }
+        Err(error) => {
+            authz_stand_in(reference, Some(ap.spec.action), selector(&ap.spec.selector).unwrap_or(None), error)
+        }
+    }
+}
+
+fn translate_authz(ap: &AuthorizationPolicy, t: &mut Translation<'_>) -> Result<CompiledPolicy, FieldError> {
     let reference = check_object(AuthorizationPolicy::KIND, &ap.api_version, &ap.kind, &ap.metadata)?;
     let spec = &ap.spec;
     for (field, v) in [("targetRef", &spec.target_ref), ("targetRefs", &spec.target_refs), ("provider", &spec.provider)]
@@ -692,46 +1094,42 @@ fn compile_authz(ap: &AuthorizationPolicy) -> Result<CompiledPolicy, FieldError>
         }
     }
     if spec.action == Action::Custom {
-        return Err(FieldError::new(
-            "spec.action",
-            "CUSTOM (external authorization) is not supported; use ALLOW, DENY or AUDIT",
-        ));
+        return Err(FieldError::new("spec.action", "CUSTOM (external authorization) is not supported"));
     }
+    let selector = selector(&spec.selector)?;
     let mut rules = Vec::with_capacity(spec.rules.len());
     for (r, rule) in spec.rules.iter().enumerate() {
         let at = format!("spec.rules[{r}]");
-        if rule.when.is_some() {
-            return Err(FieldError::new(
-                format!("{at}.when"),
-                "conditions are HTTP (L7) attributes; meshless authorizes connections (L4)",
-            ));
-        }
-        let mut from = Vec::with_capacity(rule.from.len());
+        let mut compiled = CompiledRule::default();
         for (i, f) in rule.from.iter().enumerate() {
-            from.push(compile_source(&f.source).map_err(|e| e.within(&format!("{at}.from[{i}].source")))?);
+            compiled.from.push(compile_source(&f.source, &format!("{at}.from[{i}].source"), t)?);
         }
-        let mut to = Vec::with_capacity(rule.to.len());
-        for (i, t) in rule.to.iter().enumerate() {
-            to.push(compile_operation(&t.operation).map_err(|e| e.within(&format!("{at}.to[{i}].operation")))?);
+        for (i, o) in rule.to.iter().enumerate() {
+            compiled.to.push(compile_operation(&o.operation, &format!("{at}.to[{i}].operation"), t)?);
         }
-        rules.push(CompiledRule { from, to });
+        for (i, c) in rule.when.iter().flatten().enumerate() {
+            let field = format!("{at}.when[{i}]");
+            match compile_condition(c, &field)? {
+                Some(c) => compiled.when.push(c),
+                None => {
+                    compiled.never |= !t.cannot_evaluate(field, &format!("key {:?} is {}", c.key, model::L7), "rule")
+                }
+            }
+        }
+        rules.push(compiled);
     }
-    Ok(CompiledPolicy { reference, action: spec.action, selector: selector(&spec.selector)?, rules })
+    Ok(CompiledPolicy { reference, action: spec.action, selector, rules, caveat: None })
 }
 
-/// Error paths start with `.field` (the caller puts its own path in front).
-fn compile_source(s: &model::Source) -> Result<SourceMatch, FieldError> {
-    if s.request_principals.is_some() {
-        return Err(FieldError::new(".requestPrincipals", model::L7));
-    }
-    if s.not_request_principals.is_some() {
-        return Err(FieldError::new(".notRequestPrincipals", model::L7));
-    }
+fn compile_source(s: &model::Source, at: &str, t: &mut Translation<'_>) -> Result<SourceMatch, FieldError> {
     let names = |field: &str, v: &Option<Vec<String>>, principal: bool| -> Result<Option<Names>, FieldError> {
-        v.as_ref().map(|list| compile_names(list, principal).map_err(|e| e.within(&format!(".{field}")))).transpose()
+        v.as_ref().map(|list| compile_names(list, principal, &format!("{at}.{field}"))).transpose()
     };
     let blocks = |field: &str, v: &Option<Vec<String>>| -> Result<Option<Vec<IpNet>>, FieldError> {
-        v.as_ref().map(|list| compile_blocks(list).map_err(|e| e.within(&format!(".{field}")))).transpose()
+        v.as_ref().map(|list| compile_blocks(list, &format!("{at}.{field}"))).transpose()
+    };
+    let accounts = |field: &str, v: &Option<Vec<String>>| -> Result<Option<HashSet<(String, String)>>, FieldError> {
+        v.as_ref().map(|list| compile_accounts(list, t.namespace, &format!("{at}.{field}"))).transpose()
     };
     let merge = |a: Option<Vec<IpNet>>, b: Option<Vec<IpNet>>| match (a, b) {
         (Some(mut a), Some(b)) => Some({
@@ -740,32 +1138,42 @@ fn compile_source(s: &model::Source) -> Result<SourceMatch, FieldError> {
         }),
         (a, b) => a.or(b),
     };
-    let m = SourceMatch {
+    let mut m = SourceMatch {
         principals: names("principals", &s.principals, true)?,
         not_principals: names("notPrincipals", &s.not_principals, true)?,
         namespaces: names("namespaces", &s.namespaces, false)?,
         not_namespaces: names("notNamespaces", &s.not_namespaces, false)?,
+        service_accounts: accounts("serviceAccounts", &s.service_accounts)?,
+        not_service_accounts: accounts("notServiceAccounts", &s.not_service_accounts)?,
         ip_blocks: merge(blocks("ipBlocks", &s.ip_blocks)?, blocks("remoteIpBlocks", &s.remote_ip_blocks)?),
         not_ip_blocks: merge(
             blocks("notIpBlocks", &s.not_ip_blocks)?,
             blocks("notRemoteIpBlocks", &s.not_remote_ip_blocks)?,
         ),
+        never: false,
     };
-    let empty = m.principals.is_none()
+    let l7 = [("requestPrincipals", &s.request_principals), ("notRequestPrincipals", &s.not_request_principals)];
+    let l7: Vec<&str> = l7.iter().filter(|(_, v)| v.is_some()).map(|(f, _)| *f).collect();
+    let l4_empty = m.principals.is_none()
         && m.not_principals.is_none()
         && m.namespaces.is_none()
         && m.not_namespaces.is_none()
+        && m.service_accounts.is_none()
+        && m.not_service_accounts.is_none()
         && m.ip_blocks.is_none()
         && m.not_ip_blocks.is_none();
-    if empty {
-        return Err(FieldError::new("", "must not be empty (leave `from` out to match any source)"));
+    if l4_empty && l7.is_empty() {
+        return Err(FieldError::new(at, "must not be empty (leave `from` out to match any source)"));
+    }
+    for field in l7 {
+        m.never |= !t.cannot_evaluate(format!("{at}.{field}"), model::L7, "source");
     }
     Ok(m)
 }
 
-fn compile_names(list: &[String], principal: bool) -> Result<Names, FieldError> {
+fn compile_names(list: &[String], principal: bool, at: &str) -> Result<Names, FieldError> {
     if list.is_empty() {
-        return Err(FieldError::new("", "must not be an empty list"));
+        return Err(FieldError::new(at, "must not be an empty list"));
     }
     let mut n = Names::default();
     for (i, raw) in list.iter().enumerate() {
@@ -773,7 +1181,7 @@ fn compile_names(list: &[String], principal: bool) -> Result<Names, FieldError> 
         let v = if principal { raw.strip_prefix("spiffe://").unwrap_or(raw) } else { raw.as_str() };
         let stars = v.matches('*').count();
         match (v, stars) {
-            ("", _) => return Err(FieldError::new(format!("[{i}]"), "must not be empty")),
+            ("", _) => return Err(FieldError::new(format!("{at}[{i}]"), "must not be empty")),
             ("*", 1) => n.any = true,
             (v, 0) => {
                 n.exact.insert(v.to_string());
@@ -782,7 +1190,7 @@ fn compile_names(list: &[String], principal: bool) -> Result<Names, FieldError> 
             (v, 1) if v.starts_with('*') => n.suffixes.push(v.trim_start_matches('*').to_string()),
             _ => {
                 return Err(FieldError::new(
-                    format!("[{i}]"),
+                    format!("{at}[{i}]"),
                     format!("{raw:?}: '*' is allowed only alone, at the start or at the end"),
                 ))
             }
@@ -791,9 +1199,30 @@ fn compile_names(list: &[String], principal: bool) -> Result<Names, FieldError> 
     Ok(n)
 }
 
-fn compile_blocks(list: &[String]) -> Result<Vec<IpNet>, FieldError> {
+/// `serviceAccounts`: `<namespace>/<name>` or `<name>` (in the policy's namespace), no
+/// wildcards, at most 16 (Istio's limits).
+fn compile_accounts(list: &[String], namespace: &str, at: &str) -> Result<HashSet<(String, String)>, FieldError> {
+    if list.is_empty() || list.len() > 16 {
+        return Err(FieldError::new(at, "must hold 1 to 16 service accounts"));
+    }
+    list.iter()
+        .enumerate()
+        .map(|(i, raw)| {
+            let (ns, sa) = raw.split_once('/').unwrap_or((namespace, raw));
+            let bad = |why: &str| FieldError::new(format!("{at}[{i}]"), format!("{raw:?} {why}"));
+            if raw.contains('*') {
+                return Err(bad("must not hold a wildcard"));
+            }
+            check_name(ns).map_err(|_| bad("must be <namespace>/<serviceaccount> or <serviceaccount>"))?;
+            check_name(sa).map_err(|_| bad("must be <namespace>/<serviceaccount> or <serviceaccount>"))?;
+            Ok((ns.to_string(), sa.to_string()))
+        })
+        .collect()
+}
+
+fn compile_blocks(list: &[String], at: &str) -> Result<Vec<IpNet>, FieldError> {
     if list.is_empty() {
-        return Err(FieldError::new("", "must not be an empty list"));
+        return Err(FieldError::new(at, "must not be an empty list"));
     }
     list.iter()
         .enumerate()
@@ -804,53 +1233,100 @@ fn compile_blocks(list: &[String]) -> Result<Vec<IpNet>, FieldError> {
                 Ok(IpNet::V6(v6)) if v6.prefix_len() >= 96 => match v6.addr().to_ipv4_mapped() {
                     Some(v4) => ipnet::Ipv4Net::new(v4, v6.prefix_len() - 96)
                         .map(IpNet::V4)
-                        .map_err(|_| FieldError::new(format!("[{i}]"), "prefix too long")),
+                        .map_err(|_| FieldError::new(format!("{at}[{i}]"), "prefix too long")),
                     None => Ok(IpNet::V6(v6)),
                 },
                 Ok(n) => Ok(n),
-                Err(_) => Err(FieldError::new(format!("[{i}]"), format!("{s:?} is not an IP address or CIDR block"))),
+                Err(_) => {
+                    Err(FieldError::new(format!("{at}[{i}]"), format!("{s:?} is not an IP address or CIDR block")))
+                }
             }
         })
         .collect()
 }
 
-fn compile_operation(o: &model::Operation) -> Result<PortMatch, FieldError> {
-    for (field, v) in [
+fn compile_ports(list: &[model::PortValue], at: &str) -> Result<Vec<u16>, FieldError> {
+    if list.is_empty() {
+        return Err(FieldError::new(at, "must not be an empty list"));
+    }
+    list.iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let n = match p {
+                model::PortValue::Number(n) => Some(*n),
+                model::PortValue::Text(t) => t.parse::<i64>().ok(),
+            };
+            n.and_then(|n| u16::try_from(n).ok())
+                .filter(|n| *n != 0)
+                .ok_or_else(|| FieldError::new(format!("{at}[{i}]"), format!("{p:?} is not a port (1-65535)")))
+        })
+        .collect()
+}
+
+fn compile_operation(o: &model::Operation, at: &str, t: &mut Translation<'_>) -> Result<PortMatch, FieldError> {
+    let mut m = PortMatch {
+        ports: o.ports.as_deref().map(|l| compile_ports(l, &format!("{at}.ports"))).transpose()?,
+        not_ports: o.not_ports.as_deref().map(|l| compile_ports(l, &format!("{at}.notPorts"))).transpose()?,
+        never: false,
+    };
+    let l7 = [
         ("hosts", &o.hosts),
         ("notHosts", &o.not_hosts),
         ("methods", &o.methods),
         ("notMethods", &o.not_methods),
         ("paths", &o.paths),
         ("notPaths", &o.not_paths),
-    ] {
-        if v.is_some() {
-            return Err(FieldError::new(format!(".{field}"), model::L7));
-        }
+    ];
+    let l7: Vec<&str> = l7.iter().filter(|(_, v)| v.is_some()).map(|(f, _)| *f).collect();
+    if m.ports.is_none() && m.not_ports.is_none() && l7.is_empty() {
+        return Err(FieldError::new(at, "must not be empty (leave `to` out to match any port)"));
     }
-    let ports = |field: &str, v: &Option<Vec<model::PortValue>>| -> Result<Option<Vec<u16>>, FieldError> {
-        let Some(list) = v else { return Ok(None) };
-        if list.is_empty() {
-            return Err(FieldError::new(format!(".{field}"), "must not be an empty list"));
-        }
-        list.iter()
-            .enumerate()
-            .map(|(i, p)| {
-                let n = match p {
-                    model::PortValue::Number(n) => Some(*n),
-                    model::PortValue::Text(t) => t.parse::<i64>().ok(),
-                };
-                n.and_then(|n| u16::try_from(n).ok())
-                    .filter(|n| *n != 0)
-                    .ok_or_else(|| FieldError::new(format!(".{field}[{i}]"), format!("{p:?} is not a port (1-65535)")))
-            })
-            .collect::<Result<Vec<u16>, FieldError>>()
-            .map(Some)
-    };
-    let m = PortMatch { ports: ports("ports", &o.ports)?, not_ports: ports("notPorts", &o.not_ports)? };
-    if m.ports.is_none() && m.not_ports.is_none() {
-        return Err(FieldError::new("", "must not be empty (leave `to` out to match any port)"));
+    for field in l7 {
+        m.never |= !t.cannot_evaluate(format!("{at}.{field}"), model::L7, "operation");
     }
     Ok(m)
+}
+
+/// A `when` condition: `Some` for the L4 keys, `None` for the HTTP keys meshless cannot
+/// evaluate; an error for keys Istio does not define and for malformed values.
+fn compile_condition(c: &model::Condition, at: &str) -> Result<Option<Condition>, FieldError> {
+    let attribute = match c.key.as_str() {
+        "source.ip" | "remote.ip" => Attribute::SourceIp,
+        "source.namespace" => Attribute::SourceNamespace,
+        "source.principal" => Attribute::SourcePrincipal,
+        "destination.ip" => Attribute::DestinationIp,
+        "destination.port" => Attribute::DestinationPort,
+        k if k.starts_with("request.") || k.starts_with("experimental.") || k == "connection.sni" => {
+            return Ok(None)
+        }
+        k => {
+            return Err(FieldError::new(
+                format!("{at}.key"),
+                format!("{k:?} is not a condition key Istio defines (source.ip, remote.ip, source.namespace, source.principal, destination.ip, destination.port, connection.sni, request.*)"),
+            ))
+        }
+    };
+    if c.values.is_none() && c.not_values.is_none() {
+        return Err(FieldError::new(at, "needs values or notValues"));
+    }
+    let values = |field: &str, list: &Option<Vec<String>>| -> Result<Option<Values>, FieldError> {
+        let Some(list) = list else { return Ok(None) };
+        let at = format!("{at}.{field}");
+        Ok(Some(match attribute {
+            Attribute::SourceIp | Attribute::DestinationIp => Values::Blocks(compile_blocks(list, &at)?),
+            Attribute::SourceNamespace => Values::Names(compile_names(list, false, &at)?),
+            Attribute::SourcePrincipal => Values::Names(compile_names(list, true, &at)?),
+            Attribute::DestinationPort => {
+                let ports: Vec<model::PortValue> = list.iter().cloned().map(model::PortValue::Text).collect();
+                Values::Ports(compile_ports(&ports, &at)?)
+            }
+        }))
+    };
+    Ok(Some(Condition {
+        attribute,
+        values: values("values", &c.values)?,
+        not_values: values("notValues", &c.not_values)?,
+    }))
 }
 
 #[cfg(test)]

@@ -4,9 +4,9 @@
 //!
 //! Parsing is strict where a typo would weaken enforcement (every `spec` is
 //! `deny_unknown_fields`), lenient where Kubernetes adds bookkeeping (`metadata` ignores `uid`,
-//! `resourceVersion` and the like). Fields Istio has and meshless cannot honour at L4 (HTTP
-//! methods, paths, hosts, request principals, `when` conditions, CUSTOM actions, per-port mTLS)
-//! are parsed so that the error names the field and says why, instead of "unknown field".
+//! `resourceVersion` and the like). Fields Istio has and meshless cannot evaluate at L4 (HTTP
+//! methods, paths, hosts, request principals, HTTP `when` keys, per-port mTLS) are kept as
+//! written, so that the translation (`crate::Enforcement`) can name them and fail closed on them.
 
 use std::collections::BTreeMap;
 
@@ -60,7 +60,8 @@ pub struct PeerAuthenticationSpec {
     pub selector: Option<WorkloadSelector>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mtls: Option<MutualTls>,
-    /// Istio's per-port modes: not supported (the kernel decides per pod while no agent runs).
+    /// Istio's per-port modes (port → `{mode}`). Not yet enforced per port: the strongest mode
+    /// named applies to every port of the selected workloads (never weaker than Istio).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "crate::model::preserved")]
     pub port_level_mtls: Option<serde_yaml::Value>,
@@ -141,10 +142,29 @@ pub struct Rule {
     pub from: Vec<FromClause>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub to: Vec<ToClause>,
-    /// Istio's conditions (`request.headers`, JWT claims, …): L7, not supported.
+    /// Istio's conditions, all of which must hold. The L4 keys are evaluated (`source.ip`,
+    /// `remote.ip`, `source.namespace`, `source.principal`, `destination.ip`,
+    /// `destination.port`); HTTP keys (`request.*`, `connection.sni`, …) cannot be, and are
+    /// treated so that the policy never allows more, nor denies less, than Istio would.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(schema_with = "crate::model::preserved")]
-    pub when: Option<serde_yaml::Value>,
+    pub when: Option<Vec<Condition>>,
+}
+
+/// One `when` condition: the attribute `key` has one of `values` (if given) and none of
+/// `notValues` (if given).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Condition {
+    /// The L4 keys, or the HTTP ones Istio defines (`request.*`, `connection.sni`,
+    /// `experimental.*`), which meshless names as left out.
+    #[schemars(regex(
+        pattern = r"^(source\.(ip|namespace|principal)|remote\.ip|destination\.(ip|port)|connection\.sni|request\..+|experimental\..+)$"
+    ))]
+    pub key: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub values: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_values: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -159,21 +179,43 @@ pub struct FromClause {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Source {
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(inner(length(min = 1)))]
     pub principals: Option<Vec<String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(inner(length(min = 1)))]
     pub not_principals: Option<Vec<String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(inner(regex(pattern = r"^[*a-z0-9.-]+$")))]
     pub namespaces: Option<Vec<String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(inner(regex(pattern = r"^[*a-z0-9.-]+$")))]
     pub not_namespaces: Option<Vec<String>>,
+    /// `<namespace>/<serviceaccount>` (or `<serviceaccount>` in the policy's namespace): the
+    /// peer certificate's `/ns/<namespace>/sa/<serviceaccount>`, in any trust domain.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(max = 16),
+        inner(regex(pattern = r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"))
+    )]
+    pub service_accounts: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(max = 16),
+        inner(regex(pattern = r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"))
+    )]
+    pub not_service_accounts: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(inner(regex(pattern = r"^[0-9a-fA-F:.]+(/[0-9]{1,3})?$")))]
     pub ip_blocks: Option<Vec<String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(inner(regex(pattern = r"^[0-9a-fA-F:.]+(/[0-9]{1,3})?$")))]
     pub not_ip_blocks: Option<Vec<String>>,
     /// At L4 there is no X-Forwarded-For: the same as `ipBlocks`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(inner(regex(pattern = r"^[0-9a-fA-F:.]+(/[0-9]{1,3})?$")))]
     pub remote_ip_blocks: Option<Vec<String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(inner(regex(pattern = r"^[0-9a-fA-F:.]+(/[0-9]{1,3})?$")))]
     pub not_remote_ip_blocks: Option<Vec<String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "crate::model::preserved")]
@@ -231,7 +273,13 @@ impl JsonSchema for PortValue {
     }
 
     fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
-        schemars::json_schema!({ "x-kubernetes-int-or-string": true })
+        // A number 1-65535 or its decimal string: the API server refuses anything else.
+        schemars::json_schema!({
+            "x-kubernetes-int-or-string": true,
+            "minimum": 1,
+            "maximum": 65535,
+            "pattern": "^([1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])$"
+        })
     }
 }
 
@@ -267,6 +315,5 @@ pub fn preserved(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
     schemars::json_schema!({ "x-kubernetes-preserve-unknown-fields": true })
 }
 
-/// Why an L7-only field cannot be honoured, for the validation error.
-pub(crate) const L7: &str = "is an HTTP (L7) attribute; meshless authorizes connections (L4): \
-     source identity, namespace, IP block and destination port";
+/// Why an L7-only field cannot be evaluated, for the status and the log.
+pub(crate) const L7: &str = "an HTTP (L7) attribute; meshless authorizes connections (L4)";

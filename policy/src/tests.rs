@@ -31,13 +31,18 @@ fn pod(ns: &str, _name: &str, labels: &[(&str, &str)]) -> Pod {
     }
 }
 
+/// The destination pod's address (10.0.0.1) at `port`.
+fn at(port: u16) -> SocketAddr {
+    SocketAddr::new([10, 0, 0, 1].into(), port)
+}
+
 fn id(s: &str) -> SpiffeId {
     SpiffeId::new(s).unwrap()
 }
 
 /// (verdict, deciding policy/rule or reason kind) for a connection.
 fn verdict(p: &PodPolicy, peer: Peer<'_>, port: u16) -> (bool, String) {
-    let d = p.decide(&peer, port);
+    let d = p.decide(&peer, at(port));
     let why = match &d.reason {
         Reason::Denied { by } | Reason::Allowed { by } => by.to_string(),
         Reason::NoAllowMatched { .. } => "no-allow-matched".into(),
@@ -106,10 +111,10 @@ fn audit_marks_without_changing_the_outcome() {
     let p = compile(SHOP);
     let api = p.for_pod(&pod("shop", "api", &[("app", "api")]));
     let ops = id("spiffe://cluster.local/ns/ops/sa/prometheus");
-    let d = api.decide(&Peer::Authenticated { id: &ops, ip: None }, 9090);
+    let d = api.decide(&Peer::Authenticated { id: &ops, ip: None }, at(9090));
     assert!(d.allowed);
     assert_eq!(d.audited.iter().map(ToString::to_string).collect::<Vec<_>>(), ["shop/watch rules[0]"]);
-    let d = api.decide(&Peer::Authenticated { id: &ops, ip: None }, 8080);
+    let d = api.decide(&Peer::Authenticated { id: &ops, ip: None }, at(8080));
     assert!(!d.allowed && d.audited.is_empty());
 }
 
@@ -291,15 +296,11 @@ authorizationPolicies:
 }
 
 #[test]
-fn invalid_policies_are_rejected_with_the_object_and_field_named() {
+fn unreadable_policies_fail_the_state_file_with_the_object_and_field_named() {
     let cases: &[(&str, &str)] = &[
         (
-            "authorizationPolicies: [{metadata: {name: a, namespace: n}, spec: {rules: [{to: [{operation: {methods: [GET]}}]}]}}]",
-            "authorizationPolicies[0] (n/a): spec.rules[0].to[0].operation.methods: is an HTTP (L7) attribute",
-        ),
-        (
             "authorizationPolicies: [{metadata: {name: a, namespace: n}, spec: {rules: [{from: [{source: {ipBlocks: [\"10.0.0.0/33\"]}}]}]}}]",
-            "spec.rules[0].from[0].source.ipBlocks[0]: \"10.0.0.0/33\" is not an IP address or CIDR block",
+            "authorizationPolicies[0] (n/a): spec.rules[0].from[0].source.ipBlocks[0]: \"10.0.0.0/33\" is not an IP address or CIDR block",
         ),
         (
             "authorizationPolicies: [{metadata: {name: a, namespace: n}, spec: {rules: [{to: [{operation: {ports: [\"http\"]}}]}]}}]",
@@ -317,17 +318,19 @@ fn invalid_policies_are_rejected_with_the_object_and_field_named() {
             "authorizationPolicies: [{metadata: {name: a, namespace: n}, spec: {rules: [{from: [{source: {}}]}]}}]",
             "spec.rules[0].from[0].source: must not be empty",
         ),
-        ("authorizationPolicies: [{metadata: {name: a, namespace: n}, spec: {action: CUSTOM}}]", "spec.action: CUSTOM"),
-        ("authorizationPolicies: [{metadata: {name: a, namespace: n}, spec: {rules: [{when: [{key: x}]}]}}]", "spec.rules[0].when"),
         (
-            "authorizationPolicies: [{metadata: {name: a, namespace: n}, spec: {rules: [{from: [{source: {requestPrincipals: [x]}}]}]}}]",
-            "source.requestPrincipals",
+            "authorizationPolicies: [{metadata: {name: a, namespace: n}, spec: {rules: [{from: [{source: {serviceAccounts: [\"a/b/c\"]}}]}]}}]",
+            "spec.rules[0].from[0].source.serviceAccounts[0]",
         ),
+        ("authorizationPolicies: [{metadata: {name: a, namespace: n}, spec: {action: CUSTOM}}]", "spec.action: CUSTOM"),
+        ("authorizationPolicies: [{metadata: {name: a, namespace: n}, spec: {rules: [{when: [{key: x, values: [y]}]}]}}]", "spec.rules[0].when[0].key: \"x\" is not a condition key"),
+        ("authorizationPolicies: [{metadata: {name: a, namespace: n}, spec: {rules: [{when: [{key: source.ip}]}]}}]", "spec.rules[0].when[0]: needs values"),
+        ("authorizationPolicies: [{metadata: {name: a, namespace: n}, spec: {rules: [{when: [{key: destination.port, values: [x]}]}]}}]", "spec.rules[0].when[0].values[0]"),
         ("authorizationPolicies: [{metadata: {name: Bad_Name, namespace: n}}]", "metadata.name"),
         ("authorizationPolicies: [{metadata: {name: a, namespace: n}}, {metadata: {name: a, namespace: n}}]", "authorizationPolicies[1] (n/a): defined twice"),
         ("authorizationPolicies: [{kind: PeerAuthentication, metadata: {name: a, namespace: n}}]", "kind"),
         ("authorizationPolicies: [{apiVersion: v1, metadata: {name: a, namespace: n}}]", "apiVersion"),
-        ("peerAuthentications: [{metadata: {name: a, namespace: n}, spec: {portLevelMtls: {8080: {mode: DISABLE}}}}]", "peerAuthentications[0] (n/a): spec.portLevelMtls"),
+        ("peerAuthentications: [{metadata: {name: a, namespace: n}, spec: {portLevelMtls: {http: {mode: DISABLE}}}}]", "peerAuthentications[0] (n/a): spec.portLevelMtls.http: is not a port"),
         ("mesh: {rootNamespace: \"\"}", "mesh.rootNamespace"),
     ];
     for (yaml, want) in cases {
@@ -369,4 +372,249 @@ peerAuthentications:
     assert_eq!(w.mode.mode, Mode::Strict);
     let dev = id("spiffe://cluster.local/ns/dev/sa/anything");
     assert_eq!(verdict(&w, Peer::Authenticated { id: &dev, ip: None }, 8000), (true, "foo/httpbin rules[0]".into()));
+}
+
+const FRONTEND: &str = "spiffe://cluster.local/ns/shop/sa/frontend";
+const BATCH: &str = "spiffe://cluster.local/ns/shop/sa/batch";
+
+fn verdicts(p: &PodPolicy, port: u16) -> (bool, bool) {
+    let (f, b) = (id(FRONTEND), id(BATCH));
+    (
+        verdict(p, Peer::Authenticated { id: &f, ip: None }, port).0,
+        verdict(p, Peer::Authenticated { id: &b, ip: None }, port).0,
+    )
+}
+
+fn states(p: &Policies) -> Vec<(String, &'static str)> {
+    p.objects().iter().map(|o| (o.policy.to_string(), o.enforcement.state())).collect()
+}
+
+#[test]
+fn a_deny_with_attributes_meshless_cannot_evaluate_denies_at_least_what_istio_would() {
+    let p = compile(
+        r#"
+authorizationPolicies:
+  - metadata: {name: deny-frontend-get, namespace: shop}
+    spec:
+      action: DENY
+      rules:
+        - from: [{source: {principals: ["cluster.local/ns/shop/sa/frontend"]}}]
+          to: [{operation: {methods: [GET], paths: ["/admin*"]}}]
+  - metadata: {name: deny-batch-header, namespace: shop}
+    spec:
+      selector: {matchLabels: {app: api}}
+      action: DENY
+      rules:
+        - from: [{source: {principals: ["cluster.local/ns/shop/sa/batch"]}}]
+          to: [{operation: {ports: ["9090"], methods: [POST]}}]
+          when: [{key: "request.headers[x-debug]", values: ["1"]}]
+"#,
+    );
+    let web = p.for_pod(&pod("shop", "web", &[]));
+    assert_eq!(verdicts(&web, 8080), (false, true), "frontend denied on every port, whatever the method");
+    let d = web.decide(&Peer::Authenticated { id: &id(FRONTEND), ip: None }, at(8080));
+    assert!(
+        d.caveats[0].contains("shop/deny-frontend-get: partially enforced") && d.caveats[0].contains("methods"),
+        "{d:?}"
+    );
+    let api = p.for_pod(&pod("shop", "api", &[("app", "api")]));
+    assert_eq!(verdicts(&api, 9090), (false, false), "batch denied on 9090 (the header condition treated as matching)");
+    assert_eq!(verdicts(&api, 8080), (false, true), "the port, which meshless can evaluate, still narrows the DENY");
+    assert_eq!(
+        states(&p),
+        [
+            ("shop/deny-frontend-get".into(), "PartiallyEnforced"),
+            ("shop/deny-batch-header".into(), "PartiallyEnforced")
+        ]
+    );
+    let Enforcement::PartiallyEnforced { left_out } = &p.objects()[1].enforcement else { panic!() };
+    let fields: Vec<&str> = left_out.iter().map(|e| e.field.as_str()).collect();
+    assert_eq!(fields, ["spec.rules[0].to[0].operation.methods", "spec.rules[0].when[0]"]);
+    assert!(left_out[1].reason.contains("treated as matching"), "{left_out:?}");
+}
+
+#[test]
+fn an_allow_with_attributes_meshless_cannot_evaluate_allows_no_more_than_istio_would() {
+    let p = compile(
+        r#"
+authorizationPolicies:
+  - metadata: {name: api, namespace: shop}
+    spec:
+      action: ALLOW
+      rules:
+        - from: [{source: {principals: ["cluster.local/ns/shop/sa/frontend"]}}]
+          to: [{operation: {methods: [GET]}}, {operation: {ports: ["9090"]}}]
+        - from: [{source: {principals: ["cluster.local/ns/shop/sa/batch"]}}]
+          to: [{operation: {ports: ["8080"]}}]
+        - from: [{source: {principals: ["cluster.local/ns/shop/sa/batch"]}}]
+          when: [{key: "request.auth.claims[iss]", values: ["https://accounts.example"]}]
+        - from: [{source: {requestPrincipals: ["*"]}}]
+"#,
+    );
+    let w = p.for_pod(&pod("shop", "api", &[]));
+    assert_eq!(verdicts(&w, 8080), (false, true), "frontend's GET-only clause allows nothing; batch's port rule holds");
+    assert_eq!(verdicts(&w, 9090), (true, false), "frontend's port clause still allows; batch's claim rule does not");
+    let d = w.decide(&Peer::Authenticated { id: &id(FRONTEND), ip: None }, at(8080));
+    assert!(matches!(d.reason, Reason::NoAllowMatched { .. }) && d.caveats[0].contains("methods"), "{d:?}");
+    assert_eq!(states(&p), [("shop/api".into(), "PartiallyEnforced")]);
+}
+
+#[test]
+fn an_object_that_cannot_be_read_fails_closed_for_what_it_would_select() {
+    let yaml = r#"
+authorizationPolicies:
+  - metadata: {name: allow-frontend, namespace: shop}
+    spec:
+      action: ALLOW
+      rules: [{from: [{source: {principals: ["cluster.local/ns/shop/sa/frontend"]}}]}]
+  - metadata: {name: deny-bad-cidr, namespace: shop}
+    spec:
+      selector: {matchLabels: {app: api}}
+      action: DENY
+      rules: [{from: [{source: {ipBlocks: ["10.0.0.0/33"]}}]}]
+  - metadata: {name: allow-bad-port, namespace: shop}
+    spec:
+      selector: {matchLabels: {app: web}}
+      action: ALLOW
+      rules: [{to: [{operation: {ports: ["http"]}}]}]
+"#;
+    assert!(Policies::compile(&input(yaml)).is_err(), "the state file refuses the set as a whole");
+    let p = Policies::compile_failing_closed(&input(yaml));
+    assert_eq!(
+        states(&p),
+        [
+            ("shop/allow-frontend".into(), "Enforced"),
+            ("shop/deny-bad-cidr".into(), "FailedClosed"),
+            ("shop/allow-bad-port".into(), "FailedClosed")
+        ]
+    );
+    assert_eq!(p.states(), BTreeMap::from([("Enforced", 1), ("FailedClosed", 2), ("PartiallyEnforced", 0)]));
+    let api = p.for_pod(&pod("shop", "api", &[("app", "api")]));
+    assert_eq!(verdicts(&api, 8080), (false, false), "an unreadable DENY denies everything it selects");
+    let d = api.decide(&Peer::Authenticated { id: &id(FRONTEND), ip: None }, at(8080));
+    assert!(d.caveats[0].contains("ipBlocks[0]") && d.caveats[0].contains("fails closed"), "{d:?}");
+    let web = p.for_pod(&pod("shop", "web", &[("app", "web")]));
+    assert_eq!(verdicts(&web, 8080), (true, false), "an unreadable ALLOW allows nothing; other ALLOWs still do");
+    let other = p.for_pod(&pod("shop", "other", &[]));
+    assert_eq!(verdicts(&other, 8080), (true, false), "workloads the broken objects do not select are unaffected");
+
+    // Objects from the API server whose spec does not even parse: their action and selector, when
+    // readable, decide the stand-in; otherwise the whole namespace (mesh, in the root) is covered.
+    let read = |ns: &str, spec: serde_json::Value| {
+        let meta = model::ObjectMeta { name: "broken".into(), namespace: ns.into(), ..Default::default() };
+        read_object::<AuthorizationPolicy>(meta, spec).expect_err("must not parse")
+    };
+    let typo = read("shop", serde_json::json!({"action": "ALOW", "selector": {"matchLabels": {"app": "api"}}}));
+    assert_eq!(typo.error.field, "spec.action");
+    let shape = read(
+        "shop",
+        serde_json::json!({"action": "DENY", "selector": {"matchLabels": "app"}, "rules": [{"from": [{"source": {"principals": "x"}}]}]}),
+    );
+    assert_eq!(shape.error.field, "spec.rules[0].from[0].source.principals", "{shape:?}");
+    let root = read("meshless-system", serde_json::json!({"action": "ALLOW", "rules": 3}));
+    for (unreadable, pods, want) in [
+        (*typo, vec![("shop", "api", true), ("shop", "web", false)], "unknown action: DENY of what it selects"),
+        (
+            *shape,
+            vec![("shop", "api", true), ("shop", "web", true), ("bank", "x", false)],
+            "no selector: the namespace",
+        ),
+    ] {
+        let p = Policies::compile_failing_closed(&PolicyInput { unreadable: vec![unreadable], ..Default::default() });
+        for (ns, app, denied) in pods {
+            let w = p.for_pod(&pod(ns, app, &[("app", app)]));
+            assert_eq!(verdicts(&w, 80) == (false, false), denied, "{want}: {ns}/{app}");
+        }
+    }
+    let p = Policies::compile_failing_closed(&PolicyInput { unreadable: vec![*root], ..Default::default() });
+    assert_eq!(verdicts(&p.for_pod(&pod("bank", "x", &[])), 80), (false, false), "a root-namespace ALLOW: mesh-wide");
+
+    let meta = model::ObjectMeta { name: "broken".into(), namespace: "shop".into(), ..Default::default() };
+    let pa = read_object::<PeerAuthentication>(meta, serde_json::json!({"mtls": {"mode": "STRIKT"}})).unwrap_err();
+    let p = Policies::compile_failing_closed(&PolicyInput { unreadable: vec![*pa], ..Default::default() });
+    assert_eq!(p.for_pod(&pod("shop", "x", &[])).mode.mode, Mode::Strict, "an unreadable PeerAuthentication: STRICT");
+    assert_eq!(p.for_pod(&pod("bank", "x", &[])).mode.mode, Mode::Permissive);
+    let good = read_object::<AuthorizationPolicy>(model::ObjectMeta::default(), serde_json::json!({"action": "DENY"}));
+    assert_eq!(good.unwrap().spec.action, Action::Deny);
+}
+
+#[test]
+fn istio_l4_conditions_and_service_accounts_decide_at_l4() {
+    let p = compile(
+        r#"
+authorizationPolicies:
+  - metadata: {name: conditions, namespace: shop}
+    spec:
+      action: DENY
+      rules:
+        - when: [{key: source.principal, values: ["cluster.local/ns/shop/sa/frontend"]}, {key: destination.port, values: ["8080"]}]
+        - when: [{key: source.namespace, notValues: [shop]}]
+        - when: [{key: remote.ip, values: ["192.0.2.0/24"]}]
+        - when: [{key: destination.ip, values: ["10.0.0.2"]}, {key: source.principal, notValues: ["*/sa/frontend"]}]
+  - metadata: {name: accounts, namespace: bank}
+    spec:
+      action: ALLOW
+      rules:
+        - from: [{source: {serviceAccounts: ["shop/frontend", teller]}}]
+        - from: [{source: {notServiceAccounts: ["shop/frontend", "shop/batch", teller]}}]
+          to: [{operation: {ports: ["9090"]}}]
+"#,
+    );
+    assert_eq!(states(&p).iter().filter(|(_, s)| *s == "Enforced").count(), 2);
+    let shop = p.for_pod(&pod("shop", "api", &[]));
+    assert_eq!(verdicts(&shop, 8080), (false, true), "source.principal AND destination.port");
+    assert_eq!(verdicts(&shop, 9090), (true, true));
+    let other = id("spiffe://cluster.local/ns/bank/sa/x");
+    let (allowed, why) = verdict(&shop, Peer::Authenticated { id: &other, ip: None }, 9090);
+    assert_eq!((allowed, why.as_str()), (false, "shop/conditions rules[1]"), "source.namespace notValues");
+    let (allowed, why) = verdict(&shop, Peer::Plaintext { ip: "192.0.2.7".parse().unwrap() }, 9090);
+    assert_eq!((allowed, why.as_str()), (false, "shop/conditions rules[1]"), "plaintext has no namespace");
+    let b = id(BATCH);
+    let second = SocketAddr::new([10, 0, 0, 2].into(), 9090);
+    let d = shop.decide(&Peer::Authenticated { id: &b, ip: Some("198.51.100.1".parse().unwrap()) }, second);
+    assert_eq!(d.rule().map(|r| r.rule), Some(3), "destination.ip: {d:?}");
+    let f = id(FRONTEND);
+    let d = shop.decide(&Peer::Authenticated { id: &f, ip: Some("192.0.2.9".parse().unwrap()) }, second);
+    assert_eq!(d.rule().map(|r| r.rule), Some(2), "remote.ip: {d:?}");
+
+    let bank = p.for_pod(&pod("bank", "vault", &[]));
+    let teller = id("spiffe://other.domain/ns/bank/sa/teller");
+    let stranger = id("spiffe://cluster.local/ns/web/sa/x");
+    let allowed = |who: &SpiffeId, port| verdict(&bank, Peer::Authenticated { id: who, ip: None }, port).0;
+    assert!(allowed(&f, 8080) && allowed(&teller, 8080), "ns/sa and sa (the policy's namespace), any trust domain");
+    assert!(!allowed(&b, 8080) && !allowed(&b, 9090), "batch: neither rule");
+    assert!(!allowed(&stranger, 8080) && allowed(&stranger, 9090), "notServiceAccounts");
+}
+
+#[test]
+fn port_level_mtls_raises_the_workload_to_its_strongest_mode_and_the_strongest_of_equals_wins() {
+    let p = compile(
+        r#"
+peerAuthentications:
+  - metadata: {name: a-permissive, namespace: shop}
+    spec: {mtls: {mode: PERMISSIVE}}
+  - metadata: {name: api, namespace: shop}
+    spec: {selector: {matchLabels: {app: api}}, portLevelMtls: {8080: {mode: STRICT}}}
+  - metadata: {name: db, namespace: bank}
+    spec: {selector: {matchLabels: {app: db}}, mtls: {mode: STRICT}, portLevelMtls: {"5432": {mode: DISABLE}}}
+  - metadata: {name: a-permissive, namespace: bank}
+    spec: {mtls: {mode: PERMISSIVE}}
+  - metadata: {name: b-strict, namespace: bank}
+    spec: {mtls: {mode: STRICT}}
+"#,
+    );
+    let api = p.for_pod(&pod("shop", "api", &[("app", "api")]));
+    assert_eq!((api.mode.mode, api.mode.scope), (Mode::Strict, "portLevelMtls"));
+    assert_eq!(p.for_pod(&pod("shop", "web", &[])).mode.mode, Mode::Permissive);
+    assert_eq!(p.for_pod(&pod("bank", "db", &[("app", "db")])).mode.mode, Mode::Strict, "never weaker than asked");
+    let bank = p.for_pod(&pod("bank", "x", &[]));
+    assert_eq!(
+        bank.mode.policy.as_ref().map(|r| r.name.as_str()),
+        Some("b-strict"),
+        "two namespace-wide: the stronger"
+    );
+    assert_eq!(
+        states(&p).into_iter().filter(|(_, s)| *s == "PartiallyEnforced").map(|(n, _)| n).collect::<Vec<_>>(),
+        ["shop/api", "bank/db"]
+    );
 }

@@ -189,6 +189,22 @@ fn policy_commands_answer_offline_and_bad_questions_get_one_clear_error_line() {
     );
     let validate = Command::new(&bins.meshless).args(["policy", "validate", "--state"]).arg(&state).output().unwrap();
     assert!(out(validate).ends_with("valid: 3 pods, 0 PeerAuthentications, 1 AuthorizationPolicies"));
+    // The same ALLOW, but its grant needs an HTTP method: accepted, named, and it allows nothing.
+    fs::write(
+        &state,
+        format!("{STATE_HEAD}{pods}{}", policy.replace("}}]}]}", "}}], to: [{operation: {methods: [GET]}}]}]}")),
+    )
+    .unwrap();
+    let validate =
+        out(Command::new(&bins.meshless).args(["policy", "validate", "--state"]).arg(&state).output().unwrap());
+    assert!(
+        validate.contains(
+            "AuthorizationPolicy shop/api: partially enforced; left out: spec.rules[0].to[0].operation.methods"
+        ),
+        "{validate}"
+    );
+    let text = out(policy_cmd(&["explain", "--from", "shop/web", "--to", "shop/api", "--port", "80"]));
+    assert!(text.starts_with("deny:") && text.contains("caveat:   shop/api: partially enforced"), "{text}");
     fs::write(&state, format!("{STATE_HEAD}{pods}{}", policy.replace("principals", "principal"))).unwrap();
     let validate = Command::new(&bins.meshless).args(["policy", "validate", "--state"]).arg(&state).output().unwrap();
     assert_clean_error(&validate, "unknown field `principal`");

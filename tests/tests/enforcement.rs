@@ -528,7 +528,7 @@ fn dry_run_logs_what_it_would_deny_and_lets_it_through() {
 }
 
 #[test]
-fn a_malformed_policy_is_rejected_naming_the_field_and_the_old_policy_keeps_working() {
+fn a_malformed_policy_is_rejected_naming_the_field_and_an_l7_field_fails_closed() {
     let Some(bins) = support::privileged("malformed_policy") else {
         return;
     };
@@ -550,19 +550,27 @@ fn a_malformed_policy_is_rejected_naming_the_field_and_the_old_policy_keeps_work
     assert!(rejected.is_some(), "the error must name the policy and field:\n{}", mesh.log_summary(2));
     assert!(call(&bins, a1, b1, 7000, false).0, "the old policy still allows pod1-n1");
     assert!(!call(&bins, a2, b1, 7000, false).0, "and still denies pod2-n1 (the bad update was not half-applied)");
-    // A field meshless cannot enforce at L4 is named too.
+    // A field meshless cannot evaluate at L4 is accepted, named, and fails closed: the ALLOW rule
+    // that needs an HTTP method matches nothing, so pod1-n1 loses its only grant.
     mesh.set_policy(
         &tb,
         &MATRIX_POLICY.replace("to: [{operation: {ports: [\"7000\"]}}]", "to: [{operation: {methods: [\"GET\"]}}]"),
     )
     .unwrap();
-    let l7 = mesh.wait_log(2, "state file rejected; the previous state keeps serving", |l| {
-        l["error"]
-            .as_str()
-            .is_some_and(|e| e.contains("spec.rules[0].to[0].operation.methods: is an HTTP (L7) attribute"))
+    let l7 = mesh.wait_log(2, "policy object not enforced as written", |l| {
+        l["object"] == "AuthorizationPolicy default/api"
+            && l["problem"].as_str().is_some_and(|e| {
+                e.contains("spec.rules[0].to[0].operation.methods: an HTTP (L7) attribute")
+                    && e.contains("allows no more than Istio's would")
+            })
     });
     assert!(l7.is_some(), "{}", mesh.log_summary(2));
-    assert!(call(&bins, a1, b1, 7000, false).0);
+    let denied =
+        meshless_tests::wait_for(Duration::from_secs(10), || (!call(&bins, a1, b1, 7000, false).0).then_some(()));
+    assert!(denied.is_some(), "an ALLOW that needs an HTTP method must allow nothing:\n{}", mesh.log_summary(2));
+    let d = decided(&mesh, 2, &tb.spiffe_id(meshless_tests::mesh::TRUST_DOMAIN, a1), b1, 7000, false);
+    assert_eq!(d["decision"], "deny", "{d}");
+    assert!(d["caveats"].as_str().is_some_and(|c| c.contains("default/api: partially enforced")), "{d}");
 }
 
 #[test]

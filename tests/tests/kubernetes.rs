@@ -299,14 +299,14 @@ fn policy_resources_decide_as_the_state_file_does_and_an_invalid_one_gets_a_stat
                 "shop",
                 name,
                 "-o",
-                "jsonpath={.status.accepted}|{.status.observedGeneration}|{.status.message}",
+                "jsonpath={.status.accepted}|{.status.reason}|{.status.observedGeneration}|{.status.message}",
             ],
             None,
         )
         .unwrap_or_default()
     };
     let status = wait_for(Duration::from_secs(15), || {
-        Some(accepted("backend-allow-frontend")).filter(|s| s.starts_with("True|1|"))
+        Some(accepted("backend-allow-frontend")).filter(|s| s.starts_with("True|Enforced|1|"))
     });
     assert!(
         status.is_some(),
@@ -346,24 +346,105 @@ fn policy_resources_decide_as_the_state_file_does_and_an_invalid_one_gets_a_stat
         );
     }
 
-    // An invalid policy (an L7 field) that would let batch in: refused with the reason, no effect.
-    let bad = "apiVersion: meshless.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: bad-l7, namespace: shop}\n\
-               spec:\n  selector: {matchLabels: {app: backend}}\n  action: ALLOW\n  rules:\n  \
-               - from: [{source: {principals: [cluster.local/ns/shop/sa/batch]}}]\n    to: [{operation: {methods: [GET]}}]\n";
-    api.kubectl_ok(tb, &["apply", "-f", "-"], Some(bad)).unwrap();
-    let status = wait_for(Duration::from_secs(15), || Some(accepted("bad-l7")).filter(|s| s.starts_with("False|1|")));
-    let status = status
-        .unwrap_or_else(|| panic!("no refusal status: {:?}; issuer log: {}", accepted("bad-l7"), mesh.issuer_tail()));
-    assert!(status.contains("methods") && status.contains("L7"), "the status names the field and why: {status}");
+    // An ALLOW for batch that needs an HTTP method (L7): accepted, the field named, and it allows
+    // nothing (meshless cannot check the method, so it must not let batch in on its behalf).
+    let policy = |name: &str, spec: &str| {
+        format!(
+            "apiVersion: meshless.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {{name: {name}, namespace: shop}}\n\
+             spec:\n  selector: {{matchLabels: {{app: backend}}}}\n{spec}"
+        )
+    };
+    let status_is = |name: &str, prefix: &str| {
+        wait_for(Duration::from_secs(15), || Some(accepted(name)).filter(|s| s.starts_with(prefix))).unwrap_or_else(
+            || panic!("{name}: want {prefix}, got {:?}; issuer log: {}", accepted(name), mesh.issuer_tail()),
+        )
+    };
+    let agent_saw = |name: &str| {
+        mesh.wait_log(2, "policy object not enforced as written", Duration::from_secs(15), |l| {
+            l["object"] == format!("AuthorizationPolicy shop/{name}")
+        })
+        .unwrap_or_else(|| panic!("node 2's agent never named {name}: {}", mesh.log_tail(2)))
+    };
+    let allow_l7 = policy(
+        "allow-batch-get",
+        "  action: ALLOW\n  rules:\n  - from: [{source: {principals: [cluster.local/ns/shop/sa/batch]}}]\n    \
+         to: [{operation: {methods: [GET]}}]\n",
+    );
+    api.kubectl_ok(tb, &["apply", "-f", "-"], Some(&allow_l7)).unwrap();
+    let status = status_is("allow-batch-get", "True|PartiallyEnforced|1|");
+    assert!(
+        status.contains("methods") && status.contains("allows no more"),
+        "the status names the field and how: {status}"
+    );
     let table = api.kubectl_ok(tb, &["get", "authorizationpolicies", "-n", "shop", "-o", "wide"], None).unwrap();
-    assert!(table.contains("bad-l7") && table.contains("False") && table.contains("MESSAGE"), "{table}");
-    // Enforcement is checked once node 2's agent has seen (and left out) the invalid object.
-    let left_out = mesh.wait_log(2, "left out of the mesh directory", Duration::from_secs(15), |l| {
-        l["object"] == "AuthorizationPolicy shop/bad-l7"
-    });
-    assert!(left_out.is_some(), "the agent should say it left the invalid object out: {}", mesh.log_tail(2));
-    assert!(!works(batch), "an invalid policy changed enforcement");
+    assert!(table.contains("allow-batch-get") && table.contains("MESSAGE") && table.contains("left out"), "{table}");
+    agent_saw("allow-batch-get");
+    assert!(!works(batch), "an ALLOW whose method meshless cannot check let batch in");
     assert!(works(frontend));
+
+    // Each DENY below names what meshless can evaluate only in part, or cannot read at all: each
+    // must stop the frontend (the policy's author wanted at least that), and lifting it restores it.
+    let denies = [
+        (
+            "deny-frontend-get",
+            "  action: DENY\n  rules:\n  - from: [{source: {principals: [cluster.local/ns/shop/sa/frontend]}}]\n    \
+             to: [{operation: {methods: [GET]}}]\n",
+            "True|PartiallyEnforced|1|",
+        ),
+        (
+            "deny-frontend-when",
+            "  action: DENY\n  rules:\n  - when: [{key: source.principal, values: [cluster.local/ns/shop/sa/frontend]}]\n",
+            "True|Enforced|1|",
+        ),
+        (
+            // A wildcard in the middle of a principal: admitted by the API server, unreadable for
+            // meshless (and Istio): the DENY stands in for everything it selects.
+            "deny-typo",
+            "  action: DENY\n  rules:\n  - from: [{source: {principals: [\"cluster.local/ns/*/sa/nobody\"]}}]\n",
+            "False|FailedClosed|1|",
+        ),
+    ];
+    for (name, spec, want) in denies {
+        api.kubectl_ok(tb, &["apply", "-f", "-"], Some(&policy(name, spec))).unwrap();
+        let status = status_is(name, want);
+        let stopped = wait_for(Duration::from_secs(10), || (!works(frontend)).then_some(()));
+        assert!(stopped.is_some(), "{name} ({status}) left the frontend through: {}", mesh.log_tail(2));
+        if want.starts_with("False") {
+            assert!(status.contains("principals[0]") && status.contains("denies every"), "{status}");
+            let d = mesh.wait_log(2, "inbound decision", Duration::from_secs(5), |l| {
+                l["src_id"] == "spiffe://cluster.local/ns/shop/sa/frontend" && l["policy"] == "shop/deny-typo"
+            });
+            let caveats = d.as_ref().map(|d| d["caveats"].to_string()).unwrap_or_default();
+            assert!(caveats.contains("fails closed"), "the decision log names the stand-in: {d:?}");
+        } else if want.contains("Partially") {
+            agent_saw(name);
+        }
+        api.kubectl_ok(tb, &["delete", "authorizationpolicy", "-n", "shop", name], None).unwrap();
+        let back = wait_for(Duration::from_secs(10), || works(frontend).then_some(()));
+        assert!(back.is_some(), "removing {name} did not restore the frontend: {}", mesh.log_tail(2));
+    }
+    let status = meshless_tests::mesh::status(tb, 2).expect("node 2 status");
+    assert_eq!(status["policy_objects"]["PartiallyEnforced"], 1, "allow-batch-get: {status}");
+
+    // The API server itself refuses the worst typos (the CRDs' schema), before any agent sees them.
+    let refused = [
+        policy("typo", "  action: ALOW\n"),
+        policy("typo", "  rules: [{to: [{operation: {ports: [http]}}]}]\n"),
+        policy("typo", "  rules: [{to: [{operation: {ports: [70000]}}]}]\n"),
+        policy("typo", "  rules: [{from: [{source: {ipBlocks: [ten.0.0.0/8]}}]}]\n"),
+        policy("typo", "  rules: [{from: [{source: {serviceAccounts: [a/b/c]}}]}]\n"),
+        policy("typo", "  rules: [{when: [{key: source.principle, values: [x]}]}]\n"),
+        "apiVersion: meshless.io/v1alpha1\nkind: PeerAuthentication\nmetadata: {name: typo, namespace: shop}\n\
+         spec: {mtls: {mode: STRIKT}}\n"
+            .to_string(),
+    ];
+    for object in &refused {
+        let out = api.kubectl(tb, None, &["apply", "--dry-run=server", "-f", "-"], Some(object)).unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains("is invalid"), "admitted:\n{object}\n{err}");
+    }
+    let fine = policy("fine", "  rules: [{to: [{operation: {ports: [\"8080\", 9090]}}]}]\n");
+    api.kubectl_ok(tb, &["apply", "--dry-run=server", "-f", "-"], Some(&fine)).unwrap();
 
     // A PeerAuthentication resource overrides the namespace label's mode.
     let pa = "apiVersion: meshless.io/v1alpha1\nkind: PeerAuthentication\nmetadata: {name: shop-permissive, namespace: shop}\n\

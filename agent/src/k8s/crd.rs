@@ -4,10 +4,13 @@
 //! generated from those types (`meshless manifests crds`), and a test keeps `deploy/` equal to
 //! what they generate.
 //!
-//! The API server checks the structure; meshless checks the meaning (principals, ports, fields it
-//! cannot honour at L4) and reports it in `status`: `accepted` True or False, with the reason.
-//! An object that is not accepted is not applied; the rest of the policy set still is.
+//! The API server checks the structure; meshless translates the meaning (principals, ports,
+//! fields it cannot evaluate at L4) and reports it in `status`: `Enforced`, `PartiallyEnforced`
+//! (what was left out and how it is treated) or `FailedClosed` (accepted False: the object cannot
+//! be read, and a closed stand-in is enforced in its place). Never does an object meshless
+//! cannot read or evaluate widen access; the rest of the policy set applies unchanged.
 
+use kube::api::{ApiResource, DynamicObject};
 use kube::CustomResourceExt as _;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -15,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use crate::policy::model::{
     AuthorizationPolicy, AuthorizationPolicySpec, ObjectMeta, PeerAuthentication, PeerAuthenticationSpec,
 };
-use crate::policy::{FieldError, PolicyObject};
+use crate::policy::{read_object, Enforcement, PolicyObject, Unreadable};
 
 /// The mTLS mode of the selected workloads' inbound plaintext (Istio's PeerAuthentication).
 /// (The policy model's spec, unchanged on the wire and in the schema; this wrapper only carries
@@ -60,11 +63,12 @@ pub struct AuthorizationPolicyResourceSpec(pub AuthorizationPolicySpec);
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PolicyStatus {
-    /// `True`: enforced. `False`: refused, see `message`; the object changes nothing.
+    /// `True`: enforced, wholly or in part (see `reason`). `False`: it cannot be read, and a
+    /// closed stand-in is enforced in its place until it is fixed (see `message`).
     pub accepted: String,
-    /// `Valid` or `Invalid`.
+    /// `Enforced`, `PartiallyEnforced` or `FailedClosed`.
     pub reason: String,
-    /// Why it was refused (the field and what is wrong with it), or what it does.
+    /// What was left out and how it is treated, or why it cannot be read and what stands in.
     pub message: String,
     /// The `metadata.generation` this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -72,39 +76,47 @@ pub struct PolicyStatus {
 }
 
 impl PolicyStatus {
-    pub fn of(check: &Result<(), FieldError>, generation: Option<i64>) -> PolicyStatus {
-        match check {
-            Ok(()) => PolicyStatus {
-                accepted: "True".into(),
-                reason: "Valid".into(),
-                message: "enforced by every node's agent".into(),
-                observed_generation: generation,
-            },
-            Err(e) => PolicyStatus {
-                accepted: "False".into(),
-                reason: "Invalid".into(),
-                message: e.to_string(),
-                observed_generation: generation,
-            },
+    pub fn of(enforcement: &Enforcement, generation: Option<i64>) -> PolicyStatus {
+        let (accepted, message) = match enforcement {
+            Enforcement::Enforced => ("True", "enforced by every node's agent".to_string()),
+            Enforcement::PartiallyEnforced { .. } => ("True", enforcement.summary()),
+            Enforcement::FailedClosed { .. } => ("False", enforcement.summary()),
+        };
+        PolicyStatus {
+            accepted: accepted.into(),
+            reason: enforcement.state().into(),
+            message,
+            observed_generation: generation,
         }
     }
 }
 
 /// A policy resource and the policy model's object it carries: one definition per kind, used by
-/// the agents' watches and the issuer's status reporter alike.
-pub trait PolicyResource:
-    kube::Resource<Scope = kube::core::NamespaceResourceScope, DynamicType = ()>
-    + Clone
-    + serde::de::DeserializeOwned
-    + std::fmt::Debug
-    + Send
-    + Sync
-    + 'static
-{
+/// the agents' watches and the issuer's status reporter alike. Both read the resources as
+/// untyped objects and parse each one on its own ([`read`]), so one object whose spec does not
+/// parse never stops a watch: it becomes a closed stand-in instead.
+pub trait PolicyResource: kube::Resource<DynamicType = ()> {
     type Object: PolicyObject;
-    /// The resource as the policy model's object (what the state file would hold).
-    fn object(&self) -> Self::Object;
-    fn status(&self) -> Option<&PolicyStatus>;
+}
+
+impl PolicyResource for PeerAuthenticationResource {
+    type Object = PeerAuthentication;
+}
+
+impl PolicyResource for AuthorizationPolicyResource {
+    type Object = AuthorizationPolicy;
+}
+
+/// The resource type of `K`, for untyped (`DynamicObject`) access.
+pub fn api_resource<K: PolicyResource>() -> ApiResource {
+    ApiResource::erase::<K>(&())
+}
+
+/// One resource as the policy model's object (what the state file would hold), or what could be
+/// read of it.
+pub fn read<K: PolicyResource>(o: &DynamicObject) -> Result<K::Object, Box<Unreadable>> {
+    let spec = o.data.get("spec").cloned().unwrap_or_else(|| serde_json::json!({}));
+    read_object::<K::Object>(meta(&o.metadata), spec)
 }
 
 fn meta(m: &kube::api::ObjectMeta) -> ObjectMeta {
@@ -115,39 +127,24 @@ fn meta(m: &kube::api::ObjectMeta) -> ObjectMeta {
     }
 }
 
-impl PolicyResource for PeerAuthenticationResource {
-    type Object = PeerAuthentication;
-    fn object(&self) -> PeerAuthentication {
-        PeerAuthentication {
-            api_version: Some("meshless.io/v1alpha1".into()),
-            kind: Some(PeerAuthentication::KIND.into()),
-            metadata: meta(&self.metadata),
-            spec: self.spec.0.clone(),
-        }
-    }
-    fn status(&self) -> Option<&PolicyStatus> {
-        self.status.as_ref()
-    }
+/// What the status of resource `o` should say.
+pub fn status_of<K: PolicyResource>(o: &DynamicObject) -> PolicyStatus {
+    let enforcement = match read::<K>(o) {
+        Ok(object) => object.enforcement(),
+        Err(u) => crate::policy::Policies::compile_failing_closed(&crate::policy::PolicyInput {
+            unreadable: vec![*u],
+            ..Default::default()
+        })
+        .objects()[0]
+            .enforcement
+            .clone(),
+    };
+    PolicyStatus::of(&enforcement, o.metadata.generation)
 }
 
-impl PolicyResource for AuthorizationPolicyResource {
-    type Object = AuthorizationPolicy;
-    fn object(&self) -> AuthorizationPolicy {
-        AuthorizationPolicy {
-            api_version: Some("meshless.io/v1alpha1".into()),
-            kind: Some(AuthorizationPolicy::KIND.into()),
-            metadata: meta(&self.metadata),
-            spec: self.spec.0.clone(),
-        }
-    }
-    fn status(&self) -> Option<&PolicyStatus> {
-        self.status.as_ref()
-    }
-}
-
-/// Keeps the `status` of every policy resource current: accepted or not, and why. Run by one
-/// process (the issuer), not by every agent: status writes then cost one per change, not one per
-/// node. Agents apply the same checks themselves and never wait for this.
+/// Keeps the `status` of every policy resource current: what is enforced of it, and why. Run by
+/// one process (the issuer), not by every agent: status writes then cost one per change, not one
+/// per node. Agents apply the same translation themselves and never wait for this.
 pub async fn report_status(client: kube::Client) {
     tokio::join!(report::<PeerAuthenticationResource>(client.clone()), report::<AuthorizationPolicyResource>(client));
 }
@@ -155,29 +152,32 @@ pub async fn report_status(client: kube::Client) {
 async fn report<K: PolicyResource>(client: kube::Client) {
     use futures_util::StreamExt as _;
     use kube::runtime::{watcher, WatchStreamExt as _};
-    let all = kube::Api::<K>::all(client.clone());
+    let resource = api_resource::<K>();
+    let kind = resource.kind.clone();
+    let all = kube::Api::<DynamicObject>::all_with(client.clone(), &resource);
     let mut events = std::pin::pin!(watcher(all, watcher::Config::default()).default_backoff().applied_objects());
     while let Some(object) = events.next().await {
         let object = match object {
             Ok(o) => o,
             Err(e) => {
                 // Retried with backoff; most often missing RBAC or an API server restart.
-                tracing::warn!(kind = %K::kind(&()), error = %e, "policy status watch failed; retrying");
+                tracing::warn!(kind = %kind, error = %e, "policy status watch failed; retrying");
                 continue;
             }
         };
-        let meta = object.meta();
+        let meta = &object.metadata;
         let (Some(ns), Some(name)) = (meta.namespace.clone(), meta.name.clone()) else { continue };
-        let want = PolicyStatus::of(&object.object().check(), meta.generation);
-        if object.status() == Some(&want) {
+        let want = status_of::<K>(&object);
+        let have = object.data.get("status").and_then(|s| serde_json::from_value::<PolicyStatus>(s.clone()).ok());
+        if have.as_ref() == Some(&want) {
             continue;
         }
-        let api = kube::Api::<K>::namespaced(client.clone(), &ns);
+        let api = kube::Api::<DynamicObject>::namespaced_with(client.clone(), &ns, &resource);
         let patch = kube::api::Patch::Merge(serde_json::json!({ "status": want }));
         match api.patch_status(&name, &kube::api::PatchParams::default(), &patch).await {
-            Ok(_) => tracing::info!(kind = %K::kind(&()), object = %format!("{ns}/{name}"), accepted = %want.accepted,
-                                    message = %want.message, "policy status reported"),
-            Err(e) => tracing::warn!(kind = %K::kind(&()), object = %format!("{ns}/{name}"), error = %e,
+            Ok(_) => tracing::info!(kind = %kind, object = %format!("{ns}/{name}"), accepted = %want.accepted,
+                                    reason = %want.reason, message = %want.message, "policy status reported"),
+            Err(e) => tracing::warn!(kind = %kind, object = %format!("{ns}/{name}"), error = %e,
                                      "cannot report policy status"),
         }
     }
@@ -265,6 +265,16 @@ mod tests {
         let ports = &spec["properties"]["rules"]["items"]["properties"]["to"]["items"]["properties"]["operation"]
             ["properties"]["ports"]["items"];
         assert_eq!(ports["x-kubernetes-int-or-string"], true, "{ports}");
+        // What a 1.20 API server checks at admission, so `kubectl apply` refuses the worst typos.
+        assert_eq!((ports["minimum"].as_f64(), ports["maximum"].as_f64()), (Some(1.0), Some(65535.0)), "{ports}");
+        assert!(ports["pattern"].is_string(), "{ports}");
+        let source =
+            &spec["properties"]["rules"]["items"]["properties"]["from"]["items"]["properties"]["source"]["properties"];
+        assert!(source["ipBlocks"]["items"]["pattern"].is_string(), "{source}");
+        assert_eq!(source["serviceAccounts"]["maxItems"], 16, "Istio's newer fields are kept, not pruned: {source}");
+        assert_eq!(spec["properties"]["action"]["enum"], serde_json::json!(["ALLOW", "DENY", "AUDIT", "CUSTOM"]));
+        let key = &spec["properties"]["rules"]["items"]["properties"]["when"]["items"]["properties"]["key"];
+        assert!(key["pattern"].as_str().is_some_and(|p| p.contains("remote\\.ip")), "{key}");
         let methods = &spec["properties"]["rules"]["items"]["properties"]["to"]["items"]["properties"]["operation"]
             ["properties"]["methods"];
         assert_eq!(methods["x-kubernetes-preserve-unknown-fields"], true, "{methods}");
@@ -287,14 +297,31 @@ mod tests {
              to: [{operation: {ports: [\"8080\", 9090]}}]\n",
         )
         .unwrap();
-        assert_eq!(r.object(), from_file);
-        let bad: AuthorizationPolicyResource = serde_yaml::from_str(
-            "apiVersion: meshless.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: p, namespace: ns}\n\
+        let dynamic: DynamicObject = serde_json::from_value(serde_json::to_value(&r).unwrap()).unwrap();
+        assert_eq!(read::<AuthorizationPolicyResource>(&dynamic).unwrap(), from_file);
+        let partial: DynamicObject = serde_yaml::from_str(
+            "apiVersion: meshless.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: p, namespace: ns, generation: 3}\n\
              spec:\n  rules:\n  - to: [{operation: {methods: [GET]}}]\n",
         )
         .unwrap();
-        let status = PolicyStatus::of(&bad.object().check(), Some(3));
-        assert_eq!((status.accepted.as_str(), status.observed_generation), ("False", Some(3)));
+        let status = status_of::<AuthorizationPolicyResource>(&partial);
+        assert_eq!(
+            (status.accepted.as_str(), status.reason.as_str(), status.observed_generation),
+            ("True", "PartiallyEnforced", Some(3))
+        );
+        let broken: DynamicObject = serde_yaml::from_str(
+            "apiVersion: meshless.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: p, namespace: ns}\n\
+             spec:\n  action: DENY\n  rules: [{from: [{source: {principals: 7}}]}]\n",
+        )
+        .unwrap();
+        let failed = status_of::<AuthorizationPolicyResource>(&broken);
+        assert_eq!((failed.accepted.as_str(), failed.reason.as_str()), ("False", "FailedClosed"));
+        assert!(
+            failed.message.contains("spec.rules[0].from[0].source.principals")
+                && failed.message.contains("denies every"),
+            "{}",
+            failed.message
+        );
         assert!(status.message.contains("methods"), "{}", status.message);
     }
 }

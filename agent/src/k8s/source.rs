@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 
 use super::objects::{Namespace, Pod};
 use futures_util::{Stream, StreamExt as _};
+use kube::api::{ApiResource, DynamicObject};
 use kube::runtime::watcher::{self, watcher};
 use kube::runtime::WatchStreamExt as _;
 use kube::{Api, Client, Resource, ResourceExt as _};
@@ -38,7 +39,10 @@ use tracing::{debug, info, warn};
 use super::cni::{self, Registry};
 use super::crd::{self, AuthorizationPolicyResource, PeerAuthenticationResource};
 use crate::identity::{workload_id, TrustDomain};
-use crate::policy::{LabelMode, MeshSettings, Mode, Policies, PolicyInput, PolicyObject};
+use crate::policy::{
+    AuthorizationPolicy, Enforcement, LabelMode, MeshSettings, Mode, PeerAuthentication, Policies, PolicyInput,
+    Unreadable,
+};
 use crate::workloads::{canonical, Directory, PodKey, Workload, WorkloadSource};
 
 /// Bounds of the pause between a change and the directory rebuilt for it.
@@ -82,14 +86,18 @@ struct PodInfo {
 
 type Key = (String, String);
 
+/// A policy resource as the policy model's object, or what could be read of it.
+type Read<T> = Result<T, Box<Unreadable>>;
+
 /// What the watches have seen.
 #[derive(Default)]
 struct Cluster {
     local: HashMap<Key, PodInfo>,
     all: HashMap<Key, PodInfo>,
     namespaces: HashMap<String, Option<String>>,
-    peer: HashMap<Key, PeerAuthenticationResource>,
-    authz: HashMap<Key, AuthorizationPolicyResource>,
+    /// Policy resources, each read on its own (an unreadable one becomes a closed stand-in).
+    peer: HashMap<Key, Read<PeerAuthentication>>,
+    authz: HashMap<Key, Read<AuthorizationPolicy>>,
     /// Watches that have listed once.
     synced: [bool; WATCHES],
     /// Bumped on every change of a policy resource, so a rebuild recompiles policy only then.
@@ -214,15 +222,24 @@ impl KubeSource {
             |c| &mut c.namespaces,
             |n| Some(n.labels().get(MODE_LABEL).cloned()),
         );
+        // Policy resources are read untyped, one object at a time (see `crd::read`).
+        let policies = |r: ApiResource| Api::<DynamicObject>::all_with(client.clone(), &r);
         spawn_mirror(
             3,
-            Api::<PeerAuthenticationResource>::all(client.clone()),
+            policies(crd::api_resource::<PeerAuthenticationResource>()),
             all(),
             s.clone(),
             |c| &mut c.peer,
-            Some,
+            |o| Some(crd::read::<PeerAuthenticationResource>(&o)),
         );
-        spawn_mirror(4, Api::<AuthorizationPolicyResource>::all(client), all(), s, |c| &mut c.authz, Some);
+        spawn_mirror(
+            4,
+            policies(crd::api_resource::<AuthorizationPolicyResource>()),
+            all(),
+            s,
+            |c| &mut c.authz,
+            |o| Some(crd::read::<AuthorizationPolicyResource>(&o)),
+        );
         Ok(cni)
     }
 }
@@ -305,7 +322,6 @@ fn spawn_mirror<K, MK, V>(
     convert: fn(K) -> Option<V>,
 ) where
     K: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
-    K::DynamicType: Default,
     MK: MapKey + std::hash::Hash + Eq + Send + 'static,
     V: Send + 'static,
 {
@@ -430,6 +446,20 @@ impl Builder {
         }
     }
 
+    /// Says once (and again when it changes) how a policy object is not enforced as written.
+    fn report_policy(&mut self, what: String, problem: Option<String>) {
+        match problem {
+            Some(p) if self.problems.get(&what) != Some(&p) => {
+                warn!(object = %what, problem = %p, "policy object not enforced as written");
+                self.problems.insert(what, p);
+            }
+            Some(_) => {}
+            None => {
+                self.problems.remove(&what);
+            }
+        }
+    }
+
     fn build(&mut self, c: &Cluster) -> Arc<Directory> {
         let (node, cgroup_parent, td) = (
             self.source.node.clone().unwrap_or_default(),
@@ -540,52 +570,33 @@ impl Builder {
         })
     }
 
-    /// The compiled policy set, compiled again only when a policy resource changed. A set that
-    /// fails as a whole never means "no policy": the last compiled set keeps deciding. (Objects
-    /// are checked one by one first, and the mesh settings when the source starts, so this is a
-    /// bug, logged as such.)
+    /// The compiled policy set, compiled again only when a policy resource changed. Objects
+    /// are translated one by one and never refused as a set: one that cannot be read is a closed
+    /// stand-in (`Policies::compile_failing_closed`), so a bad object can neither remove the
+    /// others nor widen access.
     fn policies(&mut self, c: &Cluster) -> Arc<Policies> {
         if let Some((seen, p)) = &self.policies {
             if *seen == c.policy_changes {
                 return p.clone();
             }
         }
-        let input = self.policy_input(c);
-        let p = match Policies::compile(&input) {
-            Ok(p) => Arc::new(p),
-            Err(e) => {
-                warn!(error = %e, "the policy set is inconsistent; the previous one keeps deciding");
-                self.policies.as_ref().map(|(_, last)| last.clone()).unwrap_or_default()
-            }
+        let input = PolicyInput {
+            mesh: self.source.mesh.clone(),
+            peer_authentications: c.peer.values().filter_map(|r| r.as_ref().ok().cloned()).collect(),
+            authorization_policies: c.authz.values().filter_map(|r| r.as_ref().ok().cloned()).collect(),
+            unreadable: (c.peer.values().filter_map(|r| r.as_ref().err()))
+                .chain(c.authz.values().filter_map(|r| r.as_ref().err()))
+                .map(|u| (**u).clone())
+                .collect(),
         };
+        let p = Arc::new(Policies::compile_failing_closed(&input));
+        for o in p.objects() {
+            let what = format!("{} {}", o.kind, o.policy);
+            let problem = (o.enforcement != Enforcement::Enforced).then(|| o.enforcement.summary());
+            self.report_policy(what, problem);
+        }
         self.policies = Some((c.policy_changes, p.clone()));
         p
-    }
-
-    /// The valid policy objects; invalid ones are left out (their status says why).
-    fn policy_input(&mut self, c: &Cluster) -> PolicyInput {
-        PolicyInput {
-            mesh: self.source.mesh.clone(),
-            peer_authentications: self.valid(c.peer.values()),
-            authorization_policies: self.valid(c.authz.values()),
-        }
-    }
-
-    /// The objects of the resources that pass their checks; each problem reported once.
-    fn valid<'r, R: crd::PolicyResource>(&mut self, resources: impl Iterator<Item = &'r R>) -> Vec<R::Object> {
-        let mut out = Vec::new();
-        for r in resources {
-            let object = r.object();
-            let what = format!("{} {}", <R::Object as PolicyObject>::KIND, object.reference());
-            match object.check() {
-                Ok(()) => {
-                    self.report(what, None);
-                    out.push(object);
-                }
-                Err(e) => self.report(what, Some(e.to_string())),
-            }
-        }
-        out
     }
 }
 

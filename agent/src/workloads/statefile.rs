@@ -128,9 +128,18 @@ pub fn parse(path: &Path, text: &str) -> Result<Directory, Error> {
         mesh: raw.mesh,
         peer_authentications: raw.peer_authentications,
         authorization_policies: raw.authorization_policies,
+        unreadable: Vec::new(),
     })
     .map_err(|e| invalid(e.to_string()))?;
     Directory::new(trust_domain, raw.node, raw.cgroup_parent, workloads, policies).map_err(|e| invalid(e.0))
+}
+
+/// Says which accepted policy objects are enforced only in part (the file refuses the others).
+fn log_partial(dir: &Directory) {
+    for o in dir.policies.objects().iter().filter(|o| o.enforcement.state() != "Enforced") {
+        warn!(object = %format!("{} {}", o.kind, o.policy), problem = %o.enforcement.summary(),
+              "policy object not enforced as written");
+    }
 }
 
 /// The state file as a [`WorkloadSource`]: read at start, then watched (inotify on its directory
@@ -154,6 +163,7 @@ impl WorkloadSource for FileSource {
             let path = self.path;
             let text = std::fs::read_to_string(&path).map_err(|source| Error::Read { path: path.clone(), source })?;
             let first = Arc::new(parse(&path, &text)?);
+            log_partial(&first);
             let (tx, rx) = watch::channel(first);
             let watch_err = |source| Error::Watch { path: path.clone(), source };
             let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
@@ -214,6 +224,7 @@ async fn watch_file(
         match parse(&path, &last).and_then(|d| same_node(&path, &current, d)) {
             Ok(dir) => {
                 info!(path = %path.display(), pods = dir.len(), "state file changed; applying it");
+                log_partial(&dir);
                 let _ = tx.send(Arc::new(dir));
             }
             Err(e) => warn!(error = %e, "state file rejected; the previous state keeps serving"),
