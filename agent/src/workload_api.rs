@@ -1,9 +1,13 @@
 //! The SPIFFE Workload API, served on a unix socket (`--workload-api-socket`): an application in a
 //! local pod fetches its own X.509-SVID (certificate chain and key) and the trust bundles, and
 //! gets a new message whenever either changes. The caller is identified by the kernel, never by
-//! what it says: the socket's peer credentials give its pid, the pid's cgroup names its pod (the
-//! pod whose cgroup contains it). A process outside every enrolled pod gets PermissionDenied,
-//! and a pod only ever gets its own SVID. JWT-SVIDs are not served (Unimplemented).
+//! what it says: the process that connected (bound at accept, [`front::Caller`]) must still be
+//! running at each call, and its cgroup names its pod (the pod whose cgroup contains it). A
+//! process outside every enrolled pod gets PermissionDenied, and a pod only ever gets its own
+//! SVID. Any gRPC client can call it: the [`front`] accepts the socket path as `:authority`.
+//! Connections and streams are bounded. JWT-SVIDs are not served (Unimplemented).
+
+mod front;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -39,14 +43,26 @@ impl Api {
         if request.metadata().get(SECURITY_HEADER).and_then(|v| v.to_str().ok()) != Some("true") {
             return Err(Status::invalid_argument(format!("missing the {SECURITY_HEADER}: true header")));
         }
-        let pid = request
+        let caller = request
             .extensions()
-            .get::<tonic::transport::server::UdsConnectInfo>()
-            .and_then(|i| i.peer_cred)
-            .and_then(|c| c.pid())
+            .get::<front::Caller>()
             .ok_or_else(|| Status::permission_denied("the caller's process is unknown"))?;
+        let pid = caller.pid;
+        let gone = || {
+            warn!(pid, "Workload API: the process that opened the connection has exited");
+            Status::permission_denied(
+                "the process that opened this connection has exited; its pid may name another process now",
+            )
+        };
+        // Alive before and after reading its cgroup: the pid named that process throughout.
+        if !caller.alive() {
+            return Err(gone());
+        }
         let cgroup = cgroup_of(pid, &self.cgroup_root)
             .ok_or_else(|| Status::permission_denied(format!("cannot read the cgroup of pid {pid}")))?;
+        if !caller.alive() {
+            return Err(gone());
+        }
         let pods = self.pods.load();
         let pod = pods
             .iter()
@@ -171,11 +187,14 @@ pub fn serve(socket: &Path, pods: LocalPods, trust: Arc<Trust>) -> Result<(), cr
     std::fs::set_permissions(socket, std::os::unix::fs::PermissionsExt::from_mode(0o666)).map_err(err)?;
     let cgroup_root = cgroup2_root().unwrap_or_else(|| PathBuf::from("/sys/fs/cgroup"));
     let api = Api { pods, trust, cgroup_root };
-    let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+    let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<front::Fronted>>(16);
+    tokio::spawn(accept(listener, tx));
     tokio::spawn(async move {
         if let Err(e) = tonic::transport::Server::builder()
+            .max_concurrent_streams(Some(MAX_STREAMS))
+            .concurrency_limit_per_connection(MAX_STREAMS as usize)
             .add_service(SpiffeWorkloadApiServer::new(api))
-            .serve_with_incoming(incoming)
+            .serve_with_incoming(tokio_stream::wrappers::ReceiverStream::new(rx))
             .await
         {
             warn!(error = %e, "the Workload API stopped");
@@ -183,6 +202,43 @@ pub fn serve(socket: &Path, pods: LocalPods, trust: Arc<Trust>) -> Result<(), cr
     });
     info!(socket = %socket.display(), "Workload API serving");
     Ok(())
+}
+
+/// Connections open at once on the socket; more are closed at accept (logged once per burst).
+const MAX_CONNECTIONS: usize = 1024;
+/// Streams at once on one connection.
+const MAX_STREAMS: u32 = 16;
+
+/// Accepts connections, names their caller and fronts them (see [`front`]), within
+/// [`MAX_CONNECTIONS`].
+async fn accept(listener: tokio::net::UnixListener, tx: tokio::sync::mpsc::Sender<std::io::Result<front::Fronted>>) {
+    let open = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let mut refusing = false;
+    loop {
+        let stream = match listener.accept().await {
+            Ok((s, _)) => s,
+            Err(e) => {
+                warn!(error = %e, "Workload API: accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = open.clone().try_acquire_owned() else {
+            if !std::mem::replace(&mut refusing, true) {
+                warn!(limit = MAX_CONNECTIONS, "Workload API: too many connections; closing new ones");
+            }
+            continue;
+        };
+        refusing = false;
+        let Some(caller) = front::Caller::of(&stream) else {
+            warn!("Workload API: the kernel does not name the connecting process; closing");
+            continue;
+        };
+        let fronted = front::front(stream, caller, permit);
+        if tx.send(Ok(fronted)).await.is_err() {
+            return;
+        }
+    }
 }
 
 /// Where the cgroup v2 hierarchy is mounted.

@@ -31,6 +31,7 @@ pub mod bpf;
 pub mod kube;
 pub mod mesh;
 pub mod pcap;
+pub mod python;
 
 const NETNS_DIR: &str = "/run/netns";
 const PREFIX: &str = "ml-";

@@ -340,6 +340,25 @@ fn the_workload_api_gives_a_pod_its_own_svid_and_nobody_else_anything() {
             .unwrap();
         assert_eq!(got["serial"], enrolled["serial"], "the Workload API hands out the pod's current certificate");
     }
+    // The standard Python client (PyPI's `spiffe`, grpcio: it sends the socket path as
+    // `:authority`), default settings: its own ID, and a chain that verifies against the bundle.
+    let python = meshless_tests::python::spiffe_python().expect("the Python SPIFFE client");
+    let script = meshless_tests::python::script("spiffe_client.py");
+    let ask_python = |cmd: &mut Command| -> serde_json::Value {
+        let (_, out, err) = run(cmd.arg(&script).arg(&endpoint));
+        serde_json::from_str(out.trim()).unwrap_or_else(|_| panic!("python spiffe client: {out} {err}"))
+    };
+    for pod in [tb.pod(1, 1), tb.pod(1, 2)] {
+        let got = ask_python(&mut pod.command(&python).unwrap());
+        assert_eq!(got["spiffe_id"], tb.spiffe_id(TRUST_DOMAIN, pod), "python client in {}: {got}", pod.name);
+        assert_eq!(
+            (got["chain"].as_u64(), got["roots"].as_u64(), got["verified"].as_bool()),
+            (Some(2), Some(1), Some(true)),
+            "{got}"
+        );
+    }
+    let outsider = ask_python(&mut tb.node(1).netns.command(&python, None).unwrap());
+    assert_eq!(outsider["code"], "StatusCode.PERMISSION_DENIED", "not a stream reset: {outsider}");
     // A process in no pod of the mesh (node 1's own netns and cgroup) gets nothing.
     let outsider = fetch(&mut tb.node(1).netns.command(&bins.wlclient, None).unwrap());
     assert!(outsider.get("spiffe_id").is_none(), "a caller outside the mesh's pods got an SVID: {outsider}");
@@ -352,4 +371,52 @@ fn the_workload_api_gives_a_pod_its_own_svid_and_nobody_else_anything() {
         .is_some(),
         "the refusal should be logged"
     );
+}
+
+#[test]
+fn a_workload_api_connection_is_answered_only_while_the_process_that_opened_it_runs() {
+    let Some(bins) = support::privileged("workload_api_pid_reuse") else {
+        return;
+    };
+    let tb = Testbed::new(Layout { label: "wlpid", pods: &[2, 1] }).expect("building the testbed");
+    let _mesh = Mesh::start(&tb, &bins, &|_| true, &[]).expect("starting the agents");
+    let socket = tb.dir.join("run-node1").join("workload.sock");
+    let (a, b) = (tb.pod(1, 1), tb.pod(1, 2));
+    let (out, go) = (tb.dir.join("orphan.out"), tb.dir.join("orphan.go"));
+    // Pod a's process connects, hands the connection to its child and exits.
+    let status = a
+        .command(&bins.wlclient)
+        .unwrap()
+        .arg("orphan")
+        .arg(&socket)
+        .arg(&go)
+        .stdout(std::fs::File::create(&out).unwrap())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let line = |i: usize| -> Option<serde_json::Value> {
+        let text = std::fs::read_to_string(&out).ok()?;
+        text.lines().nth(i).and_then(|l| serde_json::from_str(l).ok())
+    };
+    let parent = line(0).and_then(|l| l["parent"].as_i64()).expect("the parent's pid") as i32;
+    // Its pid goes to a process of pod b (another identity), as the kernel may reuse it.
+    let mut reused = None;
+    for _ in 0..500 {
+        std::fs::write("/proc/sys/kernel/ns_last_pid", (parent - 1).to_string()).unwrap();
+        let mut sleeper = b.command("/bin/sleep").unwrap().arg("30").spawn().unwrap();
+        if sleeper.id() as i32 == parent {
+            reused = Some(sleeper);
+            break;
+        }
+        let _ = sleeper.kill();
+        let _ = sleeper.wait();
+    }
+    let mut sleeper = reused.expect("the parent's pid could not be given to pod b's process (a busy machine?)");
+    std::fs::write(&go, "").unwrap();
+    let answer = wait_for(Duration::from_secs(20), || line(1));
+    let _ = sleeper.kill();
+    let _ = sleeper.wait();
+    let answer = answer.expect("the child never answered");
+    assert!(answer.get("spiffe_id").is_none(), "pod b's SVID went to a connection pod a opened: {answer}");
+    assert_eq!(answer["grpc_status"], "7", "PermissionDenied: {answer}");
 }

@@ -21,8 +21,10 @@ const APT_PACKAGES: &[&str] = &[
     "tcpdump",
     "curl",
     "util-linux",
-    // The hand-over socket's unit test plays another user's client with it (setpriv + python3).
+    // The hand-over socket's unit test plays another user's client with it (setpriv + python3);
+    // the Workload API test runs PyPI's `spiffe` client in a virtualenv.
     "python3",
+    "python3-venv",
     "protobuf-compiler",
     "libprotobuf-dev",
     "make",
