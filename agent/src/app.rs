@@ -117,7 +117,8 @@ async fn start(config: Arc<AgentConfig>, deps: Deps) -> Result<Running, Error> {
         }
     }
     let successors = handover::serve(&socket)?;
-    let workload_socket = config.workload_api_socket.clone().unwrap_or_else(|| config.run_dir.join("workload.sock"));
+    let workload_socket =
+        config.workload_api_socket.clone().unwrap_or_else(|| crate::workload_api::default_socket(&config.run_dir));
     crate::workload_api::serve(&workload_socket, admin_state.local_pods.clone(), trust)?;
     let admin_stop = CancellationToken::new();
     serve_admin(&config, admin_state, admin_stop.clone()).await?;

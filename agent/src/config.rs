@@ -19,10 +19,12 @@ pub struct AgentConfig {
     /// per node agent). They outlive the agent, so pods never talk plaintext while it is away.
     #[arg(long, env = "MESHLESS_BPF_DIR", default_value = "/sys/fs/bpf/meshless")]
     pub bpf_dir: PathBuf,
-    /// Directory of the agent's unix sockets (the upgrade hand-over socket).
+    /// Directory of the agent's unix sockets (the upgrade hand-over socket; 0700). Pods mount
+    /// only its `workload-api` subdirectory, which holds the Workload API socket alone.
     #[arg(long, env = "MESHLESS_RUN_DIR", default_value = "/run/meshless")]
     pub run_dir: PathBuf,
-    /// The SPIFFE Workload API socket for the node's pods (default: workload.sock in --run-dir).
+    /// The SPIFFE Workload API socket for the node's pods (default:
+    /// `<run-dir>/workload-api/workload.sock`, alone in its directory so pods can mount it).
     #[arg(long, env = "MESHLESS_WORKLOAD_API_SOCKET")]
     pub workload_api_socket: Option<PathBuf>,
     #[arg(long, env = "MESHLESS_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]

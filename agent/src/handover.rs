@@ -176,6 +176,8 @@ pub fn serve(path: &Path) -> Result<mpsc::Receiver<Request>, Error> {
     let err = |e: io::Error| Error::Socket { path: path.into(), source: e };
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(err)?;
+        // The run directory is the agent's alone (pods mount only its `workload-api`).
+        std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700)).map_err(err)?;
     }
     let _ = std::fs::remove_file(path);
     let fd = socket::socket(AddressFamily::Unix, SockType::SeqPacket, SockFlag::SOCK_CLOEXEC, None)
@@ -363,7 +365,9 @@ mod tests {
         let path = socket_path(&dir);
         let mut requests = serve(&path).unwrap();
         assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777, 0o700, "the run directory");
         assert_eq!(as_nobody(&path), Some(2), "another user cannot even connect");
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).unwrap();
         assert_eq!(as_nobody(&path), Some(3), "another user that connects is refused without an answer");
         assert!(requests.try_recv().is_err(), "nothing was handed to another user's successor");

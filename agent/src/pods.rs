@@ -140,16 +140,18 @@ impl<K: Kernel> Manager<K> {
                 Some(Slot::Running { pod, accepting, mut handover }) if w.mesh && same_pod(&pod.workload(), w) => {
                     let policy = dir.policy_for(w);
                     let (old_ips, old_mode) = (pod.workload().ips.clone(), pod.policy().mode.clone());
+                    let old_kernel = pod.policy().kernel_mode();
                     if old_ips != w.ips {
                         match self.deps.kernel.enroll(pod.cookie, &w.ips) {
                             Ok(_) => info!(pod = %key, ips = ?w.ips, "pod addresses updated"),
                             Err(e) => warn!(pod = %key, error = %e, "cannot update the pod's addresses in the kernel"),
                         }
                     }
-                    if old_ips != w.ips || old_mode.mode != policy.mode.mode {
-                        match self.deps.kernel.set_mode(pod.cookie, &pod.netns, &w.ips, policy.mode.mode) {
-                            Ok(()) if old_mode.mode != policy.mode.mode => {
-                                info!(pod = %key, from = %old_mode.mode, mode = %policy.mode, "inbound mode changed")
+                    if old_ips != w.ips || old_kernel != policy.kernel_mode() || old_mode.mode != policy.mode.mode {
+                        match self.deps.kernel.set_mode(pod.cookie, &pod.netns, &w.ips, policy.kernel_mode()) {
+                            Ok(()) if old_mode.mode != policy.mode.mode || old_kernel != policy.kernel_mode() => {
+                                info!(pod = %key, from = %old_mode.mode, mode = %policy.mode, kernel = %policy.kernel_mode(),
+                                      "inbound mode changed")
                             }
                             Ok(()) => {}
                             Err(e) => {
@@ -393,7 +395,7 @@ impl<K: Kernel> Manager<K> {
 
     /// The mode the kernel must hold for `w` while it cannot be served (`None`: not in the mesh).
     fn guard_mode(&self, w: &Workload, dir: &Directory) -> Option<Mode> {
-        w.mesh.then(|| dir.policy_for(w).mode.mode)
+        w.mesh.then(|| dir.policy_for(w).kernel_mode())
     }
 
     /// Holds the inbound of a mesh pod that cannot be served as the kernel does with no agent
@@ -436,7 +438,7 @@ impl<K: Kernel> Manager<K> {
         let tls = deps.identities.pod_tls(cert)?;
         let orig = deps.kernel.enroll(cookie, &w.ips)?;
         if let Some((_, l)) = listeners.0.iter().find(|(spec, _)| spec.role == Role::Inbound) {
-            deps.kernel.steer(cookie, &netns, &w.ips, policy.mode.mode, l)?;
+            deps.kernel.steer(cookie, &netns, &w.ips, policy.kernel_mode(), l)?;
         }
         let handover =
             listeners.0.iter().filter_map(|(spec, l)| l.try_clone().ok().map(|dup| (spec.clone(), dup))).collect();

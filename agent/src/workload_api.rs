@@ -175,11 +175,19 @@ impl SpiffeWorkloadApi for Api {
     }
 }
 
+/// `<run dir>/workload-api/workload.sock`: alone in its directory, which pods mount (never the
+/// run directory, whose control sockets are the agent's alone).
+pub fn default_socket(run_dir: &Path) -> PathBuf {
+    run_dir.join("workload-api").join("workload.sock")
+}
+
 /// Serves the Workload API on `socket` (replacing a stale socket file) until the task is dropped.
 pub fn serve(socket: &Path, pods: LocalPods, trust: Arc<Trust>) -> Result<(), crate::Error> {
     let err = |e| crate::Error::Io(format!("Workload API socket {}", socket.display()), e);
     if let Some(dir) = socket.parent() {
         std::fs::create_dir_all(dir).map_err(err)?;
+        // Anyone may reach the socket; what a caller gets is decided per caller.
+        std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o755)).map_err(err)?;
     }
     let _ = std::fs::remove_file(socket);
     let listener = tokio::net::UnixListener::bind(socket).map_err(err)?;

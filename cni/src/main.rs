@@ -197,11 +197,17 @@ fn del(state_dir: &Path) -> Result<(), CniError> {
     Ok(())
 }
 
-/// Written to a temporary name and renamed, so the agent never reads half a record.
+/// Written to a temporary name and renamed, so the agent never reads half a record; the
+/// directories and the record are the runtime's user's alone (the agent ignores records anyone
+/// else could have written).
 fn write_record(dir: &Path, container_id: &str, line: &str) -> std::io::Result<()> {
-    std::fs::create_dir_all(dir)?;
+    use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
     let tmp = dir.join(format!(".{container_id}.tmp"));
-    std::fs::write(&tmp, format!("{line}\n"))?;
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
+    f.write_all(format!("{line}\n").as_bytes())?;
+    drop(f);
     std::fs::rename(&tmp, dir.join(format!("{container_id}.json")))
 }
 

@@ -240,7 +240,8 @@ pub enum Reason {
     DefaultAllow,
     /// Plaintext to a STRICT pod.
     PlaintextRefused,
-    /// Plaintext to a DISABLE pod: not captured, so not decided by the agent at all.
+    /// Plaintext to a DISABLE pod no ALLOW or DENY policy selects: not captured, so not decided
+    /// by the agent at all.
     NotCaptured,
 }
 
@@ -517,8 +518,9 @@ impl PodPolicy {
         if let Peer::Plaintext { .. } = peer {
             match self.mode.mode {
                 Mode::Strict => return decision(false, Reason::PlaintextRefused, vec![], vec![]),
-                Mode::Disable => return decision(true, Reason::NotCaptured, vec![], vec![]),
-                Mode::Permissive => {}
+                Mode::Disable if !self.authorizes() => return decision(true, Reason::NotCaptured, vec![], vec![]),
+                // DISABLE with ALLOW or DENY policies: plaintext is decided as in PERMISSIVE.
+                Mode::Disable | Mode::Permissive => {}
             }
         }
         let facts = Facts::of(peer, to);
@@ -537,6 +539,22 @@ impl PodPolicy {
                 audited,
                 self.allow.iter().flat_map(|p| p.caveats()).collect(),
             ),
+        }
+    }
+
+    /// Whether ALLOW or DENY policies select the pod (AUDIT ones only mark).
+    fn authorizes(&self) -> bool {
+        !(self.deny.is_empty() && self.allow.is_empty())
+    }
+
+    /// What the kernel applies to the pod's inbound plaintext: its mode, except that a DISABLE
+    /// pod that ALLOW or DENY policies select has its plaintext steered to the agent as a
+    /// PERMISSIVE one's, so that those policies decide it (Istio enforces authorization in
+    /// DISABLE too); without such policies DISABLE plaintext reaches the app untouched.
+    pub fn kernel_mode(&self) -> Mode {
+        match self.mode.mode {
+            Mode::Disable if self.authorizes() => Mode::Permissive,
+            m => m,
         }
     }
 

@@ -293,6 +293,34 @@ authorizationPolicies:
     let peer_id = id("spiffe://cluster.local/ns/x/sa/y");
     let tls = Peer::Authenticated { id: &peer_id, ip: None };
     assert_eq!(verdict(&p.for_pod(&pod("s", "a", &[])), tls, 80), (true, "s/allow-all rules[0]".into()));
+    assert_eq!(p.for_pod(&pod("d", "a", &[])).kernel_mode(), Mode::Disable);
+}
+
+#[test]
+fn a_disable_workload_that_policies_select_still_has_its_plaintext_authorized() {
+    let p = compile(
+        r#"
+peerAuthentications:
+  - metadata: {name: off, namespace: d}
+    spec: {mtls: {mode: DISABLE}}
+authorizationPolicies:
+  - metadata: {name: no-9000, namespace: d}
+    spec:
+      selector: {matchLabels: {app: guarded}}
+      action: DENY
+      rules: [{to: [{operation: {ports: ["9000"]}}]}]
+  - metadata: {name: watch, namespace: d}
+    spec: {selector: {matchLabels: {app: watched}}, action: AUDIT, rules: [{}]}
+"#,
+    );
+    let plain = Peer::Plaintext { ip: "198.19.1.5".parse().unwrap() };
+    let guarded = p.for_pod(&pod("d", "g", &[("app", "guarded")]));
+    assert_eq!((guarded.mode.mode, guarded.kernel_mode()), (Mode::Disable, Mode::Permissive));
+    assert_eq!(verdict(&guarded, plain, 9000), (false, "d/no-9000 rules[0]".into()));
+    assert_eq!(verdict(&guarded, plain, 8000), (true, "default-allow".into()));
+    let watched = p.for_pod(&pod("d", "w", &[("app", "watched")]));
+    assert_eq!(watched.kernel_mode(), Mode::Disable, "AUDIT alone does not capture");
+    assert_eq!(verdict(&watched, plain, 9000), (true, "not-captured".into()));
 }
 
 #[test]

@@ -116,6 +116,28 @@ fn plaintext_meets_strict_permissive_and_disable_with_and_without_an_agent() {
     );
     assert!(decisions(&mesh, 2, "pod3-n2", 8000).is_empty(), "a DISABLE pod's plaintext never reaches the agent");
 
+    // DISABLE that a DENY selects: authorization still applies (as in Istio), so its plaintext
+    // is steered to the agent and decided; without the DENY it is untouched again.
+    let denying = policy.clone()
+        + "  - metadata: {name: off-no-9000, namespace: default}\n    spec:\n      selector: {matchLabels: {app: pod3-n2}}\n      action: DENY\n      rules: [{to: [{operation: {ports: [\"9000\"]}}]}]\n";
+    mesh.set_policy(&tb, &denying).unwrap();
+    let kernel = |mode: &'static str| {
+        move |l: &serde_json::Value| {
+            l["message"] == "inbound mode changed" && l["pod"] == "default/pod3-n2" && l["kernel"] == mode
+        }
+    };
+    assert!(mesh.wait_log(2, "inbound mode changed", kernel("PERMISSIVE")).is_some(), "{}", mesh.log_summary(2));
+    let (reply, end) = exchange(&bins, legacy, &addr(off, 9000), "hello");
+    assert!(reply.is_empty() && end.contains("reset"), "the DENY applies to DISABLE plaintext: {end:?}");
+    let d = last_decision(&mesh, 2, "pod3-n2", 9000);
+    assert_eq!((d["decision"].as_str(), d["policy"].as_str()), (Some("deny"), Some("default/off-no-9000")), "{d}");
+    let (reply, end) = exchange(&bins, legacy, &addr(off, 8000), "hello");
+    assert_eq!((reply.as_str(), end.as_str()), ("127.0.0.6", "eof"), "allowed DISABLE plaintext is delivered");
+    mesh.set_policy(&tb, &policy).unwrap();
+    assert!(mesh.wait_log(2, "inbound mode changed", kernel("DISABLE")).is_some(), "{}", mesh.log_summary(2));
+    let (reply, _) = exchange(&bins, legacy, &addr(off, 9000), "hello");
+    assert_eq!(reply, legacy.ipv4.to_string(), "without the DENY, DISABLE plaintext is untouched again");
+
     // No agent on node 2: STRICT still refuses (the pinned program drops what it cannot steer),
     // PERMISSIVE and DISABLE pass straight to the app.
     tb.signal(mesh.agents[1], libc::SIGKILL);

@@ -321,7 +321,7 @@ fn the_workload_api_gives_a_pod_its_own_svid_and_nobody_else_anything() {
     };
     let tb = Testbed::new(Layout { label: "wlapi", pods: &[2, 1] }).expect("building the testbed");
     let mesh = Mesh::start(&tb, &bins, &|_| true, &[]).expect("starting the agents");
-    let endpoint = format!("unix://{}", tb.dir.join("run-node1").join("workload.sock").display());
+    let endpoint = format!("unix://{}", tb.dir.join("run-node1").join("workload-api").join("workload.sock").display());
     let fetch = |cmd: &mut Command| -> serde_json::Value {
         let (_, out, err) = run(cmd.arg(&endpoint));
         serde_json::from_str(out.trim()).unwrap_or_else(|_| panic!("wlclient: {out} {err}"))
@@ -380,7 +380,7 @@ fn a_workload_api_connection_is_answered_only_while_the_process_that_opened_it_r
     };
     let tb = Testbed::new(Layout { label: "wlpid", pods: &[2, 1] }).expect("building the testbed");
     let _mesh = Mesh::start(&tb, &bins, &|_| true, &[]).expect("starting the agents");
-    let socket = tb.dir.join("run-node1").join("workload.sock");
+    let socket = tb.dir.join("run-node1").join("workload-api").join("workload.sock");
     let (a, b) = (tb.pod(1, 1), tb.pod(1, 2));
     let (out, go) = (tb.dir.join("orphan.out"), tb.dir.join("orphan.go"));
     // Pod a's process connects, hands the connection to its child and exits.

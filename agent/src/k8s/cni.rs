@@ -6,6 +6,10 @@
 //! agent runs is read at the next start. Pods that existed before meshless was installed have no
 //! record: [`discover`] finds their namespace from their cgroup (kubelet names pod cgroups after
 //! the pod UID) and a process in it.
+//!
+//! Both are the node's root's alone: the directories are 0700, the socket 0600 and each peer's
+//! credentials must be the agent's user, and a record owned by anyone else, or writable by group
+//! or others, is ignored — a forged record would move a pod's identity into another netns.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -63,12 +67,17 @@ impl Registry {
     /// Binds `<dir>/agent.sock`, reads the records, and serves the socket in the background;
     /// `changed` is notified on every change.
     pub fn start(dir: &Path, changed: Arc<Notify>) -> Result<Arc<Registry>, Error> {
+        use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
         let err = |source| Error::Cni { path: dir.into(), source };
-        std::fs::create_dir_all(dir.join("pods")).map_err(err)?;
+        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir.join("pods")).map_err(err)?;
+        for d in [dir.to_path_buf(), dir.join("pods")] {
+            std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o700)).map_err(err)?;
+        }
         let socket = dir.join("agent.sock");
         // A previous agent's socket file; a running predecessor keeps its own open socket.
         let _ = std::fs::remove_file(&socket);
         let listener = UnixListener::bind(&socket).map_err(err)?;
+        std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
         let registry = Arc::new(Registry { dir: dir.into(), pods: Mutex::default(), changed });
         registry.rescan();
         tokio::spawn(registry.clone().serve(listener));
@@ -88,6 +97,10 @@ impl Registry {
         for entry in entries.flatten() {
             let path = entry.path();
             if path.extension().is_none_or(|e| e != "json") {
+                continue;
+            }
+            if let Err(why) = trusted(&path) {
+                warn!(record = %path.display(), why, "ignoring a CNI record the runtime did not write");
                 continue;
             }
             match std::fs::read(&path)
@@ -118,6 +131,16 @@ impl Registry {
                 }
             };
             let me = self.clone();
+            // SAFETY: geteuid(2) has no arguments and cannot fail.
+            let ours = unsafe { libc::geteuid() };
+            match stream.peer_cred() {
+                Ok(c) if c.uid() == ours => {}
+                other => {
+                    let peer = other.map(|c| format!("pid {:?}, uid {}", c.pid(), c.uid())).unwrap_or_default();
+                    warn!(peer, "CNI socket: a peer that is not the runtime's user (the agent's); refused");
+                    continue;
+                }
+            }
             tokio::spawn(async move {
                 let (read, mut write) = stream.into_split();
                 let mut line = String::new();
@@ -177,6 +200,24 @@ impl Registry {
             .max_by_key(|p| written(p))
             .map(|p| p.netns.clone())
     }
+}
+
+/// A record is trusted when the agent's user owns it and no one else may write it.
+fn trusted(path: &Path) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt as _;
+    let m = std::fs::symlink_metadata(path).map_err(|e| e.to_string())?;
+    // SAFETY: geteuid(2) has no arguments and cannot fail.
+    let ours = unsafe { libc::geteuid() };
+    if !m.file_type().is_file() {
+        return Err("not a regular file".into());
+    }
+    if m.uid() != ours {
+        return Err(format!("owned by uid {}, not the agent's {ours}", m.uid()));
+    }
+    if m.mode() & 0o022 != 0 {
+        return Err(format!("mode {:o}: writable by group or others", m.mode() & 0o777));
+    }
+    Ok(())
 }
 
 /// A pod's cgroup under `parent`, found by its UID (kubelet's cgroupfs driver names it
@@ -356,6 +397,36 @@ mod tests {
         assert_eq!(registry.netns("shop", "web-1", "u-3"), None);
         assert!(registry.netns("shop", "web-1", "").is_some());
         assert!(d.join("agent.sock").exists());
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[tokio::test]
+    async fn the_records_and_the_socket_are_roots_alone_and_a_record_anyone_else_could_write_is_ignored() {
+        use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+        let d = scratch("trust");
+        std::fs::create_dir_all(d.join("pods")).unwrap();
+        let record = |name: &str| {
+            format!(
+                r#"{{"containerId":"{name}","namespace":"shop","name":"{name}","uid":"","netns":"/proc/self/ns/net"}}"#
+            )
+        };
+        for name in ["good", "world-writable", "foreign"] {
+            std::fs::write(d.join(format!("pods/{name}.json")), record(name)).unwrap();
+        }
+        let path = d.join("pods/world-writable.json");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).unwrap();
+        // SAFETY: geteuid(2) has no arguments and cannot fail.
+        let root = unsafe { libc::geteuid() } == 0;
+        if root {
+            std::os::unix::fs::chown(d.join("pods/foreign.json"), Some(65534), Some(65534)).unwrap();
+        }
+        let registry = Registry::start(&d, Arc::new(Notify::new())).unwrap();
+        assert!(registry.netns("shop", "good", "").is_some());
+        assert_eq!(registry.netns("shop", "world-writable", ""), None, "a record others may write is ignored");
+        assert_eq!(registry.netns("shop", "foreign", "").is_some(), !root, "a record another user owns is ignored");
+        for (p, mode) in [(d.clone(), 0o700), (d.join("pods"), 0o700), (d.join("agent.sock"), 0o600)] {
+            assert_eq!(std::fs::metadata(&p).unwrap().mode() & 0o777, mode, "{}", p.display());
+        }
         let _ = std::fs::remove_dir_all(&d);
     }
 
