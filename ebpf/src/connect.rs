@@ -50,6 +50,7 @@ pub fn meshless_connect4(ctx: SockAddrContext) -> i32 {
             Ok(()) => ALLOW,
             Err(_) => DENY,
         },
+        Pod::Uncarried => DENY,
         Pod::Other => ALLOW,
     }
 }
@@ -70,6 +71,7 @@ pub fn meshless_connect6(ctx: SockAddrContext) -> i32 {
             Ok(()) => ALLOW,
             Err(_) => DENY,
         },
+        Pod::Uncarried => DENY,
         Pod::Other => ALLOW,
     }
 }
@@ -92,7 +94,7 @@ fn bind_verdict(ctx: &SockAddrContext) -> i32 {
         return ALLOW;
     }
     match pod_of(ctx) {
-        Pod::Capture(_) | Pod::Unknown => DENY,
+        Pod::Capture(_) | Pod::Unknown | Pod::Uncarried => DENY,
         Pod::Other => ALLOW,
     }
 }
@@ -103,7 +105,11 @@ enum Pod {
     Capture(EnrolledPod),
     /// A netns the agent has not learned yet: no TCP leaves it until it has.
     Unknown,
-    /// Not ours to touch: not TCP, the agent's own socket, or a pod the agent leaves alone.
+    /// An enrolled pod's MPTCP socket: the mesh cannot carry it, and it must not leave in
+    /// plaintext, so it is refused (`EPERM`; applications fall back to plain TCP or fail).
+    Uncarried,
+    /// Not ours to touch: not TCP, the agent's own socket, or a pod the agent leaves alone
+    /// (whose MPTCP passes too).
     Other,
 }
 
@@ -113,7 +119,8 @@ fn pod_of(ctx: &SockAddrContext) -> Pod {
     // checks each field access against bpf_sock_addr's layout (full-width u32 reads).
     let (sock_type, protocol) =
         unsafe { (read_volatile(addr_of!((*sa).type_)), read_volatile(addr_of!((*sa).protocol))) };
-    // Only TCP: MPTCP and SCTP stream sockets are SOCK_STREAM too, but not ours to carry.
+    // Only TCP (MPTCP subflows included, see below): SCTP stream sockets are SOCK_STREAM too,
+    // but not ours to carry.
     if sock_type != SOCK_STREAM || protocol != IPPROTO_TCP {
         return Pod::Other;
     }
@@ -129,17 +136,17 @@ fn pod_of(ctx: &SockAddrContext) -> Pod {
     if mark == AGENT_MARK {
         return Pod::Other;
     }
-    // An MPTCP socket connects through a TCP subflow, which is what these hooks see (with
-    // protocol TCP); the helper finds the MPTCP socket behind a subflow (kernel ≥ 5.19).
+    // An MPTCP socket connects and binds through a TCP subflow, which is what these hooks see
+    // (with protocol TCP); the helper finds the MPTCP socket behind a subflow (kernel ≥ 5.19).
     // SAFETY: `sk` is the hook's socket, non-NULL (checked above); the helper only reads it.
-    if !unsafe { bpf_skc_to_mptcp_sock((*sa).__bindgen_anon_1.sk as *mut c_void) }.is_null() {
-        return Pod::Other;
-    }
+    let mptcp = !unsafe { bpf_skc_to_mptcp_sock((*sa).__bindgen_anon_1.sk as *mut c_void) }.is_null();
     // SAFETY: bpf_get_netns_cookie accepts the sock_addr context (kernel ≥ 5.7).
     let netns = unsafe { bpf_get_netns_cookie(sa as *mut c_void) };
     // SAFETY: the value is copied out before any other map operation could invalidate it.
     match unsafe { ENROLLED.get(&netns) } {
+        // MPTCP or not, nothing leaves a pod the agent has not learned yet.
         None => Pod::Unknown,
+        Some(pod) if pod.mode == mode::CAPTURE && mptcp => Pod::Uncarried,
         Some(pod) if pod.mode == mode::CAPTURE => Pod::Capture(*pod),
         Some(_) => Pod::Other,
     }

@@ -1,7 +1,8 @@
 //! The kernel programs' guarantees, as root on the namespace testbed with real agents and eBPF:
 //! original destinations keyed by the full source (two sockets of one pod sharing a port never
 //! collide), per-pod maps (one pod's connect flood cannot evict another pod's pending entry),
-//! the agent's ports closed to apps, and only TCP captured.
+//! the agent's ports closed to apps, and MPTCP refused where it would leave a meshed pod in
+//! plaintext.
 //!
 //! To hold entries pending, the node's agent is paused (SIGSTOP): connects then complete into the
 //! listener's queue, with their original destination filed, until the agent resumes and accepts.
@@ -147,13 +148,19 @@ fn one_pods_connect_flood_cannot_evict_another_pods_pending_connection() {
 }
 
 #[test]
-fn apps_in_enrolled_pods_cannot_bind_the_agents_ports_and_only_tcp_is_captured() {
+fn apps_in_enrolled_pods_cannot_bind_the_agents_ports_and_mptcp_never_leaves_in_plaintext() {
     let Some(bins) = support::privileged("bind_and_mptcp") else {
         return;
     };
-    let tb = Testbed::new(Layout { label: "bindmptcp", pods: &[2, 1] }).expect("building the testbed");
-    let (enrolled, outsider, server) = (tb.pod(1, 1), tb.pod(1, 2), tb.pod(2, 1));
-    let mesh = Mesh::start(&tb, &bins, &|p| !(p.node == 1 && p.name == "pod2"), &[]).expect("starting the agents");
+    let tb = Testbed::new(Layout { label: "bindmptcp", pods: &[3, 1] }).expect("building the testbed");
+    let (enrolled, outsider, unknown, server) = (tb.pod(1, 1), tb.pod(1, 2), tb.pod(1, 3), tb.pod(2, 1));
+    // Pod 3 of node 1 is in no state file: a pod the agent has not learned yet.
+    let listed = |p: &meshless_tests::Pod| match (p.node, p.name.as_str()) {
+        (1, "pod2") => Some(false),
+        (1, "pod3") => None,
+        _ => Some(true),
+    };
+    let mesh = Mesh::start_with(&tb, &bins, &listed, &|_| vec![]).expect("starting the agents");
     for port in ["15001", "15006", "15008"] {
         let (ok, _, err) = run(enrolled.command(&bins.testbin).unwrap().args(["echo-serve", port]));
         assert!(!ok && err.contains("Operation not permitted"), "an enrolled pod's app bound port {port}: {err}");
@@ -163,17 +170,25 @@ fn apps_in_enrolled_pods_cannot_bind_the_agents_ports_and_only_tcp_is_captured()
     wait_listening(&outsider.netns, 15006).expect("a pod outside the mesh may bind 15006");
     tb.stop(squat);
 
-    // MPTCP is a SOCK_STREAM socket too, but not TCP: it is not captured (and goes out as is).
+    // MPTCP is carried by no one: from an enrolled pod it is refused (never plaintext), from a pod
+    // not learned yet too (like its TCP); a pod the mesh leaves alone may use it.
     tb.spawn(server.command(&bins.testbin).unwrap().args(["echo-serve", "7000"])).unwrap();
     wait_listening(&server.netns, 7000).unwrap();
     let to = sockaddr(server.ipv4.into(), 7000);
     let dump = Dump::start(&tb, 1, "mptcp").unwrap();
-    let (ok, out, err) = run(enrolled.command(&bins.testbin).unwrap().args(["send-mptcp", &to, "mptcp-marker-7f3"]));
-    assert!(ok && out == "mptcp-marker-7f3<16 bytes>", "{err}");
+    for (pod, what) in [(enrolled, "an enrolled pod"), (unknown, "a pod not learned yet")] {
+        let (ok, _, err) = run(pod.command(&bins.testbin).unwrap().args(["send-mptcp", &to, "mptcp-marker-7f3"]));
+        assert!(!ok && err.contains("Operation not permitted"), "MPTCP from {what} must be refused: {err}");
+    }
+    let (ok, _, err) = run(unknown.command(&bins.testbin).unwrap().args(["send", &to, "tcp-marker-unknown"]));
+    assert!(!ok && err.contains("Operation not permitted"), "control: TCP from a pod not learned yet: {err}");
+    let (ok, out, err) = run(outsider.command(&bins.testbin).unwrap().args(["send-mptcp", &to, "mptcp-outside-5c1"]));
+    assert!(ok && out == "mptcp-outside-5c1<17 bytes>", "a pod outside the mesh may use MPTCP: {err}");
     let (ok, out, err) = run(enrolled.command(&bins.testbin).unwrap().args(["send", &to, "tcp-marker-2a9"]));
     assert!(ok && out == "tcp-marker-2a9<14 bytes>", "{err}");
     let segs = dump.finish(&tb).unwrap();
-    assert!(seen(&segs, "mptcp-marker-7f3"), "the MPTCP connection must not have been captured");
+    assert!(!seen(&segs, "mptcp-marker-7f3"), "an enrolled pod's MPTCP left in plaintext");
+    assert!(seen(&segs, "mptcp-outside-5c1"), "control: the capture sees plaintext");
     assert!(!seen(&segs, "tcp-marker-2a9"), "control: the TCP connection is captured and encrypted");
     let carried = mesh
         .log_lines(2)
