@@ -6,8 +6,9 @@
 //! its reason. The CA directory is watched: a rotation step (`meshless ca rotate`) takes effect
 //! without a restart, and agents follow it through the bundle the issuer hands out.
 
+use std::collections::HashMap;
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -21,7 +22,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::identity::{ca, provider, BoxFuture, Error as IdentityError, SpiffeId, Svid, TrustDomain, ALPN_H2};
 use crate::proto::issuer::issuer_server::{Issuer, IssuerServer};
@@ -76,7 +77,7 @@ pub struct Caller<'a> {
 }
 
 /// Why a certificate request is refused; each kind is its own gRPC status.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum Refusal {
     /// The caller did not prove it is a node (`UNAUTHENTICATED`).
     #[error("{0}")]
@@ -254,11 +255,19 @@ pub async fn run(
         .await
         .map_err(|e| crate::Error::Io(format!("listening on {}", config.listen), e))?;
     let (tx, rx) = mpsc::channel(64);
+    let handshakes = Arc::new(Handshakes::default());
     tokio::spawn(async move {
         loop {
             let Ok((tcp, peer)) = listener.accept().await else { continue };
+            // Bounded handshakes in flight, in all and per source address: a few sources holding
+            // handshakes open cannot keep the nodes out.
+            let Some(slot) = handshakes.clone().take(peer.ip()) else {
+                debug!(%peer, "issuer: too many TLS handshakes in flight; connection closed");
+                continue;
+            };
             let (acceptor, tx) = (acceptor.clone(), tx.clone());
             tokio::spawn(async move {
+                let _slot = slot;
                 match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
                     Ok(Ok(tls)) => {
                         let _ = tx.send(Ok::<_, std::io::Error>(tls)).await;
@@ -273,10 +282,52 @@ pub async fn run(
     info!(listen = %config.listen, trust_domain = %b.trust_domain, roots = b.roots.len(), signer = %b.signer,
         svid_ttl_s = config.svid_ttl.as_secs(), "issuer ready");
     tonic::transport::Server::builder()
+        .max_concurrent_streams(Some(64))
+        .concurrency_limit_per_connection(64)
         .add_service(IssuerServer::new(service))
         .serve_with_incoming_shutdown(ReceiverStream::new(rx), shutdown)
         .await
         .map_err(|e| crate::Error::Io("serving the issuer".into(), std::io::Error::other(e)))
+}
+
+/// TLS handshakes in flight on the issuer's port, in all and per source address.
+#[derive(Default)]
+struct Handshakes(parking_lot::Mutex<(usize, HashMap<IpAddr, usize>)>);
+
+/// Handshakes in flight at most, and from one source address.
+const MAX_HANDSHAKES: usize = 256;
+const MAX_HANDSHAKES_PER_SOURCE: usize = 16;
+
+/// One handshake's place, given back when dropped.
+struct HandshakeSlot(Arc<Handshakes>, IpAddr);
+
+impl Handshakes {
+    fn take(self: Arc<Self>, ip: IpAddr) -> Option<HandshakeSlot> {
+        {
+            let mut g = self.0.lock();
+            let (total, per) = &mut *g;
+            if *total >= MAX_HANDSHAKES || per.get(&ip).is_some_and(|n| *n >= MAX_HANDSHAKES_PER_SOURCE) {
+                return None;
+            }
+            *per.entry(ip).or_default() += 1;
+            *total += 1;
+        }
+        Some(HandshakeSlot(self, ip))
+    }
+}
+
+impl Drop for HandshakeSlot {
+    fn drop(&mut self) {
+        let mut g = self.0 .0.lock();
+        let (total, per) = &mut *g;
+        *total -= 1;
+        if let Some(n) = per.get_mut(&self.1) {
+            *n -= 1;
+            if *n == 0 {
+                per.remove(&self.1);
+            }
+        }
+    }
 }
 
 /// Reloads the signer when a rotation step changes the CA directory.
@@ -312,5 +363,26 @@ async fn watch_ca_dir(dir: PathBuf, signer: Arc<ArcSwap<ca::Signer>>, own: Arc<O
             }
             Err(e) => warn!(error = %e, "CA directory changed but cannot be loaded; signing with the previous CA"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn handshakes_in_flight_are_bounded_per_source_and_in_all_and_given_back() {
+        let h = Arc::new(Handshakes::default());
+        let a: IpAddr = [198, 18, 0, 2].into();
+        let mine: Vec<HandshakeSlot> = (0..MAX_HANDSHAKES_PER_SOURCE).map(|_| h.clone().take(a).unwrap()).collect();
+        assert!(h.clone().take(a).is_none(), "one source holds at most its share");
+        let others: Vec<HandshakeSlot> = (0..MAX_HANDSHAKES - MAX_HANDSHAKES_PER_SOURCE)
+            .map(|i| h.clone().take(IpAddr::from([10, 0, (i / 200) as u8, (i % 200) as u8])).unwrap())
+            .collect();
+        assert!(h.clone().take([192, 0, 2, 1].into()).is_none(), "and all sources at most the total");
+        drop(mine);
+        assert!(h.clone().take(a).is_some(), "given back when the handshakes end");
+        drop(others);
+        assert_eq!(h.0.lock().1.len(), 0, "no source is remembered once it has nothing in flight");
     }
 }

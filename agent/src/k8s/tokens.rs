@@ -20,6 +20,13 @@ use crate::issuer::{Caller, NodeAuthenticator, Refusal};
 pub const AUDIENCE: &str = "meshless-issuer";
 /// A reviewed token's node is remembered this long (agents renew many certificates at once).
 const CACHE: Duration = Duration::from_secs(60);
+/// A refused token is refused again without asking the API server for this long.
+const NEGATIVE_CACHE: Duration = Duration::from_secs(10);
+/// Tokens remembered at most (each map); beyond, the oldest half is forgotten.
+const MAX_CACHED: usize = 10_000;
+/// TokenReviews in flight at most: a flood of made-up tokens cannot become a flood of API
+/// requests; beyond, callers are told to retry.
+const MAX_REVIEWS: usize = 16;
 
 pub struct ServiceAccountTokens {
     pub client: kube::Client,
@@ -27,11 +34,20 @@ pub struct ServiceAccountTokens {
     pub agent: (String, String),
     pub audience: String,
     cache: Mutex<HashMap<String, (String, Instant)>>,
+    refused: Mutex<HashMap<String, (Refusal, Instant)>>,
+    reviews: tokio::sync::Semaphore,
 }
 
 impl ServiceAccountTokens {
     pub fn new(client: kube::Client, agent: (String, String), audience: String) -> ServiceAccountTokens {
-        ServiceAccountTokens { client, agent, audience, cache: Mutex::default() }
+        ServiceAccountTokens {
+            client,
+            agent,
+            audience,
+            cache: Mutex::default(),
+            refused: Mutex::default(),
+            reviews: tokio::sync::Semaphore::new(MAX_REVIEWS),
+        }
     }
 
     async fn review(&self, token: &str) -> Result<String, Refusal> {
@@ -109,11 +125,59 @@ impl NodeAuthenticator for ServiceAccountTokens {
                     return Ok(node.clone());
                 }
             }
-            let node = self.review(token).await?;
-            let mut cache = self.cache.lock();
-            cache.retain(|_, (_, at)| at.elapsed() < CACHE);
-            cache.insert(token.to_string(), (node.clone(), Instant::now()));
-            Ok(node)
+            if let Some((refusal, at)) = self.refused.lock().get(token) {
+                if at.elapsed() < NEGATIVE_CACHE {
+                    return Err(refusal.clone());
+                }
+            }
+            let Ok(_permit) = self.reviews.try_acquire() else {
+                return Err(Refusal::Unavailable("too many tokens under review at once; retry".into()));
+            };
+            match self.review(token).await {
+                Ok(node) => {
+                    remember(&self.cache, token, node.clone(), CACHE);
+                    Ok(node)
+                }
+                // Only the API server's verdict is remembered, never its being unreachable.
+                Err(refusal @ Refusal::Unauthenticated(_)) => {
+                    remember(&self.refused, token, refusal.clone(), NEGATIVE_CACHE);
+                    Err(refusal)
+                }
+                Err(e) => Err(e),
+            }
         })
+    }
+}
+
+/// Remembers `value` for `token`, dropping expired entries and, when still full, the oldest half.
+fn remember<V>(map: &Mutex<HashMap<String, (V, Instant)>>, token: &str, value: V, ttl: Duration) {
+    let mut map = map.lock();
+    map.retain(|_, (_, at)| at.elapsed() < ttl);
+    if map.len() >= MAX_CACHED {
+        let mut ages: Vec<Instant> = map.values().map(|(_, at)| *at).collect();
+        ages.sort();
+        let cut = ages[ages.len() / 2];
+        map.retain(|_, (_, at)| *at > cut);
+    }
+    map.insert(token.to_string(), (value, Instant::now()));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn remembered_tokens_expire_and_a_full_map_forgets_the_oldest_half() {
+        let map: Mutex<HashMap<String, (u8, Instant)>> = Mutex::default();
+        for i in 0..MAX_CACHED {
+            map.lock().insert(format!("t{i}"), (0, Instant::now() - Duration::from_millis((MAX_CACHED - i) as u64)));
+        }
+        remember(&map, "new", 1, Duration::from_secs(60));
+        let m = map.lock();
+        assert!(m.len() <= MAX_CACHED / 2 + 1, "{}", m.len());
+        assert!(m.contains_key("new") && m.contains_key(&format!("t{}", MAX_CACHED - 1)) && !m.contains_key("t0"));
+        drop(m);
+        remember(&map, "newer", 2, Duration::from_millis(0));
+        assert_eq!(map.lock().len(), 1, "expired entries are dropped first");
     }
 }
