@@ -1,25 +1,48 @@
 //! Protection against overload and hostile peers: a cap on TLS handshakes in progress, node-wide
 //! and per source address (over the cap a connection is closed at once rather than queued, so a
 //! flood or a slow peer never delays the others), and the open-files limit raised at start.
+//!
+//! Sources split in two: peers that completed a handshake recently (the other nodes' agents) and
+//! everyone else. Everyone else shares at most half of the node's places, a quarter of a known
+//! peer's share each, so a few hostile sources can never hold the places the mesh's own peers
+//! need.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
 pub struct HandshakeLimiter {
     max_node: usize,
     max_per_source: usize,
-    in_progress: Mutex<(usize, HashMap<IpAddr, usize>)>,
+    in_progress: Mutex<InProgress>,
     refused: AtomicU64,
 }
+
+#[derive(Default)]
+struct InProgress {
+    total: usize,
+    /// Of `total`, from sources not known.
+    unknown: usize,
+    per_source: HashMap<IpAddr, usize>,
+    /// Sources that completed a handshake, and when they last did.
+    known: HashMap<IpAddr, Instant>,
+}
+
+/// A source stays known this long after its last completed handshake.
+const KNOWN_FOR: Duration = Duration::from_secs(600);
+/// Known sources remembered at most (the oldest are forgotten first).
+const MAX_KNOWN: usize = 4096;
 
 /// One handshake in progress; dropping it frees its place.
 pub struct HandshakePermit {
     limiter: Arc<HandshakeLimiter>,
     source: IpAddr,
+    /// Counted as a known source's.
+    known: bool,
 }
 
 impl HandshakeLimiter {
@@ -27,24 +50,31 @@ impl HandshakeLimiter {
         Arc::new(HandshakeLimiter {
             max_node,
             max_per_source,
-            in_progress: Mutex::new((0, HashMap::new())),
+            in_progress: Mutex::new(InProgress::default()),
             refused: AtomicU64::new(0),
         })
     }
 
     /// A place for one more handshake from `source`, or `None` when the node or the source is at
-    /// its cap.
+    /// its cap (the smaller caps of unknown sources, see the module's notes).
     pub fn try_acquire(self: &Arc<Self>, source: IpAddr) -> Option<HandshakePermit> {
-        let mut guard = self.in_progress.lock();
-        let (total, per_source) = &mut *guard;
-        let mine = per_source.get(&source).copied().unwrap_or(0);
-        if *total >= self.max_node || mine >= self.max_per_source {
+        let mut g = self.in_progress.lock();
+        let known = g.known.get(&source).is_some_and(|at| at.elapsed() < KNOWN_FOR);
+        let mine = g.per_source.get(&source).copied().unwrap_or(0);
+        let (source_cap, unknown_full) = match known {
+            true => (self.max_per_source, false),
+            false => ((self.max_per_source / 4).max(1), g.unknown >= (self.max_node / 2).max(1)),
+        };
+        if g.total >= self.max_node || mine >= source_cap || unknown_full {
             self.refused.fetch_add(1, Ordering::Relaxed);
             return None;
         }
-        *total += 1;
-        per_source.insert(source, mine + 1);
-        Some(HandshakePermit { limiter: self.clone(), source })
+        g.total += 1;
+        if !known {
+            g.unknown += 1;
+        }
+        g.per_source.insert(source, mine + 1);
+        Some(HandshakePermit { limiter: self.clone(), source, known })
     }
 
     /// Handshakes refused so far.
@@ -53,15 +83,34 @@ impl HandshakeLimiter {
     }
 }
 
+impl HandshakePermit {
+    /// The handshake completed with a valid peer: its source is known from now on (and the
+    /// place is freed when the permit drops).
+    pub fn established(&self) {
+        let mut g = self.limiter.in_progress.lock();
+        if g.known.len() >= MAX_KNOWN && !g.known.contains_key(&self.source) {
+            g.known.retain(|_, at| at.elapsed() < KNOWN_FOR);
+            if g.known.len() >= MAX_KNOWN {
+                if let Some(oldest) = g.known.iter().min_by_key(|(_, at)| **at).map(|(ip, _)| *ip) {
+                    g.known.remove(&oldest);
+                }
+            }
+        }
+        g.known.insert(self.source, Instant::now());
+    }
+}
+
 impl Drop for HandshakePermit {
     fn drop(&mut self) {
-        let mut guard = self.limiter.in_progress.lock();
-        let (total, per_source) = &mut *guard;
-        *total -= 1;
-        if let Some(n) = per_source.get_mut(&self.source) {
+        let mut g = self.limiter.in_progress.lock();
+        g.total -= 1;
+        if !self.known {
+            g.unknown -= 1;
+        }
+        if let Some(n) = g.per_source.get_mut(&self.source) {
             *n -= 1;
             if *n == 0 {
-                per_source.remove(&self.source);
+                g.per_source.remove(&self.source);
             }
         }
     }
@@ -124,15 +173,47 @@ mod tests {
     #[test]
     fn handshakes_are_capped_per_source_and_per_node_and_freed_on_drop() {
         let l = HandshakeLimiter::new(3, 2);
-        let (a, b): (IpAddr, IpAddr) = ("198.19.1.11".parse().unwrap(), "198.19.1.12".parse().unwrap());
+        let (a, b, c): (IpAddr, IpAddr, IpAddr) =
+            ("198.19.1.11".parse().unwrap(), "198.19.1.12".parse().unwrap(), "198.19.1.13".parse().unwrap());
+        for ip in [a, b, c] {
+            l.try_acquire(ip).unwrap().established();
+        }
         let a1 = l.try_acquire(a).unwrap();
         let _a2 = l.try_acquire(a).unwrap();
         assert!(l.try_acquire(a).is_none(), "a third from one source is over its cap");
         let _b1 = l.try_acquire(b).unwrap();
-        assert!(l.try_acquire(b).is_none(), "the node is at its cap");
+        assert!(l.try_acquire(c).is_none(), "the node is at its cap");
         assert_eq!(l.refused(), 2);
         drop(a1);
-        assert!(l.try_acquire(b).is_some(), "a finished handshake frees its place");
+        assert!(l.try_acquire(c).is_some(), "a finished handshake frees its place");
+    }
+
+    #[test]
+    fn sources_never_seen_cannot_take_the_places_of_the_meshs_own_peers() {
+        let l = HandshakeLimiter::new(512, 64);
+        let peer: IpAddr = "198.18.0.2".parse().unwrap();
+        l.try_acquire(peer).unwrap().established();
+        // Eight hostile sources, each as many handshakes as it can hold.
+        let mut held = Vec::new();
+        for i in 0..8u8 {
+            let src = IpAddr::from([203, 0, 113, i]);
+            while let Some(p) = l.try_acquire(src) {
+                held.push(p);
+            }
+        }
+        assert_eq!(held.len(), 8 * 16, "each unknown source gets a quarter of a known peer's share");
+        // Enough of them fill the half unknown sources share; then no unknown source gets more…
+        for i in 8..40u8 {
+            let src = IpAddr::from([203, 0, 113, i]);
+            while let Some(p) = l.try_acquire(src) {
+                held.push(p);
+            }
+        }
+        assert_eq!(held.len(), 256, "unknown sources share at most half the node");
+        assert!(l.try_acquire([203, 0, 113, 200].into()).is_none());
+        // …while the mesh's own peer still has its full share.
+        let ours: Vec<_> = (0..64).map_while(|_| l.try_acquire(peer)).collect();
+        assert_eq!(ours.len(), 64, "a known peer is never starved by unknown sources");
     }
 
     #[test]

@@ -280,9 +280,16 @@ mod tests {
             tokio::spawn(async move {
                 let tasks = tokio_util::task::TaskTracker::new();
                 let refuse = |inbound: Inbound, _| async move { inbound.refuse(StatusCode::SERVICE_UNAVAILABLE) };
-                let _ =
-                    tunnel::serve(server_io, server_tls, &server_limits, (), CancellationToken::new(), &tasks, refuse)
-                        .await;
+                let _ = tunnel::serve(
+                    server_io,
+                    server_tls,
+                    &server_limits,
+                    || (),
+                    CancellationToken::new(),
+                    &tasks,
+                    refuse,
+                )
+                .await;
             });
             let tls = client.client(&sid).unwrap();
             let limits = limits.clone();

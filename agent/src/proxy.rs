@@ -263,7 +263,11 @@ async fn tunnel_connection(inputs: Arc<Inputs>, pod: Arc<LocalPod>, tcp: TcpStre
         }
     };
     let limits = &inputs.limits;
-    let served = tunnel::serve(tcp, pod.tls.server.clone(), limits, permit, pod.draining.clone(), &pod.conns, handler);
+    let done = move || {
+        permit.established();
+        drop(permit);
+    };
+    let served = tunnel::serve(tcp, pod.tls.server.clone(), limits, done, pod.draining.clone(), &pod.conns, handler);
     if let Err(e) = served.await {
         warn!(error = %e, "inbound tunnel connection refused or failed");
     }

@@ -276,13 +276,14 @@ impl Inbound {
 /// deadline, then every CONNECT goes to `handler` in a task of its own (spawned on `tasks`, so
 /// whoever drains them waits for the streams too). The connection ends when
 /// the peer closes it, stops answering pings, stays idle past the idle timeout, or `drain` fires
-/// (then a GOAWAY lets the streams in progress finish). `handshake_permit` is released as soon as
-/// the TLS handshake and preface are done.
+/// (then a GOAWAY lets the streams in progress finish). `handshake_done` is called as soon as the
+/// TLS handshake and preface are done, with the peer's identity verified (it frees the handshake's
+/// place and marks the source as a peer of the mesh).
 pub async fn serve<IO, H, F>(
     tcp: IO,
     tls: Arc<rustls::ServerConfig>,
     limits: &TunnelLimits,
-    handshake_permit: impl Send,
+    handshake_done: impl FnOnce() + Send,
     drain: CancellationToken,
     tasks: &tokio_util::task::TaskTracker,
     handler: H,
@@ -309,7 +310,7 @@ where
     })
     .await
     .map_err(|_| Error::Timeout)??;
-    drop(handshake_permit);
+    handshake_done();
     tracing::debug!(peer_id = %peer, "tunnel connection accepted");
     let activity = Activity::default();
     let mut first = true;
@@ -717,7 +718,7 @@ mod tests {
                         }
                     };
                     let tasks = tokio_util::task::TaskTracker::new();
-                    let _ = serve(tcp, tls, &limits(), (), CancellationToken::new(), &tasks, handler).await;
+                    let _ = serve(tcp, tls, &limits(), || (), CancellationToken::new(), &tasks, handler).await;
                 });
             }
         });
@@ -792,12 +793,20 @@ mod tests {
                 }
             };
             let tasks = tokio_util::task::TaskTracker::new();
-            serve(server_io, server_tls, &limits(), (), CancellationToken::new(), &tasks, |i, g| {
-                let (f, ends_tx) = (handler(i, g), ends_tx.clone());
-                async move {
-                    let _ = ends_tx.send(format!("{:?}", f.await));
-                }
-            })
+            serve(
+                server_io,
+                server_tls,
+                &limits(),
+                || (),
+                CancellationToken::new(),
+                &tasks,
+                |i, g| {
+                    let (f, ends_tx) = (handler(i, g), ends_tx.clone());
+                    async move {
+                        let _ = ends_tx.send(format!("{:?}", f.await));
+                    }
+                },
+            )
             .await
         });
         let target: SocketAddr = "198.19.2.10:8080".parse().unwrap();
@@ -871,8 +880,15 @@ mod tests {
         let (agent_end, _silent_client) = tcp_pair().await;
         let limits = limits();
         let tasks = tokio_util::task::TaskTracker::new();
-        let served =
-            serve(agent_end, p.server.server.clone(), &limits, (), CancellationToken::new(), &tasks, |_, _| async {});
+        let served = serve(
+            agent_end,
+            p.server.server.clone(),
+            &limits,
+            || (),
+            CancellationToken::new(),
+            &tasks,
+            |_, _| async {},
+        );
         assert!(matches!(served.await, Err(Error::Timeout)), "server must give up on a silent client");
     }
 
