@@ -107,6 +107,11 @@ async fn connect_from(
     let sock = ns.run(home, || -> std::io::Result<socket2::Socket> {
         let s = netns::agent_socket(&to)?;
         if let Some(b) = bind {
+            // The source port is picked at connect, per destination, not at bind (where every
+            // delivery from 127.0.0.6 would share one ephemeral range across all destinations).
+            if b.is_ipv4() {
+                nix::sys::socket::setsockopt(&s, nix::sys::socket::sockopt::IpBindAddressNoPort, &true)?;
+            }
             s.bind(&b.into())?;
         }
         Ok(s)
@@ -277,7 +282,7 @@ async fn tunnel_connection(inputs: Arc<Inputs>, pod: Arc<LocalPod>, tcp: TcpStre
 async fn inbound_stream(
     inputs: Arc<Inputs>,
     pod: Arc<LocalPod>,
-    inbound: Inbound,
+    mut inbound: Inbound,
     from: SocketAddr,
     _guard: ActivityGuard,
 ) {
@@ -305,7 +310,20 @@ async fn inbound_stream(
         inbound.refuse(outcome.status);
         return;
     }
-    let app = match connect_from(&inputs.home, &pod.netns, delivery_source(target), target).await {
+    // A stream the client reset already (a HEADERS + RST_STREAM flood) costs no app connection;
+    // one reset while connecting drops the connect.
+    if inbound.is_reset() {
+        debug!(src_id = %src, dst_addr = %target, "the client reset the stream before delivery");
+        return;
+    }
+    let connected = tokio::select! {
+        app = connect_from(&inputs.home, &pod.netns, delivery_source(target), target) => app,
+        _ = inbound.reset() => {
+            debug!(src_id = %src, dst_addr = %target, "the client reset the stream while it was being delivered");
+            return;
+        }
+    };
+    let app = match connected {
         Ok(app) => app,
         Err(e) => {
             warn!(src_id = %src, dst_addr = %target, error = %e, "delivery to the app failed");

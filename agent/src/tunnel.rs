@@ -265,6 +265,19 @@ impl Inbound {
         Ok(H2Stream { send, recv: Recv::Ready(self.body) })
     }
 
+    /// Whether the client has reset the stream already (a HEADERS + RST_STREAM flood sends both
+    /// at once): then nothing is delivered for it.
+    pub fn is_reset(&mut self) -> bool {
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        self.respond.poll_reset(&mut cx).is_ready()
+    }
+
+    /// Resolves when the client resets the stream (or the connection goes), so that work for it
+    /// (connecting to the app) can be dropped at once.
+    pub async fn reset(&mut self) {
+        let _ = std::future::poll_fn(|cx| self.respond.poll_reset(cx)).await;
+    }
+
     /// Answers with `status` and ends the stream.
     pub fn refuse(mut self, status: StatusCode) {
         let _ = self.respond.send_response(status_only(status), true);
@@ -826,6 +839,38 @@ mod tests {
         assert_eq!(next(&mut ends, "the server's end").await, "Clean(5, 5)", "the server side ends cleanly");
         drop(conn);
         let _ = tokio::time::timeout(Duration::from_secs(10), server).await.expect("the server ends with the pipe");
+    }
+
+    /// A client that opens a CONNECT and resets it at once gets nothing delivered: the server
+    /// sees the reset while it would still be connecting to the app.
+    #[tokio::test]
+    async fn a_stream_reset_by_the_client_is_dropped_before_delivery() {
+        let p = pki("rapid-reset").await;
+        let (client_io, server_io) = tokio::io::duplex(64 << 10);
+        let (seen_tx, mut seen) = tokio::sync::mpsc::unbounded_channel();
+        let server_tls = p.server.server.clone();
+        tokio::spawn(async move {
+            let tasks = tokio_util::task::TaskTracker::new();
+            let handler = move |mut inbound: Inbound, _guard: ActivityGuard| {
+                let seen_tx = seen_tx.clone();
+                async move {
+                    // Stands for the connect to the app, which the reset must cut short.
+                    let outcome = tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_secs(30)) => "delivered",
+                        _ = inbound.reset() => "dropped",
+                    };
+                    let _ = seen_tx.send((outcome, inbound.is_reset()));
+                }
+            };
+            serve(server_io, server_tls, &limits(), || (), CancellationToken::new(), &tasks, handler).await
+        });
+        let target: SocketAddr = "198.19.2.10:8080".parse().unwrap();
+        let conn = handshake(client_io, p.client.client(&p.server_id).unwrap(), target, &limits()).await.unwrap();
+        let mut send = conn.send.clone().ready().await.unwrap();
+        let (_response, mut stream) = send.send_request(connect_request(target).unwrap(), false).unwrap();
+        stream.send_reset(h2::Reason::CANCEL);
+        let got = tokio::time::timeout(Duration::from_secs(10), seen.recv()).await.expect("the handler ended");
+        assert_eq!(got, Some(("dropped", true)), "the reset stream was dropped, not delivered");
     }
 
     #[tokio::test]
