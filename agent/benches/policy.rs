@@ -36,6 +36,7 @@ fn workload(i: usize, ns: &str, name: &str, app: &str, node: &str) -> Workload {
         identity: workload_id(&td(), ns, name).unwrap(),
         labels: BTreeMap::from([("app".to_string(), app.to_string())]),
         label_mode: None,
+        probe_ports: Vec::new(),
     }
 }
 

@@ -165,6 +165,7 @@ mod tests {
             identity: workload_id(&td, "default", "server").unwrap(),
             labels: Default::default(),
             label_mode: None,
+            probe_ports: Vec::new(),
         }
     }
 

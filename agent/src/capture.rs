@@ -31,7 +31,7 @@ use aya::programs::{CgroupAttachMode, CgroupSockAddr, SkLookup, SockOps};
 use aya::{Ebpf, EbpfLoader};
 use meshless_common::{
     maps, mode, programs, EnrolledPod, InboundPod, OrigDst, OrigDstKey, PodAddr, AF_INET, AF_INET6, LAYOUT_VERSION,
-    ORIG_DST_PER_POD,
+    MAX_PROBE_PORTS, ORIG_DST_PER_POD,
 };
 use parking_lot::Mutex;
 use tracing::{info, warn};
@@ -87,6 +87,8 @@ pub struct Capture {
     orig: Mutex<HashOfMaps<MapData, u64, MapData>>,
     inbound: Mutex<HashMap<MapData, PodAddr, InboundPod>>,
     listeners: Mutex<SockHash<MapData, u64>>,
+    /// Each pod's declared probe ports, as written into its `INBOUND` entries.
+    probe_ports: Mutex<std::collections::HashMap<u64, [u16; MAX_PROBE_PORTS]>>,
 }
 
 /// A pod's own original-destination map, read by the agent after `accept()`. (`None`: a pod
@@ -168,6 +170,7 @@ impl Capture {
             enrolled: Mutex::new(enrolled),
             orig: Mutex::new(orig),
             inbound: Mutex::new(inbound),
+            probe_ports: Mutex::default(),
             listeners: Mutex::new(listeners),
         })
     }
@@ -303,6 +306,26 @@ impl Capture {
         Ok(())
     }
 
+    /// The ports the pod `cookie` declares for its kubelet probes (the first
+    /// [`MAX_PROBE_PORTS`]): only connections the probe cgroup opens to one of them pass its
+    /// inbound program. Written into the pod's `INBOUND` entries now and at every mode change.
+    pub fn set_probe_ports(&self, cookie: u64, ports: &[u16]) -> Result<(), Error> {
+        let mut fixed = [0u16; MAX_PROBE_PORTS];
+        for (slot, port) in fixed.iter_mut().zip(ports) {
+            *slot = *port;
+        }
+        self.probe_ports.lock().insert(cookie, fixed);
+        let name = maps::INBOUND;
+        let mut map = self.inbound.lock();
+        let mine: Vec<(PodAddr, InboundPod)> =
+            map.iter().filter_map(Result::ok).filter(|(_, v)| v.cookie == cookie).collect();
+        for (key, value) in mine {
+            map.insert(key, InboundPod { probe_ports: fixed, ..value }, 0)
+                .map_err(|source| Error::Map { name, source })?;
+        }
+        Ok(())
+    }
+
     /// Sets the inbound mode of the pod `cookie` on every one of its addresses (and forgets
     /// addresses it no longer has). Applies to the next connection the kernel looks up.
     fn set_mode(&self, cookie: u64, ips: &[IpAddr], mode: Mode) -> Result<(), Error> {
@@ -316,8 +339,10 @@ impl Capture {
             .filter(|(k, v)| v.cookie == cookie && !wanted.contains(k))
             .map(|(k, _)| k)
             .collect();
+        let probe_ports = self.probe_ports.lock().get(&cookie).copied().unwrap_or_default();
         for key in wanted {
-            map.insert(key, InboundPod { cookie, mode, _pad: 0 }, 0).map_err(|source| Error::Map { name, source })?;
+            map.insert(key, InboundPod { cookie, mode, _pad: 0, probe_ports }, 0)
+                .map_err(|source| Error::Map { name, source })?;
         }
         for key in stale {
             let _ = map.remove(&key);
@@ -378,6 +403,7 @@ impl Capture {
             _ => {}
         }
         self.unsteer(cookie)?;
+        self.probe_ports.lock().remove(&cookie);
         self.drop_orig(cookie)
     }
 

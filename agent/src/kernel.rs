@@ -53,6 +53,9 @@ pub trait Kernel: Send + Sync + 'static {
     /// captured; otherwise a connection to an address of its netns meshless does not know is
     /// dropped).
     fn set_mode(&self, cookie: u64, netns: &Netns, ips: &[IpAddr], mode: Mode) -> Result<(), Error>;
+    /// The ports the pod's own spec declares for its kubelet probes: the only ones a probe
+    /// passes to (from before the pod is steered, and kept across mode changes).
+    fn probe_ports(&self, cookie: u64, ports: &[u16]) -> Result<(), Error>;
     /// A pod outside the mesh: known, its connections pass untouched.
     fn bypass(&self, cookie: u64) -> Result<(), Error>;
     /// Removes every kernel entry of the netns `cookie`.
@@ -98,6 +101,10 @@ impl Kernel for Node {
 
     fn set_mode(&self, cookie: u64, netns: &Netns, ips: &[IpAddr], mode: Mode) -> Result<(), Error> {
         Ok(self.capture.apply_mode(cookie, netns, ips, mode)?)
+    }
+
+    fn probe_ports(&self, cookie: u64, ports: &[u16]) -> Result<(), Error> {
+        Ok(self.capture.set_probe_ports(cookie, ports)?)
     }
 
     fn bypass(&self, cookie: u64) -> Result<(), Error> {

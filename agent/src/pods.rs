@@ -141,6 +141,14 @@ impl<K: Kernel> Manager<K> {
                     let policy = dir.policy_for(w);
                     let (old_ips, old_mode) = (pod.workload().ips.clone(), pod.policy().mode.clone());
                     let old_kernel = pod.policy().kernel_mode();
+                    if pod.workload().probe_ports != w.probe_ports {
+                        match self.deps.kernel.probe_ports(pod.cookie, &w.probe_ports) {
+                            Ok(()) => info!(pod = %key, ports = ?w.probe_ports, "probe ports updated"),
+                            Err(e) => {
+                                warn!(pod = %key, error = %e, "cannot update the pod's probe ports in the kernel")
+                            }
+                        }
+                    }
                     if old_ips != w.ips {
                         match self.deps.kernel.enroll(pod.cookie, &w.ips) {
                             Ok(_) => info!(pod = %key, ips = ?w.ips, "pod addresses updated"),
@@ -406,6 +414,9 @@ impl<K: Kernel> Manager<K> {
             return (known, None);
         };
         let Some(mode) = self.guard_mode(w, dir) else { return (Some(cookie), None) };
+        if let Err(e) = self.deps.kernel.probe_ports(cookie, &w.probe_ports) {
+            warn!(pod = %w.key, error = %e, "cannot set the failing pod's probe ports in the kernel");
+        }
         match self.deps.kernel.guard(cookie, &netns, &w.ips, mode) {
             Ok(()) => (Some(cookie), Some(mode)),
             Err(e) => {
@@ -437,6 +448,7 @@ impl<K: Kernel> Manager<K> {
         let serial = cert.issued().map(|i| i.serial.clone()).unwrap_or_default();
         let tls = deps.identities.pod_tls(cert)?;
         let orig = deps.kernel.enroll(cookie, &w.ips)?;
+        deps.kernel.probe_ports(cookie, &w.probe_ports)?;
         if let Some((_, l)) = listeners.0.iter().find(|(spec, _)| spec.role == Role::Inbound) {
             deps.kernel.steer(cookie, &netns, &w.ips, policy.kernel_mode(), l)?;
         }
@@ -615,6 +627,9 @@ mod tests {
             self.entries.lock().insert(cookie, Entry::Enrolled(ips.to_vec(), Some(mode)));
             Ok(())
         }
+        fn probe_ports(&self, _: u64, _: &[u16]) -> Result<(), kernel::Error> {
+            Ok(())
+        }
         fn bypass(&self, cookie: u64) -> Result<(), kernel::Error> {
             self.entries.lock().insert(cookie, Entry::Bypass);
             Ok(())
@@ -688,6 +703,7 @@ mod tests {
             identity: workload_id(&td(), "ns", &name).unwrap(),
             labels: BTreeMap::new(),
             label_mode: Some(LabelMode { mode, scope: "pod label" }),
+            probe_ports: Vec::new(),
         }
     }
 

@@ -51,6 +51,9 @@ pub struct Workload {
     pub identity: SpiffeId,
     /// The pod's labels, which policy selectors match.
     pub labels: BTreeMap<String, String>,
+    /// The ports its own spec declares for kubelet probes (this node's pods): the only ones a
+    /// probe passes to when plaintext is otherwise refused.
+    pub probe_ports: Vec<u16>,
     /// The mode asked for by the `meshless.io/mode` label (Kubernetes: on the pod or its
     /// namespace). Explicit PeerAuthentications of the workload or its namespace take precedence.
     pub label_mode: Option<crate::policy::LabelMode>,

@@ -28,7 +28,7 @@ pub const AF_INET6: u16 = 10;
 /// Version of the layout of the pinned maps (their keys, values and meaning). The agent pins
 /// under `<bpf dir>/v<LAYOUT_VERSION>/`; a new version means a new directory, and the agent that
 /// brings it removes the older ones once its own programs are attached.
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
 
 /// Entries of each pod's own original-destination map (the inner maps of `ORIG_DST`). Entries
 /// live from `connect()` to the agent's `accept()`, so this bounds a pod's connects in flight.
@@ -111,8 +111,14 @@ pub struct InboundPod {
     /// One of [`inbound`].
     pub mode: u32,
     pub _pad: u32,
+    /// The ports the pod's own spec declares for its kubelet probes (0: none): the only ports
+    /// a probe connection passes to. Host byte order.
+    pub probe_ports: [u16; MAX_PROBE_PORTS],
 }
-const _: () = assert!(core::mem::size_of::<InboundPod>() == 16);
+const _: () = assert!(core::mem::size_of::<InboundPod>() == 32);
+
+/// Probe ports kept per pod.
+pub const MAX_PROBE_PORTS: usize = 8;
 
 /// Key of the `PROBES` map: one connection from the probe cgroup (the kubelet), as the inbound
 /// program will see it arrive. Addresses as in [`PodAddr`], ports in host byte order.

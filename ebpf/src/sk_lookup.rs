@@ -18,7 +18,7 @@
 use core::ptr::{addr_of, read_volatile};
 
 use aya_ebpf::{macros::sk_lookup, programs::SkLookupContext};
-use meshless_common::{inbound, PodAddr, ProbeKey, AF_INET, TUNNEL_PORT};
+use meshless_common::{inbound, InboundPod, PodAddr, ProbeKey, AF_INET, TUNNEL_PORT};
 
 use crate::maps::{INBOUND, INBOUND_LISTENERS, PROBES};
 
@@ -57,7 +57,7 @@ pub fn meshless_sk_lookup(ctx: SkLookupContext) -> u32 {
     let Some(pod) = (unsafe { INBOUND.get(&PodAddr { addr: local, family }) }).copied() else {
         return SK_DROP; // an address of this enrolled netns that meshless does not know: fail closed
     };
-    if pod.mode == inbound::DISABLE || probe(&ctx, family, local, remote, local_port as u16) {
+    if pod.mode == inbound::DISABLE || probe(&ctx, &pod, family, local, remote, local_port as u16) {
         return SK_PASS;
     }
     match INBOUND_LISTENERS.redirect_sk_lookup(&ctx, pod.cookie, 0) {
@@ -104,8 +104,20 @@ fn addresses(ctx: &SkLookupContext, family: u32, local: bool) -> [u32; 4] {
     }
 }
 
-/// Whether this connection is one the probe cgroup announced (taken: each passes once).
-fn probe(ctx: &SkLookupContext, family: u32, local: [u32; 4], remote: [u32; 4], local_port: u16) -> bool {
+/// Whether this connection is one the probe cgroup announced (taken: each passes once), to a
+/// port the pod's own spec declares for its probes: a probe naming another pod's address (an
+/// `httpGet.host`) cannot open a way into a port that pod does not probe.
+fn probe(
+    ctx: &SkLookupContext,
+    pod: &InboundPod,
+    family: u32,
+    local: [u32; 4],
+    remote: [u32; 4],
+    local_port: u16,
+) -> bool {
+    if local_port == 0 || !pod.probe_ports.contains(&local_port) {
+        return false;
+    }
     let l = ctx.lookup;
     // SAFETY: context pointer; remote_port is a 16-bit field in network byte order.
     let remote_port = u16::from_be(unsafe { read_volatile(addr_of!((*l).remote_port)) });

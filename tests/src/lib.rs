@@ -34,6 +34,8 @@ pub mod pcap;
 pub mod python;
 
 const NETNS_DIR: &str = "/run/netns";
+/// The port every testbed pod declares for its kubelet probes (the state file's `probePorts`).
+pub const PROBE_PORT: u16 = 8080;
 const PREFIX: &str = "ml-";
 /// Where the testbed mounts cgroup2 when the machine has no cgroup2 mount.
 const OWN_CGROUP2_MOUNT: &str = "/run/meshless-testbed/cgroup2";
@@ -371,6 +373,8 @@ impl Testbed {
             writeln!(y, "    cgroup: {}", pod.cgroup.display())?;
             writeln!(y, "    enrolled: {enrolled}")?;
             writeln!(y, "    labels: {{app: {}-n{}}}", pod.name, pod.node)?;
+            // Every testbed pod declares its health on 8080, as a pod spec's probes would.
+            writeln!(y, "    probePorts: [{PROBE_PORT}]")?;
         }
         Ok(y)
     }

@@ -627,6 +627,12 @@ fn kubelet_probes_reach_strict_pods_and_other_node_traffic_does_not() {
         }
     };
     check("agent running");
+    // A probe to a port the pod does not declare for its probes (say, one a probe of another pod
+    // names with `httpGet.host`) gets no pass: the STRICT pod refuses it like any plaintext.
+    tb.spawn(pod.command(&bins.testbin).unwrap().args(["addr-serve", "8081"])).unwrap();
+    wait_listening(&pod.netns, 8081).unwrap();
+    let (_, out, err) = probe(&meshless_tests::sockaddr(pod.ipv4.into(), 8081));
+    assert!(!out.contains("\"end\":\"eof\""), "a probe reached an undeclared port of the STRICT pod: {out} {err}");
     let refused = mesh.wait_log(2, "inbound decision", |l| l["mode"] == "STRICT" && l["decision"] == "deny");
     assert!(refused.is_some(), "the other node process was refused by the agent:\n{}", mesh.log_summary(2));
     assert!(

@@ -28,6 +28,85 @@ pub struct PodSpec {
     pub service_account_name: Option<String>,
     #[serde(default)]
     pub host_network: Option<bool>,
+    /// Only what the probe ports need (this node's pods).
+    #[serde(default)]
+    pub containers: Vec<Container>,
+}
+
+/// A container, reduced to its ports and probes.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Container {
+    #[serde(default)]
+    pub ports: Vec<ContainerPort>,
+    #[serde(default)]
+    pub liveness_probe: Option<Probe>,
+    #[serde(default)]
+    pub readiness_probe: Option<Probe>,
+    #[serde(default)]
+    pub startup_probe: Option<Probe>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ContainerPort {
+    #[serde(default)]
+    pub name: Option<String>,
+    pub container_port: i32,
+}
+
+/// A kubelet probe: the network ones name a port (number or the name of a container port) and,
+/// for HTTP, possibly another host.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Probe {
+    #[serde(default)]
+    pub http_get: Option<ProbeTarget>,
+    #[serde(default)]
+    pub tcp_socket: Option<ProbeTarget>,
+    #[serde(default)]
+    pub grpc: Option<ProbeTarget>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct ProbeTarget {
+    #[serde(default)]
+    pub port: Option<serde_json::Value>,
+    #[serde(default)]
+    pub host: Option<String>,
+}
+
+impl PodSpec {
+    /// The ports the kubelet probes on this pod's own address: each network probe without a
+    /// `host` of its own (one naming another host targets that host, not this pod), named ports
+    /// resolved against the pod's containers. Sorted, unique.
+    pub fn probe_ports(&self) -> Vec<u16> {
+        let named = |name: &str| {
+            self.containers
+                .iter()
+                .flat_map(|c| &c.ports)
+                .find(|p| p.name.as_deref() == Some(name))
+                .and_then(|p| u16::try_from(p.container_port).ok())
+        };
+        let mut ports: Vec<u16> = self
+            .containers
+            .iter()
+            .flat_map(|c| [&c.liveness_probe, &c.readiness_probe, &c.startup_probe])
+            .flatten()
+            .flat_map(|p| [&p.http_get, &p.tcp_socket, &p.grpc])
+            .flatten()
+            .filter(|t| t.host.as_deref().is_none_or(str::is_empty))
+            .filter_map(|t| match t.port.as_ref()? {
+                serde_json::Value::Number(n) => n.as_u64().and_then(|n| u16::try_from(n).ok()),
+                serde_json::Value::String(s) => s.parse().ok().or_else(|| named(s)),
+                _ => None,
+            })
+            .filter(|p| *p != 0)
+            .collect();
+        ports.sort_unstable();
+        ports.dedup();
+        ports
+    }
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -103,6 +182,23 @@ impl kube::Resource for Namespace {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn probe_ports_are_the_pods_own_with_named_ports_resolved_and_other_hosts_left_out() {
+        let spec: PodSpec = serde_json::from_value(serde_json::json!({
+            "containers": [
+                {"ports": [{"name": "health", "containerPort": 9090}, {"containerPort": 8080}],
+                 "livenessProbe": {"httpGet": {"path": "/", "port": "health"}},
+                 "readinessProbe": {"tcpSocket": {"port": 8080}},
+                 "startupProbe": {"exec": {"command": ["true"]}}},
+                {"livenessProbe": {"httpGet": {"host": "10.0.0.9", "port": 7000}},
+                 "readinessProbe": {"grpc": {"port": 5000}},
+                 "startupProbe": {"httpGet": {"port": "nope"}}}
+            ]
+        }))
+        .unwrap();
+        assert_eq!(spec.probe_ports(), [5000, 8080, 9090]);
+    }
 
     #[test]
     fn a_full_pod_from_the_api_reads_into_the_reduced_one() {

@@ -82,6 +82,8 @@ struct PodInfo {
     mirror: bool,
     /// `metadata.creationTimestamp`, seconds: on an IP claimed twice, the older pod keeps it.
     created: Option<i64>,
+    /// Ports its own spec declares for kubelet probes (kept for this node's pods only).
+    probe_ports: Vec<u16>,
 }
 
 type Key = (String, String);
@@ -134,6 +136,7 @@ fn pod_info(pod: &Pod, keep_labels: bool) -> PodInfo {
         labels: if keep_labels { labels.clone() } else { BTreeMap::new() },
         mirror: pod.annotations().contains_key(MIRROR_ANNOTATION),
         created: pod.metadata.creation_timestamp.as_ref().map(|t| t.0.as_second()),
+        probe_ports: if keep_labels { spec.map(|s| s.probe_ports()).unwrap_or_default() } else { Vec::new() },
     }
 }
 
@@ -567,6 +570,7 @@ impl Builder {
             identity,
             labels: p.labels.clone(),
             label_mode: label,
+            probe_ports: p.probe_ports.clone(),
         })
     }
 
@@ -636,6 +640,7 @@ mod tests {
             labels: BTreeMap::new(),
             mirror: false,
             created: None,
+            probe_ports: Vec::new(),
         }
     }
 

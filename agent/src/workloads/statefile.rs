@@ -71,6 +71,10 @@ struct RawPod {
     host_network: bool,
     #[serde(default)]
     labels: BTreeMap<String, String>,
+    /// The ports the kubelet probes on the pod (a Kubernetes pod's probes, as its spec declares
+    /// them): the only ones a probe passes to when plaintext is otherwise refused.
+    #[serde(default)]
+    probe_ports: Vec<u16>,
 }
 
 fn yes() -> bool {
@@ -122,6 +126,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Directory, Error> {
             identity,
             labels: p.labels,
             label_mode: None,
+            probe_ports: p.probe_ports,
         });
     }
     let policies = Policies::compile(&PolicyInput {
