@@ -229,7 +229,7 @@ pub async fn serve(addr: SocketAddr, state: State, stop: tokio_util::sync::Cance
         .route("/healthz", get(|| async { "ok\n" }))
         // The endpoint itself starts only once the agent is ready and stops when it drains, so
         // answering at all is the honest readiness signal.
-        .route("/readyz", get(|| async { "ready\n" }))
+        .route("/readyz", get(readyz_handler))
         .route("/policy/explain", get(explain_handler))
         .route("/policy", get(policy_handler))
         .route("/metrics", get(metrics_handler))
@@ -271,9 +271,20 @@ struct PodView {
     authorization_policies: usize,
 }
 
+/// Ready (the endpoint serves only once the agent is ready); a refused update is said, as the
+/// last good state serves in its place.
+async fn readyz_handler(With(state): With<State>) -> String {
+    match &state.proxy.store.load().refused_update {
+        None => "ready\n".into(),
+        Some(why) => format!("ready; the last good state serves, the newest update was refused: {why}\n"),
+    }
+}
+
 async fn status_handler(With(state): With<State>) -> Json<crate::status::NodeStatus> {
     let mut status = state.status.load().with_live(&state.local_pods.load(), &state.proxy.pool);
-    let policies = &state.proxy.store.load().policies;
+    let dir = state.proxy.store.load();
+    let policies = &dir.policies;
+    status.refused_update = dir.refused_update.clone();
     status.policy_objects = policies.states();
     status.policy_problems =
         policies.objects().iter().filter(|o| o.enforcement != crate::policy::Enforcement::Enforced).cloned().collect();

@@ -31,6 +31,9 @@ pub struct NodeStatus {
     pub pods: Vec<PodStatus>,
     /// Pooled tunnel connections, per (source pod, destination).
     pub pool: Vec<PoolEntry>,
+    /// Why the workload source's newest update was refused while the last good one serves.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub refused_update: Option<String>,
     /// How many policy objects are enforced, partially enforced, or failed closed.
     pub policy_objects: BTreeMap<&'static str, usize>,
     /// The objects not enforced as written: what was left out, or what stands in for them.

@@ -81,6 +81,9 @@ pub struct Directory {
     pub policies: Arc<Policies>,
     /// What applies to each pod of this node, gathered once per snapshot (the data path's view).
     pod_policies: HashMap<PodKey, Arc<PodPolicy>>,
+    /// Why the source's newest update was refused, while this (the last good) snapshot serves in
+    /// its place; `None` when the snapshot is the source's newest.
+    pub refused_update: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -115,7 +118,7 @@ impl Directory {
             .filter(|w| w.node == node)
             .map(|w| (w.key.clone(), Arc::new(policies.for_workload(&w.policy_target()))))
             .collect();
-        Ok(Directory { trust_domain, node, cgroup_parent, pods, by_ip, policies, pod_policies })
+        Ok(Directory { trust_domain, node, cgroup_parent, pods, by_ip, policies, pod_policies, refused_update: None })
     }
 
     /// An empty directory (before the first snapshot; in tests).
@@ -128,6 +131,7 @@ impl Directory {
             by_ip: HashMap::new(),
             policies: Arc::default(),
             pod_policies: HashMap::new(),
+            refused_update: None,
         }
     }
 

@@ -653,7 +653,8 @@ peerAuthentications:
 /// `when` keys an L4 proxy evaluates. Each row: (source, destination pod, port, allowed).
 #[test]
 fn istios_documented_l4_examples_decide_as_istio_does() {
-    let tables: &[(&str, &[(&str, (&str, &str), u16, bool)])] = &[
+    type Row = (&'static str, (&'static str, &'static str), u16, bool);
+    let tables: &[(&str, &[Row])] = &[
         (
             // The TCP task: tcp-echo in foo accepts sleep of foo on 9000 and 9001.
             r#"

@@ -570,6 +570,12 @@ fn a_malformed_policy_is_rejected_naming_the_field_and_an_l7_field_fails_closed(
         })
     });
     assert!(rejected.is_some(), "the error must name the policy and field:\n{}", mesh.log_summary(2));
+    // The node's status says the last good state serves, and why.
+    let refused = meshless_tests::wait_for(Duration::from_secs(10), || {
+        let s = meshless_tests::mesh::status(&tb, 2)?;
+        s["refused_update"].as_str().filter(|r| r.contains("ipBlocks[0]")).map(str::to_owned)
+    });
+    assert!(refused.is_some(), "status: {:?}", meshless_tests::mesh::status(&tb, 2));
     assert!(call(&bins, a1, b1, 7000, false).0, "the old policy still allows pod1-n1");
     assert!(!call(&bins, a2, b1, 7000, false).0, "and still denies pod2-n1 (the bad update was not half-applied)");
     // A field meshless cannot evaluate at L4 is accepted, named, and fails closed: the ALLOW rule

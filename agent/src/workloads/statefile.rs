@@ -232,7 +232,13 @@ async fn watch_file(
                 log_partial(&dir);
                 let _ = tx.send(Arc::new(dir));
             }
-            Err(e) => warn!(error = %e, "state file rejected; the previous state keeps serving"),
+            Err(e) => {
+                warn!(error = %e, "state file rejected; the previous state keeps serving");
+                // The last good snapshot goes on serving, saying why (status, readiness).
+                let mut serving = (*current).clone();
+                serving.refused_update = Some(e.to_string());
+                let _ = tx.send(Arc::new(serving));
+            }
         }
     }
 }
