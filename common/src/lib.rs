@@ -48,8 +48,9 @@ pub mod maps {
     pub const INBOUND: &str = "INBOUND";
     pub const INBOUND_LISTENERS: &str = "INBOUND_LISTENERS";
     pub const PROBES: &str = "PROBES";
+    pub const AGENTS: &str = "AGENTS";
     /// Every map the agent pins (the others are the log ring buffer and globals).
-    pub const PINNED: [&str; 6] = [ENROLLED, ORIG_DST, SOCK_ORIG, INBOUND, INBOUND_LISTENERS, PROBES];
+    pub const PINNED: [&str; 7] = [ENROLLED, ORIG_DST, SOCK_ORIG, INBOUND, INBOUND_LISTENERS, PROBES, AGENTS];
 }
 
 /// Names of the programs in the eBPF object.
@@ -116,6 +117,10 @@ pub struct InboundPod {
     pub probe_ports: [u16; MAX_PROBE_PORTS],
 }
 const _: () = assert!(core::mem::size_of::<InboundPod>() == 32);
+
+/// Slots of the `AGENTS` map: the cgroup ids of the running agent and of its predecessor (during
+/// a hand-over both run), then the index of the slot the next agent writes.
+pub const AGENT_SLOTS: u32 = 2;
 
 /// Probe ports kept per pod.
 pub const MAX_PROBE_PORTS: usize = 8;

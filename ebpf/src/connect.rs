@@ -8,7 +8,7 @@ use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
 
 use aya_ebpf::{
     bindings::bpf_sock_addr,
-    helpers::{bpf_get_netns_cookie, bpf_skc_to_mptcp_sock},
+    helpers::{bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_skc_to_mptcp_sock},
     macros::cgroup_sock_addr,
     programs::SockAddrContext,
 };
@@ -17,7 +17,7 @@ use meshless_common::{
     mode, EnrolledPod, OrigDst, AF_INET, AF_INET6, AGENT_MARK, AGENT_POD_PORTS, OUTBOUND_PORT, TUNNEL_PORT,
 };
 
-use crate::maps::{ENROLLED, SOCK_ORIG};
+use crate::maps::{AGENTS, ENROLLED, SOCK_ORIG};
 
 const SOCK_STREAM: u32 = 1;
 const IPPROTO_TCP: u32 = 6;
@@ -133,7 +133,7 @@ fn pod_of(ctx: &SockAddrContext) -> Pod {
         }
         read_volatile(addr_of!((*sk).mark))
     };
-    if mark == AGENT_MARK {
+    if mark == AGENT_MARK && from_agent() {
         return Pod::Other;
     }
     // An MPTCP socket connects and binds through a TCP subflow, which is what these hooks see
@@ -150,6 +150,13 @@ fn pod_of(ctx: &SockAddrContext) -> Pod {
         Some(pod) if pod.mode == mode::CAPTURE => Pod::Capture(*pod),
         Some(_) => Pod::Other,
     }
+}
+
+/// Whether the running process is an agent: its cgroup is one the agents wrote into `AGENTS`.
+fn from_agent() -> bool {
+    // SAFETY: bpf_get_current_cgroup_id takes no arguments; allowed for cgroup sock_addr hooks.
+    let id = unsafe { bpf_get_current_cgroup_id() };
+    id != 0 && (AGENTS.get(0) == Some(&id) || AGENTS.get(1) == Some(&id))
 }
 
 fn is_loopback4(ip: u32) -> bool {

@@ -3,11 +3,11 @@
 //! by an earlier agent and by its successor share them.
 
 use aya_ebpf::{
-    btf_maps::{HashMap, HashOfMaps, LruHashMap, SkStorage, SockHash},
+    btf_maps::{Array, HashMap, HashOfMaps, LruHashMap, SkStorage, SockHash},
     macros::btf_map,
 };
 use meshless_common::{
-    EnrolledPod, InboundPod, OrigDst, OrigDstKey, PodAddr, ProbeKey, MAX_PODS, MAX_POD_ADDRS, MAX_PROBES,
+    EnrolledPod, InboundPod, OrigDst, OrigDstKey, PodAddr, ProbeKey, AGENT_SLOTS, MAX_PODS, MAX_POD_ADDRS, MAX_PROBES,
     ORIG_DST_PER_POD,
 };
 
@@ -54,3 +54,10 @@ pub static INBOUND_LISTENERS: SockHash<u64, { MAX_PODS as usize }> = SockHash::n
 /// probes reach the app even in STRICT mode and no other node process gets the same pass.
 #[btf_map]
 pub static PROBES: LruHashMap<ProbeKey, u8, { MAX_PROBES as usize }> = LruHashMap::new();
+
+/// The cgroup ids of the agent processes (the running one and, during a hand-over, its
+/// predecessor; slot `AGENT_SLOTS` holds the index the next agent writes). A socket marked
+/// `AGENT_MARK` is the agent's own only when the process opening it is in one of these cgroups:
+/// a pod with `NET_ADMIN` can set the mark, but cannot move into the agent's cgroup.
+#[btf_map]
+pub static AGENTS: Array<u64, { AGENT_SLOTS as usize + 1 }> = Array::new();

@@ -148,7 +148,7 @@ fn one_pods_connect_flood_cannot_evict_another_pods_pending_connection() {
 }
 
 #[test]
-fn apps_in_enrolled_pods_cannot_bind_the_agents_ports_and_mptcp_never_leaves_in_plaintext() {
+fn apps_in_enrolled_pods_cannot_bind_the_agents_ports_and_neither_mptcp_nor_the_agents_mark_gets_around_the_capture() {
     let Some(bins) = support::privileged("bind_and_mptcp") else {
         return;
     };
@@ -186,7 +186,14 @@ fn apps_in_enrolled_pods_cannot_bind_the_agents_ports_and_mptcp_never_leaves_in_
     assert!(ok && out == "mptcp-outside-5c1<17 bytes>", "a pod outside the mesh may use MPTCP: {err}");
     let (ok, out, err) = run(enrolled.command(&bins.testbin).unwrap().args(["send", &to, "tcp-marker-2a9"]));
     assert!(ok && out == "tcp-marker-2a9<14 bytes>", "{err}");
+    // A pod that marks its socket with the agent's mark (any pod with NET_ADMIN can) is still a
+    // pod: the agent is known by its cgroup, so the connection is captured all the same.
+    let mark = meshless_common::AGENT_MARK.to_string();
+    let (ok, out, err) =
+        run(enrolled.command(&bins.testbin).unwrap().args(["send-marked", &to, "marked-marker-4d2", &mark]));
+    assert!(ok && out == "marked-marker-4d2<17 bytes>", "{err}");
     let segs = dump.finish(&tb).unwrap();
+    assert!(!seen(&segs, "marked-marker-4d2"), "a socket with the agent's mark skipped the capture");
     assert!(!seen(&segs, "mptcp-marker-7f3"), "an enrolled pod's MPTCP left in plaintext");
     assert!(seen(&segs, "mptcp-outside-5c1"), "control: the capture sees plaintext");
     assert!(!seen(&segs, "tcp-marker-2a9"), "control: the TCP connection is captured and encrypted");
@@ -195,5 +202,5 @@ fn apps_in_enrolled_pods_cannot_bind_the_agents_ports_and_mptcp_never_leaves_in_
         .into_iter()
         .filter(|l| l["message"] == "inbound decision" && l["transport"] == "hbone")
         .count();
-    assert_eq!(carried, 1, "only the TCP connection went through the mesh");
+    assert_eq!(carried, 2, "the TCP connections (the marked one too) went through the mesh");
 }

@@ -14,6 +14,7 @@
 //! meshless-testbin end <addr> <text>             as send, then says how the reply ended: {"end":"eof|reset|…","reply":…}
 //! meshless-testbin send-rst <addr> <text>        sends text, then resets the connection (RST)
 //! meshless-testbin send-mptcp <addr> <text>      as send, over an MPTCP socket
+//! meshless-testbin send-marked <addr> <text> <mark>  as send, the socket marked <mark> (SO_MARK) first
 //! meshless-testbin watch-serve <port>            per connection, prints how it ended: {"end":"eof|reset|…","got":…}
 //! meshless-testbin bulk <addr> <seconds>         one stream to a sink; prints {"gbit_per_s":..}
 //! meshless-testbin rr <addr> <size> <count>      request/response on one connection; prints p50/p99
@@ -75,6 +76,7 @@ fn main() {
         "peer" => send(a(1), a(2), true),
         "end" => end(a(1), a(2)),
         "send-mptcp" => send_mptcp(a(1), a(2)),
+        "send-marked" => send_marked(a(1), a(2), a(3)),
         "send-rst" => connect(a(1)).and_then(|mut s| {
             s.write_all(a(2).as_bytes())?;
             std::thread::sleep(Duration::from_millis(200));
@@ -303,12 +305,40 @@ fn end(addr: &str, text: &str) -> std::io::Result<()> {
 
 fn send_mptcp(addr: &str, text: &str) -> std::io::Result<()> {
     const IPPROTO_MPTCP: i32 = 262;
-    let addr = parse(addr)?;
+    let to = parse(addr)?;
     let s = socket2::Socket::new(
-        socket2::Domain::for_address(addr),
+        socket2::Domain::for_address(to),
         socket2::Type::STREAM,
         Some(socket2::Protocol::from(IPPROTO_MPTCP)),
     )?;
+    send_on(s, addr, text)
+}
+
+/// As `send`, on a socket carrying the mark `mark` (what only the agent's sockets should carry).
+fn send_marked(addr: &str, text: &str, mark: &str) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    let mark: u32 = mark.parse().map_err(|_| std::io::Error::other("mark: a number"))?;
+    let to = parse(addr)?;
+    let s = socket2::Socket::new(socket2::Domain::for_address(to), socket2::Type::STREAM, None)?;
+    // SAFETY: setsockopt reads 4 bytes from `mark` on an open socket.
+    let r = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_MARK,
+            (&mark as *const u32).cast(),
+            std::mem::size_of::<u32>() as libc::socklen_t,
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    send_on(s, addr, text)
+}
+
+/// Connects `s` to `addr`, sends `text`, half-closes and prints the reply.
+fn send_on(s: socket2::Socket, addr: &str, text: &str) -> std::io::Result<()> {
+    let addr = parse(addr)?;
     s.connect_timeout(&addr.into(), Duration::from_secs(5))?;
     s.set_read_timeout(Some(Duration::from_secs(20)))?;
     let mut s: TcpStream = s.into();
