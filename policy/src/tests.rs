@@ -654,50 +654,34 @@ peerAuthentications:
 #[test]
 fn istios_documented_l4_examples_decide_as_istio_does() {
     type Row = (&'static str, (&'static str, &'static str), u16, bool);
+    // The TCP task's tcp-echo in foo, with `action` and one `to` operation.
+    let tcp = |action: &str, operation: &str| {
+        format!(
+            "authorizationPolicies:\n  - metadata: {{name: tcp-policy, namespace: foo}}\n    spec:\n      \
+             selector: {{matchLabels: {{app: tcp-echo}}}}\n      action: {action}\n      \
+             rules: [{{to: [{{operation: {operation}}}]}}]\n"
+        )
+    };
+    const SLEEP: &str = "spiffe://cluster.local/ns/foo/sa/sleep";
+    let tcp_task = [
+        // Sleep of foo may reach 9000 and 9001.
+        tcp("ALLOW", r#"{ports: ["9000", "9001"]}"#),
+        // The same with an HTTP method added to the ALLOW: for TCP it matches nothing.
+        tcp("ALLOW", r#"{methods: ["GET"], ports: ["9000"]}"#),
+        // And as a DENY: the HTTP-only field is set aside, the port still denied.
+        tcp("DENY", r#"{methods: ["GET"], ports: ["9000"]}"#),
+    ];
     let tables: &[(&str, &[Row])] = &[
         (
-            // The TCP task: tcp-echo in foo accepts sleep of foo on 9000 and 9001.
-            r#"
-authorizationPolicies:
-  - metadata: {name: tcp-policy, namespace: foo}
-    spec:
-      selector: {matchLabels: {app: tcp-echo}}
-      action: ALLOW
-      rules: [{to: [{operation: {ports: ["9000", "9001"]}}]}]
-"#,
+            &tcp_task[0],
             &[
-                ("spiffe://cluster.local/ns/foo/sa/sleep", ("foo", "tcp-echo"), 9000, true),
-                ("spiffe://cluster.local/ns/foo/sa/sleep", ("foo", "tcp-echo"), 9001, true),
-                ("spiffe://cluster.local/ns/foo/sa/sleep", ("foo", "tcp-echo"), 9002, false),
+                (SLEEP, ("foo", "tcp-echo"), 9000, true),
+                (SLEEP, ("foo", "tcp-echo"), 9001, true),
+                (SLEEP, ("foo", "tcp-echo"), 9002, false),
             ],
         ),
-        (
-            // The same task with an HTTP method added to the ALLOW: for TCP it matches nothing.
-            r#"
-authorizationPolicies:
-  - metadata: {name: tcp-policy, namespace: foo}
-    spec:
-      selector: {matchLabels: {app: tcp-echo}}
-      action: ALLOW
-      rules: [{to: [{operation: {methods: ["GET"], ports: ["9000"]}}]}]
-"#,
-            &[("spiffe://cluster.local/ns/foo/sa/sleep", ("foo", "tcp-echo"), 9000, false)],
-        ),
-        (
-            // And as a DENY: the HTTP-only field is set aside, the port still denied.
-            r#"
-authorizationPolicies:
-  - metadata: {name: tcp-policy, namespace: foo}
-    spec:
-      selector: {matchLabels: {app: tcp-echo}}
-      action: DENY
-      rules: [{to: [{operation: {methods: ["GET"], ports: ["9000"]}}]}]
-"#,
-            &[
-                ("spiffe://cluster.local/ns/foo/sa/sleep", ("foo", "tcp-echo"), 9000, false),
-                ("spiffe://cluster.local/ns/foo/sa/sleep", ("foo", "tcp-echo"), 9001, true),
-            ],
-        ),
+        (&tcp_task[1], &[(SLEEP, ("foo", "tcp-echo"), 9000, false)]),
+        (&tcp_task[2], &[(SLEEP, ("foo", "tcp-echo"), 9000, false), (SLEEP, ("foo", "tcp-echo"), 9001, true)]),
         (
             // allow-nothing in a namespace; allow-all for one workload of it.
             r#"
