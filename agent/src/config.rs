@@ -145,6 +145,10 @@ pub struct TunnelLimits {
     /// Concurrent CONNECT streams per tunnel connection (the server's limit, and the pool's).
     #[arg(long, env = "MESHLESS_MAX_STREAMS", default_value_t = 100)]
     pub max_streams: u32,
+    /// Connections the agent carries for one pod at once (its outbound and plaintext
+    /// connections, tunnel connections and their streams); more are refused at once.
+    #[arg(long, env = "MESHLESS_MAX_POD_CONNECTIONS", default_value_t = 16384)]
+    pub max_pod_connections: usize,
 }
 
 impl Default for TunnelLimits {
@@ -158,6 +162,7 @@ impl Default for TunnelLimits {
             keepalive_interval: Duration::from_secs(10),
             keepalive_timeout: Duration::from_secs(20),
             max_streams: 100,
+            max_pod_connections: 16384,
         }
     }
 }

@@ -56,6 +56,9 @@ pub fn serve_pod(
         let (inputs, pod, accepting) = (inputs.clone(), pod.clone(), accepting.clone());
         match spec.role {
             Role::Outbound => tokio::spawn(accept_loop(l, accepting, "outbound", move |sock, peer| {
+                if over_budget(&inputs, &pod, "outbound") {
+                    return tunnel::reset(sock);
+                }
                 let span = info_span!("outbound", pod = %pod.key, %peer);
                 pod.conns.spawn(outbound(inputs.clone(), pod.clone(), sock, peer).instrument(span));
             })),
@@ -64,12 +67,28 @@ pub fn serve_pod(
                 pod.conns.spawn(tunnel_connection(inputs.clone(), pod.clone(), sock, peer).instrument(span));
             })),
             Role::Inbound => tokio::spawn(accept_loop(l, accepting, "plaintext", move |sock, peer| {
+                if over_budget(&inputs, &pod, "plaintext") {
+                    return tunnel::reset(sock);
+                }
                 let span = info_span!("plaintext", pod = %pod.key, %peer);
                 pod.conns.spawn(plaintext_connection(inputs.clone(), pod.clone(), sock, peer).instrument(span));
             })),
         };
     }
     Ok(())
+}
+
+/// Whether `pod` carries as many connections as one pod may (`--max-pod-connections`: its
+/// outbound and plaintext connections, tunnel connections and their streams): then a new one is
+/// refused at once, so one pod cannot take the agent's memory or descriptors from the others.
+fn over_budget(inputs: &Inputs, pod: &LocalPod, what: &'static str) -> bool {
+    let open = pod.conns.len();
+    if open < inputs.limits.max_pod_connections {
+        return false;
+    }
+    debug!(pod = %pod.key, what, open, limit = inputs.limits.max_pod_connections,
+        "the pod carries as many connections as it may; refusing a new one");
+    true
 }
 
 /// Accepts on `listener` until `accepting` is cancelled, handing each connection to `handle`.
@@ -296,6 +315,10 @@ async fn inbound_stream(
     };
     let workload = pod.workload();
     let src = inbound.peer.clone();
+    if over_budget(&inputs, &pod, "inbound stream") {
+        inbound.refuse(StatusCode::SERVICE_UNAVAILABLE);
+        return;
+    }
     if pod.tls.cert.certified().is_none() {
         warn!(src_id = %src, "refusing HBONE request: this pod's certificate expired and is not renewed yet");
         inbound.refuse(StatusCode::SERVICE_UNAVAILABLE);

@@ -207,3 +207,42 @@ fn a_handshake_flood_from_one_source_is_capped_and_oversized_headers_and_excess_
     // Having completed a handshake, that address is a peer of the mesh: its full share of 16.
     assert_eq!(flood(), (0, 8), "a known peer's eight handshakes all get a place");
 }
+
+/// One pod may hold only `--max-pod-connections` connections through its agent: beyond, a new
+/// connection is refused at once (the pod's other connections, and other pods, are unaffected);
+/// once some close, it may connect again.
+#[test]
+fn one_pod_cannot_hold_more_connections_through_the_agent_than_its_cap() {
+    use std::io::BufRead as _;
+    let Some(bins) = support::privileged("pod_connection_cap") else {
+        return;
+    };
+    let tb = meshless_tests::Testbed::new(meshless_tests::Layout { label: "podcap", pods: &[1, 1] }).expect("testbed");
+    let _mesh =
+        meshless_tests::mesh::Mesh::start(&tb, &bins, &|_| true, &["--max-pod-connections", "4"]).expect("agents");
+    let (client, server) = (tb.pod(1, 1), tb.pod(2, 1));
+    tb.spawn(server.command(&bins.testbin).unwrap().args(["echo-serve", "7000"])).unwrap();
+    meshless_tests::mesh::wait_listening(&server.netns, 7000).unwrap();
+    let to = sockaddr(server.ipv4.into(), 7000);
+    let mut holder = client
+        .command(&bins.testbin)
+        .unwrap()
+        .args(["hold", &to, "4"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    std::io::BufReader::new(holder.stdout.take().unwrap()).read_line(&mut first).unwrap();
+    assert_eq!(first.trim(), r#"{"held":4}"#, "four connections fit under the cap");
+    let (ok, out, err) = run(client.command(&bins.testbin).unwrap().args(["send", &to, "one-too-many"]));
+    assert!(!ok, "a fifth connection of the pod got through: {out} {err}");
+    drop(holder.stdin.take());
+    let _ = holder.wait();
+    let again = meshless_tests::wait_for(Duration::from_secs(10), || {
+        let (ok, out, _) = run(client.command(&bins.testbin).unwrap().args(["send", &to, "after"]));
+        (ok && out == "after<5 bytes>").then_some(())
+    });
+    assert!(again.is_some(), "once its connections closed, the pod connects again");
+}
