@@ -378,8 +378,8 @@ pods:
         assert!(same_node(Path::new("test.yaml"), &current, parse_str(&more).unwrap()).is_ok());
     }
 
-    /// The watcher publishes a valid change, skips an invalid one (the previous state stays), and
-    /// publishes the next valid one.
+    /// The watcher publishes a valid change; an invalid one leaves the previous state serving,
+    /// republished with the reason; the next valid one is published.
     #[tokio::test]
     async fn the_watched_file_publishes_valid_changes_only() {
         let dir = std::env::temp_dir().join(format!("meshless-statefile-{}", std::process::id()));
@@ -401,11 +401,18 @@ pods:
             let mut rx = rx.clone();
             async move { tokio::time::timeout(Duration::from_secs(10), rx.changed()).await.is_ok() }
         };
-        // An invalid edit (duplicate IP) is not published…
+        // An invalid edit (duplicate IP) is not applied: the last good state serves on, saying why.
+        let good = rx.borrow_and_update().clone();
         std::fs::write(&path, GOOD.replace("198.19.1.11", "198.19.2.10")).unwrap();
-        let published = tokio::time::timeout(Duration::from_millis(1500), rx.changed()).await.is_ok();
-        assert!(!published, "an invalid state file must not be published");
-        assert_eq!(rx.borrow().len(), 3);
+        assert!(wait(&mut rx).await, "the refusal is published");
+        let serving = rx.borrow_and_update().clone();
+        assert_eq!(serving.len(), 3, "the last good pods serve");
+        assert!(Arc::ptr_eq(&serving.policies, &good.policies), "and its policy");
+        assert!(
+            serving.refused_update.as_deref().is_some_and(|r| r.contains("198.19.2.10")),
+            "the refusal names the problem: {:?}",
+            serving.refused_update
+        );
         // …a valid one is, also when written by rename (as editors and ConfigMaps do).
         let tmp = dir.join("state.yaml.tmp");
         std::fs::write(&tmp, GOOD.replace("  - name: legacy", "  - name: legacy2")).unwrap();
@@ -413,6 +420,7 @@ pods:
         assert!(wait(&mut rx).await, "a valid change must be published");
         let d = rx.borrow_and_update().clone();
         assert!(d.get(&PodKey { namespace: "default".into(), name: "legacy2".into() }).is_some());
+        assert_eq!(d.refused_update, None, "a good file clears the refusal");
         writer.join().unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
     }
