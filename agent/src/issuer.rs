@@ -6,9 +6,8 @@
 //! its reason. The CA directory is watched: a rotation step (`meshless ca rotate`) takes effect
 //! without a restart, and agents follow it through the bundle the issuer hands out.
 
-use std::collections::HashMap;
 use std::future::Future;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -25,6 +24,7 @@ use tonic::{Request, Response, Status};
 use tracing::{debug, info, warn};
 
 use crate::identity::{ca, provider, BoxFuture, Error as IdentityError, SpiffeId, Svid, TrustDomain, ALPN_H2};
+use crate::limits::HandshakeLimiter;
 use crate::proto::issuer::issuer_server::{Issuer, IssuerServer};
 use crate::proto::issuer::{BundleRequest, BundleResponse, SignRequest, SignResponse};
 use crate::workloads::{Directory, WorkloadSource};
@@ -255,13 +255,13 @@ pub async fn run(
         .await
         .map_err(|e| crate::Error::Io(format!("listening on {}", config.listen), e))?;
     let (tx, rx) = mpsc::channel(64);
-    let handshakes = Arc::new(Handshakes::default());
+    let handshakes = handshake_limiter();
     tokio::spawn(async move {
         loop {
             let Ok((tcp, peer)) = listener.accept().await else { continue };
             // Bounded handshakes in flight, in all and per source address: a few sources holding
             // handshakes open cannot keep the nodes out.
-            let Some(slot) = handshakes.clone().take(peer.ip()) else {
+            let Some(slot) = handshakes.try_acquire(peer.ip()) else {
                 debug!(%peer, "issuer: too many TLS handshakes in flight; connection closed");
                 continue;
             };
@@ -290,44 +290,15 @@ pub async fn run(
         .map_err(|e| crate::Error::Io("serving the issuer".into(), std::io::Error::other(e)))
 }
 
-/// TLS handshakes in flight on the issuer's port, in all and per source address.
-#[derive(Default)]
-struct Handshakes(parking_lot::Mutex<(usize, HashMap<IpAddr, usize>)>);
-
-/// Handshakes in flight at most, and from one source address.
+/// Handshakes in flight on the issuer's port at most, and from one source address.
 const MAX_HANDSHAKES: usize = 256;
 const MAX_HANDSHAKES_PER_SOURCE: usize = 16;
 
-/// One handshake's place, given back when dropped.
-struct HandshakeSlot(Arc<Handshakes>, IpAddr);
-
-impl Handshakes {
-    fn take(self: Arc<Self>, ip: IpAddr) -> Option<HandshakeSlot> {
-        {
-            let mut g = self.0.lock();
-            let (total, per) = &mut *g;
-            if *total >= MAX_HANDSHAKES || per.get(&ip).is_some_and(|n| *n >= MAX_HANDSHAKES_PER_SOURCE) {
-                return None;
-            }
-            *per.entry(ip).or_default() += 1;
-            *total += 1;
-        }
-        Some(HandshakeSlot(self, ip))
-    }
-}
-
-impl Drop for HandshakeSlot {
-    fn drop(&mut self) {
-        let mut g = self.0 .0.lock();
-        let (total, per) = &mut *g;
-        *total -= 1;
-        if let Some(n) = per.get_mut(&self.1) {
-            *n -= 1;
-            if *n == 0 {
-                per.remove(&self.1);
-            }
-        }
-    }
+/// The tunnel port's limiter, with every source counted as unknown (the issuer never marks one
+/// known): unknown sources share half its places, a quarter of a source's share each — so these
+/// are the issuer's caps, in all and per source.
+fn handshake_limiter() -> Arc<HandshakeLimiter> {
+    HandshakeLimiter::new(2 * MAX_HANDSHAKES, 4 * MAX_HANDSHAKES_PER_SOURCE)
 }
 
 /// Reloads the signer when a rotation step changes the CA directory.
@@ -368,21 +339,24 @@ async fn watch_ca_dir(dir: PathBuf, signer: Arc<ArcSwap<ca::Signer>>, own: Arc<O
 
 #[cfg(test)]
 mod tests {
+    use std::net::IpAddr;
+
     use super::*;
+    use crate::limits::HandshakePermit;
 
     #[test]
     fn handshakes_in_flight_are_bounded_per_source_and_in_all_and_given_back() {
-        let h = Arc::new(Handshakes::default());
+        let h = handshake_limiter();
         let a: IpAddr = [198, 18, 0, 2].into();
-        let mine: Vec<HandshakeSlot> = (0..MAX_HANDSHAKES_PER_SOURCE).map(|_| h.clone().take(a).unwrap()).collect();
-        assert!(h.clone().take(a).is_none(), "one source holds at most its share");
-        let others: Vec<HandshakeSlot> = (0..MAX_HANDSHAKES - MAX_HANDSHAKES_PER_SOURCE)
-            .map(|i| h.clone().take(IpAddr::from([10, 0, (i / 200) as u8, (i % 200) as u8])).unwrap())
+        let mine: Vec<HandshakePermit> = (0..MAX_HANDSHAKES_PER_SOURCE).map(|_| h.try_acquire(a).unwrap()).collect();
+        assert!(h.try_acquire(a).is_none(), "one source holds at most its share");
+        let others: Vec<HandshakePermit> = (0..MAX_HANDSHAKES - MAX_HANDSHAKES_PER_SOURCE)
+            .map(|i| h.try_acquire(IpAddr::from([10, 0, (i / 200) as u8, (i % 200) as u8])).unwrap())
             .collect();
-        assert!(h.clone().take([192, 0, 2, 1].into()).is_none(), "and all sources at most the total");
+        assert!(h.try_acquire([192, 0, 2, 1].into()).is_none(), "and all sources at most the total");
         drop(mine);
-        assert!(h.clone().take(a).is_some(), "given back when the handshakes end");
+        assert!(h.try_acquire(a).is_some(), "given back when the handshakes end");
         drop(others);
-        assert_eq!(h.0.lock().1.len(), 0, "no source is remembered once it has nothing in flight");
+        assert_eq!(h.sources_in_flight(), 0, "no source is remembered once it has nothing in flight");
     }
 }

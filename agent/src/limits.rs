@@ -81,6 +81,12 @@ impl HandshakeLimiter {
     pub fn refused(&self) -> u64 {
         self.refused.load(Ordering::Relaxed)
     }
+
+    /// Sources with a handshake in flight (none is remembered once it has none).
+    #[cfg(test)]
+    pub fn sources_in_flight(&self) -> usize {
+        self.in_progress.lock().per_source.len()
+    }
 }
 
 impl HandshakePermit {
