@@ -7,14 +7,18 @@ use std::path::Path;
 use anyhow::Context as _;
 
 fn main() -> anyhow::Result<()> {
-    // gRPC services: the issuer's (meshless's own) and the SPIFFE Workload API (server side).
+    // gRPC services: the issuer's (meshless's own), the SPIFFE Workload API and the CSI node
+    // plugin (a subset of the CSI spec's proto).
     // protoc comes from Debian's protobuf-compiler (`cargo xtask setup` installs it).
     let proto = Path::new(env!("CARGO_MANIFEST_DIR")).join("proto");
     println!("cargo:rerun-if-changed={}", proto.display());
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
-        .compile_protos(&[proto.join("issuer.proto"), proto.join("workload.proto")], std::slice::from_ref(&proto))
+        .compile_protos(
+            &[proto.join("issuer.proto"), proto.join("workload.proto"), proto.join("csi.proto")],
+            std::slice::from_ref(&proto),
+        )
         .context("generating the gRPC code from agent/proto (is protoc installed? run `cargo xtask setup`)")?;
 
     let ebpf_dir =

@@ -202,8 +202,6 @@ fn pod_key(s: &str) -> Result<PodKey, ExplainError> {
     }
 }
 
-/// Serves the admin endpoint on `addr` until `stop` fires. The port is shared (SO_REUSEPORT) so a
-/// successor agent can serve it while its predecessor still drains; each stops at its own end.
 /// What the admin endpoint reads (and nothing else of the agent).
 #[derive(Clone)]
 pub struct State {
@@ -213,17 +211,30 @@ pub struct State {
     pub local_pods: LocalPods,
 }
 
-pub async fn serve(addr: SocketAddr, state: State, stop: tokio_util::sync::CancellationToken) -> std::io::Result<()> {
+/// The admin endpoint's listening socket on `addr`. Not shared (no SO_REUSEPORT): a successor
+/// agent takes this very socket over (`handover`), so while an agent runs nothing else can bind
+/// the port and answer for it.
+pub fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     if !addr.ip().is_loopback() {
         warn!(%addr, "the admin endpoint listens beyond loopback: anyone who can reach it can read the node's policy");
     }
     let sock = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
     sock.set_reuse_address(true)?;
-    sock.set_reuse_port(true)?;
-    sock.set_nonblocking(true)?;
     sock.bind(&addr.into())?;
     sock.listen(128)?;
-    let listener = tokio::net::TcpListener::from_std(sock.into())?;
+    Ok(sock.into())
+}
+
+/// Serves the admin endpoint on `listener` (bound by [`bind`], or handed over by the previous
+/// agent, which stops accepting on it once this one serves) until `stop` fires.
+pub async fn serve(
+    listener: std::net::TcpListener,
+    state: State,
+    stop: tokio_util::sync::CancellationToken,
+) -> std::io::Result<()> {
+    listener.set_nonblocking(true)?;
+    let addr = listener.local_addr()?;
+    let listener = tokio::net::TcpListener::from_std(listener)?;
     info!(%addr, "admin endpoint serving");
     let app = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))

@@ -32,6 +32,8 @@ const TRIM_AFTER_DROP: usize = 256;
 pub struct Deps {
     pub workloads: Box<dyn WorkloadSource>,
     pub certs: Arc<dyn CertificateSource>,
+    /// Where the pod lifecycle publishes the node's status.
+    pub status: crate::status::Published,
 }
 
 /// Runs the agent until `shutdown` resolves or a successor has taken over, then drains.
@@ -57,6 +59,8 @@ struct Running {
     updates: tokio::sync::watch::Receiver<Arc<crate::workloads::Directory>>,
     successors: tokio::sync::mpsc::Receiver<handover::Request>,
     admin_stop: CancellationToken,
+    /// The admin endpoint's listener, handed over to a successor with the pods' listeners.
+    admin: Option<(handover::ListenerSpec, std::net::TcpListener)>,
 }
 
 /// Start-up: the first directory, the certificates, the kernel programs, the predecessor's
@@ -66,19 +70,31 @@ async fn start(config: Arc<AgentConfig>, deps: Deps) -> Result<Running, Error> {
     let mut updates = deps.workloads.start().await?;
     let first = updates.borrow_and_update().clone();
     let identities = identities(&config, deps.certs, &first).await?;
+    // Where the agent is in the cgroup hierarchy (also from inside a cgroup namespace).
+    let cgroups = crate::cgroup::Cgroups::detect(&first.cgroup_parent)
+        .map_err(|e| Error::Io(format!("the cgroup hierarchy of {}", first.cgroup_parent.display()), e))?;
     let probe_cgroup = crate::capture::probe_cgroup(&config.probe_cgroup, &first.cgroup_parent)?;
-    let capture =
-        Arc::new(Capture::load(&config.bpf_dir, &first.cgroup_parent, probe_cgroup.as_deref(), config.kernel_log)?);
+    let capture = Arc::new(Capture::load(
+        &config.bpf_dir,
+        &first.cgroup_parent,
+        &cgroups,
+        probe_cgroup.as_deref(),
+        config.kernel_log,
+    )?);
     // Take over the listeners of an agent running before us, if there is one.
     let socket = handover::socket_path(&config.run_dir);
     let taken = {
         let socket = socket.clone();
         tokio::task::spawn_blocking(move || handover::receive(&socket)).await.map_err(join_error)??
     };
-    let (inherited, predecessor) = match taken {
+    let (mut inherited, predecessor) = match taken {
         Some((i, p)) => (i, Some(p)),
         None => (Inherited::default(), None),
     };
+    let own = netns::current_cookie().map_err(|e| Error::Io("reading the agent's netns cookie".into(), e))?;
+    let inherited_admin = inherited.take(&handover::node_key(), own).and_then(|handover::Listeners(ls)| {
+        ls.into_iter().find(|(spec, _)| spec.role == handover::Role::Admin).map(|(_, l)| l)
+    });
 
     let store = Arc::new(Store::new(first.clone()));
     let proxy = Arc::new(proxy::Inputs {
@@ -89,19 +105,18 @@ async fn start(config: Arc<AgentConfig>, deps: Deps) -> Result<Running, Error> {
         handshakes: HandshakeLimiter::new(config.tunnel.max_handshakes, config.tunnel.max_handshakes_per_source),
         decisions: Default::default(),
     });
-    let trust = identities.trust.clone();
+    let workload_identities = identities.clone();
     let deps = pods::Deps {
         kernel: Node { capture: capture.clone(), home: own_netns()? },
         identities,
         proxy: proxy.clone(),
         local_pods: Default::default(),
-        status: Default::default(),
+        status: deps.status,
         drain_timeout: config.drain_timeout,
     };
     let admin_state =
         admin::State { proxy: proxy.clone(), status: deps.status.clone(), local_pods: deps.local_pods.clone() };
     // hostNetwork pods live in the node's netns: known, left alone.
-    let own = netns::current_cookie().map_err(|e| Error::Io("reading the agent's netns cookie".into(), e))?;
     capture.bypass(own)?;
     // Pods first (listeners, certificates, kernel entries), then the programs: a pod is never
     // captured before the agent can serve it.
@@ -119,12 +134,12 @@ async fn start(config: Arc<AgentConfig>, deps: Deps) -> Result<Running, Error> {
     let successors = handover::serve(&socket)?;
     let workload_socket =
         config.workload_api_socket.clone().unwrap_or_else(|| crate::workload_api::default_socket(&config.run_dir));
-    crate::workload_api::serve(&workload_socket, admin_state.local_pods.clone(), trust)?;
+    crate::workload_api::serve(&workload_socket, admin_state.local_pods.clone(), workload_identities, cgroups)?;
     let admin_stop = CancellationToken::new();
-    serve_admin(&config, admin_state, admin_stop.clone()).await?;
+    let admin = serve_admin(&config, inherited_admin, admin_state, admin_stop.clone()).await?;
     let (enrolled, known, failing) = manager.counts();
     info!(node = %first.node, enrolled, known, failing, stale_removed = stale, "agent ready");
-    Ok(Running { manager, store, updates, successors, admin_stop })
+    Ok(Running { manager, store, updates, successors, admin_stop, admin })
 }
 
 /// The pods' certificate store, checked to serve the directory's trust domain, renewing.
@@ -166,22 +181,37 @@ fn remove_stale(capture: &Capture, ours: HashSet<u64>) -> usize {
     stale.len()
 }
 
-async fn serve_admin(config: &AgentConfig, state: admin::State, stop: CancellationToken) -> Result<(), Error> {
+/// Serves the admin endpoint on the listener the previous agent handed over (if it listened on
+/// the same address) or a new one; returns the listener, described for the next hand-over.
+async fn serve_admin(
+    config: &AgentConfig,
+    inherited: Option<std::net::TcpListener>,
+    state: admin::State,
+    stop: CancellationToken,
+) -> Result<Option<(handover::ListenerSpec, std::net::TcpListener)>, Error> {
     if config.admin_addr == "none" {
-        return Ok(());
+        return Ok(None);
     }
     let addr: std::net::SocketAddr = config
         .admin_addr
         .parse()
         .map_err(|e| Error::Io(format!("--admin-addr {:?}", config.admin_addr), std::io::Error::other(e)))?;
-    admin::serve(addr, state, stop).await.map_err(|e| Error::Io(format!("admin endpoint on {addr}"), e))
+    let io = |e| Error::Io(format!("admin endpoint on {addr}"), e);
+    let listener = match inherited.filter(|l| l.local_addr().is_ok_and(|a| a == addr)) {
+        Some(l) => l,
+        None => admin::bind(addr).map_err(io)?,
+    };
+    let kept = listener.try_clone().map_err(io)?;
+    admin::serve(listener, state, stop).await.map_err(io)?;
+    let spec = handover::ListenerSpec { pod: handover::node_key(), role: handover::Role::Admin, addr };
+    Ok(Some((spec, kept)))
 }
 
 impl Running {
     /// Serves until told to stop or a successor took over: applies directory changes, retries
     /// failing pods, gives memory back after bursts, answers a successor. Returns why it stopped.
     async fn serve(self, shutdown: impl Future<Output = ()>) -> (&'static str, Manager<Node>, CancellationToken) {
-        let Running { mut manager, store, mut updates, mut successors, admin_stop } = self;
+        let Running { mut manager, store, mut updates, mut successors, admin_stop, admin } = self;
         tokio::pin!(shutdown);
         let mut adopted: Option<oneshot::Receiver<()>> = None;
         let mut memory = tokio::time::interval(std::time::Duration::from_secs(1));
@@ -206,7 +236,14 @@ impl Running {
                     }
                 }
                 Some(req) = successors.recv() => {
-                    let _ = req.listeners.send(manager.handover_listeners());
+                    let mut listeners = manager.handover_listeners();
+                    if let Some((spec, l)) = &admin {
+                        match l.try_clone() {
+                            Ok(l) => listeners.push((spec.clone(), l)),
+                            Err(e) => warn!(error = %e, "cannot duplicate the admin listener for the successor"),
+                        }
+                    }
+                    let _ = req.listeners.send(listeners);
                     adopted = Some(req.adopted);
                 }
                 r = async { adopted.as_mut().expect("guarded").await }, if adopted.is_some() => {

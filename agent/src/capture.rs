@@ -91,59 +91,6 @@ pub struct Capture {
     probe_ports: Mutex<std::collections::HashMap<u64, [u16; MAX_PROBE_PORTS]>>,
 }
 
-/// The cgroup id of this process (its cgroup v2 directory's inode) in the hierarchy that holds
-/// `cgroup_parent`: the directory `/proc/self/cgroup` names when its `cgroup.procs` lists this
-/// process; otherwise (a container with its own cgroup namespace sees `/` there) the cgroup below
-/// `cgroup_parent` that lists it. `None`: the agent is not below the pods' cgroup, so the kernel
-/// programs never see its sockets.
-fn own_cgroup_id(cgroup_parent: &Path) -> Result<Option<u64>, Error> {
-    let err = |what: String| Error::Cgroup { path: cgroup_parent.into(), source: std::io::Error::other(what) };
-    let pid = std::process::id().to_string();
-    let lists_us = |dir: &Path| {
-        std::fs::read_to_string(dir.join("cgroup.procs")).is_ok_and(|procs| procs.lines().any(|l| l.trim() == pid))
-    };
-    let mounts = std::fs::read_to_string("/proc/self/mounts").map_err(|e| err(format!("/proc/self/mounts: {e}")))?;
-    let mount = mounts
-        .lines()
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            (f.len() > 2 && f[2] == "cgroup2").then(|| PathBuf::from(f[1]))
-        })
-        .filter(|m| cgroup_parent.starts_with(m))
-        .max_by_key(|m| m.as_os_str().len())
-        .ok_or_else(|| err("no cgroup2 mount holds it".into()))?;
-    let own = std::fs::read_to_string("/proc/self/cgroup").map_err(|e| err(format!("/proc/self/cgroup: {e}")))?;
-    let named =
-        own.lines().find_map(|l| l.strip_prefix("0::")).map(|rel| mount.join(rel.trim().trim_start_matches('/')));
-    let dir = match named.filter(|d| lists_us(d)) {
-        Some(d) => Some(d),
-        None => {
-            // Breadth first below the pods' cgroup, bounded.
-            let (mut level, mut seen, mut found) = (vec![cgroup_parent.to_path_buf()], 0usize, None);
-            while found.is_none() && !level.is_empty() && seen < 100_000 {
-                let mut next = Vec::new();
-                for d in level {
-                    seen += 1;
-                    if lists_us(&d) {
-                        found = Some(d);
-                        break;
-                    }
-                    let children = std::fs::read_dir(&d).into_iter().flatten().flatten();
-                    next.extend(children.filter(|e| e.file_type().is_ok_and(|t| t.is_dir())).map(|e| e.path()));
-                }
-                level = next;
-            }
-            found
-        }
-    };
-    match dir {
-        Some(d) => std::fs::metadata(&d)
-            .map(|m| Some(m.ino()))
-            .map_err(|e| err(format!("the agent's cgroup {}: {e}", d.display()))),
-        None => Ok(None),
-    }
-}
-
 /// Writes this agent's cgroup id into `AGENTS` (over the older of the two slots, keeping a
 /// predecessor's during a hand-over), so its own marked sockets are told from a pod's.
 fn register_agent(ebpf: &mut Ebpf, id: u64) -> Result<(), Error> {
@@ -171,6 +118,7 @@ impl Capture {
     pub fn load(
         bpf_dir: &Path,
         cgroup_parent: &Path,
+        cgroups: &crate::cgroup::Cgroups,
         probe_cgroup: Option<&Path>,
         kernel_log: bool,
     ) -> Result<Capture, Error> {
@@ -224,7 +172,9 @@ impl Capture {
             .map_err(|source| Error::Map { name: maps::INBOUND, source })?;
         let listeners = SockHash::try_from(take(&mut ebpf, maps::INBOUND_LISTENERS)?)
             .map_err(|source| Error::Map { name: maps::INBOUND_LISTENERS, source })?;
-        match own_cgroup_id(cgroup_parent)? {
+        // The agent's own cgroup (found below the pods' one when a cgroup namespace hides it).
+        let own = cgroups.own_id().map_err(|source| Error::Cgroup { path: cgroup_parent.into(), source })?;
+        match own {
             Some(id) => register_agent(&mut ebpf, id)?,
             None => info!("the agent runs outside the pods' cgroup: the kernel programs never see its sockets"),
         }

@@ -46,6 +46,9 @@ enum Cmd {
     /// Install meshless-cni on this node: copy the plugin binary and chain it into the first CNI
     /// network configuration (idempotent; the DaemonSet's init container runs it).
     CniInstall(crate::k8s::cni::InstallArgs),
+    /// Serve the CSI node plugin that gives pods the Workload API socket as an ephemeral inline
+    /// volume (driver `csi.meshless.io`; a privileged container of the agent's DaemonSet runs it).
+    Csi(crate::csi::CsiArgs),
     /// Print the Kubernetes manifests: `crds` (generated from meshless's types) or `all`.
     Manifests {
         #[arg(value_enum)]
@@ -208,6 +211,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             print!("{}", String::from_utf8_lossy(&body));
             Ok(())
         }
+        Cmd::Csi(args) => {
+            init_logging(args.log_format, &args.log)?;
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            rt.block_on(async {
+                crate::csi::serve(&args)?;
+                stop_signal()?.await;
+                anyhow::Ok(())
+            })
+        }
         Cmd::CniInstall(args) => {
             let what = crate::k8s::cni::install(&args)?;
             println!("{what}");
@@ -320,16 +332,22 @@ fn agent(cfg: AgentConfig) -> anyhow::Result<()> {
         (None, None) => anyhow::bail!("give --issuer (with --node-credentials and --bundle) or --dev-ca-dir"),
     };
     rt.block_on(async {
+        // The pods' status: published by the pod lifecycle, waited on by the CNI plugin's ADD.
+        let status = crate::status::Published::default();
+        let settled = Arc::new(crate::status::Settled(status.clone()));
         let workloads: Box<dyn crate::workloads::WorkloadSource> = match &cfg.state {
             Some(path) => Box::new(crate::workloads::statefile::FileSource { path: path.clone() }),
-            None => Box::new(kube_source(&cfg.kube).await?),
+            None => Box::new(kube_source(&cfg.kube, Some(settled)).await?),
         };
-        let deps = crate::app::Deps { workloads, certs };
+        let deps = crate::app::Deps { workloads, certs, status };
         crate::app::run(Arc::new(cfg), deps, stop_signal()?).await.map_err(anyhow::Error::from)
     })
 }
 
-async fn kube_source(k: &crate::config::KubeConfig) -> anyhow::Result<crate::k8s::source::KubeSource> {
+async fn kube_source(
+    k: &crate::config::KubeConfig,
+    enrollment: Option<Arc<dyn crate::workloads::Enrollment>>,
+) -> anyhow::Result<crate::k8s::source::KubeSource> {
     Ok(crate::k8s::source::KubeSource {
         client: crate::k8s::client(k.kubeconfig.as_deref()).await?,
         node: Some(k.node_name.clone().context("--kube needs --node-name (or NODE_NAME)")?),
@@ -337,6 +355,7 @@ async fn kube_source(k: &crate::config::KubeConfig) -> anyhow::Result<crate::k8s
         cgroup_parent: k.cgroup_parent.clone(),
         cni_dir: k.cni_dir.clone(),
         mesh: crate::policy::MeshSettings { root_namespace: k.root_namespace.clone(), ..Default::default() },
+        enrollment,
     })
 }
 
@@ -402,6 +421,7 @@ fn issuer(cfg: crate::issuer::IssuerConfig) -> anyhow::Result<()> {
                     cgroup_parent: PathBuf::new(),
                     cni_dir: PathBuf::new(),
                     mesh: crate::policy::MeshSettings::default(),
+                    enrollment: None,
                 })
             }
         };

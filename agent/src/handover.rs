@@ -62,6 +62,15 @@ pub enum Role {
     Tunnel,
     /// 15006: plaintext steered here by sk_lookup.
     Inbound,
+    /// The node's admin endpoint (15000), in the agent's own netns, filed under [`node_key`]:
+    /// handed over rather than shared with SO_REUSEPORT, so no other process of the node's user
+    /// can bind beside it and answer `/readyz` for the agent.
+    Admin,
+}
+
+/// The key the agent's own (not a pod's) listeners are filed under.
+pub fn node_key() -> PodKey {
+    PodKey { namespace: String::new(), name: String::new() }
 }
 
 #[derive(Serialize, Deserialize)]

@@ -18,6 +18,7 @@
 
 pub mod ca;
 pub mod client;
+pub mod jwt;
 pub mod store;
 pub mod verify;
 
@@ -128,6 +129,8 @@ pub struct Bundle {
     pub roots: Vec<CertificateDer<'static>>,
     /// Identifies the signing CA; when it changes, certificates are re-issued.
     pub signer: String,
+    /// The trust domain's JWT authorities as a JWKS (empty: no JWT-SVIDs).
+    pub jwks: Vec<u8>,
 }
 
 /// Where the agent gets its pods' certificates signed. The key is generated on the node; only a
@@ -143,6 +146,15 @@ pub trait CertificateSource: Send + Sync + 'static {
     fn bundle(&self) -> BoxFuture<'_, Result<Bundle, Error>>;
     /// The bundle configured locally, to start with when the source cannot be reached.
     fn bootstrap(&self) -> Result<Bundle, Error>;
+    /// Signs a JWT-SVID for `id` and `audience`: the token and the bundle.
+    fn sign_jwt<'a>(
+        &'a self,
+        id: &'a SpiffeId,
+        audience: &'a [String],
+    ) -> BoxFuture<'a, Result<(String, Bundle), Error>> {
+        let _ = (id, audience);
+        Box::pin(async { Err(Error::Refused("this certificate source issues no JWT-SVIDs".into())) })
+    }
 }
 
 /// A fresh ECDSA P-256 key and a CSR for `id` signed with it.

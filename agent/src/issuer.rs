@@ -26,7 +26,7 @@ use tracing::{debug, info, warn};
 use crate::identity::{ca, provider, BoxFuture, Error as IdentityError, SpiffeId, Svid, TrustDomain, ALPN_H2};
 use crate::limits::HandshakeLimiter;
 use crate::proto::issuer::issuer_server::{Issuer, IssuerServer};
-use crate::proto::issuer::{BundleRequest, BundleResponse, SignRequest, SignResponse};
+use crate::proto::issuer::{BundleRequest, BundleResponse, SignJwtRequest, SignJwtResponse, SignRequest, SignResponse};
 use crate::workloads::{Directory, WorkloadSource};
 
 #[derive(clap::Args, Debug, Clone)]
@@ -57,6 +57,9 @@ pub struct IssuerConfig {
     /// Lifetime of the workload certificates it signs.
     #[arg(long, env = "MESHLESS_SVID_TTL", value_parser = humantime::parse_duration, default_value = "24h")]
     pub svid_ttl: Duration,
+    /// Lifetime of the JWT-SVIDs it signs (bearer tokens: keep it short).
+    #[arg(long, env = "MESHLESS_JWT_SVID_TTL", value_parser = humantime::parse_duration, default_value = "5m")]
+    pub jwt_svid_ttl: Duration,
     #[arg(long, env = "MESHLESS_LOG_FORMAT", value_enum, default_value_t = crate::config::LogFormat::Text)]
     pub log_format: crate::config::LogFormat,
     #[arg(long, env = "MESHLESS_LOG", default_value = "info")]
@@ -140,6 +143,7 @@ struct Service {
     directory: watch::Receiver<Arc<Directory>>,
     auth: Arc<dyn NodeAuthenticator>,
     ttl: Duration,
+    jwt_ttl: Duration,
 }
 
 impl Service {
@@ -149,6 +153,7 @@ impl Service {
             trust_domain: b.trust_domain.to_string(),
             roots: b.roots.iter().map(|c| c.to_vec()).collect(),
             signer: b.signer,
+            jwks: b.jwks,
         }
     }
 
@@ -169,27 +174,8 @@ impl Service {
 #[tonic::async_trait]
 impl Issuer for Service {
     async fn sign(&self, request: Request<SignRequest>) -> Result<Response<SignResponse>, Status> {
-        let certs = request.peer_certs();
-        let caller = Caller { certs: certs.as_deref().map(|c| c.as_slice()), metadata: request.metadata() };
-        let node = match self.auth.authenticate(&caller).await {
-            Ok(node) => node,
-            Err(why) => {
-                warn!(why = %why, "refused a certificate request: the caller is not an authenticated node");
-                return Err(why.into());
-            }
-        };
+        let (node, id) = self.node_and_id(&request, &request.get_ref().spiffe_id).await?;
         let req = request.into_inner();
-        let id = match SpiffeId::new(&req.spiffe_id) {
-            Ok(id) => id,
-            Err(e) => {
-                warn!(node = %node, requested = %req.spiffe_id, "refused a certificate request: not a SPIFFE ID");
-                return Err(Status::invalid_argument(format!("not a SPIFFE ID: {e}")));
-            }
-        };
-        if let Err(why) = self.authorize(&node, &id) {
-            warn!(node = %node, id = %id, why = %why, "refused a certificate request");
-            return Err(why.into());
-        }
         let chain = self.signer.load().sign_csr(&req.csr, &id, self.ttl).map_err(|e| {
             warn!(node = %node, id = %id, error = %e, "refused a certificate request");
             Status::invalid_argument(e.to_string())
@@ -203,6 +189,45 @@ impl Issuer for Service {
 
     async fn bundle(&self, _request: Request<BundleRequest>) -> Result<Response<BundleResponse>, Status> {
         Ok(Response::new(self.bundle()))
+    }
+
+    async fn sign_jwt(&self, request: Request<SignJwtRequest>) -> Result<Response<SignJwtResponse>, Status> {
+        let (node, id) = self.node_and_id(&request, &request.get_ref().spiffe_id).await?;
+        let audience = request.into_inner().audience;
+        let token = self.signer.load().sign_jwt(&id, &audience, self.jwt_ttl).map_err(|e| {
+            warn!(node = %node, id = %id, error = %e, "refused a JWT-SVID request");
+            Status::failed_precondition(e.to_string())
+        })?;
+        info!(node = %node, id = %id, audiences = audience.len(), ttl_s = self.jwt_ttl.as_secs(), "issued a JWT-SVID");
+        Ok(Response::new(SignJwtResponse { token, bundle: Some(self.bundle()) }))
+    }
+}
+
+impl Service {
+    /// The authenticated node calling, and the identity it asks for, which must be one of its
+    /// pods' (the same check for X.509- and JWT-SVIDs).
+    async fn node_and_id<T>(&self, request: &Request<T>, requested: &str) -> Result<(String, SpiffeId), Status> {
+        let certs = request.peer_certs();
+        let caller = Caller { certs: certs.as_deref().map(|c| c.as_slice()), metadata: request.metadata() };
+        let node = match self.auth.authenticate(&caller).await {
+            Ok(node) => node,
+            Err(why) => {
+                warn!(why = %why, "refused a certificate request: the caller is not an authenticated node");
+                return Err(why.into());
+            }
+        };
+        let id = match SpiffeId::new(requested) {
+            Ok(id) => id,
+            Err(e) => {
+                warn!(node = %node, requested = %requested, "refused a certificate request: not a SPIFFE ID");
+                return Err(Status::invalid_argument(format!("not a SPIFFE ID: {e}")));
+            }
+        };
+        if let Err(why) = self.authorize(&node, &id) {
+            warn!(node = %node, id = %id, why = %why, "refused a certificate request");
+            return Err(why.into());
+        }
+        Ok((node, id))
     }
 }
 
@@ -249,7 +274,8 @@ pub async fn run(
 
     let signer = Arc::new(ArcSwap::from_pointee(signer));
     tokio::spawn(watch_ca_dir(config.ca_dir.clone(), signer.clone(), own));
-    let service = Service { signer: signer.clone(), directory, auth, ttl: config.svid_ttl };
+    let service =
+        Service { signer: signer.clone(), directory, auth, ttl: config.svid_ttl, jwt_ttl: config.jwt_svid_ttl };
 
     let listener = TcpListener::bind(config.listen)
         .await

@@ -119,6 +119,11 @@ pub fn current_cookie() -> io::Result<u64> {
     netns_cookie(&probe)
 }
 
+/// The cookie of the netns at `path` (blocks: the calling thread enters it for a moment).
+pub fn cookie_of(path: &Path) -> io::Result<u64> {
+    Netns::open(path)?.run(&Netns::current()?, current_cookie)?
+}
+
 /// The cookie of the netns a socket lives in (what the kernel programs see).
 pub fn netns_cookie(sock: &impl AsFd) -> io::Result<u64> {
     let mut cookie: u64 = 0;

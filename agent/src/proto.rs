@@ -10,3 +10,8 @@ pub mod issuer {
 pub mod workload {
     include!(concat!(env!("OUT_DIR"), "/_.rs"));
 }
+
+/// The CSI node plugin's services (a subset of the CSI spec, package `csi.v1`).
+pub mod csi {
+    tonic::include_proto!("csi.v1");
+}

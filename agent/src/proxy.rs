@@ -73,6 +73,8 @@ pub fn serve_pod(
                 let span = info_span!("plaintext", pod = %pod.key, %peer);
                 pod.conns.spawn(plaintext_connection(inputs.clone(), pod.clone(), sock, peer).instrument(span));
             })),
+            // Never a pod's: filed under the node's key, taken by the admin endpoint.
+            Role::Admin => continue,
         };
     }
     Ok(())

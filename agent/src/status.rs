@@ -11,18 +11,57 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::{Instant, UNIX_EPOCH};
+use std::time::{Duration, Instant, UNIX_EPOCH};
 
-use arc_swap::ArcSwap;
 use serde::Serialize;
+use tokio::sync::watch;
 
 use crate::local::LocalPod;
 use crate::policy::{Mode, ObjectReport};
 use crate::pool::{Pool, PoolEntry};
-use crate::workloads::PodKey;
+use crate::workloads::{Enrollment, PodKey};
+use futures_util::future::BoxFuture;
+use std::path::PathBuf;
 
 /// Where the manager publishes the status and the admin side reads it.
-pub type Published = Arc<ArcSwap<NodeStatus>>;
+pub type Published = Arc<StatusCell>;
+
+/// The latest [`NodeStatus`], and a way to wait for the next one (the CNI plugin's ADD waits
+/// until its pod is set up).
+pub struct StatusCell(watch::Sender<Arc<NodeStatus>>);
+
+impl Default for StatusCell {
+    fn default() -> Self {
+        StatusCell(watch::Sender::new(Arc::default()))
+    }
+}
+
+impl StatusCell {
+    pub fn load(&self) -> Arc<NodeStatus> {
+        self.0.borrow().clone()
+    }
+
+    pub fn store(&self, status: Arc<NodeStatus>) {
+        self.0.send_replace(status);
+    }
+
+    /// Waits until `check` finds what it looks for in a published status, or `timeout` passes
+    /// (then the last `check` result, `None`).
+    pub async fn wait_for<T>(&self, timeout: Duration, mut check: impl FnMut(&NodeStatus) -> Option<T>) -> Option<T> {
+        let mut rx = self.0.subscribe();
+        let wait = async {
+            loop {
+                if let Some(found) = check(&rx.borrow_and_update()) {
+                    return Some(found);
+                }
+                if rx.changed().await.is_err() {
+                    return None;
+                }
+            }
+        };
+        tokio::time::timeout(timeout, wait).await.ok().flatten()
+    }
+}
 
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct NodeStatus {
@@ -111,5 +150,48 @@ impl NodeStatus {
         }
         out.pool = pool.entries();
         out
+    }
+}
+
+/// [`Enrollment`] read from the published status: a pod is set up once the manager publishes it,
+/// in the network namespace the runtime named, enrolled, outside the mesh, or failing with its
+/// inbound held in the kernel.
+pub struct Settled(pub Published);
+
+impl Enrollment for Settled {
+    fn wait(&self, pod: PodKey, netns: PathBuf, timeout: Duration) -> BoxFuture<'static, Result<String, String>> {
+        let cell = self.0.clone();
+        Box::pin(async move {
+            let path = netns.clone();
+            let cookie = tokio::task::spawn_blocking(move || crate::netns::cookie_of(&path))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| format!("network namespace {}: {e}", netns.display()))?;
+            let mut last = None;
+            let found = cell
+                .wait_for(timeout, |s| {
+                    let p = s.pods.iter().find(|p| p.pod == pod)?;
+                    last = Some(match (&p.last_error, p.netns_cookie == Some(cookie)) {
+                        (_, false) => "set up in another network namespace (an older sandbox)".to_string(),
+                        (Some(e), true) => e.clone(),
+                        (None, true) => format!("{:?}", p.state),
+                    });
+                    if p.netns_cookie != Some(cookie) {
+                        return None;
+                    }
+                    match (p.state, p.mode) {
+                        (PodState::Enrolled, Some(m)) => Some(format!("enrolled ({m:?})")),
+                        (PodState::Enrolled, None) => Some("enrolled".to_string()),
+                        (PodState::OutsideMesh, _) => Some("outside the mesh".to_string()),
+                        (PodState::Failing, Some(m)) => Some(format!("failing, its inbound held ({m:?})")),
+                        (PodState::Failing, None) => None,
+                    }
+                })
+                .await;
+            found.ok_or_else(|| match last {
+                Some(why) => format!("pod {pod} not set up by the agent yet: {why}"),
+                None => format!("pod {pod} not known to the agent yet"),
+            })
+        })
     }
 }

@@ -7,7 +7,7 @@
 //! SVID. Any gRPC client can call it: the [`front`] accepts the socket path as `:authority`.
 //! Connections and streams are bounded. JWT-SVIDs are not served (Unimplemented).
 
-mod front;
+pub(crate) mod front;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -18,11 +18,14 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 use tracing::{info, warn};
 
+use crate::cgroup::Cgroups;
+use crate::identity::jwt;
+use crate::identity::store::Identities;
 use crate::identity::verify::Trust;
 use crate::local::{LocalPod, LocalPods};
 use crate::proto::workload::spiffe_workload_api_server::{SpiffeWorkloadApi, SpiffeWorkloadApiServer};
 use crate::proto::workload::{
-    JwtBundlesRequest, JwtBundlesResponse, JwtsvidRequest, JwtsvidResponse, ValidateJwtsvidRequest,
+    JwtBundlesRequest, JwtBundlesResponse, Jwtsvid, JwtsvidRequest, JwtsvidResponse, ValidateJwtsvidRequest,
     ValidateJwtsvidResponse, X509BundlesRequest, X509BundlesResponse, X509svid, X509svidRequest, X509svidResponse,
 };
 
@@ -32,7 +35,9 @@ const SECURITY_HEADER: &str = "workload.spiffe.io";
 struct Api {
     pods: LocalPods,
     trust: Arc<Trust>,
-    cgroup_root: PathBuf,
+    /// Signs JWT-SVIDs (through the node's certificate source).
+    identities: Arc<Identities>,
+    cgroups: Cgroups,
 }
 
 type Streamed<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
@@ -58,7 +63,7 @@ impl Api {
         if !caller.alive() {
             return Err(gone());
         }
-        let cgroup = cgroup_of(pid, &self.cgroup_root)
+        let cgroup = (self.cgroups.of_pid(pid))
             .ok_or_else(|| Status::permission_denied(format!("cannot read the cgroup of pid {pid}")))?;
         if !caller.alive() {
             return Err(gone());
@@ -86,13 +91,6 @@ fn bundles(trust: &Trust) -> X509BundlesResponse {
         crl: vec![],
         bundles: trust.all().into_iter().map(|(td, r)| (td.id_string(), der_concat(&r))).collect(),
     }
-}
-
-/// The absolute cgroup path of `pid` (cgroup v2), read from the agent's cgroup namespace.
-fn cgroup_of(pid: i32, root: &Path) -> Option<PathBuf> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
-    let rel = text.lines().find_map(|l| l.strip_prefix("0::"))?;
-    Some(root.join(rel.trim_start_matches('/')))
 }
 
 fn x509_response(pod: &LocalPod, trust: &Trust) -> Option<X509svidResponse> {
@@ -154,25 +152,89 @@ impl SpiffeWorkloadApi for Api {
         Ok(Response::new(Box::pin(stream)))
     }
 
-    async fn fetch_jwtsvid(&self, _request: Request<JwtsvidRequest>) -> Result<Response<JwtsvidResponse>, Status> {
-        Err(Status::unimplemented("meshless serves X.509-SVIDs only"))
+    async fn fetch_jwtsvid(&self, request: Request<JwtsvidRequest>) -> Result<Response<JwtsvidResponse>, Status> {
+        let pod = self.caller(&request)?;
+        let req = request.into_inner();
+        if req.audience.is_empty() || req.audience.len() > jwt::MAX_AUDIENCES {
+            return Err(Status::invalid_argument(format!("give 1 to {} audiences", jwt::MAX_AUDIENCES)));
+        }
+        if req.audience.iter().any(|a| a.is_empty() || a.len() > 256) {
+            return Err(Status::invalid_argument("an audience is 1 to 256 characters"));
+        }
+        // A pod has one identity; asking for another is asking for what it may not have.
+        if !req.spiffe_id.is_empty() && req.spiffe_id != pod.tls.id.to_string() {
+            warn!(pod = %pod.key, asked = %req.spiffe_id, "Workload API: a JWT-SVID for another identity refused");
+            return Err(Status::permission_denied(format!("this pod's identity is {}", pod.tls.id)));
+        }
+        let token = self.identities.jwt_svid(&pod.tls.id, &req.audience).await.map_err(|e| {
+            warn!(pod = %pod.key, error = %e, "Workload API: no JWT-SVID");
+            Status::unavailable(format!("no JWT-SVID: {e}"))
+        })?;
+        info!(pod = %pod.key, id = %pod.tls.id, audiences = req.audience.len(), "Workload API: JWT-SVID handed out");
+        let svid = Jwtsvid { spiffe_id: pod.tls.id.to_string(), svid: token, hint: String::new() };
+        Ok(Response::new(JwtsvidResponse { svids: vec![svid] }))
     }
 
     type FetchJWTBundlesStream = Streamed<JwtBundlesResponse>;
 
     async fn fetch_jwt_bundles(
         &self,
-        _request: Request<JwtBundlesRequest>,
+        request: Request<JwtBundlesRequest>,
     ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
-        Err(Status::unimplemented("meshless serves X.509-SVIDs only"))
+        self.caller(&request)?;
+        let (trust, mut changes) = (self.trust.clone(), self.trust.subscribe());
+        let stream = async_stream::stream! {
+            loop {
+                let bundles = trust.all_jwks().into_iter().map(|(td, jwks)| (td.id_string(), jwks)).collect();
+                yield Ok(JwtBundlesResponse { bundles });
+                if changes.changed().await.is_err() {
+                    return;
+                }
+            }
+        };
+        Ok(Response::new(Box::pin(stream)))
     }
 
     async fn validate_jwtsvid(
         &self,
-        _request: Request<ValidateJwtsvidRequest>,
+        request: Request<ValidateJwtsvidRequest>,
     ) -> Result<Response<ValidateJwtsvidResponse>, Status> {
-        Err(Status::unimplemented("meshless serves X.509-SVIDs only"))
+        let pod = self.caller(&request)?;
+        let req = request.into_inner();
+        if req.audience.is_empty() || req.svid.is_empty() {
+            return Err(Status::invalid_argument("give the token and the audience to validate it for"));
+        }
+        let trust = &self.trust;
+        match jwt::validate(&req.svid, &req.audience, |td| trust.jwks(td), std::time::SystemTime::now()) {
+            Ok(v) => Ok(Response::new(ValidateJwtsvidResponse {
+                spiffe_id: v.sub.to_string(),
+                claims: Some(to_struct(v.claims)),
+            })),
+            Err(e) => {
+                info!(pod = %pod.key, why = %e, "Workload API: a JWT-SVID did not validate");
+                Err(Status::invalid_argument(e.to_string()))
+            }
+        }
     }
+}
+
+/// JSON claims as the protobuf `Struct` the Workload API returns them in.
+fn to_struct(map: serde_json::Map<String, serde_json::Value>) -> prost_types::Struct {
+    fn value(v: serde_json::Value) -> prost_types::Value {
+        use prost_types::value::Kind;
+        let kind = match v {
+            serde_json::Value::Null => Kind::NullValue(0),
+            serde_json::Value::Bool(b) => Kind::BoolValue(b),
+            serde_json::Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or_default()),
+            serde_json::Value::String(s) => Kind::StringValue(s),
+            serde_json::Value::Array(a) => {
+                Kind::ListValue(prost_types::ListValue { values: a.into_iter().map(value).collect() })
+            }
+            serde_json::Value::Object(o) => Kind::StructValue(to_struct(o)),
+        };
+        prost_types::Value { kind: Some(kind) }
+    }
+    prost_types::Struct { fields: map.into_iter().map(|(k, v)| (k, value(v))).collect() }
 }
 
 /// `<run dir>/workload-api/workload.sock`: alone in its directory, which pods mount (never the
@@ -182,7 +244,14 @@ pub fn default_socket(run_dir: &Path) -> PathBuf {
 }
 
 /// Serves the Workload API on `socket` (replacing a stale socket file) until the task is dropped.
-pub fn serve(socket: &Path, pods: LocalPods, trust: Arc<Trust>) -> Result<(), crate::Error> {
+/// A caller's process is placed by `cgroups` (resolved from the agent's cgroup namespace, so a
+/// contained agent reads pods' cgroups as the host names them).
+pub fn serve(
+    socket: &Path,
+    pods: LocalPods,
+    identities: Arc<Identities>,
+    cgroups: Cgroups,
+) -> Result<(), crate::Error> {
     let err = |e| crate::Error::Io(format!("Workload API socket {}", socket.display()), e);
     if let Some(dir) = socket.parent() {
         std::fs::create_dir_all(dir).map_err(err)?;
@@ -193,8 +262,7 @@ pub fn serve(socket: &Path, pods: LocalPods, trust: Arc<Trust>) -> Result<(), cr
     let listener = tokio::net::UnixListener::bind(socket).map_err(err)?;
     // Any local process may connect; who it is decides what it gets.
     std::fs::set_permissions(socket, std::os::unix::fs::PermissionsExt::from_mode(0o666)).map_err(err)?;
-    let cgroup_root = cgroup2_root().unwrap_or_else(|| PathBuf::from("/sys/fs/cgroup"));
-    let api = Api { pods, trust, cgroup_root };
+    let api = Api { pods, trust: identities.trust.clone(), identities, cgroups };
     let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<front::Fronted>>(16);
     tokio::spawn(accept(listener, tx));
     tokio::spawn(async move {
@@ -247,13 +315,4 @@ async fn accept(listener: tokio::net::UnixListener, tx: tokio::sync::mpsc::Sende
             return;
         }
     }
-}
-
-/// Where the cgroup v2 hierarchy is mounted.
-fn cgroup2_root() -> Option<PathBuf> {
-    let mounts = std::fs::read_to_string("/proc/self/mounts").ok()?;
-    mounts.lines().find_map(|l| {
-        let f: Vec<&str> = l.split_whitespace().collect();
-        (f.len() > 2 && f[2] == "cgroup2").then(|| PathBuf::from(f[1]))
-    })
 }

@@ -200,4 +200,18 @@ pub trait WorkloadSource: Send + 'static {
     ) -> futures_util::future::BoxFuture<'static, Result<watch::Receiver<Arc<Directory>>, crate::Error>>;
 }
 
+/// Whether this node's agent has set up a pod the container runtime announces: its kernel
+/// entries written (enrolled, held under its mode while failing, or known to be outside the mesh)
+/// for the network namespace at `netns`. The CNI plugin's ADD waits on it, so an opted-in pod is
+/// covered from its first packet.
+pub trait Enrollment: Send + Sync + 'static {
+    /// `Ok(what the pod became)` once set up, or why not when `timeout` passed.
+    fn wait(
+        &self,
+        pod: PodKey,
+        netns: PathBuf,
+        timeout: std::time::Duration,
+    ) -> futures_util::future::BoxFuture<'static, Result<String, String>>;
+}
+
 pub use crate::policy::canonical;

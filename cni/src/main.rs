@@ -4,11 +4,17 @@
 //! The container runtime runs it after the network plugin proper, with `CNI_COMMAND` and friends in
 //! the environment and the network configuration (with `prevResult`) on stdin. On ADD it writes a
 //! record of the pod (namespace, name, UID, netns path, container ID, IPs) under
-//! `<stateDir>/pods/`, then tells the agent on `<stateDir>/agent.sock`; on DEL it removes the record
-//! and tells the agent again. The record is what makes the agent's absence harmless: an agent that
-//! is down, restarting or not installed yet reads the records when it starts. So the plugin never
-//! fails a pod's network setup because of the agent; it fails only on input that is not CNI
-//! (a malformed configuration or environment), with a CNI error object.
+//! `<stateDir>/pods/`, then tells the agent on `<stateDir>/agent.sock` and waits (at most
+//! `agentWaitSeconds`, 10 by default) until the agent has set the pod up: enrolled with its
+//! kernel entries, held under its mode while it cannot be served yet, or known to be outside the
+//! mesh. If the agent does not say so in time (not running, not yet started after a reboot, the
+//! pod unknown to it), ADD fails with CNI error 11 ("try again later") and the runtime retries:
+//! a pod is never started without the protection it may have opted into. On DEL it removes the
+//! record and tells the agent, best effort.
+//!
+//! Pods of `excludeNamespaces` (`kube-system` by default: the cluster's own components, which
+//! must start before and without the mesh) do not wait; their record is read whenever the agent
+//! runs. The plugin fails on input that is not CNI with a CNI error object, too.
 //!
 //! Hand-written rather than built on a CNI crate: the crates on crates.io either pin old spec
 //! versions or pull in an async runtime for what is one JSON document in and one out; the plugin
@@ -25,9 +31,14 @@ use serde_json::{json, Value};
 
 const DEFAULT_STATE_DIR: &str = "/var/run/meshless/cni";
 const SUPPORTED: [&str; 6] = ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0", "1.1"];
-/// How long the agent gets to acknowledge; the record is already written, so waiting longer would
-/// only slow down pod start when the agent is stuck.
-const AGENT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long ADD waits for the agent to set a pod up, unless the configuration says otherwise.
+const DEFAULT_AGENT_WAIT_SECONDS: u64 = 10;
+/// The longest anyone may ask for (the runtime's own deadline for a sandbox is minutes).
+const MAX_AGENT_WAIT_SECONDS: u64 = 60;
+/// How long a best-effort message (DEL, excluded namespaces) waits for the agent's receipt.
+const NOTIFY_TIMEOUT: Duration = Duration::from_secs(2);
+/// CNI's "try again later" error code.
+const TRY_AGAIN_LATER: u32 = 11;
 
 /// The plugin's part of the network configuration.
 #[derive(Deserialize)]
@@ -39,6 +50,12 @@ struct NetConf {
     state_dir: Option<PathBuf>,
     #[serde(default)]
     prev_result: Option<Value>,
+    /// How long ADD waits for the agent (seconds).
+    #[serde(default)]
+    agent_wait_seconds: Option<u64>,
+    /// Namespaces whose pods start without waiting for the agent.
+    #[serde(default)]
+    exclude_namespaces: Option<Vec<String>>,
 }
 
 /// What the agent learns of a pod (shared with the agent's `cni` module by shape, as JSON).
@@ -179,17 +196,42 @@ fn add(conf: &NetConf, state_dir: &Path) -> Result<Option<String>, CniError> {
     let line = serde_json::to_string(&record).expect("a record serializes");
     let pods = state_dir.join("pods");
     if let Err(e) = write_record(&pods, &container_id, &line) {
-        // Even this must not stop the pod: the agent also finds pods from their cgroups at start.
+        // The agent's answer below is what counts; the record lets it catch up after a restart.
         eprintln!("meshless-cni: cannot record pod {namespace}/{name} in {}: {e}", pods.display());
     }
-    notify(state_dir, &format!("{{\"op\":\"add\",\"pod\":{line}}}"));
-    Ok(Some(result.to_string()))
+    let excluded = match &conf.exclude_namespaces {
+        Some(list) => list.iter().any(|n| n == namespace),
+        None => namespace == "kube-system",
+    };
+    if excluded {
+        notify(state_dir, &format!("{{\"op\":\"add\",\"pod\":{line}}}"), NOTIFY_TIMEOUT);
+        return Ok(Some(result.to_string()));
+    }
+    let wait = conf.agent_wait_seconds.unwrap_or(DEFAULT_AGENT_WAIT_SECONDS).min(MAX_AGENT_WAIT_SECONDS);
+    let message = format!("{{\"op\":\"add\",\"waitMs\":{},\"pod\":{line}}}", wait * 1000);
+    // The agent answers within `wait`; a little more for the message itself.
+    match ask(state_dir, &message, Duration::from_secs(wait) + NOTIFY_TIMEOUT) {
+        Ok(answer) if answer.trim() == "ok" || answer.starts_with("ok ") => Ok(Some(result.to_string())),
+        outcome => {
+            // The runtime tears the sandbox down and tries again; the record would be stale.
+            let _ = std::fs::remove_file(pods.join(format!("{container_id}.json")));
+            let details = match outcome {
+                Ok(answer) => answer.trim().trim_start_matches("error: ").to_owned(),
+                Err(e) => format!("the agent is not reachable on {}: {e}", state_dir.join("agent.sock").display()),
+            };
+            Err(err(
+                TRY_AGAIN_LATER,
+                &format!("meshless-cni: the node's meshless agent has not set up pod {namespace}/{name} yet"),
+                details,
+            ))
+        }
+    }
 }
 
 fn del(state_dir: &Path) -> Result<(), CniError> {
     let container_id = container_id()?;
     match std::fs::remove_file(state_dir.join("pods").join(format!("{container_id}.json"))) {
-        Ok(()) => notify(state_dir, &json!({ "op": "del", "containerId": container_id }).to_string()),
+        Ok(()) => notify(state_dir, &json!({ "op": "del", "containerId": container_id }).to_string(), NOTIFY_TIMEOUT),
         // DEL must be idempotent: the runtime repeats it, also for sandboxes never added.
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => eprintln!("meshless-cni: cannot remove the record of {container_id}: {e}"),
@@ -211,26 +253,27 @@ fn write_record(dir: &Path, container_id: &str, line: &str) -> std::io::Result<(
     std::fs::rename(&tmp, dir.join(format!("{container_id}.json")))
 }
 
+/// Sends one message to the agent and reads its answer.
+fn ask(state_dir: &Path, message: &str, timeout: Duration) -> std::io::Result<String> {
+    let mut s = UnixStream::connect(state_dir.join("agent.sock"))?;
+    s.set_write_timeout(Some(timeout))?;
+    s.set_read_timeout(Some(timeout))?;
+    s.write_all(message.as_bytes())?;
+    s.write_all(b"\n")?;
+    s.shutdown(std::net::Shutdown::Write)?;
+    let mut answer = String::new();
+    s.read_to_string(&mut answer)?;
+    Ok(answer)
+}
+
 /// Tells the agent, best effort: an agent that is not there catches up from the records.
-fn notify(state_dir: &Path, message: &str) {
-    let socket = state_dir.join("agent.sock");
-    let outcome = (|| -> std::io::Result<String> {
-        let mut s = UnixStream::connect(&socket)?;
-        s.set_write_timeout(Some(AGENT_TIMEOUT))?;
-        s.set_read_timeout(Some(AGENT_TIMEOUT))?;
-        s.write_all(message.as_bytes())?;
-        s.write_all(b"\n")?;
-        s.shutdown(std::net::Shutdown::Write)?;
-        let mut answer = String::new();
-        s.read_to_string(&mut answer)?;
-        Ok(answer)
-    })();
-    match outcome {
-        Ok(a) if a.trim() == "ok" => {}
+fn notify(state_dir: &Path, message: &str, timeout: Duration) {
+    match ask(state_dir, message, timeout) {
+        Ok(a) if a.trim() == "ok" || a.starts_with("ok ") => {}
         Ok(a) => eprintln!("meshless-cni: the agent answered {:?}; it will catch up from the record", a.trim()),
         Err(e) => eprintln!(
             "meshless-cni: agent not reachable on {} ({e}); it will catch up from the record",
-            socket.display()
+            state_dir.join("agent.sock").display()
         ),
     }
 }

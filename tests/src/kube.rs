@@ -584,12 +584,28 @@ pub fn run_pod(
 ) -> Result<String> {
     let node = format!("node{}", pod.node);
     let uid = api.create_pod(tb, ns, name, sa, &node, json!({ "app": sa }))?;
-    let out = run_cni(&bins.cni, "ADD", &KubeMesh::cni_dir(tb, pod.node), pod, ns, name, &uid)?;
-    if !out.status.success() {
-        bail!("meshless-cni ADD failed: {}", String::from_utf8_lossy(&out.stdout));
-    }
+    sandbox(tb, bins, pod, ns, name, &uid)?;
     api.set_pod_ips(tb, ns, name, &[IpAddr::V4(pod.ipv4), IpAddr::V6(pod.ipv6)])?;
     Ok(uid)
+}
+
+/// The runtime's CNI ADD for a pod, tried again as the kubelet does while the plugin answers
+/// "try again later" (the agent has not set the pod up yet, e.g. its watches are resyncing), for
+/// at most a minute.
+pub fn sandbox(tb: &Testbed, bins: &Bins, pod: &Pod, ns: &str, name: &str, uid: &str) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let out = run_cni(&bins.cni, "ADD", &KubeMesh::cni_dir(tb, pod.node), pod, ns, name, uid)?;
+        if out.status.success() {
+            return Ok(());
+        }
+        let retry = serde_json::from_slice::<Value>(&out.stdout).is_ok_and(|e| e["code"] == 11);
+        if !retry || Instant::now() > deadline {
+            bail!("meshless-cni ADD failed: {}", String::from_utf8_lossy(&out.stdout));
+        }
+        // The kubelet's backoff between sandbox attempts (bounded by the deadline above).
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 /// The other end: the Pod object deleted, then the runtime's CNI DEL.

@@ -178,14 +178,54 @@ impl Mesh {
         Ok((pid, log))
     }
 
+    /// Starts a successor of node `node`'s agent as a DaemonSet's container runs it — in a cgroup
+    /// below the node's pods' cgroup, in a cgroup namespace of its own (it sees its own cgroup as
+    /// `/` and every pod's as `/../…`) — waits until it is ready, and stops the agent it took
+    /// over from.
+    pub fn respawn_contained(&mut self, tb: &Testbed, bins: &Bins, node: usize) -> Result<(u32, PathBuf)> {
+        let old = self.agents[node - 1];
+        let cgroup = tb.node(node).cgroup.join("meshless-agent");
+        fs::create_dir_all(&cgroup)?;
+        let (pid, log) = self.launch_in(tb, bins, node, Some(&cgroup))?;
+        wait_ready(node, pid, &log)?;
+        tb.signal(old, libc::SIGTERM);
+        if tb.wait_exit(old, Duration::from_secs(40)).is_none() {
+            bail!("node{node}'s previous agent (pid {old}) did not exit after the hand-over");
+        }
+        Ok((pid, log))
+    }
+
     fn launch(&mut self, tb: &Testbed, bins: &Bins, node: usize) -> Result<(u32, PathBuf)> {
+        self.launch_in(tb, bins, node, None)
+    }
+
+    /// Launches node `node`'s agent; with `contained`, in that cgroup and a new cgroup namespace.
+    fn launch_in(
+        &mut self,
+        tb: &Testbed,
+        bins: &Bins,
+        node: usize,
+        contained: Option<&Path>,
+    ) -> Result<(u32, PathBuf)> {
         let i = node - 1;
         self.starts[i] += 1;
         let log = match self.starts[i] {
             1 => tb.dir.join(format!("agent-node{node}.log")),
             n => tb.dir.join(format!("agent-node{node}-{n}.log")),
         };
-        let mut cmd = tb.node(node).netns.command(&bins.meshless, None)?;
+        let mut cmd = tb.node(node).netns.command(&bins.meshless, contained)?;
+        if contained.is_some() {
+            // SAFETY: runs in the child between fork and exec, after the cgroup was joined (the
+            // earlier pre_exec), and only calls unshare(2), which is async-signal-safe.
+            unsafe {
+                std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+                    if libc::unshare(libc::CLONE_NEWCGROUP) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
         cmd.args(["agent", "--log-format", "json"]);
         // Debug logs unless the caller chose a level (the bench runs at the production level).
         if !self.args[i].iter().any(|a| a == "--log") {

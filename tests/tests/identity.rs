@@ -320,7 +320,7 @@ fn the_workload_api_gives_a_pod_its_own_svid_and_nobody_else_anything() {
         return;
     };
     let tb = Testbed::new(Layout { label: "wlapi", pods: &[2, 1] }).expect("building the testbed");
-    let mesh = Mesh::start(&tb, &bins, &|_| true, &[]).expect("starting the agents");
+    let mut mesh = Mesh::start(&tb, &bins, &|_| true, &[]).expect("starting the agents");
     let endpoint = format!("unix://{}", tb.dir.join("run-node1").join("workload-api").join("workload.sock").display());
     let fetch = |cmd: &mut Command| -> serde_json::Value {
         let (_, out, err) = run(cmd.arg(&endpoint));
@@ -359,6 +359,27 @@ fn the_workload_api_gives_a_pod_its_own_svid_and_nobody_else_anything() {
     }
     let outsider = ask_python(&mut tb.node(1).netns.command(&python, None).unwrap());
     assert_eq!(outsider["code"], "StatusCode.PERMISSION_DENIED", "not a stream reset: {outsider}");
+    // JWT-SVIDs, with the same client: a token for the audience asked for, that the package's own
+    // validator accepts against the JWT bundle the API gives (signature, kid, audience, expiry),
+    // and that ValidateJWTSVID accepts for that audience only, and not tampered with.
+    let ask_jwt = |cmd: &mut Command| -> serde_json::Value {
+        let (_, out, err) = run(cmd.arg(&script).arg(&endpoint).args(["jwt", "orders-db"]));
+        serde_json::from_str(out.trim()).unwrap_or_else(|_| panic!("python spiffe client (jwt): {out} {err}"))
+    };
+    for pod in [tb.pod(1, 1), tb.pod(1, 2)] {
+        let got = ask_jwt(&mut pod.command(&python).unwrap());
+        let id = tb.spiffe_id(TRUST_DOMAIN, pod);
+        assert_eq!((&got["spiffe_id"], &got["validated_id"]), (&id.clone().into(), &id.into()), "{got}");
+        assert_eq!(got["audience"], serde_json::json!(["orders-db"]), "{got}");
+        assert_eq!(got["bundle_keys"], 1, "the trust domain's one JWT authority: {got}");
+        assert_eq!(got["server_valid"], "valid", "{got}");
+        assert_eq!(got["server_other_audience"], "StatusCode.INVALID_ARGUMENT", "{got}");
+        assert_eq!(got["server_tampered"], "StatusCode.INVALID_ARGUMENT", "{got}");
+    }
+    let outsider = ask_jwt(&mut tb.node(1).netns.command(&python, None).unwrap());
+    assert_eq!(outsider["code"], "StatusCode.PERMISSION_DENIED", "no JWT-SVID outside the pods: {outsider}");
+    let issued = mesh.issuer_lines().into_iter().filter(|l| l["message"] == "issued a JWT-SVID").count();
+    assert_eq!(issued, 2, "one token per pod, signed by the issuer under the node's authorization");
     // A process in no pod of the mesh (node 1's own netns and cgroup) gets nothing.
     let outsider = fetch(&mut tb.node(1).netns.command(&bins.wlclient, None).unwrap());
     assert!(outsider.get("spiffe_id").is_none(), "a caller outside the mesh's pods got an SVID: {outsider}");
@@ -371,6 +392,18 @@ fn the_workload_api_gives_a_pod_its_own_svid_and_nobody_else_anything() {
         .is_some(),
         "the refusal should be logged"
     );
+    // As a DaemonSet's container runs the agent: in a cgroup below the pods' and a cgroup
+    // namespace of its own, where `/proc/<pid>/cgroup` shows every pod as `/../…`. Each pod
+    // still gets its own SVID, and a process outside the pods still nothing.
+    let (pid, _) = mesh.respawn_contained(&tb, &bins, 1).expect("the contained agent takes over");
+    let ns = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/cgroup")).unwrap();
+    assert_ne!(ns(&pid.to_string()), ns("self"), "the agent should run in a cgroup namespace of its own");
+    for pod in [tb.pod(1, 1), tb.pod(1, 2)] {
+        let got = fetch(&mut pod.command(&bins.wlclient).unwrap());
+        assert_eq!(got["spiffe_id"], tb.spiffe_id(TRUST_DOMAIN, pod), "contained agent, {}: {got}", pod.name);
+    }
+    let outsider = fetch(&mut tb.node(1).netns.command(&bins.wlclient, None).unwrap());
+    assert!(outsider.get("spiffe_id").is_none(), "contained agent gave an outsider an SVID: {outsider}");
 }
 
 #[test]

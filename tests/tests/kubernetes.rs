@@ -9,7 +9,7 @@ mod support;
 use std::process::Output;
 use std::time::{Duration, Instant};
 
-use meshless_tests::kube::{apply_deploy, remove_pod, run_pod, ApiServer, KubeMesh, ALLOW_FRONTEND};
+use meshless_tests::kube::{apply_deploy, remove_pod, run_cni, run_pod, sandbox, ApiServer, KubeMesh, ALLOW_FRONTEND};
 use meshless_tests::mesh::{is_listening, wait_listening, Bins};
 use meshless_tests::pcap::{seen, Dump};
 use meshless_tests::{wait_for, Layout, Pod, Testbed};
@@ -43,11 +43,27 @@ fn cluster_with(
     assert!(applied.contains("daemonset.apps/meshless-agent serverside-applied"), "{applied}");
     api.create_namespace(&tb, "shop", Some("strict")).unwrap();
     api.create_namespace(&tb, "legacy", None).unwrap();
+    // Created while no agent runs: the runtime's CNI ADD fails with "try again later" (a pod is
+    // never started without the protection it may have opted into) and leaves no record.
+    let mut waiting = Vec::new();
     for &(node, j, ns, name, sa) in before {
-        start_pod(&tb, bins, &api, tb.pod(node, j), ns, name, sa);
+        let pod = tb.pod(node, j);
+        let uid = api.create_pod(&tb, ns, name, sa, &format!("node{node}"), serde_json::json!({ "app": sa })).unwrap();
+        let out = run_cni(&bins.cni, "ADD", &KubeMesh::cni_dir(&tb, node), pod, ns, name, &uid).unwrap();
+        let err: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        assert!(!out.status.success() && err["code"] == 11, "ADD with no agent running: {err}");
+        assert!(err["details"].as_str().unwrap_or_default().contains("not reachable"), "{err}");
+        // Their addresses are in the API before the agents start (so every agent's first
+        // directory has them; the sandbox, and so the pod, is only set up below).
+        api.set_pod_ips(&tb, ns, name, &[pod.ipv4.into(), pod.ipv6.into()]).unwrap();
+        waiting.push((pod, ns, name, uid));
     }
     setup(&tb, &api);
     let mesh = KubeMesh::start(&tb, bins, &api).expect("starting the issuer and the agents");
+    // The runtime's next attempt, with the agents up, sets the pods up.
+    for (pod, ns, name, uid) in waiting {
+        sandbox(&tb, bins, pod, ns, name, &uid).unwrap();
+    }
     Cluster { mesh, api, tb }
 }
 
@@ -165,11 +181,22 @@ fn pods_in_opted_in_namespaces_are_meshed_from_the_api_and_the_cni_plugin_and_ot
     assert!(!out.status.success(), "a pod unknown to the agent got through: {}", String::from_utf8_lossy(&out.stdout));
     // curl's exit status 7: the connect itself failed (the kernel's EPERM), at once.
     assert_eq!(out.status.code(), Some(7), "{}", String::from_utf8_lossy(&out.stderr));
-    let added =
-        meshless_tests::kube::run_cni(&bins.cni, "ADD", &KubeMesh::cni_dir(tb, 1), late, "shop", "late-1", &uid)
-            .unwrap();
-    assert!(added.status.success());
-    assert!(enrolled(mesh, 1, "shop/late-1").is_some(), "{}", mesh.log_tail(1));
+    let added = run_cni(&bins.cni, "ADD", &KubeMesh::cni_dir(tb, 1), late, "shop", "late-1", &uid).unwrap();
+    assert!(added.status.success(), "{}", String::from_utf8_lossy(&added.stdout));
+    // ADD returned only once the agent had set the pod up: no waiting after it.
+    let state = meshless_tests::mesh::pod_status(tb, 1, "shop/late-1");
+    assert_eq!(state.as_ref().map(|s| s["state"].clone()), Some("enrolled".into()), "right after ADD: {state:?}");
+    // A sandbox of a pod the agent never hears of (no Pod object): refused once the wait ends.
+    let ghost = tb.pod(1, 2);
+    let refused = run_cni(&bins.cni, "ADD", &KubeMesh::cni_dir(tb, 1), ghost, "shop", "ghost-1", "u-ghost").unwrap();
+    let err: serde_json::Value = serde_json::from_slice(&refused.stdout).unwrap_or_default();
+    assert!(!refused.status.success() && err["code"] == 11, "{err}");
+    assert!(err["details"].as_str().unwrap_or_default().contains("not known to the agent"), "{err}");
+    // The runtime tears the failed sandbox down.
+    assert!(run_cni(&bins.cni, "DEL", &KubeMesh::cni_dir(tb, 1), ghost, "shop", "ghost-1", "")
+        .unwrap()
+        .status
+        .success());
     let out = curl(late, &format!("http://{}:8080/{secret}", server.ipv4), secret);
     assert_eq!(
         String::from_utf8_lossy(&out.stdout),

@@ -32,8 +32,31 @@ fn an_upgrade_under_load_loses_no_new_connection_and_keeps_the_established_ones(
             json_lines(&new_log).into_iter().find(|l| l["message"] == "took over the listeners of the running agent");
         assert_eq!(
             took.as_ref().map(|l| l["listeners"].as_u64()),
-            Some(Some(4)),
-            "the successor takes the pod's four listeners (15001 on 127.0.0.1 and ::1, 15006, 15008): {took:?}"
+            Some(Some(5)),
+            "the successor takes the pod's four listeners (15001 on 127.0.0.1 and ::1, 15006, 15008) and the \
+             admin endpoint's: {took:?}"
+        );
+        // The admin port is the agents' alone: not shared, so another process of the node's user
+        // cannot bind beside them and answer /readyz.
+        let squat = tb
+            .node(node)
+            .netns
+            .command("python3", None)
+            .unwrap()
+            .args([
+                "-c",
+                &format!(
+                    "import socket\ns = socket.socket()\ns.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)\n\
+                 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\ns.bind(('127.0.0.1', {}))",
+                    meshless_tests::ADMIN_PORT
+                ),
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            !squat.status.success() && String::from_utf8_lossy(&squat.stderr).contains("Address already in use"),
+            "a process bound the admin port beside the agents: {}",
+            String::from_utf8_lossy(&squat.stderr)
         );
         tb.signal(old_pid, libc::SIGTERM);
         // The old agent has handed over (it no longer accepts: only the successor can serve
@@ -74,7 +97,11 @@ fn an_upgrade_under_load_loses_no_new_connection_and_keeps_the_established_ones(
         let stopped = lines.iter().find(|l| l["message"] == "agent stopped").expect("the old agent logs its stop");
         assert_eq!(stopped["drained"], true, "node{node}'s old agent had to reset connections: {stopped}");
     }
-    // The new agents serve on their own.
+    // The new agents serve on their own, the admin endpoint included (on the handed-over socket).
+    for node in [1, 2] {
+        let status = meshless_tests::mesh::status(&tb, node).expect("the successor answers on the admin port");
+        assert_eq!(status["draining"], false, "node{node}: {status}");
+    }
     let (ok, out, err) = run(client.command(&bins.testbin).unwrap().args(["send", &to, "after-upgrade"]));
     assert!(ok && out == "after-upgrade<13 bytes>", "{err}");
     let id = tb.spiffe_id(TRUST_DOMAIN, client);

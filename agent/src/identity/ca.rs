@@ -27,7 +27,8 @@ use rcgen::{
 use rustls::pki_types::CertificateDer;
 
 use super::{
-    pem, read_certs, write_private, BoxFuture, Bundle, CertificateSource, Error, SpiffeId, Svid, TrustDomain, BACKDATE,
+    jwt, pem, read_certs, write_private, BoxFuture, Bundle, CertificateSource, Error, SpiffeId, Svid, TrustDomain,
+    BACKDATE,
 };
 
 const TRUST_DOMAIN: &str = "trust-domain";
@@ -35,6 +36,8 @@ const ROOT: &str = "root";
 const INTERMEDIATE: &str = "intermediate";
 const NODE_CA: &str = "node-ca";
 const BUNDLE: &str = "bundle.pem";
+/// The JWT authority's key (PKCS#8 PEM): signs JWT-SVIDs, apart from the X.509 CA keys.
+const JWT_KEY: &str = "jwt-key.pem";
 const NEXT: &str = "next";
 const RETIRED: &str = "retired";
 
@@ -187,7 +190,24 @@ pub fn init(dir: &Path, td: &TrustDomain) -> Result<(), Error> {
     intermediate.write(dir, INTERMEDIATE)?;
     node_ca.write(dir, NODE_CA)?;
     fs::write(dir.join(BUNDLE), pem("CERTIFICATE", &root.cert)).map_err(write_err(dir))?;
+    let jwt = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(Error::KeyGen)?;
+    write_private(&dir.join(JWT_KEY), zeroize::Zeroizing::new(jwt.serialize_pem()).as_bytes())
+        .map_err(write_err(dir))?;
     Ok(())
+}
+
+/// The JWT authority of a CA directory, if it has one (CA directories made before JWT-SVIDs
+/// have none: the issuer then signs X.509-SVIDs only).
+fn read_jwt_authority(dir: &Path) -> Result<Option<jwt::Authority>, Error> {
+    let path = dir.join(JWT_KEY);
+    let text = match fs::read_to_string(&path) {
+        Ok(t) => zeroize::Zeroizing::new(t),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => return Err(Error::CaMissing { dir: dir_str(dir), file: JWT_KEY.into(), source }),
+    };
+    let invalid = |detail: String| Error::CaInvalid { dir: dir_str(dir), file: JWT_KEY.into(), detail };
+    let key = KeyPair::from_pem(&text).map_err(|e| invalid(e.to_string()))?;
+    jwt::Authority::from_pkcs8(&zeroize::Zeroizing::new(key.serialize_der())).map(Some).map_err(invalid)
 }
 
 pub fn trust_domain(dir: &Path) -> Result<TrustDomain, Error> {
@@ -237,6 +257,7 @@ pub struct Signer {
     intermediate: Pair,
     roots: Vec<CertificateDer<'static>>,
     signer: String,
+    jwt: Option<jwt::Authority>,
 }
 
 impl std::fmt::Debug for Signer {
@@ -255,11 +276,28 @@ impl Signer {
         let intermediate = Pair::read(dir, INTERMEDIATE)?;
         let roots = read_bundle(&dir.join(BUNDLE))?;
         let signer = crate::identity::serial_of(&intermediate.cert);
-        Ok(Signer { trust_domain, intermediate, roots, signer })
+        let jwt = read_jwt_authority(dir)?;
+        Ok(Signer { trust_domain, intermediate, roots, signer, jwt })
     }
 
     pub fn bundle(&self) -> Bundle {
-        Bundle { trust_domain: self.trust_domain.clone(), roots: self.roots.clone(), signer: self.signer.clone() }
+        Bundle {
+            trust_domain: self.trust_domain.clone(),
+            roots: self.roots.clone(),
+            signer: self.signer.clone(),
+            jwks: self.jwt.as_ref().map(|a| jwt::jwks(&[a.jwk()])).unwrap_or_default(),
+        }
+    }
+
+    /// Signs a JWT-SVID for `id` (of this trust domain) and `audience`, valid for `ttl`.
+    pub fn sign_jwt(&self, id: &SpiffeId, audience: &[String], ttl: Duration) -> Result<String, Error> {
+        if id.trust_domain() != &self.trust_domain {
+            return Err(Error::Refused(format!("{id} is not in trust domain {}", self.trust_domain)));
+        }
+        let authority = self.jwt.as_ref().ok_or_else(|| {
+            Error::Refused(format!("the CA directory has no {JWT_KEY}: this trust domain issues no JWT-SVIDs"))
+        })?;
+        authority.sign(id, audience, ttl).map_err(Error::Refused)
     }
 
     /// Signs a certificate for `id` with the public key of `csr` (DER; its signature is verified,
@@ -322,7 +360,18 @@ impl CertificateSource for LocalCa {
     fn bootstrap(&self) -> Result<Bundle, Error> {
         Ok(self.signer.bundle())
     }
+
+    fn sign_jwt<'a>(
+        &'a self,
+        id: &'a SpiffeId,
+        audience: &'a [String],
+    ) -> BoxFuture<'a, Result<(String, Bundle), Error>> {
+        Box::pin(async move { Ok((self.signer.sign_jwt(id, audience, JWT_SVID_TTL)?, self.signer.bundle())) })
+    }
 }
+
+/// Lifetime of a JWT-SVID (the issuer's `--jwt-svid-ttl` default): bearer tokens live short.
+pub const JWT_SVID_TTL: Duration = Duration::from_secs(300);
 
 /// A step of a root rotation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -435,11 +484,34 @@ mod tests {
         let dir = tmp("init");
         init(&dir, &td()).unwrap();
         assert!(matches!(init(&dir, &td()), Err(Error::CaExists(_))));
-        for key in ["root-key.pem", "intermediate-key.pem", "node-ca-key.pem"] {
+        for key in ["root-key.pem", "intermediate-key.pem", "node-ca-key.pem", "jwt-key.pem"] {
             let mode = std::os::unix::fs::PermissionsExt::mode(&fs::metadata(dir.join(key)).unwrap().permissions());
             assert_eq!(mode & 0o777, 0o600, "{key} must be private");
         }
         assert_eq!(trust_domain(&dir).unwrap(), td());
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_jwt_authority_signs_for_its_trust_domain_only_and_is_published_in_the_bundle() {
+        let dir = tmp("jwt");
+        init(&dir, &td()).unwrap();
+        let signer = Signer::load(&dir).unwrap();
+        let id = crate::identity::workload_id(&td(), "shop", "web").unwrap();
+        let token = signer.sign_jwt(&id, &["db".into()], JWT_SVID_TTL).unwrap();
+        let bundle = signer.bundle();
+        let valid =
+            jwt::validate(&token, "db", |t| (t == &td()).then(|| bundle.jwks.clone()), std::time::SystemTime::now());
+        assert_eq!(valid.unwrap().sub, id);
+        let foreign = SpiffeId::new("spiffe://evil.example/ns/shop/sa/web").unwrap();
+        assert!(signer.sign_jwt(&foreign, &["db".into()], JWT_SVID_TTL).is_err());
+        // A CA directory made before JWT-SVIDs: X.509 only, and said so.
+        fs::remove_file(dir.join(JWT_KEY)).unwrap();
+        let old = Signer::load(&dir).unwrap();
+        assert!(old.bundle().jwks.is_empty());
+        assert!(old.sign_jwt(&id, &["db".into()], JWT_SVID_TTL).unwrap_err().to_string().contains("no jwt-key.pem"));
+        fs::write(dir.join(JWT_KEY), "not a key").unwrap();
+        assert!(matches!(Signer::load(&dir), Err(Error::CaInvalid { .. })));
         fs::remove_dir_all(&dir).unwrap();
     }
 

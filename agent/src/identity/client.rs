@@ -14,7 +14,7 @@ use tonic::transport::{Channel, Endpoint};
 
 use super::verify::{ServerVerifier, Trust};
 use super::{ca, provider, read_certs, BoxFuture, Bundle, CertificateSource, Error, SpiffeId, TrustDomain, ALPN_H2};
-use crate::proto::issuer::{issuer_client, BundleRequest, BundleResponse, SignRequest};
+use crate::proto::issuer::{issuer_client, BundleRequest, BundleResponse, SignJwtRequest, SignRequest};
 
 /// Deadline of one call to the issuer (connect included).
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
@@ -43,7 +43,8 @@ impl IssuerClient {
     /// trusting `bundle` (the CA directory's `bundle.pem`) until the issuer hands out a newer one.
     pub fn new(addr: &str, proof: &NodeProof, bundle: &Path, td: &TrustDomain) -> Result<IssuerClient, Error> {
         let roots = ca::read_bundle(bundle)?;
-        let bootstrap = Bundle { trust_domain: td.clone(), roots, signer: String::new() };
+        // The JWT authorities come with the issuer's first answer.
+        let bootstrap = Bundle { trust_domain: td.clone(), roots, signer: String::new(), jwks: Vec::new() };
         let trust = Arc::new(Trust::new(&bootstrap, provider())?);
         let bad = |path: &Path, detail: String| Error::NodeCredential { path: path.display().to_string(), detail };
         let verifier = Arc::new(ServerVerifier { trust: trust.clone(), expected: ca::issuer_id(td) });
@@ -111,9 +112,10 @@ impl IssuerClient {
 
     fn unreachable(&self, status: tonic::Status) -> Error {
         match status.code() {
-            tonic::Code::PermissionDenied | tonic::Code::Unauthenticated | tonic::Code::InvalidArgument => {
-                Error::Refused(status.message().to_string())
-            }
+            tonic::Code::PermissionDenied
+            | tonic::Code::Unauthenticated
+            | tonic::Code::InvalidArgument
+            | tonic::Code::FailedPrecondition => Error::Refused(status.message().to_string()),
             _ => Error::Unreachable { addr: self.addr.clone(), detail: status.to_string() },
         }
     }
@@ -124,6 +126,7 @@ impl IssuerClient {
             trust_domain: TrustDomain::new(&b.trust_domain).map_err(|e| Error::Bundle(e.to_string()))?,
             roots: b.roots.into_iter().map(CertificateDer::from).collect(),
             signer: b.signer,
+            jwks: b.jwks,
         };
         // The issuer may rotate roots, never move the node to another trust domain.
         if bundle.trust_domain != self.bootstrap.trust_domain {
@@ -171,6 +174,19 @@ impl CertificateSource for IssuerClient {
     fn bootstrap(&self) -> Result<Bundle, Error> {
         Ok(self.bootstrap.clone())
     }
+
+    fn sign_jwt<'a>(
+        &'a self,
+        id: &'a SpiffeId,
+        audience: &'a [String],
+    ) -> BoxFuture<'a, Result<(String, Bundle), Error>> {
+        Box::pin(async move {
+            let mut client = issuer_client::IssuerClient::new(self.channel.clone());
+            let req = self.request(SignJwtRequest { spiffe_id: id.to_string(), audience: audience.to_vec() })?;
+            let resp = client.sign_jwt(req).await.map_err(|s| self.unreachable(s))?.into_inner();
+            Ok((resp.token, self.bundle_of(resp.bundle)?))
+        })
+    }
 }
 
 #[cfg(test)]
@@ -188,10 +204,15 @@ mod tests {
         std::fs::write(&token, "t").unwrap();
         let client = IssuerClient::new("127.0.0.1:1", &NodeProof::Token(token), &dir.join("bundle.pem"), &td).unwrap();
         let roots = client.bootstrap.roots.iter().map(|c| c.to_vec()).collect::<Vec<_>>();
-        let foreign = BundleResponse { trust_domain: "evil.example".into(), roots: roots.clone(), signer: "x".into() };
+        let foreign = BundleResponse {
+            trust_domain: "evil.example".into(),
+            roots: roots.clone(),
+            signer: "x".into(),
+            jwks: vec![],
+        };
         let err = client.bundle_of(Some(foreign)).unwrap_err().to_string();
         assert!(err.contains("evil.example") && err.contains("refused"), "{err}");
-        let own = BundleResponse { trust_domain: "cluster.local".into(), roots, signer: "x".into() };
+        let own = BundleResponse { trust_domain: "cluster.local".into(), roots, signer: "x".into(), jwks: vec![] };
         assert!(client.bundle_of(Some(own)).is_ok());
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -96,7 +96,15 @@ pub struct Identities {
     rotation: Rotation,
     live: Mutex<Vec<Weak<LiveCert>>>,
     wake: Notify,
+    /// JWT-SVIDs handed out, per (identity, audiences), with when to sign a new one.
+    jwts: Mutex<HashMap<JwtKey, (String, SystemTime)>>,
 }
+
+/// A JWT-SVID's identity and its sorted, deduplicated audiences.
+type JwtKey = (SpiffeId, Vec<String>);
+
+/// JWT-SVIDs kept for reuse, at most (then the expired go, then all).
+const MAX_CACHED_JWTS: usize = 4096;
 
 impl Identities {
     /// Fetches the trust bundle from `source` (or starts from its locally configured one when it
@@ -118,7 +126,45 @@ impl Identities {
             rotation,
             live: Mutex::new(Vec::new()),
             wake: Notify::new(),
+            jwts: Mutex::new(HashMap::new()),
         }))
+    }
+
+    /// A JWT-SVID for `id` and `audience` (deduplicated, order ignored): the one handed out
+    /// before while more than half its life is left, else a new one from the source, checked as
+    /// a relying party would check it (signed by a published authority, for this identity and
+    /// every audience asked for) before anyone gets it.
+    pub async fn jwt_svid(&self, id: &SpiffeId, audience: &[String]) -> Result<String, Error> {
+        let mut audience = audience.to_vec();
+        audience.sort();
+        audience.dedup();
+        let key = (id.clone(), audience);
+        let now = SystemTime::now();
+        if let Some((token, renew_at)) = self.jwts.lock().get(&key) {
+            if *renew_at > now {
+                return Ok(token.clone());
+            }
+        }
+        let (token, bundle) = self.source.sign_jwt(id, &key.1).await?;
+        self.trust.update(&bundle)?;
+        let bad = |why: String| Error::BadCertificate(format!("JWT-SVID for {id}: {why}"));
+        let first = key.1.first().ok_or_else(|| bad("no audience".into()))?;
+        let valid =
+            super::jwt::validate(&token, first, |td| self.trust.jwks(td), now).map_err(|e| bad(e.to_string()))?;
+        if valid.sub != *id || !key.1.iter().all(|a| valid.audience.contains(a)) {
+            return Err(bad(format!("issued for {} and {:?}", valid.sub, valid.audience)));
+        }
+        let expiry = SystemTime::UNIX_EPOCH + Duration::from_secs(valid.expiry);
+        let renew_at = now + expiry.duration_since(now).unwrap_or_default() / 2;
+        let mut cache = self.jwts.lock();
+        if cache.len() >= MAX_CACHED_JWTS {
+            cache.retain(|_, (_, r)| *r > now);
+            if cache.len() >= MAX_CACHED_JWTS {
+                cache.clear();
+            }
+        }
+        cache.insert(key, (token.clone(), renew_at));
+        Ok(token)
     }
 
     /// Issues the first certificate of `pod` (with identity `id`) and keeps it renewed for as

@@ -35,6 +35,8 @@ pub struct TrustSet {
     by_domain: HashMap<TrustDomain, Roots>,
     /// The signing CA the trust domain's issuer named last.
     pub signer: String,
+    /// Each trust domain's JWT authorities (a JWKS), where it has any.
+    jwks: HashMap<TrustDomain, Vec<u8>>,
 }
 
 /// What this agent trusts, shared by every verifier; readers never block.
@@ -51,16 +53,30 @@ impl Trust {
         Ok(Trust { set: ArcSwap::new(Arc::new(set)), provider, version: tokio::sync::watch::channel(0).0 })
     }
 
-    /// Replaces the bundle of `bundle`'s trust domain; true if the roots or the signer changed.
+    /// Replaces the bundle of `bundle`'s trust domain; true if the roots or the signer changed
+    /// (a change of the JWT authorities alone is published, and re-issues nothing).
     pub fn update(&self, bundle: &Bundle) -> Result<bool, Error> {
         let current = self.set.load();
         let same_roots = current.roots(&bundle.trust_domain) == bundle.roots;
-        if same_roots && current.signer == bundle.signer {
+        let same_jwks = current.jwks(&bundle.trust_domain).unwrap_or_default() == bundle.jwks;
+        let x509_changed = !same_roots || current.signer != bundle.signer;
+        if !x509_changed && same_jwks {
             return Ok(false);
         }
         self.set.store(Arc::new(build(bundle, &self.provider)?));
         self.version.send_modify(|v| *v += 1);
-        Ok(true)
+        Ok(x509_changed)
+    }
+
+    /// The JWT authorities (a JWKS) of `td`, if it has any.
+    pub fn jwks(&self, td: &TrustDomain) -> Option<Vec<u8>> {
+        self.set.load().jwks(td)
+    }
+
+    /// Every trust domain with its JWT authorities (an empty JWKS where it has none).
+    pub fn all_jwks(&self) -> Vec<(TrustDomain, Vec<u8>)> {
+        let set = self.set.load();
+        set.bundles.iter().map(|(td, _)| (td.clone(), set.jwks(td).unwrap_or_else(|| super::jwt::jwks(&[])))).collect()
     }
 
     pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
@@ -88,6 +104,10 @@ impl Trust {
 }
 
 impl TrustSet {
+    fn jwks(&self, td: &TrustDomain) -> Option<Vec<u8>> {
+        self.jwks.get(td).cloned()
+    }
+
     fn roots(&self, td: &TrustDomain) -> Vec<CertificateDer<'static>> {
         self.bundles
             .get(td)
@@ -115,7 +135,11 @@ fn build(bundle: &Bundle, provider: &Arc<CryptoProvider>) -> Result<TrustSet, Er
         .map_err(|e| Error::Bundle(e.to_string()))?;
     let mut by_domain = HashMap::new();
     by_domain.insert(bundle.trust_domain.clone(), Roots { store, clients });
-    Ok(TrustSet { bundles, by_domain, signer: bundle.signer.clone() })
+    let mut jwks = HashMap::new();
+    if !bundle.jwks.is_empty() {
+        jwks.insert(bundle.trust_domain.clone(), bundle.jwks.clone());
+    }
+    Ok(TrustSet { bundles, by_domain, signer: bundle.signer.clone(), jwks })
 }
 
 /// The role a certificate is checked for.
@@ -327,7 +351,12 @@ mod tests {
         }
 
         fn trust(&self) -> Arc<Trust> {
-            let b = Bundle { trust_domain: self.td.clone(), roots: vec![self.cert.clone()], signer: "t".into() };
+            let b = Bundle {
+                trust_domain: self.td.clone(),
+                roots: vec![self.cert.clone()],
+                signer: "t".into(),
+                jwks: vec![],
+            };
             Arc::new(Trust::new(&b, provider()).unwrap())
         }
 
@@ -432,11 +461,25 @@ mod tests {
             trust_domain: td("cluster.local"),
             roots: vec![ca_a.cert.clone(), ca_b.cert.clone()],
             signer: "b".into(),
+            jwks: vec![],
         };
         assert!(trust.update(&both_roots).unwrap(), "a new root is a change");
+        // New JWT authorities alone are published (the version moves) but re-issue nothing.
+        let version = *trust.subscribe().borrow();
+        let with_jwks = Bundle { jwks: br#"{"keys":[]}"#.to_vec(), ..both_roots.clone() };
+        assert!(!trust.update(&with_jwks).unwrap(), "no X.509 change");
+        assert_eq!(*trust.subscribe().borrow(), version + 1);
+        assert_eq!(trust.jwks(&td("cluster.local")), Some(br#"{"keys":[]}"#.to_vec()));
+        assert!(!trust.update(&with_jwks).unwrap());
+        assert_eq!(*trust.subscribe().borrow(), version + 1, "nothing new, nothing published");
         assert!(sv(ID).verify_server_cert(&cert_b, &[], &name, &[], UnixTime::now()).is_ok());
         assert!(sv(ID).verify_server_cert(&cert_a, &[], &name, &[], UnixTime::now()).is_ok());
-        let only_b = Bundle { trust_domain: td("cluster.local"), roots: vec![ca_b.cert.clone()], signer: "b".into() };
+        let only_b = Bundle {
+            trust_domain: td("cluster.local"),
+            roots: vec![ca_b.cert.clone()],
+            signer: "b".into(),
+            jwks: vec![],
+        };
         trust.update(&only_b).unwrap();
         assert!(sv(ID).verify_server_cert(&cert_a, &[], &name, &[], UnixTime::now()).is_err(), "A is retired");
         assert!(!trust.update(&only_b).unwrap(), "the same bundle again is no change");

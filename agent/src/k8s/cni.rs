@@ -24,6 +24,7 @@ use tokio::sync::Notify;
 use tracing::{debug, info, warn};
 
 use super::Error;
+use crate::workloads::{Enrollment, PodKey};
 
 /// One pod sandbox, as the plugin recorded it.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -46,6 +47,9 @@ pub struct CniPod {
 enum Message {
     Add {
         pod: CniPod,
+        /// How long the plugin waits for the pod to be set up (absent: it does not wait).
+        #[serde(default, rename = "waitMs")]
+        wait_ms: Option<u64>,
     },
     Del {
         #[serde(rename = "containerId")]
@@ -58,15 +62,24 @@ pub struct Registry {
     pub dir: PathBuf,
     pods: Mutex<HashMap<String, CniPod>>,
     changed: Arc<Notify>,
+    /// What an ADD that waits is answered from.
+    enrollment: Option<Arc<dyn Enrollment>>,
 }
 
 /// A message larger than this is not a CNI record.
 const MAX_MESSAGE: u64 = 64 << 10;
+/// The longest an ADD is held, whatever the plugin asks.
+const MAX_WAIT: Duration = Duration::from_secs(60);
 
 impl Registry {
     /// Binds `<dir>/agent.sock`, reads the records, and serves the socket in the background;
-    /// `changed` is notified on every change.
-    pub fn start(dir: &Path, changed: Arc<Notify>) -> Result<Arc<Registry>, Error> {
+    /// `changed` is notified on every change. An ADD that asks to wait is answered once
+    /// `enrollment` says the pod is set up (or why not, when the wait ends).
+    pub fn start(
+        dir: &Path,
+        changed: Arc<Notify>,
+        enrollment: Option<Arc<dyn Enrollment>>,
+    ) -> Result<Arc<Registry>, Error> {
         use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
         let err = |source| Error::Cni { path: dir.into(), source };
         std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir.join("pods")).map_err(err)?;
@@ -78,7 +91,7 @@ impl Registry {
         let _ = std::fs::remove_file(&socket);
         let listener = UnixListener::bind(&socket).map_err(err)?;
         std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
-        let registry = Arc::new(Registry { dir: dir.into(), pods: Mutex::default(), changed });
+        let registry = Arc::new(Registry { dir: dir.into(), pods: Mutex::default(), changed, enrollment });
         registry.rescan();
         tokio::spawn(registry.clone().serve(listener));
         Ok(registry)
@@ -147,10 +160,10 @@ impl Registry {
                 let mut reader = tokio::io::BufReader::new(tokio::io::AsyncReadExt::take(read, MAX_MESSAGE));
                 let answer = match tokio::time::timeout(Duration::from_secs(2), reader.read_line(&mut line)).await {
                     Ok(Ok(_)) => match serde_json::from_str::<Message>(&line) {
-                        Ok(m) => {
-                            me.apply(m);
-                            "ok\n".to_string()
-                        }
+                        Ok(m) => match me.apply(m) {
+                            Some((pod, wait)) => me.settled(pod, wait).await,
+                            None => "ok\n".to_string(),
+                        },
                         Err(e) => {
                             warn!(error = %e, "malformed message on the CNI socket");
                             format!("error: {e}\n")
@@ -164,28 +177,60 @@ impl Registry {
         }
     }
 
-    fn apply(&self, m: Message) {
+    /// Takes the message in; an ADD that waits returns its pod and how long it may wait.
+    fn apply(&self, m: Message) -> Option<(CniPod, Duration)> {
         let mut pods = self.pods.lock();
-        match m {
-            Message::Add { pod } => {
+        let waits = match m {
+            Message::Add { pod, wait_ms } => {
                 info!(pod = %format!("{}/{}", pod.namespace, pod.name), netns = %pod.netns.display(),
                       container_id = %pod.container_id, "CNI: pod network namespace announced");
-                pods.insert(pod.container_id.clone(), pod);
+                pods.insert(pod.container_id.clone(), pod.clone());
+                wait_ms.map(|ms| (pod, Duration::from_millis(ms).min(MAX_WAIT)))
             }
             Message::Del { container_id } => {
                 if let Some(pod) = pods.remove(&container_id) {
                     info!(pod = %format!("{}/{}", pod.namespace, pod.name), container_id = %container_id,
                           "CNI: pod sandbox removed");
                 }
+                None
             }
-        }
+        };
         self.changed.notify_one();
+        waits
     }
 
+    /// The answer to an ADD that waits: `ok <what the pod became>` once the agent has set the pod
+    /// up in its network namespace, else `error: <why>` (the plugin then fails the ADD and the
+    /// runtime tries again: a pod the agent does not cover does not start).
+    async fn settled(&self, pod: CniPod, wait: Duration) -> String {
+        let Some(enrollment) = &self.enrollment else { return "ok\n".into() };
+        let key = PodKey { namespace: pod.namespace.clone(), name: pod.name.clone() };
+        match enrollment.wait(key.clone(), pod.netns.clone(), wait).await {
+            Ok(what) => {
+                debug!(pod = %key, what, "CNI: pod set up; ADD answered");
+                format!("ok {what}\n")
+            }
+            Err(why) => {
+                warn!(pod = %key, why, "CNI: pod not set up in time; ADD refused (the runtime retries)");
+                format!("error: {why}\n")
+            }
+        }
+    }
     /// The network namespace of pod `namespace/name` (with `uid`, when both sides know it): the
     /// newest live sandbox's (a runtime that recreated a sandbox without a DEL leaves two records;
     /// the later one, by its record's time, is the pod's).
     pub fn netns(&self, namespace: &str, name: &str, uid: &str) -> Option<PathBuf> {
+        self.sandbox(namespace, name, uid).map(|p| p.netns)
+    }
+
+    /// The pod's addresses as its network plugin gave them (before the kubelet reports them).
+    pub fn ips(&self, namespace: &str, name: &str, uid: &str) -> Vec<std::net::IpAddr> {
+        self.sandbox(namespace, name, uid)
+            .map(|p| p.ips.iter().filter_map(|ip| ip.parse().ok()).collect())
+            .unwrap_or_default()
+    }
+
+    fn sandbox(&self, namespace: &str, name: &str, uid: &str) -> Option<CniPod> {
         let pods = self.pods.lock();
         let written = |p: &CniPod| {
             std::fs::metadata(self.dir.join("pods").join(format!("{}.json", p.container_id)))
@@ -198,7 +243,7 @@ impl Registry {
             })
             .filter(|p| p.netns.exists())
             .max_by_key(|p| written(p))
-            .map(|p| p.netns.clone())
+            .cloned()
     }
 }
 
@@ -391,7 +436,7 @@ mod tests {
         let earlier = std::time::SystemTime::now() - Duration::from_secs(60);
         std::fs::File::options().write(true).open(d.join("pods/old.json")).unwrap().set_modified(earlier).unwrap();
         std::fs::write(d.join("pods/new.json"), record("new", "/proc/self/ns/net", "u-1")).unwrap();
-        let registry = Registry::start(&d, Arc::new(Notify::new())).unwrap();
+        let registry = Registry::start(&d, Arc::new(Notify::new()), None).unwrap();
         assert_eq!(registry.netns("shop", "web-1", "u-1"), Some(PathBuf::from("/proc/self/ns/net")));
         // Another pod of the same name (a new UID) is not this one; an unknown UID matches any.
         assert_eq!(registry.netns("shop", "web-1", "u-3"), None);
@@ -420,13 +465,78 @@ mod tests {
         if root {
             std::os::unix::fs::chown(d.join("pods/foreign.json"), Some(65534), Some(65534)).unwrap();
         }
-        let registry = Registry::start(&d, Arc::new(Notify::new())).unwrap();
+        let registry = Registry::start(&d, Arc::new(Notify::new()), None).unwrap();
         assert!(registry.netns("shop", "good", "").is_some());
         assert_eq!(registry.netns("shop", "world-writable", ""), None, "a record others may write is ignored");
         assert_eq!(registry.netns("shop", "foreign", "").is_some(), !root, "a record another user owns is ignored");
         for (p, mode) in [(d.clone(), 0o700), (d.join("pods"), 0o700), (d.join("agent.sock"), 0o600)] {
             assert_eq!(std::fs::metadata(&p).unwrap().mode() & 0o777, mode, "{}", p.display());
         }
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    /// Sets pods up when told to; says why not otherwise.
+    struct Fake(tokio::sync::watch::Sender<Vec<String>>);
+
+    impl Enrollment for Fake {
+        fn wait(
+            &self,
+            pod: PodKey,
+            netns: PathBuf,
+            timeout: Duration,
+        ) -> futures_util::future::BoxFuture<'static, Result<String, String>> {
+            let mut rx = self.0.subscribe();
+            Box::pin(async move {
+                let wanted = format!("{pod} {}", netns.display());
+                match tokio::time::timeout(timeout, rx.wait_for(|set_up| set_up.contains(&wanted))).await {
+                    Ok(Ok(_)) => Ok("enrolled (Strict)".into()),
+                    _ => Err(format!("pod {pod} not set up by the agent yet: no certificate")),
+                }
+            })
+        }
+    }
+
+    async fn ask(socket: &Path, line: &str) -> String {
+        let mut s = tokio::net::UnixStream::connect(socket).await.unwrap();
+        s.write_all(format!("{line}\n").as_bytes()).await.unwrap();
+        let mut answer = String::new();
+        tokio::io::AsyncReadExt::read_to_string(&mut s, &mut answer).await.unwrap();
+        answer
+    }
+
+    #[tokio::test]
+    async fn an_add_that_waits_is_answered_once_the_pod_is_set_up_and_refused_when_it_is_not() {
+        let d = scratch("wait");
+        let (set_up, _) = tokio::sync::watch::channel(Vec::new());
+        let fake = Arc::new(Fake(set_up.clone()));
+        let registry = Registry::start(&d, Arc::new(Notify::new()), Some(fake)).unwrap();
+        let add = |name: &str, wait_ms: u64| {
+            format!(
+                r#"{{"op":"add","waitMs":{wait_ms},"pod":{{"containerId":"c-{name}","namespace":"shop","name":"{name}","netns":"/proc/self/ns/net","ips":["10.1.2.3"]}}}}"#
+            )
+        };
+        let socket = d.join("agent.sock");
+        let pending = tokio::spawn({
+            let (socket, line) = (socket.clone(), add("web-1", 10_000));
+            async move { ask(&socket, &line).await }
+        });
+        // The answer waits for the pod to be set up, whose record is already taken in.
+        let known = async {
+            while registry.netns("shop", "web-1", "").is_none() {
+                tokio::task::yield_now().await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), known).await.expect("the record taken in");
+        assert!(!pending.is_finished(), "answered before the pod was set up");
+        set_up.send_modify(|v| v.push("shop/web-1 /proc/self/ns/net".into()));
+        assert_eq!(pending.await.unwrap(), "ok enrolled (Strict)\n");
+        assert_eq!(registry.ips("shop", "web-1", ""), ["10.1.2.3".parse::<std::net::IpAddr>().unwrap()]);
+        // Never set up: refused when the wait the plugin asked for ends, with the reason.
+        let refused = ask(&socket, &add("web-2", 50)).await;
+        assert_eq!(refused, "error: pod shop/web-2 not set up by the agent yet: no certificate\n");
+        // Without a wait (an older plugin, an excluded namespace): acknowledged at once.
+        let plain = ask(&socket, &add("web-3", 0).replace(r#""waitMs":0,"#, "")).await;
+        assert_eq!(plain, "ok\n");
         let _ = std::fs::remove_dir_all(&d);
     }
 

@@ -201,12 +201,13 @@ pub fn all_yaml() -> String {
 }
 
 /// The manifests of `deploy/`, in the kustomization's order.
-const DEPLOY_FILES: [(&str, &str); 5] = [
+const DEPLOY_FILES: [(&str, &str); 6] = [
     ("namespace.yaml", include_str!("../../../deploy/namespace.yaml")),
     ("crds.yaml", ""),
     ("rbac.yaml", include_str!("../../../deploy/rbac.yaml")),
     ("issuer.yaml", include_str!("../../../deploy/issuer.yaml")),
     ("agent.yaml", include_str!("../../../deploy/agent.yaml")),
+    ("csi.yaml", include_str!("../../../deploy/csi.yaml")),
 ];
 
 /// Both CRDs, as one multi-document YAML (what `deploy/crds.yaml` holds).

@@ -15,8 +15,9 @@
 //! the per-pod lifecycle (`pods`) acts on differences between directories, never on events.
 //!
 //! Opt-in: a pod is in the mesh when its namespace has the label `meshless.io/mode` set to
-//! `strict`, `permissive` or `disable`, or the pod itself has it (`off` on a pod opts it out).
-//! The label's mode applies where no PeerAuthentication of the workload or its namespace does.
+//! `strict`, `permissive` or `disable`, or the pod itself has it (`off` on a pod opts it out); a
+//! value it cannot read is STRICT. The label's mode applies where no PeerAuthentication of the
+//! workload or its namespace does.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Debug;
@@ -43,7 +44,7 @@ use crate::policy::{
     AuthorizationPolicy, Enforcement, LabelMode, MeshSettings, Mode, PeerAuthentication, Policies, PolicyInput,
     Unreadable,
 };
-use crate::workloads::{canonical, Directory, PodKey, Workload, WorkloadSource};
+use crate::workloads::{canonical, Directory, Enrollment, PodKey, Workload, WorkloadSource};
 
 /// Bounds of the pause between a change and the directory rebuilt for it.
 const SETTLE_MIN: Duration = Duration::from_millis(20);
@@ -64,6 +65,8 @@ pub struct KubeSource {
     /// `meshless-cni`'s state directory.
     pub cni_dir: PathBuf,
     pub mesh: MeshSettings,
+    /// Answers the CNI plugin's ADD once the pod is set up (the agent's pod lifecycle).
+    pub enrollment: Option<Arc<dyn Enrollment>>,
 }
 
 /// A pod, reduced to what the directory needs. Labels are kept for this node's pods only.
@@ -201,7 +204,7 @@ impl KubeSource {
                     |c| &mut c.local,
                     |p| Some(pod_info(&p, true)),
                 );
-                Some(Registry::start(&self.cni_dir, changed.clone())?)
+                Some(Registry::start(&self.cni_dir, changed.clone(), self.enrollment.clone())?)
             }
             None => {
                 state.lock().synced[0] = true;
@@ -422,6 +425,14 @@ struct Builder {
     last: Option<Arc<Directory>>,
 }
 
+/// The label's mode; a value meshless cannot read is STRICT, with what is wrong with it.
+fn label_mode_or_strict(value: Option<&str>) -> (Option<Option<Mode>>, Option<String>) {
+    match label_mode(value) {
+        Ok(m) => (m, None),
+        Err(problem) => (Some(Some(Mode::Strict)), Some(problem)),
+    }
+}
+
 fn label_mode(value: Option<&str>) -> Result<Option<Option<Mode>>, String> {
     // None: no label. Some(None): `off`. Some(Some(m)): a mode.
     match value {
@@ -434,33 +445,42 @@ fn label_mode(value: Option<&str>) -> Result<Option<Option<Mode>>, String> {
     }
 }
 
+/// What the builder says about an object it cannot take as written.
+#[derive(Clone, Copy)]
+enum Problem {
+    LeftOut,
+    UnreadableLabel,
+    PolicyNotAsWritten,
+}
+
 impl Builder {
-    fn report(&mut self, what: String, problem: Option<String>) {
-        match problem {
-            Some(p) => {
-                if self.problems.get(&what) != Some(&p) {
-                    warn!(object = %what, problem = %p, "left out of the mesh directory");
-                    self.problems.insert(what, p);
-                }
+    /// Says once (and again when it changes) what is wrong with `object`; forgets it once fixed.
+    fn report_as(&mut self, kind: Problem, object: String, problem: Option<String>) {
+        let key = match kind {
+            Problem::UnreadableLabel => format!("label of {object}"),
+            _ => object.clone(),
+        };
+        let Some(p) = problem else {
+            self.problems.remove(&key);
+            return;
+        };
+        if self.problems.get(&key) == Some(&p) {
+            return;
+        }
+        match kind {
+            Problem::LeftOut => warn!(object = %object, problem = %p, "left out of the mesh directory"),
+            Problem::UnreadableLabel => {
+                warn!(object = %object, problem = %p, "mode label unreadable; the pod is meshed as STRICT")
             }
-            None => {
-                self.problems.remove(&what);
+            Problem::PolicyNotAsWritten => {
+                warn!(object = %object, problem = %p, "policy object not enforced as written")
             }
         }
+        self.problems.insert(key, p);
     }
 
-    /// Says once (and again when it changes) how a policy object is not enforced as written.
-    fn report_policy(&mut self, what: String, problem: Option<String>) {
-        match problem {
-            Some(p) if self.problems.get(&what) != Some(&p) => {
-                warn!(object = %what, problem = %p, "policy object not enforced as written");
-                self.problems.insert(what, p);
-            }
-            Some(_) => {}
-            None => {
-                self.problems.remove(&what);
-            }
-        }
+    fn report(&mut self, what: String, problem: Option<String>) {
+        self.report_as(Problem::LeftOut, what, problem)
     }
 
     fn build(&mut self, c: &Cluster) -> Arc<Directory> {
@@ -485,24 +505,35 @@ impl Builder {
         let age = |p: &PodInfo| p.created.unwrap_or(i64::MAX);
         entries.sort_by(|a, b| b.2.cmp(&a.2).then_with(|| age(a.1).cmp(&age(b.1))).then_with(|| a.0.cmp(b.0)));
         for (k, p, is_local) in entries {
-            if p.finished || p.host_network || p.ips.is_empty() {
+            // A pod of this node is known by its addresses as soon as its network plugin has run
+            // (the CNI record), before the kubelet reports them: it is set up before its
+            // address is published and anyone can call it.
+            let cni_ips = match (&self.cni, is_local && p.ips.is_empty()) {
+                (Some(cni), true) => cni.ips(&k.0, &k.1, &p.uid),
+                _ => Vec::new(),
+            };
+            let ips = if p.ips.is_empty() { &cni_ips } else { &p.ips };
+            // The issuer (no node of its own) knows pods before they have addresses: a node asks
+            // for its pod's certificate as the pod is set up, before the kubelet reports them.
+            let issuer = self.source.node.is_none();
+            if p.finished || p.host_network || (ips.is_empty() && !issuer) {
                 continue;
             }
             let what = format!("pod {}/{}", k.0, k.1);
-            let w = match self.workload(c, k, p, is_local) {
+            let w = match self.workload(c, k, p, ips, is_local) {
                 Ok(w) => w,
                 Err(problem) => {
                     self.report(what, Some(problem));
                     continue;
                 }
             };
-            if let Some(ip) = p.ips.iter().find(|ip| owners.contains_key(&canonical(**ip))) {
+            if let Some(ip) = ips.iter().find(|ip| owners.contains_key(&canonical(**ip))) {
                 let other = &owners[&canonical(*ip)];
                 self.report(what, Some(format!("IP {ip} is also {}/{}'s", other.0, other.1)));
                 continue;
             }
             self.report(what, None);
-            for ip in &p.ips {
+            for ip in ips {
                 owners.insert(canonical(*ip), k.clone());
             }
             workloads.push(w);
@@ -527,20 +558,36 @@ impl Builder {
     /// (a typo leaves it out rather than quietly taking it out of or into the mesh), its identity,
     /// and for this node's pods the cgroup and network namespace (unknown: left out, so the kernel
     /// keeps refusing its connections and an unknown pod never talks plaintext).
-    fn workload(&mut self, c: &Cluster, k: &Key, p: &PodInfo, is_local: bool) -> Result<Workload, String> {
+    fn workload(
+        &mut self,
+        c: &Cluster,
+        k: &Key,
+        p: &PodInfo,
+        ips: &[IpAddr],
+        is_local: bool,
+    ) -> Result<Workload, String> {
         if p.mirror {
             // A static pod is declared by a node alone: a compromised node could name any
             // namespace's account for it. It gets no identity.
             return Err("a static (mirror) pod: its identity is the node's word only; left out of the mesh".into());
         }
         let ns_label = c.namespaces.get(&k.0).cloned().flatten();
-        let pod_mode = label_mode(p.mode_label.as_deref())?;
-        let ns_mode = label_mode(ns_label.as_deref())?;
-        let label = match (pod_mode, ns_mode) {
-            (Some(m), _) => m.map(|mode| LabelMode { mode, scope: "pod label" }),
-            (None, Some(m)) => m.map(|mode| LabelMode { mode, scope: "namespace label" }),
-            (None, None) => None,
+        // A label meshless cannot read opts the pod in as STRICT (the strongest mode): a typo
+        // must neither take a pod out of the mesh nor leave its inbound open.
+        let (pod_mode, pod_typo) = label_mode_or_strict(p.mode_label.as_deref());
+        let (ns_mode, ns_typo) = label_mode_or_strict(ns_label.as_deref());
+        let (label, typo) = match (pod_mode, ns_mode) {
+            (Some(m), _) => {
+                let scope = if pod_typo.is_some() { "unreadable pod label" } else { "pod label" };
+                (m.map(|mode| LabelMode { mode, scope }), pod_typo)
+            }
+            (None, Some(m)) => {
+                let scope = if ns_typo.is_some() { "unreadable namespace label" } else { "namespace label" };
+                (m.map(|mode| LabelMode { mode, scope }), ns_typo)
+            }
+            (None, None) => (None, None),
         };
+        self.report_as(Problem::UnreadableLabel, format!("pod {}/{}", k.0, k.1), typo);
         let identity = workload_id(&self.source.trust_domain, &k.0, &p.service_account).map_err(|e| e.to_string())?;
         let (mut netns, mut cgroup) = (None, None);
         if is_local {
@@ -562,7 +609,7 @@ impl Builder {
             key: PodKey { namespace: k.0.clone(), name: k.1.clone() },
             service_account: p.service_account.clone(),
             node: p.node.clone(),
-            ips: p.ips.clone(),
+            ips: ips.to_vec(),
             netns,
             cgroup,
             mesh: label.is_some(),
@@ -597,7 +644,7 @@ impl Builder {
         for o in p.objects() {
             let what = format!("{} {}", o.kind, o.policy);
             let problem = (o.enforcement != Enforcement::Enforced).then(|| o.enforcement.summary());
-            self.report_policy(what, problem);
+            self.report_as(Problem::PolicyNotAsWritten, what, problem);
         }
         self.policies = Some((c.policy_changes, p.clone()));
         p
@@ -624,6 +671,7 @@ mod tests {
             cgroup_parent,
             cni_dir: PathBuf::new(),
             mesh: MeshSettings::default(),
+            enrollment: None,
         };
         Builder { source, cni: None, cgroups: HashMap::new(), problems: HashMap::new(), policies: None, last: None }
     }
@@ -649,7 +697,22 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn the_mode_label_opts_in_by_namespace_or_pod_and_a_typo_leaves_the_pod_out() {
+    async fn the_issuer_knows_a_pod_before_its_addresses_and_an_agent_only_with_them() {
+        let mut c = Cluster::default();
+        c.namespaces.insert("a".into(), Some("strict".into()));
+        let mut pending = info("node-9", "10.0.0.1", None);
+        pending.ips.clear();
+        c.all.insert(key("a", "starting"), pending);
+        let pod = PodKey { namespace: "a".into(), name: "starting".into() };
+        let mut issuer = builder(PathBuf::from("/nonexistent"));
+        issuer.source.node = None;
+        let known = issuer.build(&c);
+        assert!(known.get(&pod).is_some_and(|w| w.ips.is_empty() && w.mesh), "the issuer authorizes it by node");
+        assert!(builder(PathBuf::from("/nonexistent")).build(&c).get(&pod).is_none(), "an agent cannot route to it");
+    }
+
+    #[tokio::test]
+    async fn the_mode_label_opts_in_by_namespace_or_pod_and_a_typo_makes_the_pod_strict() {
         let mut c = Cluster::default();
         c.namespaces.insert("a".into(), Some("strict".into()));
         c.namespaces.insert("b".into(), None);
@@ -674,8 +737,14 @@ mod tests {
         let opt_in = get("b", "pod-opt-in").unwrap();
         assert_eq!(opt_in.label_mode, Some(LabelMode { mode: Mode::Permissive, scope: "pod label" }));
         assert!(!get("b", "untouched").unwrap().mesh);
-        assert!(get("c", "ns-typo").is_none() && get("a", "pod-typo").is_none(), "a typo leaves the pod out");
-        assert!(b.problems.contains_key("pod c/ns-typo") && b.problems["pod a/pod-typo"].contains("bogus"));
+        // A typo never takes a pod out of the mesh nor weakens it: the pod is STRICT, and said so.
+        let (ns_typo, pod_typo) = (get("c", "ns-typo").unwrap(), get("a", "pod-typo").unwrap());
+        assert!(ns_typo.mesh && pod_typo.mesh);
+        assert_eq!(ns_typo.label_mode, Some(LabelMode { mode: Mode::Strict, scope: "unreadable namespace label" }));
+        assert_eq!(pod_typo.label_mode, Some(LabelMode { mode: Mode::Strict, scope: "unreadable pod label" }));
+        assert_eq!(dir.policy_for(&ns_typo).mode.mode, Mode::Strict);
+        assert!(b.problems["label of pod c/ns-typo"].contains("strcit"));
+        assert!(b.problems["label of pod a/pod-typo"].contains("bogus"));
         // The mode the label gives is the pod's mode unless a PeerAuthentication says otherwise.
         assert_eq!(dir.policy_for(&inherits).mode.mode, Mode::Strict);
         // Pod events reuse the compiled policy; a policy event recompiles it.

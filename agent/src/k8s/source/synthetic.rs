@@ -19,6 +19,7 @@ pub async fn run(pods: usize, nodes: usize) -> (Duration, Duration, Arc<Director
         cgroup_parent: PathBuf::from("/nonexistent"),
         cni_dir: PathBuf::new(),
         mesh: MeshSettings::default(),
+        enrollment: None,
     };
     let started = Instant::now();
     let state = Arc::new(Mutex::new(Cluster::default()));
