@@ -124,6 +124,20 @@ fn pods_in_opted_in_namespaces_are_meshed_from_the_api_and_the_cni_plugin_and_ot
         "a pod announced before the agent started was not enrolled: {}",
         mesh.log_tail(1)
     );
+    // A CNI record that names another netns for early-1 (a forged or stale sandbox) is checked
+    // against the pod's own processes: the pod stays where it runs, and that ADD is refused.
+    let cookie = |pod: &str| meshless_tests::mesh::pod_status(tb, 1, pod).map(|s| s["netns_cookie"].clone());
+    let before = cookie("shop/early-1");
+    let early_uid = api.api(tb, "GET", "/api/v1/namespaces/shop/pods/early-1", None).unwrap()["metadata"]["uid"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let forged = run_cni(&bins.cni, "ADD", &KubeMesh::cni_dir(tb, 1), tb.pod(1, 4), "shop", "early-1", &early_uid);
+    let err: serde_json::Value = serde_json::from_slice(&forged.unwrap().stdout).unwrap_or_default();
+    assert!(err["details"].as_str().unwrap_or_default().contains("another network namespace"), "{err}");
+    assert_eq!(cookie("shop/early-1"), before, "early-1 stays in its own netns");
+    let del = run_cni(&bins.cni, "DEL", &KubeMesh::cni_dir(tb, 1), tb.pod(1, 4), "shop", "early-1", "").unwrap();
+    assert!(del.status.success());
     assert!(
         mesh.wait_log(1, "pod is outside the mesh; its connections pass untouched", Duration::from_secs(5), |l| l
             ["pod"]

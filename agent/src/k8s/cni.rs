@@ -293,6 +293,28 @@ pub fn pod_cgroup(parent: &Path, uid: &str) -> Option<PathBuf> {
     None
 }
 
+/// Whether a CNI record's netns is the one the pod's own processes run in.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Check {
+    /// The same namespace (or nothing to check against yet: no process in the pod's cgroup).
+    Consistent,
+    /// The pod's processes run in another namespace: the record is not the pod's.
+    Differs { record: PathBuf, processes: PathBuf },
+}
+
+/// Checks `netns` (a record's) against a process in the pod's `cgroup`: a record that names
+/// another namespace than the pod's processes are in would give the pod's identity to
+/// whatever runs there.
+pub fn check(netns: &Path, cgroup: &Path) -> Check {
+    use std::os::unix::fs::MetadataExt as _;
+    let id = |p: &Path| std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()));
+    let Some(processes) = discover(cgroup) else { return Check::Consistent };
+    match (id(netns), id(&processes)) {
+        (Some(a), Some(b)) if a != b => Check::Differs { record: netns.into(), processes },
+        _ => Check::Consistent,
+    }
+}
+
 /// The network namespace of the processes in `cgroup` (or its children: the containers), as a
 /// `/proc/<pid>/ns/net` path. For pods that started before meshless was installed.
 pub fn discover(cgroup: &Path) -> Option<PathBuf> {
@@ -537,6 +559,23 @@ mod tests {
         // Without a wait (an older plugin, an excluded namespace): acknowledged at once.
         let plain = ask(&socket, &add("web-3", 0).replace(r#""waitMs":0,"#, "")).await;
         assert_eq!(plain, "ok\n");
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn a_record_is_checked_against_the_netns_of_the_pods_processes() {
+        let d = scratch("check");
+        // A pod cgroup (as a directory tree) holding this very process: its netns is ours.
+        std::fs::create_dir_all(d.join("pod-u1/ctr")).unwrap();
+        std::fs::write(d.join("pod-u1/ctr/cgroup.procs"), format!("{}\n", std::process::id())).unwrap();
+        let ours = PathBuf::from(format!("/proc/{}/ns/net", std::process::id()));
+        assert_eq!(check(Path::new("/proc/self/ns/net"), &d.join("pod-u1")), Check::Consistent);
+        // A record naming another namespace (here: any other namespace file) is not the pod's.
+        let other = Path::new("/proc/self/ns/uts");
+        assert_eq!(check(other, &d.join("pod-u1")), Check::Differs { record: other.into(), processes: ours });
+        // No process to check against yet (the sandbox is being made): nothing to refuse.
+        std::fs::create_dir_all(d.join("pod-u2")).unwrap();
+        assert_eq!(check(other, &d.join("pod-u2")), Check::Consistent);
         let _ = std::fs::remove_dir_all(&d);
     }
 

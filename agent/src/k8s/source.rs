@@ -451,6 +451,7 @@ enum Problem {
     LeftOut,
     UnreadableLabel,
     PolicyNotAsWritten,
+    CniRecord,
 }
 
 impl Builder {
@@ -458,6 +459,7 @@ impl Builder {
     fn report_as(&mut self, kind: Problem, object: String, problem: Option<String>) {
         let key = match kind {
             Problem::UnreadableLabel => format!("label of {object}"),
+            Problem::CniRecord => format!("CNI record of {object}"),
             _ => object.clone(),
         };
         let Some(p) = problem else {
@@ -475,6 +477,7 @@ impl Builder {
             Problem::PolicyNotAsWritten => {
                 warn!(object = %object, problem = %p, "policy object not enforced as written")
             }
+            Problem::CniRecord => warn!(object = %object, problem = %p, "CNI record does not match the pod"),
         }
         self.problems.insert(key, p);
     }
@@ -596,11 +599,22 @@ impl Builder {
                 self.cgroups.insert(p.uid.clone(), found.clone());
                 Some(found)
             });
-            netns = self
-                .cni
-                .as_ref()
-                .and_then(|r| r.netns(&k.0, &k.1, &p.uid))
-                .or_else(|| cgroup.as_deref().and_then(cni::discover));
+            let mut recorded = self.cni.as_ref().and_then(|r| r.netns(&k.0, &k.1, &p.uid));
+            // A record is checked against the pod's own processes where they can be found: one
+            // naming another netns is not the pod's, and the processes' netns is used instead.
+            let mut mismatch = None;
+            if let (Some(record), Some(cg)) = (&recorded, &cgroup) {
+                if let cni::Check::Differs { record, processes } = cni::check(record, cg) {
+                    mismatch = Some(format!(
+                        "its CNI record names netns {} but its processes run in {}: the record is ignored",
+                        record.display(),
+                        processes.display()
+                    ));
+                    recorded = Some(processes);
+                }
+            }
+            self.report_as(Problem::CniRecord, format!("pod {}/{}", k.0, k.1), mismatch);
+            netns = recorded.or_else(|| cgroup.as_deref().and_then(cni::discover));
             if netns.is_none() {
                 return Err("no network namespace known yet (waiting for meshless-cni)".into());
             }
