@@ -179,7 +179,10 @@ pub fn explain(dir: &Directory, q: &Question) -> Result<Explanation, ExplainErro
         port: q.port,
         transport: transport.into(),
         decision: if outcome.admit { "allow" } else { "deny" }.into(),
-        mode: policy.mode.to_string(),
+        mode: match policy.port_modes.get(&q.port) {
+            Some(m) => format!("{m} (portLevelMtls, port {}; the workload's: {})", q.port, policy.mode),
+            None => policy.mode.to_string(),
+        },
         reason: outcome.why.clone(),
         policy: rule.map(|r| r.policy.to_string()),
         rule: rule.map(|r| r.rule),
@@ -279,6 +282,9 @@ struct PodView {
     pod: String,
     mode: Mode,
     mode_source: String,
+    /// Ports with a mode of their own (`portLevelMtls`).
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    port_modes: std::collections::BTreeMap<u16, Mode>,
     authorization_policies: usize,
 }
 
@@ -315,6 +321,7 @@ async fn policy_handler(With(state): With<State>) -> Json<PolicyView> {
                 pod: w.key.to_string(),
                 mode: p.mode.mode,
                 mode_source: p.mode.to_string(),
+                port_modes: p.port_modes.clone(),
                 authorization_policies: p.len(),
             }
         })

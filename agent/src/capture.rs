@@ -29,9 +29,10 @@ use aya::maps::{Array, HashMap, HashOfMaps, Map, MapData, SockHash};
 use aya::programs::links::FdLink;
 use aya::programs::{CgroupAttachMode, CgroupSockAddr, SkLookup, SockOps};
 use aya::{Ebpf, EbpfLoader};
+use meshless_common::PortMode;
 use meshless_common::{
     maps, mode, programs, EnrolledPod, InboundPod, OrigDst, OrigDstKey, PodAddr, AF_INET, AF_INET6, AGENT_SLOTS,
-    LAYOUT_VERSION, MAX_PROBE_PORTS, ORIG_DST_PER_POD,
+    LAYOUT_VERSION, MAX_PORT_MODES, MAX_PROBE_PORTS, ORIG_DST_PER_POD,
 };
 use parking_lot::Mutex;
 use tracing::{info, warn};
@@ -47,6 +48,16 @@ use probes::check_probe_cgroup;
 pub use probes::probe_cgroup;
 
 /// A pod's mode as the kernel's `INBOUND` map holds it.
+// The policy engine gives a pod at most as many per-port modes as the kernel keeps.
+const _: () = assert!(crate::policy::MAX_PORT_MODES == MAX_PORT_MODES);
+
+/// What the agent writes into a pod's `INBOUND` entries besides its mode.
+#[derive(Clone, Copy, Default)]
+struct Extras {
+    probe_ports: [u16; MAX_PROBE_PORTS],
+    port_modes: [PortMode; MAX_PORT_MODES],
+}
+
 fn kernel_mode(mode: Mode) -> u32 {
     match mode {
         Mode::Strict => meshless_common::inbound::STRICT,
@@ -67,6 +78,8 @@ pub enum Error {
     Missing(&'static str),
     #[error("cgroup {path}: {source} (it must be a directory in a cgroup2 mount)")]
     Cgroup { path: PathBuf, source: std::io::Error },
+    #[error("{0} per-port modes: the kernel keeps at most {MAX_PORT_MODES} per pod")]
+    PortModes(usize),
     #[error("BPF pin directory {path}: {msg}")]
     Pins { path: PathBuf, msg: String },
     #[error("this agent binary was built with AYA_BUILD_SKIP=1 and carries no eBPF programs")]
@@ -88,7 +101,9 @@ pub struct Capture {
     inbound: Mutex<HashMap<MapData, PodAddr, InboundPod>>,
     listeners: Mutex<SockHash<MapData, u64>>,
     /// Each pod's declared probe ports, as written into its `INBOUND` entries.
-    probe_ports: Mutex<std::collections::HashMap<u64, [u16; MAX_PROBE_PORTS]>>,
+    /// Each pod's declared probe ports and per-port modes, as written into its `INBOUND`
+    /// entries (kept across mode changes).
+    extras: Mutex<std::collections::HashMap<u64, Extras>>,
 }
 
 /// Writes this agent's cgroup id into `AGENTS` (over the older of the two slots, keeping a
@@ -194,7 +209,7 @@ impl Capture {
             enrolled: Mutex::new(enrolled),
             orig: Mutex::new(orig),
             inbound: Mutex::new(inbound),
-            probe_ports: Mutex::default(),
+            extras: Mutex::default(),
             listeners: Mutex::new(listeners),
         })
     }
@@ -301,7 +316,13 @@ impl Capture {
     /// know (IPv6 link-local, a secondary or SLAAC address) is dropped, not passed.
     pub fn apply_mode(&self, cookie: u64, netns: &impl AsFd, ips: &[IpAddr], mode: Mode) -> Result<(), Error> {
         self.set_mode(cookie, ips, mode)?;
-        if mode == Mode::Disable {
+        let disabled = meshless_common::inbound::DISABLE as u16;
+        let ports_disabled = self
+            .extras
+            .lock()
+            .get(&cookie)
+            .is_none_or(|e| e.port_modes.iter().all(|p| p.port == 0 || p.mode == disabled));
+        if mode == Mode::Disable && ports_disabled {
             self.unpin_lookup(cookie);
             return Ok(());
         }
@@ -338,14 +359,37 @@ impl Capture {
         for (slot, port) in fixed.iter_mut().zip(ports) {
             *slot = *port;
         }
-        self.probe_ports.lock().insert(cookie, fixed);
+        self.set_extras(cookie, |e| e.probe_ports = fixed)
+    }
+
+    /// The ports of pod `cookie` whose mode is not the pod's (`portLevelMtls`; at most
+    /// [`MAX_PORT_MODES`], the policy engine makes sure): written into its `INBOUND` entries now
+    /// and at every mode change.
+    pub fn set_port_modes(&self, cookie: u64, modes: &[(u16, Mode)]) -> Result<(), Error> {
+        if modes.len() > MAX_PORT_MODES {
+            return Err(Error::PortModes(modes.len()));
+        }
+        let mut fixed = [PortMode::default(); MAX_PORT_MODES];
+        for (slot, (port, mode)) in fixed.iter_mut().zip(modes) {
+            *slot = PortMode { port: *port, mode: kernel_mode(*mode) as u16 };
+        }
+        self.set_extras(cookie, |e| e.port_modes = fixed)
+    }
+
+    fn set_extras(&self, cookie: u64, change: impl FnOnce(&mut Extras)) -> Result<(), Error> {
+        let extras = {
+            let mut all = self.extras.lock();
+            let e = all.entry(cookie).or_default();
+            change(e);
+            *e
+        };
         let name = maps::INBOUND;
         let mut map = self.inbound.lock();
         let mine: Vec<(PodAddr, InboundPod)> =
             map.iter().filter_map(Result::ok).filter(|(_, v)| v.cookie == cookie).collect();
         for (key, value) in mine {
-            map.insert(key, InboundPod { probe_ports: fixed, ..value }, 0)
-                .map_err(|source| Error::Map { name, source })?;
+            let value = InboundPod { probe_ports: extras.probe_ports, port_modes: extras.port_modes, ..value };
+            map.insert(key, value, 0).map_err(|source| Error::Map { name, source })?;
         }
         Ok(())
     }
@@ -363,9 +407,9 @@ impl Capture {
             .filter(|(k, v)| v.cookie == cookie && !wanted.contains(k))
             .map(|(k, _)| k)
             .collect();
-        let probe_ports = self.probe_ports.lock().get(&cookie).copied().unwrap_or_default();
+        let Extras { probe_ports, port_modes } = self.extras.lock().get(&cookie).copied().unwrap_or_default();
         for key in wanted {
-            map.insert(key, InboundPod { cookie, mode, _pad: 0, probe_ports }, 0)
+            map.insert(key, InboundPod { cookie, mode, _pad: 0, probe_ports, port_modes }, 0)
                 .map_err(|source| Error::Map { name, source })?;
         }
         for key in stale {
@@ -427,7 +471,7 @@ impl Capture {
             _ => {}
         }
         self.unsteer(cookie)?;
-        self.probe_ports.lock().remove(&cookie);
+        self.extras.lock().remove(&cookie);
         self.drop_orig(cookie)
     }
 

@@ -56,6 +56,9 @@ pub trait Kernel: Send + Sync + 'static {
     /// The ports the pod's own spec declares for its kubelet probes: the only ones a probe
     /// passes to (from before the pod is steered, and kept across mode changes).
     fn probe_ports(&self, cookie: u64, ports: &[u16]) -> Result<(), Error>;
+    /// The ports whose mode is not the pod's (`portLevelMtls`), kept across mode changes; set
+    /// before the mode, so the pod's first steered connection finds them.
+    fn port_modes(&self, cookie: u64, modes: &[(u16, Mode)]) -> Result<(), Error>;
     /// A pod outside the mesh: known, its connections pass untouched.
     fn bypass(&self, cookie: u64) -> Result<(), Error>;
     /// Removes every kernel entry of the netns `cookie`.
@@ -101,6 +104,10 @@ impl Kernel for Node {
 
     fn set_mode(&self, cookie: u64, netns: &Netns, ips: &[IpAddr], mode: Mode) -> Result<(), Error> {
         Ok(self.capture.apply_mode(cookie, netns, ips, mode)?)
+    }
+
+    fn port_modes(&self, cookie: u64, modes: &[(u16, Mode)]) -> Result<(), Error> {
+        Ok(self.capture.set_port_modes(cookie, modes)?)
     }
 
     fn probe_ports(&self, cookie: u64, ports: &[u16]) -> Result<(), Error> {

@@ -141,6 +141,13 @@ impl<K: Kernel> Manager<K> {
                     let policy = dir.policy_for(w);
                     let (old_ips, old_mode) = (pod.workload().ips.clone(), pod.policy().mode.clone());
                     let old_kernel = pod.policy().kernel_mode();
+                    let (old_ports, new_ports) = (pod.policy().kernel_port_modes(), policy.kernel_port_modes());
+                    if old_ports != new_ports {
+                        match self.deps.kernel.port_modes(pod.cookie, &new_ports) {
+                            Ok(()) => info!(pod = %key, ports = ?new_ports, "per-port modes updated"),
+                            Err(e) => warn!(pod = %key, error = %e, "cannot update the pod's per-port modes"),
+                        }
+                    }
                     if pod.workload().probe_ports != w.probe_ports {
                         match self.deps.kernel.probe_ports(pod.cookie, &w.probe_ports) {
                             Ok(()) => info!(pod = %key, ports = ?w.probe_ports, "probe ports updated"),
@@ -155,7 +162,8 @@ impl<K: Kernel> Manager<K> {
                             Err(e) => warn!(pod = %key, error = %e, "cannot update the pod's addresses in the kernel"),
                         }
                     }
-                    if old_ips != w.ips || old_kernel != policy.kernel_mode() || old_mode.mode != policy.mode.mode {
+                    let changed = old_kernel != policy.kernel_mode() || old_ports != new_ports;
+                    if old_ips != w.ips || changed || old_mode.mode != policy.mode.mode {
                         match self.deps.kernel.set_mode(pod.cookie, &pod.netns, &w.ips, policy.kernel_mode()) {
                             Ok(()) if old_mode.mode != policy.mode.mode || old_kernel != policy.kernel_mode() => {
                                 info!(pod = %key, from = %old_mode.mode, mode = %policy.mode, kernel = %policy.kernel_mode(),
@@ -417,6 +425,9 @@ impl<K: Kernel> Manager<K> {
         if let Err(e) = self.deps.kernel.probe_ports(cookie, &w.probe_ports) {
             warn!(pod = %w.key, error = %e, "cannot set the failing pod's probe ports in the kernel");
         }
+        if let Err(e) = self.deps.kernel.port_modes(cookie, &dir.policy_for(w).kernel_port_modes()) {
+            warn!(pod = %w.key, error = %e, "cannot set the failing pod's per-port modes in the kernel");
+        }
         match self.deps.kernel.guard(cookie, &netns, &w.ips, mode) {
             Ok(()) => (Some(cookie), Some(mode)),
             Err(e) => {
@@ -449,6 +460,7 @@ impl<K: Kernel> Manager<K> {
         let tls = deps.identities.pod_tls(cert)?;
         let orig = deps.kernel.enroll(cookie, &w.ips)?;
         deps.kernel.probe_ports(cookie, &w.probe_ports)?;
+        deps.kernel.port_modes(cookie, &policy.kernel_port_modes())?;
         if let Some((_, l)) = listeners.0.iter().find(|(spec, _)| spec.role == Role::Inbound) {
             deps.kernel.steer(cookie, &netns, &w.ips, policy.kernel_mode(), l)?;
         }
@@ -628,6 +640,9 @@ mod tests {
             Ok(())
         }
         fn probe_ports(&self, _: u64, _: &[u16]) -> Result<(), kernel::Error> {
+            Ok(())
+        }
+        fn port_modes(&self, _: u64, _: &[(u16, Mode)]) -> Result<(), kernel::Error> {
             Ok(())
         }
         fn bypass(&self, cookie: u64) -> Result<(), kernel::Error> {

@@ -218,7 +218,7 @@ async fn plaintext_connection(inputs: Arc<Inputs>, pod: Arc<LocalPod>, tcp: TcpS
     let policy = pod.policy();
     let req = Request { peer: Peer::Plaintext { ip: from.ip() }, dst: &workload, target, from };
     let outcome = authorize::decide(&req, &policy, inputs.store.load().policies.settings.dry_run);
-    authorize::record(&inputs.decisions, &req, policy.mode.mode, &outcome);
+    authorize::record(&inputs.decisions, &req, policy.mode_for(target.port()), &outcome);
     if !outcome.admit {
         tunnel::reset(tcp);
         return;
@@ -330,7 +330,7 @@ async fn inbound_stream(
     let from = SocketAddr::new(canonical(from.ip()), from.port());
     let req = Request { peer: Peer::Authenticated { id: &src, ip: Some(from.ip()) }, dst: &workload, target, from };
     let outcome = authorize::decide(&req, &policy, inputs.store.load().policies.settings.dry_run);
-    authorize::record(&inputs.decisions, &req, policy.mode.mode, &outcome);
+    authorize::record(&inputs.decisions, &req, policy.mode_for(target.port()), &outcome);
     if !outcome.admit {
         inbound.refuse(outcome.status);
         return;

@@ -28,7 +28,7 @@ pub const AF_INET6: u16 = 10;
 /// Version of the layout of the pinned maps (their keys, values and meaning). The agent pins
 /// under `<bpf dir>/v<LAYOUT_VERSION>/`; a new version means a new directory, and the agent that
 /// brings it removes the older ones once its own programs are attached.
-pub const LAYOUT_VERSION: u32 = 3;
+pub const LAYOUT_VERSION: u32 = 4;
 
 /// Entries of each pod's own original-destination map (the inner maps of `ORIG_DST`). Entries
 /// live from `connect()` to the agent's `accept()`, so this bounds a pod's connects in flight.
@@ -115,8 +115,38 @@ pub struct InboundPod {
     /// The ports the pod's own spec declares for its kubelet probes (0: none): the only ports
     /// a probe connection passes to. Host byte order.
     pub probe_ports: [u16; MAX_PROBE_PORTS],
+    /// Ports whose mode is not `mode` (PeerAuthentication `portLevelMtls`; port 0: unused).
+    pub port_modes: [PortMode; MAX_PORT_MODES],
 }
-const _: () = assert!(core::mem::size_of::<InboundPod>() == 32);
+const _: () = assert!(core::mem::size_of::<InboundPod>() == 64);
+
+/// One port's own inbound mode.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PortMode {
+    /// Host byte order; 0: an unused slot.
+    pub port: u16,
+    /// One of [`inbound`], as a `u16`.
+    pub mode: u16,
+}
+
+/// Per-port modes kept per pod (more: the agent applies the strongest to every port).
+pub const MAX_PORT_MODES: usize = 8;
+
+impl InboundPod {
+    /// The mode of connections to `port`.
+    pub fn mode_for(&self, port: u16) -> u32 {
+        let mut i = 0;
+        while i < MAX_PORT_MODES {
+            let p = self.port_modes[i];
+            if p.port != 0 && p.port == port {
+                return u32::from(p.mode);
+            }
+            i += 1;
+        }
+        self.mode
+    }
+}
 
 /// Slots of the `AGENTS` map: the cgroup ids of the running agent and of its predecessor (during
 /// a hand-over both run), then the index of the slot the next agent writes.

@@ -6,7 +6,8 @@
 //! never for packets of established ones. It leaves alone: anything that is not TCP; connections
 //! from inside the pod (from loopback or the pod's own address: its own connections, and the
 //! agent's deliveries, which it makes from inside the pod); the tunnel port 15008 (mTLS, served by the agent itself);
-//! DISABLE pods (the agent takes the program off their netns too); and health probes from the
+//! DISABLE pods and ports (the agent takes the program off a DISABLE pod's netns too; a port's
+//! own mode, from `portLevelMtls`, overrides the pod's); and health probes from the
 //! probe cgroup. When no agent listens (its listener socket is gone from the map), a STRICT pod
 //! drops the connection (the client sees a reset at once) and a PERMISSIVE pod lets it through.
 //!
@@ -57,13 +58,15 @@ pub fn meshless_sk_lookup(ctx: SkLookupContext) -> u32 {
     let Some(pod) = (unsafe { INBOUND.get(&PodAddr { addr: local, family }) }).copied() else {
         return SK_DROP; // an address of this enrolled netns that meshless does not know: fail closed
     };
-    if pod.mode == inbound::DISABLE || probe(&ctx, &pod, family, local, remote, local_port as u16) {
+    // The port's own mode (portLevelMtls), else the pod's.
+    let mode = pod.mode_for(local_port as u16);
+    if mode == inbound::DISABLE || probe(&ctx, &pod, family, local, remote, local_port as u16) {
         return SK_PASS;
     }
     match INBOUND_LISTENERS.redirect_sk_lookup(&ctx, pod.cookie, 0) {
         Ok(()) => SK_PASS,
         // No agent listens: STRICT never lets plaintext through; PERMISSIVE does.
-        Err(_) if pod.mode == inbound::STRICT => SK_DROP,
+        Err(_) if mode == inbound::STRICT => SK_DROP,
         Err(_) => SK_PASS,
     }
 }

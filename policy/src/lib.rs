@@ -403,9 +403,16 @@ struct CompiledPeer {
     /// `None`: the whole namespace (or mesh, in the root namespace).
     selector: Option<BTreeMap<String, String>>,
     mode: MtlsMode,
-    /// The strongest mode of `portLevelMtls`: the selected workloads get at least this one.
+    /// The strongest mode of a `portLevelMtls` that cannot apply per port (no workload selector,
+    /// as Istio requires, or more ports than the kernel keeps): the selected workloads get at
+    /// least this one on every port.
     floor: Option<Mode>,
+    /// `portLevelMtls` applied per port (UNSET ports left out: they keep the workload's mode).
+    ports: BTreeMap<u16, Mode>,
 }
+
+/// Per-port modes one workload may have (what the kernel keeps per pod).
+pub const MAX_PORT_MODES: usize = 8;
 
 #[derive(Debug)]
 struct CompiledPolicy {
@@ -496,6 +503,8 @@ impl Names {
 #[derive(Debug)]
 pub struct PodPolicy {
     pub mode: ModeChoice,
+    /// Ports whose mode is their own (`portLevelMtls` of the workload's PeerAuthentication).
+    pub port_modes: BTreeMap<u16, Mode>,
     deny: Vec<Arc<CompiledPolicy>>,
     allow: Vec<Arc<CompiledPolicy>>,
     audit: Vec<Arc<CompiledPolicy>>,
@@ -506,6 +515,7 @@ impl PodPolicy {
     pub fn open() -> PodPolicy {
         PodPolicy {
             mode: ModeChoice { mode: Mode::Permissive, policy: None, scope: "default" },
+            port_modes: BTreeMap::new(),
             deny: Vec::new(),
             allow: Vec::new(),
             audit: Vec::new(),
@@ -516,7 +526,7 @@ impl PodPolicy {
     pub fn decide(&self, peer: &Peer<'_>, to: SocketAddr) -> Decision {
         let decision = |allowed, reason, audited, caveats| Decision { allowed, reason, audited, caveats };
         if let Peer::Plaintext { .. } = peer {
-            match self.mode.mode {
+            match self.mode_for(to.port()) {
                 Mode::Strict => return decision(false, Reason::PlaintextRefused, vec![], vec![]),
                 Mode::Disable if !self.authorizes() => return decision(true, Reason::NotCaptured, vec![], vec![]),
                 // DISABLE with ALLOW or DENY policies: plaintext is decided as in PERMISSIVE.
@@ -552,7 +562,28 @@ impl PodPolicy {
     /// PERMISSIVE one's, so that those policies decide it (Istio enforces authorization in
     /// DISABLE too); without such policies DISABLE plaintext reaches the app untouched.
     pub fn kernel_mode(&self) -> Mode {
-        match self.mode.mode {
+        self.for_kernel(self.mode.mode)
+    }
+
+    /// The mode of connections to `port`: its own (`portLevelMtls`), else the workload's.
+    pub fn mode_for(&self, port: u16) -> Mode {
+        self.port_modes.get(&port).copied().unwrap_or(self.mode.mode)
+    }
+
+    /// The ports the kernel treats apart from [`PodPolicy::kernel_mode`], with their modes (as
+    /// `kernel_mode` turns them); at most [`MAX_PORT_MODES`].
+    pub fn kernel_port_modes(&self) -> Vec<(u16, Mode)> {
+        let default = self.kernel_mode();
+        self.port_modes
+            .iter()
+            .map(|(port, mode)| (*port, self.for_kernel(*mode)))
+            .filter(|(_, m)| *m != default)
+            .take(MAX_PORT_MODES)
+            .collect()
+    }
+
+    fn for_kernel(&self, mode: Mode) -> Mode {
+        match mode {
             Mode::Disable if self.authorizes() => Mode::Permissive,
             m => m,
         }
@@ -813,7 +844,13 @@ impl Policies {
                 mode = ModeChoice { mode: floor, policy: Some(p.reference.clone()), scope: "portLevelMtls" };
             }
         }
-        let mut pod = PodPolicy { mode, deny: Vec::new(), allow: Vec::new(), audit: Vec::new() };
+        // Per-port modes: those of the workload's own PeerAuthentication (the one that set its
+        // mode, else the first by name that selects it and names ports), as in Istio.
+        let ports_from = workload
+            .filter(|p| !p.ports.is_empty())
+            .or_else(|| local.iter().filter(for_workload).find(|p| !p.ports.is_empty()));
+        let port_modes = ports_from.map(|p| p.ports.clone()).unwrap_or_default();
+        let mut pod = PodPolicy { mode, port_modes, deny: Vec::new(), allow: Vec::new(), audit: Vec::new() };
         let namespaces: &[&str] = if ns == root { &[ns] } else { &[root, ns] };
         for n in namespaces {
             for p in self.authz.get(*n).into_iter().flatten() {
@@ -965,22 +1002,30 @@ fn compile_peer(pa: &PeerAuthentication) -> (CompiledPeer, Enforcement) {
         let selector = selector(&pa.spec.selector)?;
         let mode = pa.spec.mtls.as_ref().map(|m| m.mode).unwrap_or_default();
         let mut left_out = Vec::new();
-        let floor = match &pa.spec.port_level_mtls {
-            None => None,
-            Some(ports) => {
-                let floor = port_modes(ports)?.into_iter().filter_map(mode_of).max_by_key(|m| m.strength());
-                let effect = match floor {
-                    Some(f) => format!(
-                        "per-port modes are not enforced per port yet: {f}, the strongest mode named, \
-                         is the least every port of the selected workloads gets"
-                    ),
-                    None => "per-port modes are not enforced per port yet (every port here is UNSET)".into(),
-                };
-                left_out.push(FieldError::new("spec.portLevelMtls", effect));
-                floor
+        let (mut floor, mut ports) = (None, BTreeMap::new());
+        if let Some(value) = &pa.spec.port_level_mtls {
+            let named: BTreeMap<u16, Mode> =
+                port_modes(value)?.into_iter().filter_map(|(port, m)| mode_of(m).map(|m| (port, m))).collect();
+            let why = if selector.is_none() {
+                Some("portLevelMtls applies per port only with a workload selector (as in Istio)".to_string())
+            } else if named.len() > MAX_PORT_MODES {
+                Some(format!("more than {MAX_PORT_MODES} ports have a mode of their own"))
+            } else {
+                None
+            };
+            match why {
+                None => ports = named,
+                Some(why) => {
+                    floor = named.values().copied().max_by_key(|m| m.strength());
+                    let effect = match floor {
+                        Some(f) => format!("{why}: {f}, the strongest mode named, is the least every port gets"),
+                        None => format!("{why}; every port named is UNSET"),
+                    };
+                    left_out.push(FieldError::new("spec.portLevelMtls", effect));
+                }
             }
-        };
-        Ok((CompiledPeer { reference, selector, mode, floor }, left_out))
+        }
+        Ok((CompiledPeer { reference, selector, mode, floor, ports }, left_out))
     };
     match attempt() {
         Ok((c, left_out)) if left_out.is_empty() => (c, Enforcement::Enforced),
@@ -990,7 +1035,7 @@ fn compile_peer(pa: &PeerAuthentication) -> (CompiledPeer, Enforcement) {
 }
 
 /// `portLevelMtls`: port (1-65535) → `{mode}`.
-fn port_modes(ports: &serde_yaml::Value) -> Result<Vec<MtlsMode>, FieldError> {
+fn port_modes(ports: &serde_yaml::Value) -> Result<Vec<(u16, MtlsMode)>, FieldError> {
     let map =
         ports.as_mapping().ok_or_else(|| FieldError::new("spec.portLevelMtls", "must be a map of port to {mode}"))?;
     let mut modes = Vec::with_capacity(map.len());
@@ -1001,12 +1046,12 @@ fn port_modes(ports: &serde_yaml::Value) -> Result<Vec<MtlsMode>, FieldError> {
             _ => None,
         };
         let key = serde_yaml::to_string(k).unwrap_or_default().trim().to_string();
-        if !port.is_some_and(|p| (1..=65535).contains(&p)) {
+        let Some(port) = port.filter(|p| (1..=65535).contains(p)) else {
             return Err(FieldError::new(format!("spec.portLevelMtls.{key}"), "is not a port (1-65535)"));
-        }
+        };
         let m: model::MutualTls = serde_yaml::from_value(v.clone())
             .map_err(|e| FieldError::new(format!("spec.portLevelMtls.{key}"), e.to_string()))?;
-        modes.push(m.mode);
+        modes.push((port as u16, m.mode));
     }
     Ok(modes)
 }
@@ -1020,7 +1065,7 @@ fn peer_stand_in(
 ) -> (CompiledPeer, Enforcement) {
     let effect = "the workloads it would select are STRICT until it is fixed".to_string();
     (
-        CompiledPeer { reference, selector, mode: MtlsMode::Strict, floor: None },
+        CompiledPeer { reference, selector, mode: MtlsMode::Strict, floor: None, ports: BTreeMap::new() },
         Enforcement::FailedClosed { error, effect },
     )
 }

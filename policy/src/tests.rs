@@ -615,36 +615,65 @@ authorizationPolicies:
 }
 
 #[test]
-fn port_level_mtls_raises_the_workload_to_its_strongest_mode_and_the_strongest_of_equals_wins() {
+fn port_level_mtls_applies_per_port_with_a_selector_and_as_a_floor_without_one() {
     let p = compile(
         r#"
 peerAuthentications:
   - metadata: {name: a-permissive, namespace: shop}
     spec: {mtls: {mode: PERMISSIVE}}
   - metadata: {name: api, namespace: shop}
-    spec: {selector: {matchLabels: {app: api}}, portLevelMtls: {8080: {mode: STRICT}}}
+    spec: {selector: {matchLabels: {app: api}}, portLevelMtls: {8080: {mode: STRICT}, 9090: {mode: UNSET}}}
   - metadata: {name: db, namespace: bank}
     spec: {selector: {matchLabels: {app: db}}, mtls: {mode: STRICT}, portLevelMtls: {"5432": {mode: DISABLE}}}
   - metadata: {name: a-permissive, namespace: bank}
     spec: {mtls: {mode: PERMISSIVE}}
   - metadata: {name: b-strict, namespace: bank}
     spec: {mtls: {mode: STRICT}}
+  - metadata: {name: wide, namespace: ops}
+    spec: {mtls: {mode: PERMISSIVE}, portLevelMtls: {22: {mode: STRICT}}}
 "#,
     );
+    let plain = Peer::Plaintext { ip: "10.0.0.9".parse().unwrap() };
+    let to = |port| SocketAddr::new("10.0.0.1".parse().unwrap(), port);
+    // api: PERMISSIVE from the namespace, STRICT on 8080 alone; UNSET keeps the workload's.
     let api = p.for_pod(&pod("shop", "api", &[("app", "api")]));
-    assert_eq!((api.mode.mode, api.mode.scope), (Mode::Strict, "portLevelMtls"));
-    assert_eq!(p.for_pod(&pod("shop", "web", &[])).mode.mode, Mode::Permissive);
-    assert_eq!(p.for_pod(&pod("bank", "db", &[("app", "db")])).mode.mode, Mode::Strict, "never weaker than asked");
+    assert_eq!(
+        (api.mode.mode, api.mode_for(8080), api.mode_for(9090)),
+        (Mode::Permissive, Mode::Strict, Mode::Permissive)
+    );
+    assert!(!api.decide(&plain, to(8080)).allowed && api.decide(&plain, to(8081)).allowed);
+    assert_eq!(api.kernel_port_modes(), [(8080, Mode::Strict)]);
+    assert_eq!(p.for_pod(&pod("shop", "web", &[])).mode_for(8080), Mode::Permissive, "selects api only");
+    // db: STRICT but for 5432, whose plaintext reaches the app untouched (no policy selects it).
+    let db = p.for_pod(&pod("bank", "db", &[("app", "db")]));
+    assert_eq!((db.kernel_mode(), db.kernel_port_modes()), (Mode::Strict, vec![(5432, Mode::Disable)]));
+    assert!(db.decide(&plain, to(5432)).allowed && !db.decide(&plain, to(5433)).allowed);
     let bank = p.for_pod(&pod("bank", "x", &[]));
     assert_eq!(
         bank.mode.policy.as_ref().map(|r| r.name.as_str()),
         Some("b-strict"),
         "two namespace-wide: the stronger"
     );
+    // Without a selector Istio applies no per-port mode; meshless never weakens: a floor.
+    let ops = p.for_pod(&pod("ops", "x", &[]));
+    assert_eq!((ops.mode.mode, ops.mode.scope, ops.kernel_port_modes()), (Mode::Strict, "portLevelMtls", vec![]));
     assert_eq!(
         states(&p).into_iter().filter(|(_, s)| *s == "PartiallyEnforced").map(|(n, _)| n).collect::<Vec<_>>(),
-        ["shop/api", "bank/db"]
+        ["ops/wide"]
     );
+}
+
+#[test]
+fn more_per_port_modes_than_the_kernel_keeps_fall_back_to_the_strongest_on_every_port() {
+    let ports: Vec<String> = (1..=9).map(|i| format!("{}: {{mode: PERMISSIVE}}", 8000 + i)).collect();
+    let p = compile(&format!(
+        "peerAuthentications:\n  - metadata: {{name: many, namespace: shop}}\n    spec: {{selector: {{matchLabels: \
+         {{app: api}}}}, mtls: {{mode: DISABLE}}, portLevelMtls: {{{}}}}}\n",
+        ports.join(", ")
+    ));
+    let api = p.for_pod(&pod("shop", "api", &[("app", "api")]));
+    assert_eq!((api.mode.mode, api.kernel_port_modes()), (Mode::Permissive, vec![]));
+    assert_eq!(states(&p), [("shop/many".to_string(), "PartiallyEnforced")]);
 }
 
 /// Istio's documented L4 behaviour, replayed: the TCP authorization task (an ALLOW for ports, an

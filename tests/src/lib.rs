@@ -115,6 +115,11 @@ pub struct Pod {
     pub ipv4: Ipv4Addr,
     pub ipv6: Ipv6Addr,
     pub cgroup: PathBuf,
+    /// What the state files say of it (a test may change these before the agents start):
+    /// namespace `default`, ServiceAccount `sa-<name>-n<node>` and label `app: <name>-n<node>`.
+    pub namespace: String,
+    pub service_account: String,
+    pub app: String,
 }
 
 impl Pod {
@@ -288,7 +293,17 @@ impl Testbed {
         netns.ip(&format!("-6 route add default via {}", gw_ipv6(i)))?;
         let cgroup = node.cgroup.join(format!("pod{j}"));
         fs::create_dir_all(&cgroup)?;
-        Ok(Pod { name: format!("pod{j}"), node: i, netns, ipv4, ipv6, cgroup })
+        Ok(Pod {
+            name: format!("pod{j}"),
+            node: i,
+            netns,
+            ipv4,
+            ipv6,
+            cgroup,
+            namespace: "default".into(),
+            service_account: format!("sa-pod{j}-n{i}"),
+            app: format!("pod{j}-n{i}"),
+        })
     }
 
     pub fn node(&self, i: usize) -> &Node {
@@ -365,14 +380,14 @@ impl Testbed {
         writeln!(y, "pods:")?;
         for (pod, enrolled) in pods {
             writeln!(y, "  - name: {}-n{}", pod.name, pod.node)?;
-            writeln!(y, "    namespace: default")?;
-            writeln!(y, "    serviceAccount: sa-{}-n{}", pod.name, pod.node)?;
+            writeln!(y, "    namespace: {}", pod.namespace)?;
+            writeln!(y, "    serviceAccount: {}", pod.service_account)?;
             writeln!(y, "    node: node{}", pod.node)?;
             writeln!(y, "    ips: [\"{}\", \"{}\"]", pod.ipv4, pod.ipv6)?;
             writeln!(y, "    netns: {}", pod.netns.path().display())?;
             writeln!(y, "    cgroup: {}", pod.cgroup.display())?;
             writeln!(y, "    enrolled: {enrolled}")?;
-            writeln!(y, "    labels: {{app: {}-n{}}}", pod.name, pod.node)?;
+            writeln!(y, "    labels: {{app: {}}}", pod.app)?;
             // Every testbed pod declares its health on 8080, as a pod spec's probes would.
             writeln!(y, "    probePorts: [{PROBE_PORT}]")?;
         }
@@ -381,7 +396,7 @@ impl Testbed {
 
     /// The SPIFFE ID the state file gives `pod`.
     pub fn spiffe_id(&self, trust_domain: &str, pod: &Pod) -> String {
-        format!("spiffe://{trust_domain}/ns/default/sa/sa-{}-n{}", pod.name, pod.node)
+        format!("spiffe://{trust_domain}/ns/{}/sa/{}", pod.namespace, pod.service_account)
     }
 }
 

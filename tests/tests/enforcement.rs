@@ -190,6 +190,183 @@ fn plaintext_meets_strict_permissive_and_disable_with_and_without_an_agent() {
     assert_eq!((d["mode"].as_str(), d["decision"].as_str()), (Some("STRICT"), Some("deny")), "{d}");
 }
 
+/// `portLevelMtls` per port, in the kernel and in the agent: a STRICT pod with one DISABLE port,
+/// and a DISABLE pod with one STRICT port (the inbound program stays attached for it), with and
+/// without an agent.
+#[test]
+fn port_level_mtls_is_enforced_per_port_with_and_without_an_agent() {
+    let Some(bins) = support::privileged("port_level_mtls") else {
+        return;
+    };
+    let tb = Testbed::new(Layout { label: "portmtls", pods: &[1, 2] }).expect("testbed");
+    let per_port = |name: &str, app: &str, mode: &str, port_mode: &str| {
+        format!(
+            "  - metadata: {{name: {name}, namespace: default}}\n    spec: {{selector: {{matchLabels: {{app: {app}}}}}, \
+             mtls: {{mode: {mode}}}, portLevelMtls: {{9000: {{mode: {port_mode}}}}}}}\n"
+        )
+    };
+    let policy = String::from("peerAuthentications:\n")
+        + &per_port("strict-but-9000", "pod1-n2", "STRICT", "DISABLE")
+        + &per_port("off-but-9000", "pod2-n2", "DISABLE", "STRICT");
+    let args = |_| vec![];
+    let mut mesh = Mesh::start_full(&tb, &bins, &|p| Some(p.node == 2), &args, &[], &policy).expect("agents");
+    let (legacy, strict, off) = (tb.pod(1, 1), tb.pod(2, 1), tb.pod(2, 2));
+    for p in [strict, off] {
+        for port in [8000, 9000] {
+            tb.spawn(p.command(&bins.testbin).unwrap().args(["addr-serve", &port.to_string()])).unwrap();
+            wait_listening(&p.netns, port).unwrap();
+        }
+    }
+    let addr = |p: &Pod, port: u16| meshless_tests::sockaddr(p.ipv4.into(), port);
+    let untouched = legacy.ipv4.to_string();
+    let check = |with_agent: bool| {
+        let (reply, end) = exchange(&bins, legacy, &addr(strict, 8000), "hello");
+        // With an agent: accepted and reset; without: refused by the pinned program.
+        assert!(reply.is_empty() && !end.contains("eof"), "STRICT pod, 8000 (agent {with_agent}): {end:?}");
+        let (reply, _) = exchange(&bins, legacy, &addr(strict, 9000), "hello");
+        assert_eq!(reply, untouched, "its DISABLE port reaches the app untouched (agent {with_agent})");
+        let (reply, _) = exchange(&bins, legacy, &addr(off, 8000), "hello");
+        assert_eq!(reply, untouched, "DISABLE pod, 8000 (agent {with_agent})");
+        let (reply, end) = exchange(&bins, legacy, &addr(off, 9000), "hello");
+        assert!(
+            reply.is_empty() && !end.contains("eof"),
+            "its STRICT port refuses plaintext (agent {with_agent}): {end:?}"
+        );
+    };
+    check(true);
+    let d = last_decision(&mesh, 2, "pod2-n2", 9000);
+    assert_eq!((d["mode"].as_str(), d["decision"].as_str()), (Some("STRICT"), Some("deny")), "{d}");
+    assert!(decisions(&mesh, 2, "pod1-n2", 9000).is_empty(), "the DISABLE port never reaches the agent");
+    let view: serde_json::Value =
+        serde_json::from_str(&meshless_tests::mesh::admin_get(&tb, 2, "/policy").unwrap()).unwrap();
+    let pods = view["pods"].as_array().unwrap();
+    let of = |name: &str| pods.iter().find(|p| p["pod"] == name).map(|p| p["port_modes"].clone());
+    assert_eq!(of("default/pod1-n2"), Some(serde_json::json!({"9000": "DISABLE"})), "{view}");
+    assert_eq!(of("default/pod2-n2"), Some(serde_json::json!({"9000": "STRICT"})), "{view}");
+    // No agent: the kernel alone keeps the per-port modes.
+    tb.signal(mesh.agents[1], libc::SIGKILL);
+    assert!(tb.wait_exit(mesh.agents[1], Duration::from_secs(10)).is_some(), "agent killed");
+    check(false);
+    mesh.spawn_agent(&tb, &bins, 2).expect("restarted agent");
+    check(true);
+}
+
+/// Istio's documented L4 examples that the policy engine's table test
+/// (`istios_documented_l4_examples_decide_as_istio_does`) replays, replayed again through the
+/// live data path: namespaces, notNamespaces and ipBlocks, the `when` keys an L4 proxy
+/// evaluates, allow-nothing beside allow-all, and a mesh-wide deny-all beating an ALLOW. Each row
+/// is a real connection from a pod of that identity (or a plaintext client at that address),
+/// decided by the destination node's agent. (The TCP task's rows run live in the Kubernetes test.)
+#[test]
+fn istios_l4_examples_decide_on_the_live_data_path_as_in_the_engines_table() {
+    let Some(bins) = support::privileged("istio_l4_live") else {
+        return;
+    };
+    let mut tb = Testbed::new(Layout { label: "istiol4", pods: &[5, 2] }).expect("testbed");
+    for (node, j, ns, sa, app) in [
+        (1, 1, "dev", "x", "dev-x"),
+        (1, 2, "qa", "x", "qa-x"),
+        (1, 3, "foo", "app", "foo-app"),
+        (1, 4, "foo", "guest", "foo-guest"),
+        (2, 1, "foo", "api", "api"),
+        (2, 2, "foo", "db", "db"),
+    ] {
+        let p = &mut tb.nodes[node - 1].pods[j - 1];
+        (p.namespace, p.service_account, p.app) = (ns.into(), sa.into(), app.into());
+    }
+    let legacy = tb.pod(1, 5).clone();
+    // The table's ipBlock (203.0.113.0/24 there) is the plaintext client's own address here.
+    let policy = format!(
+        r#"
+authorizationPolicies:
+  - metadata: {{name: from-dev, namespace: foo}}
+    spec:
+      selector: {{matchLabels: {{app: api}}}}
+      rules:
+        - from: [{{source: {{namespaces: ["dev"]}}}}]
+        - from: [{{source: {{ipBlocks: ["{}/32"]}}}}]
+  - metadata: {{name: not-prod, namespace: foo}}
+    spec:
+      selector: {{matchLabels: {{app: api}}}}
+      action: DENY
+      rules: [{{from: [{{source: {{notNamespaces: ["dev", "foo"]}}}}], when: [{{key: destination.port, values: ["9090"]}}]}}]
+  - metadata: {{name: when-keys, namespace: foo}}
+    spec:
+      selector: {{matchLabels: {{app: db}}}}
+      rules:
+        - when:
+            - {{key: source.namespace, values: ["foo"]}}
+            - {{key: source.principal, notValues: ["cluster.local/ns/foo/sa/guest"]}}
+"#,
+        legacy.ipv4
+    );
+    let args = |_| vec![];
+    let mesh = Mesh::start_full(&tb, &bins, &|p| Some(p.name != "pod5"), &args, &[], &policy).expect("agents");
+    let (api, db) = (tb.pod(2, 1), tb.pod(2, 2));
+    for p in [api, db] {
+        for port in [8080, 9090, 5432] {
+            tb.spawn(p.command(&bins.testbin).unwrap().args(["addr-serve", &port.to_string()])).unwrap();
+            wait_listening(&p.netns, port).unwrap();
+        }
+    }
+    let replay = |rows: &[(&Pod, &Pod, u16, bool)], phase: &str| {
+        for (from, to, port, want) in rows {
+            let (reply, end) = exchange(&bins, from, &meshless_tests::sockaddr(to.ipv4.into(), *port), "hi");
+            let allowed = !reply.is_empty() && end == "eof";
+            assert_eq!(
+                allowed,
+                *want,
+                "{phase}: {}/{} → {}/{}:{port}: got {reply:?} {end:?}; log:\n{}",
+                from.namespace,
+                from.app,
+                to.namespace,
+                to.app,
+                mesh.log_summary(2)
+            );
+            let d = last_decision(&mesh, 2, &format!("{}-n{}", to.name, to.node), *port);
+            assert_eq!(d["decision"], if *want { "allow" } else { "deny" }, "{phase}: {d}");
+        }
+    };
+    let (dev, qa, foo_app, guest) = (tb.pod(1, 1), tb.pod(1, 2), tb.pod(1, 3), tb.pod(1, 4));
+    replay(
+        &[
+            (dev, api, 8080, true),
+            (dev, api, 9090, true),
+            (qa, api, 8080, false),
+            (&legacy, api, 8080, true),
+            (&legacy, api, 9090, false),
+            (foo_app, db, 5432, true),
+            (guest, db, 5432, false),
+            (qa, db, 5432, false),
+        ],
+        "namespaces, ipBlocks and when",
+    );
+    // allow-nothing for the namespace, allow-all for one workload of it.
+    mesh.set_policy(
+        &tb,
+        "authorizationPolicies:\n  - metadata: {name: allow-nothing, namespace: foo}\n    spec: {}\n  - metadata: \
+         {name: allow-all, namespace: foo}\n    spec: {selector: {matchLabels: {app: db}}, rules: [{}]}\n",
+    )
+    .unwrap();
+    let applied = meshless_tests::wait_for(Duration::from_secs(10), || {
+        exchange(&bins, dev, &meshless_tests::sockaddr(api.ipv4.into(), 8080), "hi").0.is_empty().then_some(())
+    });
+    assert!(applied.is_some(), "allow-nothing never applied:\n{}", mesh.log_summary(2));
+    replay(&[(dev, api, 8080, false), (qa, db, 5432, true), (guest, db, 9090, true)], "allow-nothing, allow-all");
+    // A mesh-wide deny-all (root namespace) beats the namespace's ALLOW.
+    mesh.set_policy(
+        &tb,
+        "authorizationPolicies:\n  - metadata: {name: deny-all, namespace: meshless-system}\n    spec: {action: DENY, \
+         rules: [{}]}\n  - metadata: {name: allow-all, namespace: foo}\n    spec: {rules: [{}]}\n",
+    )
+    .unwrap();
+    let applied = meshless_tests::wait_for(Duration::from_secs(10), || {
+        exchange(&bins, qa, &meshless_tests::sockaddr(db.ipv4.into(), 5432), "hi").0.is_empty().then_some(())
+    });
+    assert!(applied.is_some(), "deny-all never applied:\n{}", mesh.log_summary(2));
+    replay(&[(foo_app, db, 5432, false), (dev, api, 8080, false)], "deny-all");
+}
+
 /// A restart while the issuer is unreachable: the restarted agent cannot get its pods'
 /// certificates, and a STRICT pod must stay closed to plaintext meanwhile (the failing pod's mode
 /// is held in the kernel with no listener), then be served again once the issuer is back.
