@@ -24,7 +24,7 @@ use crate::netns::{self, Netns};
 use crate::policy::Peer;
 use crate::pool::{Pool, PoolKey};
 use crate::tunnel::{self, ActivityGuard, Ended, Inbound};
-use crate::workloads::{canonical, Store};
+use crate::workloads::{canonical, Store, Workload};
 
 /// What the data path needs, built once by the app and inputs by every pod's listeners
 /// (ztunnel's `ProxyInputs`). The data path imports nothing of the app or the pod lifecycle.
@@ -156,8 +156,14 @@ async fn outbound(inputs: Arc<Inputs>, pod: Arc<LocalPod>, app: TcpStream, peer:
         return;
     }
     let dst = SocketAddr::new(canonical(dst.ip()), dst.port());
-    let dst_pod = inputs.store.load().pod_by_ip(dst.ip()).filter(|p| p.mesh).cloned();
+    let dir = inputs.store.load();
+    let dst_pod = dir.pod_by_ip(dst.ip()).filter(|p| p.mesh).cloned();
     let Some(dst_pod) = dst_pod else {
+        // A Service's virtual IP: one of its endpoints.
+        if let Some(front) = dir.pod_by_ip(dst.ip()).is_none().then(|| dir.services.get(dst).cloned()).flatten() {
+            drop(dir);
+            return to_service(inputs, pod, app, dst, front).await;
+        }
         // Not a mesh destination: pass through, in plaintext, from the pod's own netns.
         debug!(dst_addr = %dst, "passthrough (destination is not in the mesh)");
         match connect_from(&inputs.home, &pod.netns, None, dst).await {
@@ -169,7 +175,30 @@ async fn outbound(inputs: Arc<Inputs>, pod: Arc<LocalPod>, app: TcpStream, peer:
         }
         return;
     };
+    drop(dir);
     let src_id = pod.tls.id.clone();
+    match hbone_stream(&inputs, &pod, dst, &dst_pod).await {
+        Ok(pooled) => {
+            info!(src_id = %src_id, dst_id = %dst_pod.identity, dst_addr = %dst, "outbound connection over HBONE");
+            let ended = pooled.stream.splice(app, &pod.stop).await;
+            log_end("outbound", &ended);
+        }
+        Err(e) => {
+            warn!(src_id = %src_id, dst_id = %dst_pod.identity, dst_addr = %dst, error = %e,
+                "HBONE connect failed; resetting the app's connection");
+            tunnel::reset(app);
+        }
+    }
+}
+
+/// A CONNECT stream from `pod` to `dst` (an address of `dst_pod`) over a pooled HBONE connection
+/// that requires `dst_pod`'s identity.
+async fn hbone_stream(
+    inputs: &Arc<Inputs>,
+    pod: &Arc<LocalPod>,
+    dst: SocketAddr,
+    dst_pod: &Arc<Workload>,
+) -> Result<crate::pool::PooledStream, tunnel::Error> {
     let tunnel_addr = SocketAddr::new(dst.ip(), TUNNEL_PORT);
     let key = PoolKey { src: pod.cookie, dst: tunnel_addr, dst_id: dst_pod.identity.clone() };
     let connect = || async {
@@ -187,18 +216,62 @@ async fn outbound(inputs: Arc<Inputs>, pod: Arc<LocalPod>, app: TcpStream, peer:
         }
         unreachable!("the second attempt always returns")
     };
-    match inputs.pool.stream(&key, dst, pod.tls.cert.generation(), connect).await {
-        Ok(pooled) => {
-            info!(src_id = %src_id, dst_id = %dst_pod.identity, dst_addr = %dst, "outbound connection over HBONE");
-            let ended = pooled.stream.splice(app, &pod.stop).await;
-            log_end("outbound", &ended);
-        }
-        Err(e) => {
-            warn!(src_id = %src_id, dst_id = %dst_pod.identity, dst_addr = %dst, error = %e,
-                "HBONE connect failed; resetting the app's connection");
-            tunnel::reset(app);
+    inputs.pool.stream(&key, dst, pod.tls.cert.generation(), connect).await
+}
+
+/// Endpoints tried for one connection to a Service before the app sees a reset.
+const SERVICE_ATTEMPTS: usize = 3;
+
+/// A connection to a Service's virtual IP `vip`: carried to one of its endpoints — over HBONE,
+/// requiring the endpoint pod's identity, when the endpoint is in the mesh; in plaintext from the
+/// pod's netns otherwise, as a call to that address would be (a STRICT endpoint's kernel refuses
+/// plaintext, so it is never reached that way). An endpoint that cannot be reached (its node, its
+/// agent, or its app refusing) is skipped for the next, up to [`SERVICE_ATTEMPTS`].
+async fn to_service(
+    inputs: Arc<Inputs>,
+    pod: Arc<LocalPod>,
+    app: TcpStream,
+    vip: SocketAddr,
+    front: Arc<crate::workloads::services::Frontend>,
+) {
+    let client = pod.workload().ips.first().copied().unwrap_or(vip.ip());
+    let mut tried = Vec::new();
+    while tried.len() < SERVICE_ATTEMPTS {
+        let Some(backend) = front.pick(client, &tried) else { break };
+        tried.push(backend.addr);
+        let _in_flight = crate::workloads::services::InFlight::new(&backend);
+        let (service, endpoint) = (&front.service, backend.addr);
+        match backend.pod.as_ref().filter(|p| p.mesh) {
+            Some(dst_pod) => {
+                let answered = match hbone_stream(&inputs, &pod, endpoint, dst_pod).await {
+                    Ok(pooled) => pooled.stream.answered().await.map(|s| (s, pooled._guard)).map_err(|e| e.to_string()),
+                    Err(e) => Err(e.to_string()),
+                };
+                match answered {
+                    Ok((stream, _guard)) => {
+                        info!(src_id = %pod.tls.id, dst_id = %dst_pod.identity, %service, %vip, dst_addr = %endpoint,
+                              "outbound connection to a Service over HBONE");
+                        let ended = stream.splice(app, &pod.stop).await;
+                        log_end("outbound", &ended);
+                        return;
+                    }
+                    Err(e) => {
+                        warn!(%service, dst_addr = %endpoint, error = %e, "Service endpoint failed; trying another")
+                    }
+                }
+            }
+            None => match connect_from(&inputs.home, &pod.netns, None, endpoint).await {
+                Ok(up) => {
+                    info!(%service, %vip, dst_addr = %endpoint, "outbound connection to a Service endpoint outside the mesh (plaintext)");
+                    passthrough(app, up, &pod.stop).await;
+                    return;
+                }
+                Err(e) => warn!(%service, dst_addr = %endpoint, error = %e, "Service endpoint failed; trying another"),
+            },
         }
     }
+    warn!(service = %front.service, %vip, tried = tried.len(), "no endpoint of the Service could be reached; resetting");
+    tunnel::reset(app);
 }
 
 /// Plaintext that sk_lookup steered to the pod's 15006: the mode, then policy with an

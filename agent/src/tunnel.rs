@@ -442,6 +442,14 @@ impl H2Stream {
     /// buffers to and from h2 as `Bytes` (no intermediate copy). A clean end of one direction is
     /// passed on as such (TCP EOF → END_STREAM, END_STREAM → TCP FIN) while the other goes on. An
     /// error or reset on either side resets both: RST_STREAM to the peer, TCP RST to the app.
+    /// Waits for the peer's answer to the CONNECT (client side): the stream once the peer has
+    /// reached the app, or the refusal. Where another destination can still be tried (a
+    /// Service's next endpoint) this comes before the app's first byte is sent.
+    pub async fn answered(self) -> io::Result<H2Stream> {
+        let recv = self.recv.ready().await?;
+        Ok(H2Stream { send: self.send, recv: Recv::Ready(recv) })
+    }
+
     pub async fn splice<A: AppSide>(self, tcp: A, cancel: &CancellationToken) -> Ended {
         let H2Stream { mut send, recv } = self;
         let result = tokio::select! {

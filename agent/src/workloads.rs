@@ -6,6 +6,7 @@
 //! ([`statefile`]) today, the Kubernetes API later. Both feed the same store and the same
 //! per-pod lifecycle (`pods`), so their semantics cannot drift apart.
 
+pub mod services;
 pub mod statefile;
 
 use std::collections::{BTreeMap, HashMap};
@@ -84,6 +85,8 @@ pub struct Directory {
     /// Why the source's newest update was refused, while this (the last good) snapshot serves in
     /// its place; `None` when the snapshot is the source's newest.
     pub refused_update: Option<String>,
+    /// Services: (VIP, port) → endpoints.
+    pub services: Arc<services::ServiceMap>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -118,7 +121,17 @@ impl Directory {
             .filter(|w| w.node == node)
             .map(|w| (w.key.clone(), Arc::new(policies.for_workload(&w.policy_target()))))
             .collect();
-        Ok(Directory { trust_domain, node, cgroup_parent, pods, by_ip, policies, pod_policies, refused_update: None })
+        Ok(Directory {
+            trust_domain,
+            node,
+            cgroup_parent,
+            pods,
+            by_ip,
+            policies,
+            pod_policies,
+            refused_update: None,
+            services: Arc::default(),
+        })
     }
 
     /// An empty directory (before the first snapshot; in tests).
@@ -132,7 +145,18 @@ impl Directory {
             policies: Arc::default(),
             pod_policies: HashMap::new(),
             refused_update: None,
+            services: Arc::default(),
         }
+    }
+
+    /// The directory with `services` resolved against its pods (an endpoint is its pod by
+    /// `targetRef`, else by address).
+    pub fn with_services(mut self, services: &[services::Service]) -> Directory {
+        let map = services::ServiceMap::new(services, |key, ip| {
+            key.and_then(|k| self.pods.get(k)).or_else(|| self.by_ip.get(&ip)).cloned()
+        });
+        self.services = Arc::new(map);
+        self
     }
 
     pub fn pods(&self) -> impl Iterator<Item = &Arc<Workload>> {

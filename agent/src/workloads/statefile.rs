@@ -51,6 +51,55 @@ struct RawState {
     /// Istio-shaped (L4) AuthorizationPolicy objects.
     #[serde(default)]
     authorization_policies: Vec<AuthorizationPolicy>,
+    /// Services with a virtual IP and their endpoints (what a Service and its EndpointSlices say).
+    #[serde(default)]
+    services: Vec<RawService>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawService {
+    name: String,
+    namespace: String,
+    #[serde(rename = "clusterIPs")]
+    cluster_ips: Vec<IpAddr>,
+    ports: Vec<RawServicePort>,
+    /// `None` (default) or `ClientIP`.
+    #[serde(default)]
+    session_affinity: Option<String>,
+    #[serde(default)]
+    publish_not_ready_addresses: bool,
+    #[serde(default)]
+    endpoints: Vec<RawEndpoint>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawServicePort {
+    port: u16,
+    /// A number, or the name of a port the endpoints declare (`ports`); default: `port`.
+    #[serde(default)]
+    target_port: Option<serde_yaml::Value>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawEndpoint {
+    /// A pod of the Service's namespace (its addresses are the pod's).
+    #[serde(default)]
+    pod: Option<String>,
+    /// Addresses of an endpoint that is not a listed pod (or to override the pod's).
+    #[serde(default)]
+    addresses: Vec<IpAddr>,
+    #[serde(default = "yes")]
+    ready: bool,
+    #[serde(default)]
+    serving: Option<bool>,
+    #[serde(default)]
+    terminating: bool,
+    /// Named ports the endpoint serves: name → port.
+    #[serde(default)]
+    ports: BTreeMap<String, u16>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -136,7 +185,88 @@ pub fn parse(path: &Path, text: &str) -> Result<Directory, Error> {
         unreadable: Vec::new(),
     })
     .map_err(|e| invalid(e.to_string()))?;
-    Directory::new(trust_domain, raw.node, raw.cgroup_parent, workloads, policies).map_err(|e| invalid(e.0))
+    let pods: std::collections::HashMap<PodKey, Vec<IpAddr>> =
+        workloads.iter().map(|w| (w.key.clone(), w.ips.clone())).collect();
+    let services = services(raw.services, &pods).map_err(invalid)?;
+    let dir =
+        Directory::new(trust_domain, raw.node, raw.cgroup_parent, workloads, policies).map_err(|e| invalid(e.0))?;
+    Ok(dir.with_services(&services))
+}
+
+/// The `services:` section, checked: unique names, a VIP each that is no pod's address, ports
+/// 1-65535, endpoints that are listed pods of the Service's namespace or give addresses.
+fn services(
+    raw: Vec<RawService>,
+    pods: &std::collections::HashMap<PodKey, Vec<IpAddr>>,
+) -> Result<Vec<super::services::Service>, String> {
+    use super::services::{Endpoint, Service, ServiceKey, ServicePort, TargetPort};
+    let mut seen = HashSet::new();
+    let pod_ips: HashSet<IpAddr> = pods.values().flatten().map(|ip| crate::policy::canonical(*ip)).collect();
+    let mut out = Vec::with_capacity(raw.len());
+    for (i, s) in raw.into_iter().enumerate() {
+        let at = format!("services[{i}] ({}/{})", s.namespace, s.name);
+        if s.name.is_empty() || s.namespace.is_empty() {
+            return Err(format!("{at}: name and namespace must not be empty"));
+        }
+        if !seen.insert((s.namespace.clone(), s.name.clone())) {
+            return Err(format!("{at}: listed twice"));
+        }
+        if s.cluster_ips.is_empty() {
+            return Err(format!("{at}: needs a virtual IP in `clusterIPs` (headless Services need no entry)"));
+        }
+        if let Some(ip) = s.cluster_ips.iter().find(|ip| pod_ips.contains(&crate::policy::canonical(**ip))) {
+            return Err(format!("{at}: clusterIP {ip} is a pod's address"));
+        }
+        let client_ip_affinity = match s.session_affinity.as_deref() {
+            None | Some("None") => false,
+            Some("ClientIP") => true,
+            Some(other) => return Err(format!("{at}: sessionAffinity {other:?} is not None or ClientIP")),
+        };
+        let mut ports = Vec::new();
+        for (j, p) in s.ports.into_iter().enumerate() {
+            let target = match p.target_port {
+                None => TargetPort::Number(p.port),
+                Some(serde_yaml::Value::Number(n)) => match n.as_u64().filter(|n| (1..=65535).contains(n)) {
+                    Some(n) => TargetPort::Number(n as u16),
+                    None => return Err(format!("{at}: ports[{j}].targetPort {n} is not a port (1-65535)")),
+                },
+                Some(serde_yaml::Value::String(name)) if !name.is_empty() => TargetPort::Name(name),
+                Some(other) => return Err(format!("{at}: ports[{j}].targetPort {other:?} is not a port or a name")),
+            };
+            if p.port == 0 || ports.iter().any(|q: &ServicePort| q.port == p.port) {
+                return Err(format!("{at}: ports[{j}].port {} is 0 or listed twice", p.port));
+            }
+            ports.push(ServicePort { port: p.port, target });
+        }
+        let mut endpoints = Vec::new();
+        for (j, e) in s.endpoints.into_iter().enumerate() {
+            let pod = e.pod.map(|name| PodKey { namespace: s.namespace.clone(), name });
+            let addresses = match (&pod, e.addresses.is_empty()) {
+                (Some(k), true) => {
+                    pods.get(k).cloned().ok_or_else(|| format!("{at}: endpoints[{j}]: no pod {k} is listed"))?
+                }
+                (_, false) => e.addresses,
+                (None, true) => return Err(format!("{at}: endpoints[{j}] needs `pod` or `addresses`")),
+            };
+            endpoints.push(Endpoint {
+                addresses,
+                pod,
+                ready: e.ready,
+                serving: e.serving.unwrap_or(e.ready),
+                terminating: e.terminating,
+                named_ports: e.ports,
+            });
+        }
+        out.push(Service {
+            key: ServiceKey { namespace: s.namespace, name: s.name },
+            vips: s.cluster_ips,
+            ports,
+            client_ip_affinity,
+            publish_not_ready: s.publish_not_ready_addresses,
+            endpoints,
+        });
+    }
+    Ok(out)
 }
 
 /// Says which accepted policy objects are enforced only in part (the file refuses the others).
@@ -352,6 +482,37 @@ pods:
         ] {
             let err = parse_str(&bad).unwrap_err().to_string();
             assert!(err.contains(want) && err.contains("test.yaml"), "{want:?} not in: {err}");
+        }
+    }
+
+    #[test]
+    fn services_resolve_to_their_pods_and_a_bad_one_names_its_field() {
+        let base = "trustDomain: td\nnode: n\ncgroupParent: /x\npods:\n - {name: a, namespace: d, serviceAccount: s, \
+                    node: m, ips: [10.0.0.1]}\n - {name: b, namespace: d, serviceAccount: s, node: m, ips: [10.0.0.2], \
+                    enrolled: false}\n";
+        let svc = |rest: &str| format!("{base}services:\n - {{name: web, namespace: d, {rest}}}\n");
+        let dir = parse_str(&svc("clusterIPs: [10.96.0.1], ports: [{port: 80, targetPort: web}], endpoints: [{pod: a, \
+                                  ports: {web: 8080}}, {pod: b, ready: false}, {addresses: [10.0.0.9], ports: {web: 9090}}]"))
+        .unwrap();
+        let front = dir.services.get("10.96.0.1:80".parse().unwrap()).expect("the VIP resolves");
+        let found: Vec<(String, Option<String>)> =
+            front.backends.iter().map(|b| (b.addr.to_string(), b.pod.as_ref().map(|p| p.key.to_string()))).collect();
+        assert_eq!(
+            found,
+            [("10.0.0.1:8080".into(), Some("d/a".into())), ("10.0.0.9:9090".into(), None)],
+            "the ready endpoints, named port per endpoint, pods by targetRef"
+        );
+        for (rest, wanted) in [
+            ("clusterIPs: [], ports: [{port: 80}]", "needs a virtual IP"),
+            ("clusterIPs: [10.0.0.1], ports: [{port: 80}]", "is a pod's address"),
+            ("clusterIPs: [10.96.0.1], ports: [{port: 80, targetPort: 70000}]", "targetPort 70000"),
+            ("clusterIPs: [10.96.0.1], ports: [{port: 80}, {port: 80}]", "listed twice"),
+            ("clusterIPs: [10.96.0.1], ports: [{port: 80}], sessionAffinity: Sticky", "sessionAffinity"),
+            ("clusterIPs: [10.96.0.1], ports: [{port: 80}], endpoints: [{pod: zz}]", "no pod d/zz"),
+            ("clusterIPs: [10.96.0.1], ports: [{port: 80}], endpoints: [{ready: true}]", "needs `pod` or `addresses`"),
+        ] {
+            let err = parse_str(&svc(rest)).unwrap_err().to_string();
+            assert!(err.contains(wanted) && err.contains("services[0] (d/web)"), "{rest}: {err}");
         }
     }
 

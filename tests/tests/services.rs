@@ -1,0 +1,147 @@
+//! Services: a meshed pod's call to a Service's virtual IP goes to one of its endpoints over the
+//! mesh (no kube-proxy in the testbed: the mesh alone makes the VIP work), load balanced,
+//! authorized at each endpoint with the caller's identity, skipping endpoints that are not ready
+//! or fail; endpoints outside the mesh get plaintext as a call to their address would.
+
+mod support;
+
+use std::time::Duration;
+
+use meshless_tests::mesh::{wait_listening, Mesh, TRUST_DOMAIN};
+use meshless_tests::pcap::{seen, Dump};
+use meshless_tests::{wait_for, Layout, Pod, Testbed};
+
+/// The testbed's Service addresses: inside its own blocks (198.19.0.0/16, fd6d:6c00::/32), held
+/// by no host; nothing outside the testbed's namespaces is ever addressed.
+const WEB_VIP: &str = "198.19.200.10";
+const WEB_VIP6: &str = "fd6d:6c00:c8::10";
+const LEGACY_VIP: &str = "198.19.200.11";
+
+/// The `services:` section: `web` (backends A on node 2, port 8080, and B on node 1, port 8081,
+/// both by the named port `http`; B ready or not), and `legacy` (one endpoint outside the mesh).
+fn services(b_ready: bool) -> String {
+    format!(
+        r#"
+services:
+  - name: web
+    namespace: default
+    clusterIPs: ["{WEB_VIP}", "{WEB_VIP6}"]
+    ports: [{{port: 80, targetPort: http}}]
+    endpoints:
+      - {{pod: pod1-n2, ports: {{http: 8080}}}}
+      - {{pod: pod2-n1, ready: {b_ready}, ports: {{http: 8081}}}}
+  - name: legacy
+    namespace: default
+    clusterIPs: ["{LEGACY_VIP}"]
+    ports: [{{port: 80, targetPort: 8080}}]
+    endpoints: [{{pod: pod2-n2}}]
+"#
+    )
+}
+
+fn curl(pod: &Pod, url: &str) -> Result<String, String> {
+    let out = pod.command("curl").unwrap().args(["-sS", "--max-time", "10", url]).output().expect("running curl");
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+/// Calls the `web` Service `n` times; how many answers came from A and from B, or the first
+/// call that failed.
+fn try_spread(client: &Pod, n: usize, path: &str) -> Result<(usize, usize), String> {
+    let (mut a, mut b) = (0, 0);
+    for i in 0..n {
+        match curl(client, &format!("http://{WEB_VIP}/{path}-{i}")) {
+            Ok(body) if body == "backend-a" => a += 1,
+            Ok(body) if body == "backend-b" => b += 1,
+            other => return Err(format!("call {i} to the Service: {other:?}")),
+        }
+    }
+    Ok((a, b))
+}
+
+fn spread(client: &Pod, n: usize, path: &str) -> (usize, usize) {
+    try_spread(client, n, path).unwrap_or_else(|e| panic!("{e}"))
+}
+
+#[test]
+fn calls_to_a_service_go_over_the_mesh_to_ready_endpoints_balanced_and_authorized() {
+    let Some(bins) = support::privileged("services") else {
+        return;
+    };
+    let tb = Testbed::new(Layout { label: "svc", pods: &[2, 2] }).expect("testbed");
+    // Meshed: the client (pod1-n1) and backends A (pod1-n2) and B (pod2-n1); pod2-n2 is not.
+    let meshed = |p: &Pod| !(p.node == 2 && p.name == "pod2");
+    let args = |_| vec![];
+    let mesh = Mesh::start_full(&tb, &bins, &|p| Some(meshed(p)), &args, &[], &services(true)).expect("agents");
+    let (client, a, b, legacy) = (tb.pod(1, 1), tb.pod(2, 1), tb.pod(1, 2), tb.pod(2, 2));
+    let a_pid = tb.spawn(a.command(&bins.testbin).unwrap().args(["http-serve", "8080", "backend-a"])).unwrap();
+    tb.spawn(b.command(&bins.testbin).unwrap().args(["http-serve", "8081", "backend-b"])).unwrap();
+    tb.spawn(legacy.command(&bins.testbin).unwrap().args(["http-serve", "8080", "backend-legacy"])).unwrap();
+    for (p, port) in [(a, 8080), (b, 8081), (legacy, 8080)] {
+        wait_listening(&p.netns, port).unwrap();
+    }
+
+    // 200 calls: all answered, by both endpoints, nothing in clear on the link between nodes.
+    let dump = Dump::start(&tb, 1, "node1-eth0").unwrap();
+    let (from_a, from_b) = spread(client, 200, "svc-marker-5be1");
+    assert!(from_a > 20 && from_b > 20, "both endpoints serve: A {from_a}, B {from_b}");
+    // The app's getpeername() shows the VIP it dialed, not the endpoint or the agent.
+    let vip = format!("{WEB_VIP}:80");
+    let (_, out, err) =
+        support::run(client.command(&bins.testbin).unwrap().args(["peer", &vip, "GET /peer HTTP/1.1\n"]));
+    assert_eq!(out.lines().next(), Some(vip.as_str()), "getpeername(): {out} {err}");
+    let v6 = curl(client, &format!("http://[{WEB_VIP6}]/v6"));
+    assert!(matches!(v6.as_deref(), Ok("backend-a") | Ok("backend-b")), "over the IPv6 VIP: {v6:?}");
+    // An endpoint outside the mesh: plaintext, as a call to its own address.
+    assert_eq!(curl(client, &format!("http://{LEGACY_VIP}/plain-marker-0c3d")).as_deref(), Ok("backend-legacy"));
+    let segs = dump.finish(&tb).unwrap();
+    assert!(seen(&segs, "plain-marker-0c3d"), "control: the plaintext call to the legacy endpoint is seen");
+    assert!(!seen(&segs, "svc-marker-5be1"), "a call to the Service crossed the wire in clear");
+    assert!(segs.iter().any(|s| s.dst_port == 15008 && s.payload.starts_with(&[0x17, 0x03, 0x03])), "no TLS to 15008");
+
+    // Each endpoint's agent authorized the caller's own identity.
+    let caller = tb.spiffe_id(TRUST_DOMAIN, client);
+    for (node, dst) in [(2, "pod1-n2"), (1, "pod2-n1")] {
+        let decided = mesh.wait_log(node, "inbound decision", |l| {
+            l["src_id"] == caller.as_str()
+                && l["decision"] == "allow"
+                && l["dst"].as_str().is_some_and(|d| d.ends_with(dst))
+        });
+        assert!(decided.is_some(), "node{node} never authorized {caller} for {dst}: {}", mesh.log_summary(node));
+    }
+
+    // A DENY on the caller's principal stops calls through the Service too.
+    let deny = r#"
+authorizationPolicies:
+  - metadata: {name: no-client, namespace: default}
+    spec:
+      action: DENY
+      rules: [{from: [{source: {principals: ["cluster.local/ns/default/sa/sa-pod1-n1"]}}]}]
+"#;
+    mesh.set_policy(&tb, &(services(true) + deny)).unwrap();
+    let denied = wait_for(Duration::from_secs(10), || curl(client, &format!("http://{WEB_VIP}/after-deny")).err());
+    assert!(denied.is_some(), "the DENY never stopped calls through the Service");
+    for i in 0..5 {
+        assert!(curl(client, &format!("http://{WEB_VIP}/denied-{i}")).is_err(), "call {i} got through the DENY");
+    }
+
+    // B not ready: not chosen once the update is in.
+    mesh.set_policy(&tb, &services(false)).unwrap();
+    let only_a =
+        wait_for(Duration::from_secs(10), || (try_spread(client, 20, "not-ready") == Ok((20, 0))).then_some(()));
+    assert!(only_a.is_some(), "the endpoint that is not ready was still chosen");
+
+    // A killed mid-run, B ready again: every call is answered, by B (A's refusal is retried).
+    mesh.set_policy(&tb, &services(true)).unwrap();
+    let both = wait_for(Duration::from_secs(10), || {
+        let (a, b) = try_spread(client, 20, "ready-again").ok()?;
+        (a > 0 && b > 0).then_some(())
+    });
+    assert!(both.is_some(), "B never came back");
+    tb.signal(a_pid, libc::SIGKILL);
+    assert!(tb.wait_exit(a_pid, Duration::from_secs(10)).is_some());
+    assert_eq!(spread(client, 40, "a-killed"), (0, 40), "no call fails beyond the bounded retry");
+}
