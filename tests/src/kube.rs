@@ -123,7 +123,9 @@ impl ApiServer {
             "--service-account-issuer=https://kubernetes.default.svc".into(),
             format!("--service-account-key-file={}", p("sa.pem")),
             format!("--service-account-signing-key-file={}", p("sa-key.pem")),
-            "--service-cluster-ip-range=10.96.0.0/16".into(),
+            // Inside the testbed's own block, held by no host: a Service's virtual IP is never
+            // an address beyond the testbed.
+            "--service-cluster-ip-range=198.19.200.0/24".into(),
             "--allow-privileged=true".into(),
             "--disable-admission-plugins=ServiceAccount".into(),
             "--endpoint-reconciler-type=none".into(),

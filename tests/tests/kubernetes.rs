@@ -173,6 +173,24 @@ fn pods_in_opted_in_namespaces_are_meshed_from_the_api_and_the_cni_plugin_and_ot
     let secret = "kube-meshed-marker-9d3b";
     let out = curl(client, &format!("http://{}:8080/{secret}", server.ipv4), secret);
     assert_eq!(String::from_utf8_lossy(&out.stdout), body, "meshed call: {}", String::from_utf8_lossy(&out.stderr));
+    // A Service in front of backend-1, with its EndpointSlice as the endpoint controller writes
+    // it (no controller runs here, no kube-proxy either): the frontend's call to the ClusterIP is
+    // carried over the mesh to backend-1, resolved by the agent from the watched objects.
+    let service = serde_json::json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "backend"},
+        "spec": {"clusterIP": "198.19.200.20", "ports": [{"name": "http", "port": 80, "targetPort": 8080}]}});
+    api.api(tb, "POST", "/api/v1/namespaces/shop/services", Some(service)).unwrap();
+    let slice = serde_json::json!({"apiVersion": "discovery.k8s.io/v1beta1", "kind": "EndpointSlice",
+        "metadata": {"name": "backend-abc12", "labels": {"kubernetes.io/service-name": "backend"}},
+        "addressType": "IPv4", "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+        "endpoints": [{"addresses": [server.ipv4.to_string()], "conditions": {"ready": true},
+                       "targetRef": {"kind": "Pod", "namespace": "shop", "name": "backend-1"}}]});
+    api.api(tb, "POST", "/apis/discovery.k8s.io/v1beta1/namespaces/shop/endpointslices", Some(slice)).unwrap();
+    let via_service = "kube-service-marker-2f6a";
+    let reached = wait_for(Duration::from_secs(10), || {
+        let out = curl(client, &format!("http://198.19.200.20/{via_service}"), via_service);
+        (String::from_utf8_lossy(&out.stdout) == body).then_some(())
+    });
+    assert!(reached.is_some(), "the ClusterIP never answered through the mesh: {}", mesh.log_tail(1));
     // Control: a meshed client to a pod outside the mesh goes in plaintext, and the capture sees it.
     let plain = "kube-plaintext-control-3e8a";
     let out = curl(client, &format!("http://{}:8080/{plain}", legacy_server.ipv4), plain);
@@ -222,6 +240,7 @@ fn pods_in_opted_in_namespaces_are_meshed_from_the_api_and_the_cni_plugin_and_ot
     assert!(!seen(&segs, early), "the unplaced pod's request crossed the wire");
     assert!(seen(&segs, plain), "control failed: the capture should show the legacy call's plaintext");
     assert!(!seen(&segs, secret), "the meshed request crossed the wire in plaintext");
+    assert!(!seen(&segs, via_service), "the call through the Service crossed the wire in plaintext");
     assert!(
         segs.iter().any(|s| s.dst_port == 15008 && s.payload.starts_with(&[0x17, 0x03, 0x03])),
         "no TLS records to 15008"

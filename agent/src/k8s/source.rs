@@ -7,6 +7,8 @@
 //! - **all pods**, reduced at once to what a destination check needs (namespace/name, service
 //!   account, node, IPs, the mode label): the map of IP → identity for outbound connections;
 //! - **namespaces** (the `meshless.io/mode` opt-in label);
+//! - **Services** and **EndpointSlices**, reduced to virtual IPs, ports and endpoints (calls to a
+//!   Service are resolved by the agent);
 //! - the two **policy resources** (small, cluster-wide, rarely changing).
 //!
 //! Watches list once and then follow changes from the last resource version; after a disconnect
@@ -100,6 +102,9 @@ struct Cluster {
     local: HashMap<Key, PodInfo>,
     all: HashMap<Key, PodInfo>,
     namespaces: HashMap<String, Option<String>>,
+    /// Services with a virtual IP, and EndpointSlices (by their own key).
+    services: HashMap<Key, ServiceInfo>,
+    slices: HashMap<Key, SliceInfo>,
     /// Policy resources, each read on its own (an unreadable one becomes a closed stand-in).
     peer: HashMap<Key, Read<PeerAuthentication>>,
     authz: HashMap<Key, Read<AuthorizationPolicy>>,
@@ -109,10 +114,88 @@ struct Cluster {
     policy_changes: u64,
 }
 
-const WATCHES: usize = 5;
-const NAMES: [&str; WATCHES] = ["node pods", "pods", "namespaces", "PeerAuthentications", "AuthorizationPolicies"];
+const WATCHES: usize = 7;
+const NAMES: [&str; WATCHES] =
+    ["node pods", "pods", "namespaces", "Services", "EndpointSlices", "PeerAuthentications", "AuthorizationPolicies"];
 /// Watches at this index and above feed policy.
-const FIRST_POLICY_WATCH: usize = 3;
+const FIRST_POLICY_WATCH: usize = 5;
+
+/// A Service with a virtual IP, reduced: its VIPs and TCP ports (named, for the slices' ports).
+#[derive(Debug, Clone, PartialEq)]
+struct ServiceInfo {
+    vips: Vec<IpAddr>,
+    /// (Service port, its name: the key of the endpoints' resolved port in the slices).
+    ports: Vec<(u16, String)>,
+    client_ip_affinity: bool,
+    publish_not_ready: bool,
+}
+
+/// An EndpointSlice, reduced: the Service it serves and its endpoints.
+#[derive(Debug, Clone, PartialEq)]
+struct SliceInfo {
+    service: String,
+    endpoints: Vec<crate::workloads::services::Endpoint>,
+}
+
+/// The label naming an EndpointSlice's Service.
+const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+fn service_info(s: &super::objects::Service) -> Option<ServiceInfo> {
+    let spec = s.spec.as_ref()?;
+    let ips = spec.cluster_ips.clone().unwrap_or_default().into_iter().chain(spec.cluster_ip.clone());
+    let mut vips: Vec<IpAddr> = ips.filter_map(|ip| ip.parse().ok()).collect();
+    vips.sort();
+    vips.dedup();
+    // Headless ("None") and ExternalName Services have no virtual IP: DNS answers for them.
+    if vips.is_empty() {
+        return None;
+    }
+    let ports = spec
+        .ports
+        .iter()
+        .filter(|p| p.protocol.as_deref().is_none_or(|p| p == "TCP"))
+        .filter_map(|p| Some((u16::try_from(p.port).ok().filter(|p| *p != 0)?, p.name.clone().unwrap_or_default())))
+        .collect();
+    Some(ServiceInfo {
+        vips,
+        ports,
+        client_ip_affinity: spec.session_affinity.as_deref() == Some("ClientIP"),
+        publish_not_ready: spec.publish_not_ready_addresses.unwrap_or(false),
+    })
+}
+
+fn slice_info(o: &DynamicObject) -> Option<SliceInfo> {
+    let service = o.labels().get(SERVICE_NAME_LABEL)?.clone();
+    let namespace = o.namespace().unwrap_or_default();
+    let slice: super::objects::EndpointSlice = serde_json::from_value(o.data.clone()).ok()?;
+    let named_ports: BTreeMap<String, u16> = slice
+        .ports
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|p| p.protocol.as_deref().is_none_or(|p| p == "TCP"))
+        .filter_map(|p| Some((p.name.unwrap_or_default(), u16::try_from(p.port?).ok()?)))
+        .collect();
+    let endpoints = slice
+        .endpoints
+        .into_iter()
+        .map(|e| {
+            let c = e.conditions.unwrap_or_default();
+            // Unset conditions mean ready and serving (the API's documented defaults).
+            let ready = c.ready.unwrap_or(true);
+            crate::workloads::services::Endpoint {
+                addresses: e.addresses.iter().filter_map(|a| a.parse().ok()).collect(),
+                pod: e.target_ref.filter(|t| t.kind.as_deref() == Some("Pod")).and_then(|t| {
+                    Some(PodKey { namespace: t.namespace.unwrap_or_else(|| namespace.clone()), name: t.name? })
+                }),
+                ready,
+                serving: c.serving.unwrap_or(ready),
+                terminating: c.terminating.unwrap_or(false),
+                named_ports: named_ports.clone(),
+            }
+        })
+        .collect();
+    Some(SliceInfo { service, endpoints })
+}
 
 fn pod_info(pod: &Pod, keep_labels: bool) -> PodInfo {
     let spec = pod.spec.as_ref();
@@ -228,10 +311,46 @@ impl KubeSource {
             |c| &mut c.namespaces,
             |n| Some(n.labels().get(MODE_LABEL).cloned()),
         );
+        match &self.node {
+            // Services and their EndpointSlices (an agent resolves VIPs; the issuer needs none).
+            Some(_) => {
+                spawn_mirror(
+                    3,
+                    Api::<super::objects::Service>::all(client.clone()),
+                    all(),
+                    s.clone(),
+                    |c| &mut c.services,
+                    |svc| service_info(&svc),
+                );
+                let (client, s) = (client.clone(), s.clone());
+                tokio::spawn(async move {
+                    // discovery.k8s.io/v1 from Kubernetes 1.21; v1beta1 (the same fields) before.
+                    let version = match client.list_api_group_resources("discovery.k8s.io/v1").await {
+                        Ok(_) => "v1",
+                        Err(_) => "v1beta1",
+                    };
+                    let resource = ApiResource {
+                        group: "discovery.k8s.io".into(),
+                        version: version.into(),
+                        api_version: format!("discovery.k8s.io/{version}"),
+                        kind: "EndpointSlice".into(),
+                        plural: "endpointslices".into(),
+                    };
+                    let api = Api::<DynamicObject>::all_with(client, &resource);
+                    let stream = watcher(api, watcher::Config::default()).default_backoff();
+                    mirror(4, stream, s.0, s.1, |c| &mut c.slices, |o| slice_info(&o)).await;
+                });
+            }
+            None => {
+                let mut c = state.lock();
+                c.synced[3] = true;
+                c.synced[4] = true;
+            }
+        }
         // Policy resources are read untyped, one object at a time (see `crd::read`).
         let policies = |r: ApiResource| Api::<DynamicObject>::all_with(client.clone(), &r);
         spawn_mirror(
-            3,
+            5,
             policies(crd::api_resource::<PeerAuthenticationResource>()),
             all(),
             s.clone(),
@@ -239,7 +358,7 @@ impl KubeSource {
             |o| Some(crd::read::<PeerAuthenticationResource>(&o)),
         );
         spawn_mirror(
-            4,
+            6,
             policies(crd::api_resource::<AuthorizationPolicyResource>()),
             all(),
             s,
@@ -248,6 +367,39 @@ impl KubeSource {
         );
         Ok(cni)
     }
+}
+
+/// The Services with a virtual IP, each with the endpoints of its EndpointSlices.
+fn services(c: &Cluster) -> Vec<crate::workloads::services::Service> {
+    use crate::workloads::services::{Service, ServiceKey, ServicePort, TargetPort};
+    let mut by_service: HashMap<(&str, &str), Vec<&SliceInfo>> = HashMap::new();
+    for ((ns, _), slice) in &c.slices {
+        by_service.entry((ns.as_str(), slice.service.as_str())).or_default().push(slice);
+    }
+    let mut out: Vec<Service> = c
+        .services
+        .iter()
+        .map(|((ns, name), info)| Service {
+            key: ServiceKey { namespace: ns.clone(), name: name.clone() },
+            vips: info.vips.clone(),
+            // The slices carry each endpoint's resolved target port under the Service port's name.
+            ports: info
+                .ports
+                .iter()
+                .map(|(port, n)| ServicePort { port: *port, target: TargetPort::Name(n.clone()) })
+                .collect(),
+            client_ip_affinity: info.client_ip_affinity,
+            publish_not_ready: info.publish_not_ready,
+            endpoints: by_service
+                .get(&(ns.as_str(), name.as_str()))
+                .into_iter()
+                .flatten()
+                .flat_map(|s| s.endpoints.iter().cloned())
+                .collect(),
+        })
+        .collect();
+    out.sort_by(|a, b| a.key.cmp(&b.key));
+    out
 }
 
 /// Waits until every watch has listed, saying which ones it still waits for every 10 s.
@@ -553,6 +705,7 @@ impl Builder {
                 return self.last.clone().unwrap_or_else(|| Arc::new(Directory::empty(td, node, cgroup_parent)));
             }
         };
+        let dir = Arc::new(Arc::unwrap_or_clone(dir).with_services(&services(c)));
         self.last = Some(dir.clone());
         dir
     }
@@ -708,6 +861,52 @@ mod tests {
 
     fn key(ns: &str, name: &str) -> Key {
         (ns.into(), name.into())
+    }
+
+    #[tokio::test]
+    async fn services_and_their_endpoint_slices_resolve_virtual_ips_to_the_slices_ports() {
+        let svc: super::super::objects::Service = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "web", "namespace": "shop"},
+            "spec": {"clusterIP": "10.96.0.10", "clusterIPs": ["10.96.0.10", "fd00::10"],
+                     "ports": [{"name": "http", "port": 80, "targetPort": "web"}, {"port": 53, "protocol": "UDP"}],
+                     "sessionAffinity": "ClientIP"}}))
+        .unwrap();
+        let headless: super::super::objects::Service = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "db", "namespace": "shop"}, "spec": {"clusterIP": "None", "ports": [{"port": 5432}]}}))
+        .unwrap();
+        assert!(service_info(&headless).is_none(), "no virtual IP, nothing to resolve");
+        let slice = |name: &str, endpoints: serde_json::Value| {
+            let o: DynamicObject = serde_json::from_value(serde_json::json!({
+                "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                "metadata": {"name": name, "namespace": "shop", "labels": {"kubernetes.io/service-name": "web"}},
+                "addressType": "IPv4", "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+                "endpoints": endpoints}))
+            .unwrap();
+            slice_info(&o).unwrap()
+        };
+        let mut c = Cluster::default();
+        c.namespaces.insert("shop".into(), Some("strict".into()));
+        c.all.insert(key("shop", "web-1"), info("node-9", "10.0.0.1", None));
+        c.services.insert(key("shop", "web"), service_info(&svc).unwrap());
+        c.slices.insert(
+            key("shop", "web-a"),
+            slice("web-a", serde_json::json!([
+                {"addresses": ["10.0.0.1"], "conditions": {"ready": true}, "targetRef": {"kind": "Pod", "name": "web-1"}},
+                {"addresses": ["10.0.0.2"], "conditions": {"ready": false, "serving": true, "terminating": true}}])),
+        );
+        c.slices.insert(key("shop", "web-b"), slice("web-b", serde_json::json!([{"addresses": ["10.0.0.3"]}])));
+        let dir = builder(PathBuf::from("/nonexistent")).build(&c);
+        let front = dir.services.get("10.96.0.10:80".parse().unwrap()).expect("the VIP resolves");
+        assert!(front.client_ip_affinity);
+        let mut got: Vec<(String, Option<String>)> =
+            front.backends.iter().map(|b| (b.addr.to_string(), b.pod.as_ref().map(|p| p.key.to_string()))).collect();
+        got.sort();
+        assert_eq!(
+            got,
+            [("10.0.0.1:8080".into(), Some("shop/web-1".into())), ("10.0.0.3:8080".into(), None)],
+            "ready endpoints of both slices, at the slices' resolved port; the pod by targetRef"
+        );
+        assert!(dir.services.get("10.96.0.10:53".parse().unwrap()).is_none(), "UDP ports are not carried");
     }
 
     #[tokio::test]
