@@ -16,9 +16,12 @@ use meshless_tests::{wait_for, Layout, Pod, Testbed};
 const WEB_VIP: &str = "198.19.200.10";
 const WEB_VIP6: &str = "fd6d:6c00:c8::10";
 const LEGACY_VIP: &str = "198.19.200.11";
+const STICKY_VIP: &str = "198.19.200.12";
+const DRAINING_VIP: &str = "198.19.200.13";
 
 /// The `services:` section: `web` (backends A on node 2, port 8080, and B on node 1, port 8081,
-/// both by the named port `http`; B ready or not), and `legacy` (one endpoint outside the mesh).
+/// both by the named port `http`; B ready or not), `legacy` (one endpoint outside the mesh),
+/// `sticky` (A and B with ClientIP affinity) and `draining` (neither ready; B still serving).
 fn services(b_ready: bool) -> String {
     format!(
         r#"
@@ -35,6 +38,21 @@ services:
     clusterIPs: ["{LEGACY_VIP}"]
     ports: [{{port: 80, targetPort: 8080}}]
     endpoints: [{{pod: pod2-n2}}]
+  - name: sticky
+    namespace: default
+    clusterIPs: ["{STICKY_VIP}"]
+    ports: [{{port: 80, targetPort: http}}]
+    sessionAffinity: ClientIP
+    endpoints:
+      - {{pod: pod1-n2, ports: {{http: 8080}}}}
+      - {{pod: pod2-n1, ports: {{http: 8081}}}}
+  - name: draining
+    namespace: default
+    clusterIPs: ["{DRAINING_VIP}"]
+    ports: [{{port: 80, targetPort: http}}]
+    endpoints:
+      - {{pod: pod1-n2, ready: false, serving: false, terminating: true, ports: {{http: 8080}}}}
+      - {{pod: pod2-n1, ready: false, serving: true, terminating: true, ports: {{http: 8081}}}}
 "#
     )
 }
@@ -112,6 +130,15 @@ fn calls_to_a_service_go_over_the_mesh_to_ready_endpoints_balanced_and_authorize
         });
         assert!(decided.is_some(), "node{node} never authorized {caller} for {dst}: {}", mesh.log_summary(node));
     }
+
+    // Session affinity ClientIP: one client, one endpoint. No ready endpoint left: the serving
+    // terminating one serves (as kube-proxy does), the one that no longer serves does not.
+    let bodies = |vip: &str, n: usize| -> Vec<String> {
+        (0..n).map(|i| curl(client, &format!("http://{vip}/{i}")).unwrap_or_else(|e| e)).collect()
+    };
+    let sticky = bodies(STICKY_VIP, 20);
+    assert!(sticky.iter().all(|b| b == &sticky[0]) && sticky[0].starts_with("backend-"), "{sticky:?}");
+    assert!(bodies(DRAINING_VIP, 20).iter().all(|b| b == "backend-b"), "only the serving terminating endpoint");
 
     // A DENY on the caller's principal stops calls through the Service too.
     let deny = r#"
