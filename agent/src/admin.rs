@@ -71,6 +71,12 @@ pub struct Explanation {
     /// stands in for an object that cannot be read.
     #[serde(default)]
     pub caveats: Vec<String>,
+    /// Asked about a Service (`svc/<ns>/<name>`): the Service and port, and the decision at each
+    /// of its meshed endpoints (a connection to the Service reaches one of them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub endpoints: Vec<Explanation>,
 }
 
 impl Explanation {
@@ -92,6 +98,18 @@ impl Explanation {
         }
         for c in &self.caveats {
             let _ = writeln!(s, "  caveat:   {c}");
+        }
+        if let Some(service) = &self.service {
+            let _ = writeln!(
+                s,
+                "  service:  {service}: {} meshed endpoint(s), each decided on its own:",
+                self.endpoints.len()
+            );
+            for e in &self.endpoints {
+                for line in e.long().lines() {
+                    let _ = writeln!(s, "    {line}");
+                }
+            }
         }
         s
     }
@@ -135,6 +153,9 @@ pub enum AskError {
 
 /// Answers `q` against the snapshot `dir`, with the code the data path runs.
 pub fn explain(dir: &Directory, q: &Question) -> Result<Explanation, ExplainError> {
+    if let Some(service) = q.to.strip_prefix("svc/") {
+        return explain_service(dir, q, service);
+    }
     let missing = |what: &str| ExplainError::NotFound(format!("no pod {what} in the workload directory"));
     let to = pod_key(&q.to)?;
     let dst = dir.get(&to).ok_or_else(|| missing(&q.to))?;
@@ -193,6 +214,49 @@ pub fn explain(dir: &Directory, q: &Question) -> Result<Explanation, ExplainErro
             .unwrap_or_default(),
         dry_run: outcome.dry_run,
         caveats: outcome.decision.map(|d| d.caveats).unwrap_or_default(),
+        service: None,
+        endpoints: Vec::new(),
+    })
+}
+
+/// `--to svc/<ns>/<name>`: the decision at each meshed endpoint of the Service's port `q.port`
+/// (at the endpoint's target port); the answer is `allow` only if every endpoint allows.
+fn explain_service(dir: &Directory, q: &Question, service: &str) -> Result<Explanation, ExplainError> {
+    let key = pod_key(service)?;
+    let key = crate::workloads::services::ServiceKey { namespace: key.namespace, name: key.name };
+    let endpoints = dir
+        .services
+        .endpoints_of(&key, q.port)
+        .ok_or_else(|| ExplainError::NotFound(format!("no Service {key} with port {} in the directory", q.port)))?;
+    let mut each = Vec::new();
+    for b in &endpoints {
+        let Some(pod) = b.pod.as_ref().filter(|p| p.mesh) else { continue };
+        let one = Question { from: q.from.clone(), to: pod.key.to_string(), port: b.addr.port() };
+        each.push(explain(dir, &one)?);
+    }
+    let first = each.first().ok_or_else(|| {
+        ExplainError::NotMeshed(format!("every endpoint of Service {key} port {} ({} in all)", q.port, endpoints.len()))
+    })?;
+    let all_allow = each.iter().all(|e| e.decision == "allow");
+    Ok(Explanation {
+        from: first.from.clone(),
+        to: format!("svc/{key}"),
+        port: q.port,
+        transport: first.transport.clone(),
+        decision: if all_allow { "allow" } else { "deny" }.into(),
+        mode: first.mode.clone(),
+        reason: if all_allow {
+            "every meshed endpoint allows".into()
+        } else {
+            format!("{} of {} meshed endpoints deny", each.iter().filter(|e| e.decision != "allow").count(), each.len())
+        },
+        policy: None,
+        rule: None,
+        audited: Vec::new(),
+        dry_run: each.iter().any(|e| e.dry_run),
+        caveats: Vec::new(),
+        service: Some(format!("{key} port {}", q.port)),
+        endpoints: each,
     })
 }
 

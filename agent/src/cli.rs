@@ -88,7 +88,8 @@ struct PolicyQuery {
     /// The source: a SPIFFE ID (authenticated), an IP address (plaintext), or namespace/pod.
     #[arg(long)]
     from: String,
-    /// The destination pod: namespace/pod.
+    /// The destination: a pod (namespace/pod), or a Service (svc/namespace/name: each of its
+    /// meshed endpoints is decided, at the port the Service port targets).
     #[arg(long)]
     to: String,
     #[arg(long)]

@@ -145,7 +145,8 @@ fn policy_commands_answer_offline_and_bad_questions_get_one_clear_error_line() {
     let state = dir.join("state.yaml");
     let pods = "pods:\n  - {name: api, namespace: shop, serviceAccount: api, node: node2, ips: [198.19.2.11], labels: {app: api}}\n  - {name: web, namespace: shop, serviceAccount: web, node: node2, ips: [198.19.2.12]}\n  - {name: old, namespace: shop, serviceAccount: old, node: node2, ips: [198.19.2.13], enrolled: false}\n";
     let policy = "authorizationPolicies:\n  - metadata: {name: api, namespace: shop}\n    spec: {selector: {matchLabels: {app: api}}, rules: [{from: [{source: {principals: [\"cluster.local/ns/shop/sa/web\"]}}]}]}\n";
-    fs::write(&state, format!("{STATE_HEAD}{pods}{policy}")).unwrap();
+    let services = "services:\n  - {name: apisvc, namespace: shop, clusterIPs: [198.19.200.30], ports: [{port: 80, targetPort: 8080}], endpoints: [{pod: api}, {pod: old}]}\n";
+    fs::write(&state, format!("{STATE_HEAD}{pods}{policy}{services}")).unwrap();
     let policy_cmd = |args: &[&str]| {
         Command::new(&bins.meshless).arg("policy").args(args).arg("--state").arg(&state).output().unwrap()
     };
@@ -174,6 +175,18 @@ fn policy_commands_answer_offline_and_bad_questions_get_one_clear_error_line() {
     assert_eq!(
         (json["decision"].as_str(), json["policy"].as_str(), json["rule"].as_u64()),
         (Some("allow"), Some("shop/api"), Some(0))
+    );
+    // Through a Service: each meshed endpoint decides, at the port the Service port targets.
+    let text = out(policy_cmd(&["explain", "--from", "shop/web", "--to", "svc/shop/apisvc", "--port", "80"]));
+    assert!(text.starts_with("allow: spiffe://cluster.local/ns/shop/sa/web → svc/shop/apisvc port 80"), "{text}");
+    assert!(text.contains("service:  shop/apisvc port 80: 1 meshed endpoint(s)"), "{text}");
+    assert!(text.contains("allow: spiffe://cluster.local/ns/shop/sa/web → shop/api port 8080"), "{text}");
+    let from_old =
+        ["check", "--from", "spiffe://cluster.local/ns/shop/sa/old", "--to", "svc/shop/apisvc", "--port", "80"];
+    assert_eq!(out(policy_cmd(&from_old)), "deny");
+    assert_clean_error(
+        &policy_cmd(&["check", "--from", "shop/web", "--to", "svc/shop/apisvc", "--port", "81"]),
+        "no Service shop/apisvc with port 81",
     );
     assert_clean_error(
         &policy_cmd(&["check", "--from", "shop/web", "--to", "shop/nope", "--port", "80"]),

@@ -92,6 +92,8 @@ pub struct Frontend {
 #[derive(Debug, Default)]
 pub struct ServiceMap {
     frontends: HashMap<(IpAddr, u16), Arc<Frontend>>,
+    /// (Service, port) → its frontends (one per VIP), for `policy explain --to svc/…`.
+    by_service: HashMap<(ServiceKey, u16), Vec<Arc<Frontend>>>,
     pub services: usize,
     pub endpoints: usize,
 }
@@ -100,6 +102,7 @@ impl ServiceMap {
     /// Builds the map; `pod` finds the directory's pod of an endpoint (by key, else by address).
     pub fn new(services: &[Service], pod: impl Fn(Option<&PodKey>, IpAddr) -> Option<Arc<Workload>>) -> ServiceMap {
         let mut frontends = HashMap::new();
+        let mut by_service: HashMap<(ServiceKey, u16), Vec<Arc<Frontend>>> = HashMap::new();
         let mut endpoints = 0;
         for s in services {
             endpoints += s.endpoints.len();
@@ -132,11 +135,25 @@ impl ServiceMap {
                         })
                         .collect();
                     let f = Frontend { service: s.key.clone(), client_ip_affinity: s.client_ip_affinity, backends };
-                    frontends.insert((vip, sp.port), Arc::new(f));
+                    let f = Arc::new(f);
+                    by_service.entry((s.key.clone(), sp.port)).or_default().push(f.clone());
+                    frontends.insert((vip, sp.port), f);
                 }
             }
         }
-        ServiceMap { frontends, services: services.len(), endpoints }
+        ServiceMap { frontends, by_service, services: services.len(), endpoints }
+    }
+
+    /// The endpoints of `service`'s `port`, over all its VIPs (each endpoint address once).
+    pub fn endpoints_of(&self, service: &ServiceKey, port: u16) -> Option<Vec<Arc<Backend>>> {
+        let fronts = self.by_service.get(&(service.clone(), port))?;
+        let mut out: Vec<Arc<Backend>> = Vec::new();
+        for b in fronts.iter().flat_map(|f| &f.backends) {
+            if !out.iter().any(|o| o.addr == b.addr) {
+                out.push(b.clone());
+            }
+        }
+        Some(out)
     }
 
     /// The Service behind `dst`, if `dst` is a Service's VIP and port.
