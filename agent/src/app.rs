@@ -199,12 +199,33 @@ async fn serve_admin(
     let io = |e| Error::Io(format!("admin endpoint on {addr}"), e);
     let listener = match inherited.filter(|l| l.local_addr().is_ok_and(|a| a == addr)) {
         Some(l) => l,
-        None => admin::bind(addr).map_err(io)?,
+        None => bind_admin(addr).await.map_err(io)?,
     };
     let kept = listener.try_clone().map_err(io)?;
     admin::serve(listener, state, stop).await.map_err(io)?;
     let spec = handover::ListenerSpec { pod: handover::node_key(), role: handover::Role::Admin, addr };
     Ok(Some((spec, kept)))
+}
+
+/// How long a starting agent waits for the admin port to be free: a predecessor that did not
+/// hand its admin socket over (an older release, or another `--admin-addr`) closes it when it
+/// stops accepting, which it does once this agent has taken over.
+const ADMIN_PORT_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+async fn bind_admin(addr: std::net::SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let deadline = std::time::Instant::now() + ADMIN_PORT_WAIT;
+    let mut said = false;
+    loop {
+        match admin::bind(addr) {
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && std::time::Instant::now() < deadline => {
+                if !std::mem::replace(&mut said, true) {
+                    info!(%addr, "the admin port is still held (by the agent taken over from?); waiting for it");
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            other => return other,
+        }
+    }
 }
 
 impl Running {

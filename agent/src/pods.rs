@@ -196,10 +196,11 @@ impl<K: Kernel> Manager<K> {
                     self.slots.insert(key.clone(), Slot::Known { workload: w.clone(), cookie });
                 }
                 Some(Slot::Failing { workload, attempt, retry_at, error, cookie, held }) if *workload == **w => {
-                    // The same pod, maybe under another mode: held anew in place, its backoff kept.
-                    let (cookie, held) = match self.guard_mode(w, dir) {
-                        m if m != held && cookie.is_some() => self.guard(w, dir, cookie),
-                        _ => (cookie, held),
+                    // The same pod, maybe under another mode or per-port modes: held anew in
+                    // place (mode, per-port modes, probe ports), its backoff kept.
+                    let (cookie, held) = match cookie {
+                        Some(_) => self.guard(w, dir, cookie),
+                        None => (cookie, held),
                     };
                     self.slots.insert(key.clone(), Slot::Failing { workload, attempt, retry_at, error, cookie, held });
                 }
@@ -380,6 +381,14 @@ impl<K: Kernel> Manager<K> {
     /// Sets `w` up (`known`: its netns cookie, if an earlier attempt learned it); a pod that
     /// cannot be set up is failing, held in the kernel, and retried with backoff.
     async fn apply(&mut self, w: Arc<Workload>, dir: &Directory, attempt: u32, known: Option<u64>) {
+        self.apply_one(w, dir, attempt, known).await;
+        // The status goes out per pod, not per pass: a CNI ADD waiting on this pod is answered
+        // as soon as it is set up (or held), however many pods the pass still has to do (each
+        // may wait on the issuer).
+        self.deps.status.store(Arc::new(self.status()));
+    }
+
+    async fn apply_one(&mut self, w: Arc<Workload>, dir: &Directory, attempt: u32, known: Option<u64>) {
         let result = if w.mesh {
             self.enroll(&w, dir.policy_for(&w)).await
         } else {

@@ -5,7 +5,8 @@
 //! running at each call, and its cgroup names its pod (the pod whose cgroup contains it). A
 //! process outside every enrolled pod gets PermissionDenied, and a pod only ever gets its own
 //! SVID. Any gRPC client can call it: the [`front`] accepts the socket path as `:authority`.
-//! Connections and streams are bounded. JWT-SVIDs are not served (Unimplemented).
+//! Connections and streams are bounded. JWT-SVIDs too: signed by the issuer for the calling pod's
+//! identity and the audiences it asks for, their bundles streamed, and tokens validated.
 
 pub(crate) mod front;
 

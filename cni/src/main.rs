@@ -211,7 +211,9 @@ fn add(conf: &NetConf, state_dir: &Path) -> Result<Option<String>, CniError> {
     let message = format!("{{\"op\":\"add\",\"waitMs\":{},\"pod\":{line}}}", wait * 1000);
     // The agent answers within `wait`; a little more for the message itself.
     match ask(state_dir, &message, Duration::from_secs(wait) + NOTIFY_TIMEOUT) {
-        Ok(answer) if answer.trim() == "ok" || answer.starts_with("ok ") => Ok(Some(result.to_string())),
+        // Only an answer naming what the pod became counts: a bare "ok" is an agent that did not
+        // wait (an older release during a rollout), and says nothing about the pod.
+        Ok(answer) if answer.starts_with("ok ") && answer.trim().len() > 2 => Ok(Some(result.to_string())),
         outcome => {
             // The runtime tears the sandbox down and tries again; the record would be stale.
             let _ = std::fs::remove_file(pods.join(format!("{container_id}.json")));

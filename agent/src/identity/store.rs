@@ -105,6 +105,8 @@ type JwtKey = (SpiffeId, Vec<String>);
 
 /// JWT-SVIDs kept for reuse, at most (then the expired go, then all).
 const MAX_CACHED_JWTS: usize = 4096;
+/// JWT-SVIDs kept per identity (audience sets), at most (then that identity's go).
+const MAX_JWTS_PER_IDENTITY: usize = 32;
 
 impl Identities {
     /// Fetches the trust bundle from `source` (or starts from its locally configured one when it
@@ -146,7 +148,8 @@ impl Identities {
             }
         }
         let (token, bundle) = self.source.sign_jwt(id, &key.1).await?;
-        self.trust.update(&bundle)?;
+        // As any bundle from the source: a new signing CA re-issues the certificates too.
+        self.follow(&bundle);
         let bad = |why: String| Error::BadCertificate(format!("JWT-SVID for {id}: {why}"));
         let first = key.1.first().ok_or_else(|| bad("no audience".into()))?;
         let valid =
@@ -157,6 +160,10 @@ impl Identities {
         let expiry = SystemTime::UNIX_EPOCH + Duration::from_secs(valid.expiry);
         let renew_at = now + expiry.duration_since(now).unwrap_or_default() / 2;
         let mut cache = self.jwts.lock();
+        // One identity's many audience sets cannot push the others' tokens out.
+        if cache.keys().filter(|(i, _)| i == id).count() >= MAX_JWTS_PER_IDENTITY {
+            cache.retain(|(i, _), _| i != id);
+        }
         if cache.len() >= MAX_CACHED_JWTS {
             cache.retain(|_, (_, r)| *r > now);
             if cache.len() >= MAX_CACHED_JWTS {

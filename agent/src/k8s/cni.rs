@@ -212,6 +212,11 @@ impl Registry {
             }
             Err(why) => {
                 warn!(pod = %key, why, "CNI: pod not set up in time; ADD refused (the runtime retries)");
+                // The plugin removes the record of a refused sandbox; so does the agent (the
+                // runtime's DEL will find nothing to tell).
+                if self.pods.lock().remove(&pod.container_id).is_some() {
+                    self.changed.notify_one();
+                }
                 format!("error: {why}\n")
             }
         }
@@ -556,6 +561,7 @@ mod tests {
         // Never set up: refused when the wait the plugin asked for ends, with the reason.
         let refused = ask(&socket, &add("web-2", 50)).await;
         assert_eq!(refused, "error: pod shop/web-2 not set up by the agent yet: no certificate\n");
+        assert_eq!(registry.netns("shop", "web-2", ""), None, "a refused sandbox's record is dropped");
         // Without a wait (an older plugin, an excluded namespace): acknowledged at once.
         let plain = ask(&socket, &add("web-3", 0).replace(r#""waitMs":0,"#, "")).await;
         assert_eq!(plain, "ok\n");

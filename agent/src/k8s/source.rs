@@ -180,7 +180,8 @@ fn slice_info(o: &DynamicObject) -> Option<SliceInfo> {
         .into_iter()
         .map(|e| {
             let c = e.conditions.unwrap_or_default();
-            // Unset conditions mean ready and serving (the API's documented defaults).
+            // Unset conditions: ready and serving are true, terminating false (the API's
+            // documented interpretation of nil).
             let ready = c.ready.unwrap_or(true);
             crate::workloads::services::Endpoint {
                 addresses: e.addresses.iter().filter_map(|a| a.parse().ok()).collect(),
@@ -188,7 +189,7 @@ fn slice_info(o: &DynamicObject) -> Option<SliceInfo> {
                     Some(PodKey { namespace: t.namespace.unwrap_or_else(|| namespace.clone()), name: t.name? })
                 }),
                 ready,
-                serving: c.serving.unwrap_or(ready),
+                serving: c.serving.unwrap_or(true),
                 terminating: c.terminating.unwrap_or(false),
                 named_ports: named_ports.clone(),
             }
@@ -325,9 +326,18 @@ impl KubeSource {
                 let (client, s) = (client.clone(), s.clone());
                 tokio::spawn(async move {
                     // discovery.k8s.io/v1 from Kubernetes 1.21; v1beta1 (the same fields) before.
-                    let version = match client.list_api_group_resources("discovery.k8s.io/v1").await {
-                        Ok(_) => "v1",
-                        Err(_) => "v1beta1",
+                    // Only a 404 means the older version: other errors are retried.
+                    let mut backoff = Duration::from_millis(200);
+                    let version = loop {
+                        match client.list_api_group_resources("discovery.k8s.io/v1").await {
+                            Ok(_) => break "v1",
+                            Err(kube::Error::Api(e)) if e.code == 404 => break "v1beta1",
+                            Err(e) => {
+                                warn!(error = %e, "cannot tell which EndpointSlice version the API serves; retrying");
+                                tokio::time::sleep(backoff).await;
+                                backoff = (backoff * 2).min(Duration::from_secs(10));
+                            }
+                        }
                     };
                     let resource = ApiResource {
                         group: "discovery.k8s.io".into(),

@@ -117,7 +117,7 @@ impl ServiceMap {
             for vip in &s.vips {
                 let vip = canonical(*vip);
                 for sp in &s.ports {
-                    let backends = chosen
+                    let mut backends: Vec<Arc<Backend>> = chosen
                         .iter()
                         .filter_map(|e| {
                             let port = match &sp.target {
@@ -134,6 +134,9 @@ impl ServiceMap {
                             }))
                         })
                         .collect();
+                    // An endpoint listed twice (in two slices) counts once.
+                    let mut seen = std::collections::HashSet::new();
+                    backends.retain(|b| seen.insert(b.addr));
                     let f = Frontend { service: s.key.clone(), client_ip_affinity: s.client_ip_affinity, backends };
                     let f = Arc::new(f);
                     by_service.entry((s.key.clone(), sp.port)).or_default().push(f.clone());
