@@ -187,7 +187,7 @@ pub fn explain(dir: &Directory, q: &Question) -> Result<Explanation, ExplainErro
         Peer::Authenticated { ip: None, .. } => SocketAddr::from(([0, 0, 0, 0], 0)),
     };
     let policy = dir.policy_for(dst);
-    let req = Request { peer, dst, target: SocketAddr::new(target_ip, q.port), from: from_addr };
+    let req = Request { peer, dst, target: SocketAddr::new(target_ip, q.port), from: from_addr, service: None };
     let outcome = authorize::decide(&req, &policy, dir.policies.settings.dry_run);
     let rule = outcome.decision.as_ref().and_then(|d| d.rule());
     let (transport, from) = match peer {

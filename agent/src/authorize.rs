@@ -27,6 +27,8 @@ pub struct Request<'a> {
     pub target: SocketAddr,
     /// Where the connection came from (the tunnel's or the plaintext client's address).
     pub from: SocketAddr,
+    /// The Service the caller says the call went through (`ns/name`; logged, never decided on).
+    pub service: Option<&'a str>,
 }
 
 /// The outcome, as the data path acts on it.
@@ -123,12 +125,13 @@ pub fn record(stats: &Stats, req: &Request<'_>, mode: Mode, outcome: &Outcome) {
     let audited = audited.join(",");
     // Policies that took part and are not enforced as written (partially, or failed closed).
     let caveats = outcome.decision.as_ref().map(|d| d.caveats.join("; ")).unwrap_or_default();
+    let service = req.service.unwrap_or_default();
     if outcome.admit && !outcome.dry_run {
-        info!(transport, src_id, %src_addr, dst, dst_id, %dst_addr, dst_port, mode = mode.as_str(), decision, policy,
-            rule = rule_index, reason = %outcome.why, audited, caveats, "inbound decision");
+        info!(transport, src_id, %src_addr, dst, dst_id, %dst_addr, dst_port, service, mode = mode.as_str(), decision,
+            policy, rule = rule_index, reason = %outcome.why, audited, caveats, "inbound decision");
     } else {
-        warn!(transport, src_id, %src_addr, dst, dst_id, %dst_addr, dst_port, mode = mode.as_str(), decision, policy,
-            rule = rule_index, reason = %outcome.why, audited, caveats, "inbound decision");
+        warn!(transport, src_id, %src_addr, dst, dst_id, %dst_addr, dst_port, service, mode = mode.as_str(), decision,
+            policy, rule = rule_index, reason = %outcome.why, audited, caveats, "inbound decision");
     }
     stats.count(DecisionKey { transport, mode: mode.as_str(), decision, by });
 }
@@ -181,6 +184,7 @@ mod tests {
                 dst: &dst,
                 target: t.parse().unwrap(),
                 from: "198.19.1.10:40000".parse().unwrap(),
+                service: None,
             };
             decide(&req, &open, false)
         };
@@ -215,13 +219,19 @@ mod tests {
         let src = workload_id(&td, "default", "client").unwrap();
         let from = "198.19.1.10:40000".parse().unwrap();
         let target = "198.19.2.11:8080".parse().unwrap();
-        let tls = Request { peer: Peer::Authenticated { id: &src, ip: None }, dst: &dst, target, from };
+        let tls = Request { peer: Peer::Authenticated { id: &src, ip: None }, dst: &dst, target, from, service: None };
         let enforced = decide(&tls, &policy, false);
         assert_eq!((enforced.admit, enforced.dry_run, enforced.status), (false, false, StatusCode::FORBIDDEN));
         let dry = decide(&tls, &policy, true);
         assert_eq!((dry.admit, dry.dry_run), (true, true), "dry-run admits what policy denies");
         assert!(!dry.decision.as_ref().unwrap().allowed, "and still says what policy decided");
-        let plain = Request { peer: Peer::Plaintext { ip: "198.19.1.10".parse().unwrap() }, dst: &dst, target, from };
+        let plain = Request {
+            peer: Peer::Plaintext { ip: "198.19.1.10".parse().unwrap() },
+            dst: &dst,
+            target,
+            from,
+            service: None,
+        };
         let o = decide(&plain, &policy, true);
         assert_eq!((o.admit, o.dry_run), (false, false), "STRICT refuses plaintext even in dry-run");
 

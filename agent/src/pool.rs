@@ -103,6 +103,7 @@ impl Pool {
         &self,
         key: &PoolKey,
         target: SocketAddr,
+        service: Option<&str>,
         generation: u64,
         connect: C,
     ) -> Result<PooledStream, Error>
@@ -150,7 +151,7 @@ impl Pool {
                     }
                 }
             };
-            match tunnel::open(&conn.conn.send, target, self.limits.request_timeout).await {
+            match tunnel::open(&conn.conn.send, target, service, self.limits.request_timeout).await {
                 Ok(stream) => return Ok(PooledStream { stream, _guard: guard }),
                 Err(e) if e.retryable() && !retried => {
                     debug!(dst = %key.dst, error = %e, "pooled tunnel connection went away; retrying on a new one");
@@ -295,7 +296,7 @@ mod tests {
             let limits = limits.clone();
             async move { tunnel::handshake(client_io, tls, target, &limits).await }
         };
-        let stream = pool.stream(&key, target, 0, connect).await.unwrap();
+        let stream = pool.stream(&key, target, None, 0, connect).await.unwrap();
         let entries = pool.entries();
         assert_eq!(entries.len(), 1);
         assert_eq!((entries[0].connections, entries[0].streams), (1, 1), "{entries:?}");
@@ -313,7 +314,7 @@ mod tests {
         assert!(pool.entries().is_empty());
         // A destination that cannot be reached leaves no slot behind either.
         let refused = || async { Err::<ClientConn, _>(Error::Connect("refused".into())) };
-        assert!(pool.stream(&key, target, 0, refused).await.is_err());
+        assert!(pool.stream(&key, target, None, 0, refused).await.is_err());
         assert_eq!(pool.slots(), 0, "a failed connect left its slot: {:?}", pool.entries());
     }
 }

@@ -177,7 +177,7 @@ async fn outbound(inputs: Arc<Inputs>, pod: Arc<LocalPod>, app: TcpStream, peer:
     };
     drop(dir);
     let src_id = pod.tls.id.clone();
-    match hbone_stream(&inputs, &pod, dst, &dst_pod).await {
+    match hbone_stream(&inputs, &pod, dst, &dst_pod, None).await {
         Ok(pooled) => {
             info!(src_id = %src_id, dst_id = %dst_pod.identity, dst_addr = %dst, "outbound connection over HBONE");
             let ended = pooled.stream.splice(app, &pod.stop).await;
@@ -198,6 +198,7 @@ async fn hbone_stream(
     pod: &Arc<LocalPod>,
     dst: SocketAddr,
     dst_pod: &Arc<Workload>,
+    service: Option<&str>,
 ) -> Result<crate::pool::PooledStream, tunnel::Error> {
     let tunnel_addr = SocketAddr::new(dst.ip(), TUNNEL_PORT);
     let key = PoolKey { src: pod.cookie, dst: tunnel_addr, dst_id: dst_pod.identity.clone() };
@@ -216,7 +217,7 @@ async fn hbone_stream(
         }
         unreachable!("the second attempt always returns")
     };
-    inputs.pool.stream(&key, dst, pod.tls.cert.generation(), connect).await
+    inputs.pool.stream(&key, dst, service, pod.tls.cert.generation(), connect).await
 }
 
 /// Endpoints tried for one connection to a Service before the app sees a reset.
@@ -243,7 +244,8 @@ async fn to_service(
         let (service, endpoint) = (&front.service, backend.addr);
         match backend.pod.as_ref().filter(|p| p.mesh) {
             Some(dst_pod) => {
-                let answered = match hbone_stream(&inputs, &pod, endpoint, dst_pod).await {
+                let name = service.to_string();
+                let answered = match hbone_stream(&inputs, &pod, endpoint, dst_pod, Some(&name)).await {
                     Ok(pooled) => pooled.stream.answered().await.map(|s| (s, pooled._guard)).map_err(|e| e.to_string()),
                     Err(e) => Err(e.to_string()),
                 };
@@ -289,7 +291,7 @@ async fn plaintext_connection(inputs: Arc<Inputs>, pod: Arc<LocalPod>, tcp: TcpS
     let from = SocketAddr::new(canonical(from.ip()), from.port());
     let workload = pod.workload();
     let policy = pod.policy();
-    let req = Request { peer: Peer::Plaintext { ip: from.ip() }, dst: &workload, target, from };
+    let req = Request { peer: Peer::Plaintext { ip: from.ip() }, dst: &workload, target, from, service: None };
     let outcome = authorize::decide(&req, &policy, inputs.store.load().policies.settings.dry_run);
     authorize::record(&inputs.decisions, &req, policy.mode_for(target.port()), &outcome);
     if !outcome.admit {
@@ -401,7 +403,14 @@ async fn inbound_stream(
     }
     let policy = pod.policy();
     let from = SocketAddr::new(canonical(from.ip()), from.port());
-    let req = Request { peer: Peer::Authenticated { id: &src, ip: Some(from.ip()) }, dst: &workload, target, from };
+    let service = inbound.service.take();
+    let req = Request {
+        peer: Peer::Authenticated { id: &src, ip: Some(from.ip()) },
+        dst: &workload,
+        target,
+        from,
+        service: service.as_deref(),
+    };
     let outcome = authorize::decide(&req, &policy, inputs.store.load().policies.settings.dry_run);
     authorize::record(&inputs.decisions, &req, policy.mode_for(target.port()), &outcome);
     if !outcome.admit {

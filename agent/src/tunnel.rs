@@ -109,6 +109,35 @@ pub fn connect_request(target: SocketAddr) -> Result<Request<()>, http::Error> {
     Request::builder().method(Method::CONNECT).uri(target.to_string()).version(http::Version::HTTP_2).body(())
 }
 
+/// The W3C `baggage` header naming the Service a call went through (`ns/name`), as ztunnel
+/// carries it: for the destination's telemetry only, never for a decision.
+const BAGGAGE: &str = "baggage";
+
+fn with_service(mut req: Request<()>, service: Option<&str>) -> Request<()> {
+    if let Some((ns, name)) = service.and_then(|s| s.split_once('/')) {
+        if let Ok(v) = http::HeaderValue::from_str(&format!("k8s.namespace.name={ns},k8s.service.name={name}")) {
+            req.headers_mut().insert(BAGGAGE, v);
+        }
+    }
+    req
+}
+
+/// The Service a CONNECT says it went through (`ns/name`), if its baggage names one in the shape
+/// of Kubernetes names.
+pub fn service_of<B>(req: &Request<B>) -> Option<String> {
+    let value = req.headers().get(BAGGAGE)?.to_str().ok()?;
+    let field = |key: &str| {
+        value.split(',').filter_map(|kv| kv.trim().split_once('=')).find(|(k, _)| *k == key).map(|(_, v)| v)
+    };
+    let ok = |v: &str| {
+        !v.is_empty()
+            && v.len() <= 253
+            && v.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+    };
+    let (ns, name) = (field("k8s.namespace.name")?, field("k8s.service.name")?);
+    (ok(ns) && ok(name)).then(|| format!("{ns}/{name}"))
+}
+
 /// Parses the target of an HBONE request: method CONNECT, authority `ip:port`.
 pub fn parse_target<B>(req: &Request<B>) -> Result<SocketAddr, &'static str> {
     if req.method() != Method::CONNECT {
@@ -241,10 +270,11 @@ fn peer_not_after(certs: Option<&[rustls::pki_types::CertificateDer<'static>]>) 
 pub async fn open(
     send: &h2::client::SendRequest<Bytes>,
     target: SocketAddr,
+    service: Option<&str>,
     timeout: Duration,
 ) -> Result<H2Stream, Error> {
     let mut send = send.clone().ready().await?;
-    let (response, stream) = send.send_request(connect_request(target)?, false)?;
+    let (response, stream) = send.send_request(with_service(connect_request(target)?, service), false)?;
     Ok(H2Stream { send: stream, recv: Recv::Answer { response, timeout } })
 }
 
@@ -252,6 +282,8 @@ pub async fn open(
 pub struct Inbound {
     /// The authenticated SPIFFE ID of the client certificate.
     pub peer: SpiffeId,
+    /// The Service the caller says the call went through (telemetry only).
+    pub service: Option<String>,
     /// The CONNECT target, or why the request was not a valid HBONE request.
     pub target: Result<SocketAddr, &'static str>,
     respond: h2::server::SendResponse<Bytes>,
@@ -359,7 +391,8 @@ where
         let (req, respond) = next?;
         first = false;
         let target = parse_target(&req);
-        let inbound = Inbound { peer: peer.clone(), target, respond, body: req.into_body() };
+        let service = service_of(&req);
+        let inbound = Inbound { peer: peer.clone(), service, target, respond, body: req.into_body() };
         if SystemTime::now() >= peer_not_after {
             // The client's certificate expired since the handshake: it must come back with a new one.
             inbound.refuse(StatusCode::UNAUTHORIZED);
@@ -750,7 +783,24 @@ mod tests {
     async fn client_stream(p: &Pki, addr: SocketAddr, target: &str) -> Result<(H2Stream, ClientConn), Error> {
         let tcp = TcpStream::connect(addr).await.unwrap();
         let conn = handshake(tcp, p.client.client(&p.server_id).unwrap(), addr, &limits()).await?;
-        Ok((open(&conn.send, target.parse().unwrap(), Duration::from_secs(5)).await?, conn))
+        Ok((open(&conn.send, target.parse().unwrap(), None, Duration::from_secs(5)).await?, conn))
+    }
+
+    #[test]
+    fn the_service_travels_as_baggage_and_only_kubernetes_shaped_names_are_read() {
+        let target: SocketAddr = "198.19.2.10:8080".parse().unwrap();
+        let req = with_service(connect_request(target).unwrap(), Some("shop/web-v2"));
+        assert_eq!(service_of(&req).as_deref(), Some("shop/web-v2"));
+        assert_eq!(service_of(&connect_request(target).unwrap()), None);
+        for bad in [
+            "k8s.namespace.name=shop",
+            "k8s.namespace.name=Shop,k8s.service.name=web",
+            "k8s.namespace.name=a,k8s.service.name=x y",
+        ] {
+            let mut req = connect_request(target).unwrap();
+            req.headers_mut().insert(BAGGAGE, http::HeaderValue::from_str(bad).unwrap());
+            assert_eq!(service_of(&req), None, "{bad}");
+        }
     }
 
     #[tokio::test]
@@ -832,7 +882,7 @@ mod tests {
         });
         let target: SocketAddr = "198.19.2.10:8080".parse().unwrap();
         let conn = handshake(client_io, p.client.client(&p.server_id).unwrap(), target, &limits()).await.unwrap();
-        let stream = open(&conn.send, target, Duration::from_secs(5)).await.unwrap();
+        let stream = open(&conn.send, target, Some("shop/web"), Duration::from_secs(5)).await.unwrap();
         let (agent_end, app) = UnixStream::pair().unwrap();
         let splice = tokio::spawn(async move { stream.splice(agent_end, &CancellationToken::new()).await });
         let (mut r, mut w) = app.into_split();

@@ -120,12 +120,14 @@ fn calls_to_a_service_go_over_the_mesh_to_ready_endpoints_balanced_and_authorize
     assert!(!seen(&segs, "svc-marker-5be1"), "a call to the Service crossed the wire in clear");
     assert!(segs.iter().any(|s| s.dst_port == 15008 && s.payload.starts_with(&[0x17, 0x03, 0x03])), "no TLS to 15008");
 
-    // Each endpoint's agent authorized the caller's own identity.
+    // Each endpoint's agent authorized the caller's own identity, and its decision log names the
+    // Service the call came through (the caller's baggage: telemetry, never a decision input).
     let caller = tb.spiffe_id(TRUST_DOMAIN, client);
     for (node, dst) in [(2, "pod1-n2"), (1, "pod2-n1")] {
         let decided = mesh.wait_log(node, "inbound decision", |l| {
             l["src_id"] == caller.as_str()
                 && l["decision"] == "allow"
+                && l["service"] == "default/web"
                 && l["dst"].as_str().is_some_and(|d| d.ends_with(dst))
         });
         assert!(decided.is_some(), "node{node} never authorized {caller} for {dst}: {}", mesh.log_summary(node));
