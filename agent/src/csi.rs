@@ -18,7 +18,6 @@
 //! `:authority`; the Workload API's HTTP/2 front (`workload_api::front`) serves here too.
 
 use std::path::{Component, Path, PathBuf};
-use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 use tracing::{info, warn};
@@ -83,7 +82,7 @@ pub fn serve(args: &CsiArgs) -> Result<(), crate::Error> {
     let plugin =
         Plugin { node: args.node_name.clone(), source: args.workload_api_dir.clone(), root: args.target_root.clone() };
     let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<front::Fronted>>(4);
-    tokio::spawn(accept(listener, tx));
+    tokio::spawn(front::accept(listener, tx, "CSI", MAX_CONNECTIONS, kubelets));
     tokio::spawn(async move {
         if let Err(e) = tonic::transport::Server::builder()
             .add_service(IdentityServer::new(plugin.clone()))
@@ -101,32 +100,15 @@ pub fn serve(args: &CsiArgs) -> Result<(), crate::Error> {
 /// Connections at once (the kubelet and the registrar use one or two).
 const MAX_CONNECTIONS: usize = 16;
 
-/// Accepts the kubelet's (root's) connections only, fronted for its `:authority`.
-async fn accept(listener: tokio::net::UnixListener, tx: tokio::sync::mpsc::Sender<std::io::Result<front::Fronted>>) {
-    let open = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-    loop {
-        let stream = match listener.accept().await {
-            Ok((s, _)) => s,
-            Err(e) => {
-                warn!(error = %e, "CSI: accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        // SAFETY: geteuid(2) has no arguments and cannot fail.
-        let ours = unsafe { libc::geteuid() };
-        match stream.peer_cred() {
-            Ok(c) if c.uid() == 0 || c.uid() == ours => {}
-            other => {
-                warn!(peer = ?other.map(|c| c.uid()).ok(), "CSI: a caller that is not the kubelet's user; closing");
-                continue;
-            }
-        }
-        let (Ok(permit), Some(caller)) = (open.clone().try_acquire_owned(), front::Caller::of(&stream)) else {
-            continue;
-        };
-        if tx.send(Ok(front::front(stream, caller, permit))).await.is_err() {
-            return;
+/// Only the kubelet's user (root, or the plugin's own) may call the plugin.
+fn kubelets(stream: &tokio::net::UnixStream) -> bool {
+    // SAFETY: geteuid(2) has no arguments and cannot fail.
+    let ours = unsafe { libc::geteuid() };
+    match stream.peer_cred() {
+        Ok(c) if c.uid() == 0 || c.uid() == ours => true,
+        other => {
+            warn!(peer = ?other.map(|c| c.uid()).ok(), "CSI: a caller that is not the kubelet's user; closing");
+            false
         }
     }
 }

@@ -265,7 +265,7 @@ pub fn serve(
     std::fs::set_permissions(socket, std::os::unix::fs::PermissionsExt::from_mode(0o666)).map_err(err)?;
     let api = Api { pods, trust: identities.trust.clone(), identities, cgroups };
     let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<front::Fronted>>(16);
-    tokio::spawn(accept(listener, tx));
+    tokio::spawn(front::accept(listener, tx, "Workload API", MAX_CONNECTIONS, |_| true));
     tokio::spawn(async move {
         if let Err(e) = tonic::transport::Server::builder()
             .max_concurrent_streams(Some(MAX_STREAMS))
@@ -285,35 +285,3 @@ pub fn serve(
 const MAX_CONNECTIONS: usize = 1024;
 /// Streams at once on one connection.
 const MAX_STREAMS: u32 = 16;
-
-/// Accepts connections, names their caller and fronts them (see [`front`]), within
-/// [`MAX_CONNECTIONS`].
-async fn accept(listener: tokio::net::UnixListener, tx: tokio::sync::mpsc::Sender<std::io::Result<front::Fronted>>) {
-    let open = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-    let mut refusing = false;
-    loop {
-        let stream = match listener.accept().await {
-            Ok((s, _)) => s,
-            Err(e) => {
-                warn!(error = %e, "Workload API: accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let Ok(permit) = open.clone().try_acquire_owned() else {
-            if !std::mem::replace(&mut refusing, true) {
-                warn!(limit = MAX_CONNECTIONS, "Workload API: too many connections; closing new ones");
-            }
-            continue;
-        };
-        refusing = false;
-        let Some(caller) = front::Caller::of(&stream) else {
-            warn!("Workload API: the kernel does not name the connecting process; closing");
-            continue;
-        };
-        let fronted = front::front(stream, caller, permit);
-        if tx.send(Ok(fronted)).await.is_err() {
-            return;
-        }
-    }
-}

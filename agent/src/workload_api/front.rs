@@ -137,6 +137,47 @@ pub fn front(client: UnixStream, caller: Caller, permit: tokio::sync::OwnedSemap
     Fronted { io: server_end, caller }
 }
 
+/// Accepts connections on `listener` (the socket `what` names, for logs), at most `limit` open at
+/// once, each admitted by `admit` (closed otherwise), its caller named by the kernel, and fronted
+/// (see [`front`]) for the gRPC server reading `tx`.
+pub async fn accept(
+    listener: tokio::net::UnixListener,
+    tx: tokio::sync::mpsc::Sender<io::Result<Fronted>>,
+    what: &'static str,
+    limit: usize,
+    admit: fn(&UnixStream) -> bool,
+) {
+    let open = Arc::new(tokio::sync::Semaphore::new(limit));
+    let mut refusing = false;
+    loop {
+        let stream = match listener.accept().await {
+            Ok((s, _)) => s,
+            Err(e) => {
+                tracing::warn!(what, error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        if !admit(&stream) {
+            continue;
+        }
+        let Ok(permit) = open.clone().try_acquire_owned() else {
+            if !std::mem::replace(&mut refusing, true) {
+                tracing::warn!(what, limit, "too many connections; closing new ones");
+            }
+            continue;
+        };
+        refusing = false;
+        let Some(caller) = Caller::of(&stream) else {
+            tracing::warn!(what, "the kernel does not name the connecting process; closing");
+            continue;
+        };
+        if tx.send(Ok(front(stream, caller, permit))).await.is_err() {
+            return;
+        }
+    }
+}
+
 const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 const HEADERS: u8 = 0x1;
 const CONTINUATION: u8 = 0x9;
