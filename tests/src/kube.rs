@@ -327,6 +327,23 @@ impl ApiServer {
         Ok(())
     }
 
+    /// Service `name` in `ns` with virtual IP `vip` and port 80 (`http`) → 8080, and its
+    /// EndpointSlice (discovery.k8s.io/v1beta1, as the endpoint controller of 1.20 writes it)
+    /// naming `pod` at `ip`. No controller runs here: the test plays it.
+    pub fn create_service(&self, tb: &Testbed, ns: &str, name: &str, vip: &str, pod: &str, ip: IpAddr) -> Result<()> {
+        let service = json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": name},
+            "spec": {"clusterIP": vip, "ports": [{"name": "http", "port": 80, "targetPort": 8080}]}});
+        self.api(tb, "POST", &format!("/api/v1/namespaces/{ns}/services"), Some(service))?;
+        let slice = json!({"apiVersion": "discovery.k8s.io/v1beta1", "kind": "EndpointSlice",
+            "metadata": {"name": format!("{name}-abc12"), "labels": {"kubernetes.io/service-name": name}},
+            "addressType": if ip.is_ipv4() { "IPv4" } else { "IPv6" },
+            "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+            "endpoints": [{"addresses": [ip.to_string()], "conditions": {"ready": true},
+                           "targetRef": {"kind": "Pod", "namespace": ns, "name": pod}}]});
+        self.api(tb, "POST", &format!("/apis/discovery.k8s.io/v1beta1/namespaces/{ns}/endpointslices"), Some(slice))?;
+        Ok(())
+    }
+
     pub fn delete_pod(&self, tb: &Testbed, ns: &str, name: &str) -> Result<()> {
         self.api(tb, "DELETE", &format!("/api/v1/namespaces/{ns}/pods/{name}?gracePeriodSeconds=0"), None)?;
         Ok(())

@@ -176,15 +176,7 @@ fn pods_in_opted_in_namespaces_are_meshed_from_the_api_and_the_cni_plugin_and_ot
     // A Service in front of backend-1, with its EndpointSlice as the endpoint controller writes
     // it (no controller runs here, no kube-proxy either): the frontend's call to the ClusterIP is
     // carried over the mesh to backend-1, resolved by the agent from the watched objects.
-    let service = serde_json::json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "backend"},
-        "spec": {"clusterIP": "198.19.200.20", "ports": [{"name": "http", "port": 80, "targetPort": 8080}]}});
-    api.api(tb, "POST", "/api/v1/namespaces/shop/services", Some(service)).unwrap();
-    let slice = serde_json::json!({"apiVersion": "discovery.k8s.io/v1beta1", "kind": "EndpointSlice",
-        "metadata": {"name": "backend-abc12", "labels": {"kubernetes.io/service-name": "backend"}},
-        "addressType": "IPv4", "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
-        "endpoints": [{"addresses": [server.ipv4.to_string()], "conditions": {"ready": true},
-                       "targetRef": {"kind": "Pod", "namespace": "shop", "name": "backend-1"}}]});
-    api.api(tb, "POST", "/apis/discovery.k8s.io/v1beta1/namespaces/shop/endpointslices", Some(slice)).unwrap();
+    api.create_service(tb, "shop", "backend", "198.19.200.20", "backend-1", server.ipv4.into()).unwrap();
     let via_service = "kube-service-marker-2f6a";
     let reached = wait_for(Duration::from_secs(10), || {
         let out = curl(client, &format!("http://198.19.200.20/{via_service}"), via_service);

@@ -60,6 +60,17 @@ authorizationPolicies:
           to: [{operation: {ports: ["8080"]}}]
 "#;
 
+/// Prints the client-side agent's line for a call through a Service: which endpoint, which identity.
+pub fn print_service_route(l: &serde_json::Value) {
+    println!(
+        "   node1 agent: service {} ({}) -> endpoint {} as {}",
+        l["service"].as_str().unwrap_or("?"),
+        l["vip"].as_str().unwrap_or("?"),
+        l["dst_addr"].as_str().unwrap_or("?"),
+        l["dst_id"].as_str().unwrap_or("?")
+    );
+}
+
 pub fn run(bins: &Bins, args: Args) -> Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
     {
@@ -128,13 +139,7 @@ pub fn run(bins: &Bins, args: Args) -> Result<()> {
         mesh.log_lines(1).into_iter().find(|l| l["message"] == "outbound connection to a Service over HBONE")
     })
     .context("node1's agent logged no call through the Service")?;
-    println!(
-        "   node1 agent: service {} ({}) -> endpoint {} as {}",
-        routed["service"].as_str().unwrap_or("?"),
-        routed["vip"].as_str().unwrap_or("?"),
-        routed["dst_addr"].as_str().unwrap_or("?"),
-        routed["dst_id"].as_str().unwrap_or("?")
-    );
+    print_service_route(&routed);
     std::thread::sleep(Duration::from_millis(300));
     tb.stop(dump);
 

@@ -87,15 +87,7 @@ pub fn run(bins: &Bins, kube: KubeBins, once: bool, stop: Arc<AtomicBool>) -> Re
     println!("   batch-1    → {}", curl(batch, &url));
     println!("   old-client → {}   (plaintext from outside the mesh)", curl(legacy, &url));
     println!("== a Service in front of backend-1 (its EndpointSlice as the endpoint controller writes it)");
-    let service = serde_json::json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "backend"},
-        "spec": {"clusterIP": "198.19.200.20", "ports": [{"name": "http", "port": 80, "targetPort": 8080}]}});
-    api.api(&tb, "POST", "/api/v1/namespaces/shop/services", Some(service))?;
-    let slice = serde_json::json!({"apiVersion": "discovery.k8s.io/v1beta1", "kind": "EndpointSlice",
-        "metadata": {"name": "backend-demo", "labels": {"kubernetes.io/service-name": "backend"}},
-        "addressType": "IPv4", "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
-        "endpoints": [{"addresses": [backend.ipv4.to_string()], "conditions": {"ready": true},
-                       "targetRef": {"kind": "Pod", "namespace": "shop", "name": "backend-1"}}]});
-    api.api(&tb, "POST", "/apis/discovery.k8s.io/v1beta1/namespaces/shop/endpointslices", Some(slice))?;
+    api.create_service(&tb, "shop", "backend", "198.19.200.20", "backend-1", backend.ipv4.into())?;
     let service_url = "http://198.19.200.20/";
     let answered = wait_for(Duration::from_secs(15), || {
         let body = curl(frontend, service_url);
@@ -105,13 +97,7 @@ pub fn run(bins: &Bins, kube: KubeBins, once: bool, stop: Arc<AtomicBool>) -> Re
     if let Some(l) =
         mesh.log_lines(1).into_iter().find(|l| l["message"] == "outbound connection to a Service over HBONE")
     {
-        println!(
-            "   node1 agent: service {} ({}) -> endpoint {} as {}",
-            l["service"].as_str().unwrap_or("?"),
-            l["vip"].as_str().unwrap_or("?"),
-            l["dst_addr"].as_str().unwrap_or("?"),
-            l["dst_id"].as_str().unwrap_or("?")
-        );
+        crate::demo::print_service_route(&l);
     }
     println!("== kubectl apply: only frontend's ServiceAccount may call backend on 8080");
     print!("{}", indent(&api.kubectl_ok(&tb, &["apply", "-f", "-"], Some(ALLOW_FRONTEND))?));
