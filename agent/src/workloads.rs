@@ -75,13 +75,14 @@ pub struct Directory {
     pub node: String,
     /// cgroup v2 directory holding this node's pods: where the kernel programs attach.
     pub cgroup_parent: PathBuf,
-    pods: HashMap<PodKey, Arc<Workload>>,
-    by_ip: HashMap<IpAddr, Arc<Workload>>,
+    // The maps are shared between snapshots that differ in their Services only.
+    pods: Arc<HashMap<PodKey, Arc<Workload>>>,
+    by_ip: Arc<HashMap<IpAddr, Arc<Workload>>>,
     /// Enforcement policy, validated and indexed; part of the snapshot, so a pod set and the
     /// policy that goes with it change together.
     pub policies: Arc<Policies>,
     /// What applies to each pod of this node, gathered once per snapshot (the data path's view).
-    pod_policies: HashMap<PodKey, Arc<PodPolicy>>,
+    pod_policies: Arc<HashMap<PodKey, Arc<PodPolicy>>>,
     /// Why the source's newest update was refused, while this (the last good) snapshot serves in
     /// its place; `None` when the snapshot is the source's newest.
     pub refused_update: Option<String>,
@@ -125,10 +126,10 @@ impl Directory {
             trust_domain,
             node,
             cgroup_parent,
-            pods,
-            by_ip,
+            pods: Arc::new(pods),
+            by_ip: Arc::new(by_ip),
             policies,
-            pod_policies,
+            pod_policies: Arc::new(pod_policies),
             refused_update: None,
             services: Arc::default(),
         })
@@ -140,23 +141,38 @@ impl Directory {
             trust_domain,
             node,
             cgroup_parent,
-            pods: HashMap::new(),
-            by_ip: HashMap::new(),
+            pods: Arc::default(),
+            by_ip: Arc::default(),
             policies: Arc::default(),
-            pod_policies: HashMap::new(),
+            pod_policies: Arc::default(),
             refused_update: None,
             services: Arc::default(),
         }
     }
 
     /// The directory with `services` resolved against its pods (an endpoint is its pod by
-    /// `targetRef`, else by address).
-    pub fn with_services(mut self, services: &[services::Service]) -> Directory {
-        let map = services::ServiceMap::new(services, |key, ip| {
-            key.and_then(|k| self.pods.get(k)).or_else(|| self.by_ip.get(&ip)).cloned()
-        });
+    /// `targetRef`, else by address), from `here` (this node and its zone); `prev`, the Services
+    /// of the directory this one replaces, lends its endpoints' load counts.
+    pub fn with_services(
+        mut self,
+        services: &[services::Service],
+        here: services::Here,
+        prev: Option<&services::ServiceMap>,
+    ) -> Directory {
+        let map = services::ServiceMap::new(services, here, prev, |key, ip| self.endpoint_pod(key, ip));
         self.services = Arc::new(map);
         self
+    }
+
+    /// This directory with the `changed` Services replaced (`None`: gone): pods and policy are
+    /// shared, and of the Services only the changed ones are rebuilt.
+    pub fn with_changed_services(&self, changed: &[(services::ServiceKey, Option<services::Service>)]) -> Directory {
+        let map = self.services.update(changed, |key, ip| self.endpoint_pod(key, ip));
+        Directory { services: Arc::new(map), ..self.clone() }
+    }
+
+    fn endpoint_pod(&self, key: Option<&PodKey>, ip: IpAddr) -> Option<Arc<Workload>> {
+        key.and_then(|k| self.pods.get(k)).or_else(|| self.by_ip.get(&ip)).cloned()
     }
 
     pub fn pods(&self) -> impl Iterator<Item = &Arc<Workload>> {

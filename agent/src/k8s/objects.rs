@@ -152,6 +152,12 @@ pub struct ServiceSpec {
     pub session_affinity: Option<String>,
     #[serde(default)]
     pub publish_not_ready_addresses: Option<bool>,
+    /// `Cluster` or `Local`.
+    #[serde(default)]
+    pub internal_traffic_policy: Option<String>,
+    /// `PreferClose` (Kubernetes 1.31+).
+    #[serde(default)]
+    pub traffic_distribution: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -185,6 +191,31 @@ pub struct SliceEndpoint {
     pub conditions: Option<Conditions>,
     #[serde(default)]
     pub target_ref: Option<TargetRef>,
+    #[serde(default)]
+    pub node_name: Option<String>,
+    #[serde(default)]
+    pub zone: Option<String>,
+    #[serde(default)]
+    pub hints: Option<Hints>,
+}
+
+/// Topology hints: the zones an endpoint should serve.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Hints {
+    #[serde(default)]
+    pub for_zones: Vec<ForZone>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct ForZone {
+    pub name: String,
+}
+
+/// `v1/Node`, reduced to its labels (the zone).
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct Node {
+    pub metadata: ObjectMeta,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -249,6 +280,7 @@ macro_rules! core_v1_resource {
 core_v1_resource!(Pod, "Pod", "pods", NamespaceResourceScope);
 core_v1_resource!(Namespace, "Namespace", "namespaces", ClusterResourceScope);
 core_v1_resource!(Service, "Service", "services", NamespaceResourceScope);
+core_v1_resource!(Node, "Node", "nodes", ClusterResourceScope);
 
 #[cfg(test)]
 mod tests {

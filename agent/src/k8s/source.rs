@@ -21,14 +21,14 @@
 //! value it cannot read is STRICT. The label's mode applies where no PeerAuthentication of the
 //! workload or its namespace does.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt::Debug;
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::objects::{Namespace, Pod};
+use super::objects::{Namespace, Node, Pod};
 use futures_util::{Stream, StreamExt as _};
 use kube::api::{ApiResource, DynamicObject};
 use kube::runtime::watcher::{self, watcher};
@@ -112,6 +112,40 @@ struct Cluster {
     synced: [bool; WATCHES],
     /// Bumped on every change of a policy resource, so a rebuild recompiles policy only then.
     policy_changes: u64,
+    /// This node's zone (its Node's `topology.kubernetes.io/zone` label), when it can be read.
+    zone: Option<String>,
+    /// What changed since the last build.
+    pending: Pending,
+}
+
+/// What changed since the last build: which watches, and which Services and EndpointSlices (a
+/// change to those alone rebuilds only the Services it touches).
+#[derive(Default)]
+struct Pending {
+    watches: [bool; WATCHES],
+    /// A watch re-listed, or this node's zone changed: everything is rebuilt.
+    full: bool,
+    services: HashSet<Key>,
+    slices: HashSet<Key>,
+}
+
+impl Pending {
+    /// A change seen by watch `index`: of the object `touched`, or of the whole map (a re-list).
+    fn note(&mut self, index: usize, touched: Option<Key>) {
+        self.watches[index] = true;
+        match (index, touched) {
+            (_, None) => self.full = true,
+            (SERVICES_WATCH, Some(k)) => drop(self.services.insert(k)),
+            (SLICES_WATCH, Some(k)) => drop(self.slices.insert(k)),
+            _ => {}
+        }
+    }
+
+    /// Whether only Services and EndpointSlices changed, object by object.
+    fn services_only(&self) -> bool {
+        let others = self.watches.iter().enumerate().any(|(i, w)| *w && i != SERVICES_WATCH && i != SLICES_WATCH);
+        !self.full && !others && (self.watches[SERVICES_WATCH] || self.watches[SLICES_WATCH])
+    }
 }
 
 const WATCHES: usize = 7;
@@ -119,6 +153,10 @@ const NAMES: [&str; WATCHES] =
     ["node pods", "pods", "namespaces", "Services", "EndpointSlices", "PeerAuthentications", "AuthorizationPolicies"];
 /// Watches at this index and above feed policy.
 const FIRST_POLICY_WATCH: usize = 5;
+const SERVICES_WATCH: usize = 3;
+const SLICES_WATCH: usize = 4;
+/// The Node label naming its zone.
+const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 
 /// A Service with a virtual IP, reduced: its VIPs and TCP ports (named, for the slices' ports).
 #[derive(Debug, Clone, PartialEq)]
@@ -128,6 +166,8 @@ struct ServiceInfo {
     ports: Vec<(u16, String)>,
     client_ip_affinity: bool,
     publish_not_ready: bool,
+    node_local: bool,
+    prefer_close: bool,
 }
 
 /// An EndpointSlice, reduced: the Service it serves and its endpoints.
@@ -161,6 +201,8 @@ fn service_info(s: &super::objects::Service) -> Option<ServiceInfo> {
         ports,
         client_ip_affinity: spec.session_affinity.as_deref() == Some("ClientIP"),
         publish_not_ready: spec.publish_not_ready_addresses.unwrap_or(false),
+        node_local: spec.internal_traffic_policy.as_deref() == Some("Local"),
+        prefer_close: spec.traffic_distribution.as_deref() == Some("PreferClose"),
     })
 }
 
@@ -168,13 +210,14 @@ fn slice_info(o: &DynamicObject) -> Option<SliceInfo> {
     let service = o.labels().get(SERVICE_NAME_LABEL)?.clone();
     let namespace = o.namespace().unwrap_or_default();
     let slice: super::objects::EndpointSlice = serde_json::from_value(o.data.clone()).ok()?;
-    let named_ports: BTreeMap<String, u16> = slice
+    let named_ports: Arc<BTreeMap<String, u16>> = slice
         .ports
         .unwrap_or_default()
         .into_iter()
         .filter(|p| p.protocol.as_deref().is_none_or(|p| p == "TCP"))
         .filter_map(|p| Some((p.name.unwrap_or_default(), u16::try_from(p.port?).ok()?)))
-        .collect();
+        .collect::<BTreeMap<_, _>>()
+        .into();
     let endpoints = slice
         .endpoints
         .into_iter()
@@ -192,6 +235,9 @@ fn slice_info(o: &DynamicObject) -> Option<SliceInfo> {
                 serving: c.serving.unwrap_or(true),
                 terminating: c.terminating.unwrap_or(false),
                 named_ports: named_ports.clone(),
+                node: e.node_name,
+                zone: e.zone,
+                for_zones: e.hints.map(|h| h.for_zones.into_iter().map(|z| z.name).collect()).unwrap_or_default(),
             }
         })
         .collect();
@@ -249,15 +295,8 @@ impl WorkloadSource for KubeSource {
             // with a partial view would unenroll pods it has simply not heard of yet.
             let started = Instant::now();
             wait_listed(&state, &changed).await;
-            let mut builder = Builder {
-                source: *self,
-                cni,
-                cgroups: HashMap::new(),
-                problems: HashMap::new(),
-                policies: None,
-                last: None,
-            };
-            let first = builder.build(&state.lock());
+            let mut builder = Builder::new(*self, cni);
+            let first = builder.build(&mut state.lock());
             info!(
                 pods = first.len(),
                 local = first.local_pods().count(),
@@ -313,8 +352,10 @@ impl KubeSource {
             |n| Some(n.labels().get(MODE_LABEL).cloned()),
         );
         match &self.node {
-            // Services and their EndpointSlices (an agent resolves VIPs; the issuer needs none).
-            Some(_) => {
+            // Services and their EndpointSlices (an agent resolves VIPs; the issuer needs none),
+            // and this node's zone (for locality).
+            Some(node) => {
+                spawn_zone(client.clone(), node.clone(), s.clone());
                 spawn_mirror(
                     3,
                     Api::<super::objects::Service>::all(client.clone()),
@@ -379,39 +420,6 @@ impl KubeSource {
     }
 }
 
-/// The Services with a virtual IP, each with the endpoints of its EndpointSlices.
-fn services(c: &Cluster) -> Vec<crate::workloads::services::Service> {
-    use crate::workloads::services::{Service, ServiceKey, ServicePort, TargetPort};
-    let mut by_service: HashMap<(&str, &str), Vec<&SliceInfo>> = HashMap::new();
-    for ((ns, _), slice) in &c.slices {
-        by_service.entry((ns.as_str(), slice.service.as_str())).or_default().push(slice);
-    }
-    let mut out: Vec<Service> = c
-        .services
-        .iter()
-        .map(|((ns, name), info)| Service {
-            key: ServiceKey { namespace: ns.clone(), name: name.clone() },
-            vips: info.vips.clone(),
-            // The slices carry each endpoint's resolved target port under the Service port's name.
-            ports: info
-                .ports
-                .iter()
-                .map(|(port, n)| ServicePort { port: *port, target: TargetPort::Name(n.clone()) })
-                .collect(),
-            client_ip_affinity: info.client_ip_affinity,
-            publish_not_ready: info.publish_not_ready,
-            endpoints: by_service
-                .get(&(ns.as_str(), name.as_str()))
-                .into_iter()
-                .flatten()
-                .flat_map(|s| s.endpoints.iter().cloned())
-                .collect(),
-        })
-        .collect();
-    out.sort_by(|a, b| a.key.cmp(&b.key));
-    out
-}
-
 /// Waits until every watch has listed, saying which ones it still waits for every 10 s.
 async fn wait_listed(state: &Mutex<Cluster>, changed: &Notify) {
     let started = Instant::now();
@@ -455,11 +463,66 @@ async fn rebuild(
         }
         // Let a burst of events settle into one directory.
         tokio::time::sleep(settle).await;
-        let t = Instant::now();
-        let dir = builder.build(&state.lock());
-        settle = (t.elapsed() * 4).clamp(SETTLE_MIN, SETTLE_MAX);
+        let Some((back, dir, took)) = build_off_runtime(builder, state.clone()).await else { return };
+        builder = back;
+        settle = (took * 4).clamp(SETTLE_MIN, SETTLE_MAX);
         tx.send_replace(dir);
     }
+}
+
+/// One build, on a blocking thread: the runtime's tasks (the data path) never wait for it.
+/// Returns the builder, the directory and the time the build took; `None` if the build panicked
+/// (a bug: the last directory keeps serving, and no update follows; the error says so).
+async fn build_off_runtime(
+    mut builder: Builder,
+    state: Arc<Mutex<Cluster>>,
+) -> Option<(Builder, Arc<Directory>, Duration)> {
+    let built = tokio::task::spawn_blocking(move || {
+        let t = Instant::now();
+        let dir = builder.build(&mut state.lock());
+        (builder, dir, t.elapsed())
+    })
+    .await;
+    match built {
+        Ok(b) => Some(b),
+        Err(e) => {
+            tracing::error!(error = %e, "the directory build failed; the last directory keeps serving, without updates");
+            None
+        }
+    }
+}
+
+/// Follows this node's zone label. Not a watch the first directory waits for: without it (an
+/// older RBAC that cannot read nodes, a node without the label) Services are balanced without
+/// locality, which narrows nothing and widens nothing.
+fn spawn_zone(client: Client, node: String, (state, changed): (Arc<Mutex<Cluster>>, Arc<Notify>)) {
+    tokio::spawn(async move {
+        let config = watcher::Config::default().fields(&format!("metadata.name={node}"));
+        let stream = watcher(Api::<Node>::all(client), config).default_backoff();
+        let mut stream = std::pin::pin!(stream);
+        let mut failing = false;
+        while let Some(event) = stream.next().await {
+            let node = match event {
+                Ok(watcher::Event::Apply(n) | watcher::Event::InitApply(n)) => n,
+                Ok(_) => continue,
+                Err(e) => {
+                    if !std::mem::replace(&mut failing, true) {
+                        warn!(error = %e, "cannot read this node's zone; Services are balanced without locality");
+                    }
+                    continue;
+                }
+            };
+            failing = false;
+            let zone = node.labels().get(ZONE_LABEL).cloned();
+            let mut c = state.lock();
+            if c.zone != zone {
+                info!(zone = zone.as_deref().unwrap_or("none"), "this node's zone");
+                c.zone = zone;
+                c.pending.full = true;
+                changed.notify_one();
+            }
+        }
+    });
 }
 
 /// Maps an object to the key its map uses.
@@ -526,6 +589,7 @@ async fn mirror<K, MK, V>(
             info!(watch = NAMES[index], down_ms = since.elapsed().as_millis() as u64, "watch resumed");
         }
         let mut c = state.lock();
+        let mut touched = None;
         // Init and InitApply only fill the buffer; the maps change at InitDone, Apply, Delete.
         let event_kind = match event {
             watcher::Event::Init | watcher::Event::InitApply(_) => Kind::Listing,
@@ -549,6 +613,7 @@ async fn mirror<K, MK, V>(
                 c.synced[index] = true;
             }
             watcher::Event::Apply(o) => {
+                touched = Some(key(&o));
                 let k = MK::map_key(key(&o));
                 match convert(o) {
                     Some(v) => map(&mut c).insert(k, v),
@@ -556,6 +621,7 @@ async fn mirror<K, MK, V>(
                 };
             }
             watcher::Event::Delete(o) => {
+                touched = Some(key(&o));
                 map(&mut c).remove(&MK::map_key(key(&o)));
             }
         }
@@ -563,6 +629,7 @@ async fn mirror<K, MK, V>(
             if index >= FIRST_POLICY_WATCH {
                 c.policy_changes += 1;
             }
+            c.pending.note(index, touched);
             changed.notify_one();
         }
     }
@@ -585,6 +652,93 @@ struct Builder {
     policies: Option<(u64, Arc<Policies>)>,
     /// The last directory built, served again should a new one be inconsistent.
     last: Option<Arc<Directory>>,
+    /// Which EndpointSlices serve which Service.
+    slices: SliceIndex,
+}
+
+/// Service → its EndpointSlices, and back, as of the last build: what an EndpointSlice change
+/// touches (the Service it served before and the one it serves now).
+#[derive(Default)]
+struct SliceIndex {
+    owner: HashMap<Key, Key>,
+    of: HashMap<Key, BTreeSet<Key>>,
+}
+
+impl SliceIndex {
+    /// Every Service with a virtual IP, each with the endpoints of its EndpointSlices.
+    fn all(&mut self, c: &Cluster) -> Vec<crate::workloads::services::Service> {
+        self.owner.clear();
+        self.of.clear();
+        for (k, slice) in &c.slices {
+            self.link(k, (k.0.clone(), slice.service.clone()));
+        }
+        let mut keys: Vec<&Key> = c.services.keys().collect();
+        keys.sort();
+        keys.into_iter().filter_map(|k| self.service(c, k)).collect()
+    }
+
+    /// The Services `p` touched, as they are now (`None`: gone or without a virtual IP).
+    fn changed(
+        &mut self,
+        c: &Cluster,
+        p: &Pending,
+    ) -> Vec<(crate::workloads::services::ServiceKey, Option<crate::workloads::services::Service>)> {
+        let mut keys: BTreeSet<Key> = p.services.iter().cloned().collect();
+        for k in &p.slices {
+            if let Some(before) = self.owner.remove(k) {
+                if let Some(set) = self.of.get_mut(&before) {
+                    set.remove(k);
+                    if set.is_empty() {
+                        self.of.remove(&before);
+                    }
+                }
+                keys.insert(before);
+            }
+            if let Some(slice) = c.slices.get(k) {
+                let now = (k.0.clone(), slice.service.clone());
+                self.link(k, now.clone());
+                keys.insert(now);
+            }
+        }
+        keys.into_iter()
+            .map(|k| {
+                let service = self.service(c, &k);
+                (crate::workloads::services::ServiceKey { namespace: k.0, name: k.1 }, service)
+            })
+            .collect()
+    }
+
+    fn link(&mut self, slice: &Key, service: Key) {
+        self.owner.insert(slice.clone(), service.clone());
+        self.of.entry(service).or_default().insert(slice.clone());
+    }
+
+    fn service(&self, c: &Cluster, k: &Key) -> Option<crate::workloads::services::Service> {
+        use crate::workloads::services::{Service, ServiceKey, ServicePort, TargetPort};
+        let info = c.services.get(k)?;
+        Some(Service {
+            key: ServiceKey { namespace: k.0.clone(), name: k.1.clone() },
+            vips: info.vips.clone(),
+            // The slices carry each endpoint's resolved target port under the Service port's name.
+            ports: info
+                .ports
+                .iter()
+                .map(|(port, n)| ServicePort { port: *port, target: TargetPort::Name(n.clone()) })
+                .collect(),
+            client_ip_affinity: info.client_ip_affinity,
+            publish_not_ready: info.publish_not_ready,
+            node_local: info.node_local,
+            prefer_close: info.prefer_close,
+            endpoints: self
+                .of
+                .get(k)
+                .into_iter()
+                .flatten()
+                .filter_map(|s| c.slices.get(s))
+                .flat_map(|s| s.endpoints.iter().cloned())
+                .collect(),
+        })
+    }
 }
 
 /// The label's mode; a value meshless cannot read is STRICT, with what is wrong with it.
@@ -617,6 +771,18 @@ enum Problem {
 }
 
 impl Builder {
+    fn new(source: KubeSource, cni: Option<Arc<Registry>>) -> Builder {
+        Builder {
+            source,
+            cni,
+            cgroups: HashMap::new(),
+            problems: HashMap::new(),
+            policies: None,
+            last: None,
+            slices: SliceIndex::default(),
+        }
+    }
+
     /// Says once (and again when it changes) what is wrong with `object`; forgets it once fixed.
     fn report_as(&mut self, kind: Problem, object: String, problem: Option<String>) {
         let key = match kind {
@@ -648,7 +814,15 @@ impl Builder {
         self.report_as(Problem::LeftOut, what, problem)
     }
 
-    fn build(&mut self, c: &Cluster) -> Arc<Directory> {
+    fn build(&mut self, c: &mut Cluster) -> Arc<Directory> {
+        let pending = std::mem::take(&mut c.pending);
+        if let (true, Some(last)) = (pending.services_only(), &self.last) {
+            // Services alone changed: pods and policy are shared with the last directory, and
+            // only the Services touched are rebuilt.
+            let dir = Arc::new(last.with_changed_services(&self.slices.changed(c, &pending)));
+            self.last = Some(dir.clone());
+            return dir;
+        }
         let (node, cgroup_parent, td) = (
             self.source.node.clone().unwrap_or_default(),
             self.source.cgroup_parent.clone(),
@@ -715,7 +889,9 @@ impl Builder {
                 return self.last.clone().unwrap_or_else(|| Arc::new(Directory::empty(td, node, cgroup_parent)));
             }
         };
-        let dir = Arc::new(Arc::unwrap_or_clone(dir).with_services(&services(c)));
+        let here = crate::workloads::services::Here { node: node.clone(), zone: c.zone.clone() };
+        let prev = self.last.as_ref().map(|d| d.services.clone());
+        let dir = Arc::new(Arc::unwrap_or_clone(dir).with_services(&self.slices.all(c), here, prev.as_deref()));
         self.last = Some(dir.clone());
         dir
     }
@@ -850,7 +1026,7 @@ mod tests {
             mesh: MeshSettings::default(),
             enrollment: None,
         };
-        Builder { source, cni: None, cgroups: HashMap::new(), problems: HashMap::new(), policies: None, last: None }
+        Builder::new(source, None)
     }
 
     fn info(node: &str, ip: &str, mode: Option<&str>) -> PodInfo {
@@ -904,8 +1080,16 @@ mod tests {
                 {"addresses": ["10.0.0.1"], "conditions": {"ready": true}, "targetRef": {"kind": "Pod", "name": "web-1"}},
                 {"addresses": ["10.0.0.2"], "conditions": {"ready": false, "serving": true, "terminating": true}}])),
         );
-        c.slices.insert(key("shop", "web-b"), slice("web-b", serde_json::json!([{"addresses": ["10.0.0.3"]}])));
-        let dir = builder(PathBuf::from("/nonexistent")).build(&c);
+        let zoned = serde_json::json!([{"addresses": ["10.0.0.3"], "nodeName": "node-3", "zone": "z1",
+                                        "hints": {"forZones": [{"name": "z1"}, {"name": "z2"}]}}]);
+        c.slices.insert(key("shop", "web-b"), slice("web-b", zoned));
+        let e = &c.slices[&key("shop", "web-b")].endpoints[0];
+        assert_eq!(
+            (e.node.as_deref(), e.zone.as_deref(), &e.for_zones[..]),
+            (Some("node-3"), Some("z1"), &["z1".to_string(), "z2".to_string()][..])
+        );
+        let mut b = builder(PathBuf::from("/nonexistent"));
+        let dir = b.build(&mut c);
         let front = dir.services.get("10.96.0.10:80".parse().unwrap()).expect("the VIP resolves");
         assert!(front.client_ip_affinity);
         let mut got: Vec<(String, Option<String>)> =
@@ -917,6 +1101,40 @@ mod tests {
             "ready endpoints of both slices, at the slices' resolved port; the pod by targetRef"
         );
         assert!(dir.services.get("10.96.0.10:53".parse().unwrap()).is_none(), "UDP ports are not carried");
+
+        // A slice moves to another Service (relabelled), as its watch reports it: both Services
+        // are rebuilt and nothing else; pods and policy are the last directory's own.
+        let mut other = svc.clone();
+        other.metadata.name = Some("api".into());
+        other.spec.as_mut().unwrap().cluster_ips = Some(vec!["10.96.0.11".into()]);
+        other.spec.as_mut().unwrap().cluster_ip = None;
+        c.services.insert(key("shop", "api"), service_info(&other).unwrap());
+        c.pending.note(SERVICES_WATCH, Some(key("shop", "api")));
+        let mut moved = c.slices[&key("shop", "web-b")].clone();
+        moved.service = "api".into();
+        c.slices.insert(key("shop", "web-b"), moved);
+        c.pending.note(SLICES_WATCH, Some(key("shop", "web-b")));
+        assert!(c.pending.services_only());
+        let next = b.build(&mut c);
+        assert!(Arc::ptr_eq(&dir.policies, &next.policies), "an incremental update shares the policy");
+        let addrs = |d: &Directory, vip: &str| -> Vec<String> {
+            let mut v: Vec<String> =
+                d.services.get(vip.parse().unwrap()).unwrap().backends.iter().map(|b| b.addr.to_string()).collect();
+            v.sort();
+            v
+        };
+        assert_eq!(addrs(&next, "10.96.0.10:80"), ["10.0.0.1:8080"], "web lost the moved slice");
+        assert_eq!(addrs(&next, "10.96.0.11:80"), ["10.0.0.3:8080"], "api gained it");
+        assert_eq!(next.services.services(), 2);
+        // The same cluster built whole gives the same map.
+        c.pending.full = true;
+        let whole = b.build(&mut c);
+        for vip in ["10.96.0.10:80", "10.96.0.11:80"] {
+            assert_eq!(addrs(&whole, vip), addrs(&next, vip), "{vip}");
+        }
+        // A pod change alone is no Service change: everything is rebuilt.
+        c.pending.note(1, Some(key("shop", "web-1")));
+        assert!(!c.pending.services_only());
     }
 
     #[tokio::test]
@@ -929,9 +1147,12 @@ mod tests {
         let pod = PodKey { namespace: "a".into(), name: "starting".into() };
         let mut issuer = builder(PathBuf::from("/nonexistent"));
         issuer.source.node = None;
-        let known = issuer.build(&c);
+        let known = issuer.build(&mut c);
         assert!(known.get(&pod).is_some_and(|w| w.ips.is_empty() && w.mesh), "the issuer authorizes it by node");
-        assert!(builder(PathBuf::from("/nonexistent")).build(&c).get(&pod).is_none(), "an agent cannot route to it");
+        assert!(
+            builder(PathBuf::from("/nonexistent")).build(&mut c).get(&pod).is_none(),
+            "an agent cannot route to it"
+        );
     }
 
     #[tokio::test]
@@ -951,7 +1172,7 @@ mod tests {
             c.all.insert(k, info("node-9", ip, mode));
         }
         let mut b = builder(PathBuf::from("/nonexistent"));
-        let dir = b.build(&c);
+        let dir = b.build(&mut c);
         let get = |ns: &str, name: &str| dir.get(&PodKey { namespace: ns.into(), name: name.into() }).cloned();
         let inherits = get("a", "inherits").unwrap();
         assert!(inherits.mesh);
@@ -971,10 +1192,10 @@ mod tests {
         // The mode the label gives is the pod's mode unless a PeerAuthentication says otherwise.
         assert_eq!(dir.policy_for(&inherits).mode.mode, Mode::Strict);
         // Pod events reuse the compiled policy; a policy event recompiles it.
-        let again = b.build(&c);
+        let again = b.build(&mut c);
         assert!(Arc::ptr_eq(&dir.policies, &again.policies));
         c.policy_changes += 1;
-        assert!(!Arc::ptr_eq(&dir.policies, &b.build(&c).policies));
+        assert!(!Arc::ptr_eq(&dir.policies, &b.build(&mut c).policies));
     }
 
     #[tokio::test]
@@ -1015,7 +1236,7 @@ mod tests {
         // On this node, but neither a CNI record nor a cgroup: not placed yet.
         c.local.insert(key("a", "unplaced"), info("node-0", "10.0.0.4", None));
         let mut b = builder(parent.clone());
-        let dir = b.build(&c);
+        let dir = b.build(&mut c);
         let here = dir.pod_by_ip("10.0.0.1".parse().unwrap()).unwrap();
         assert_eq!(here.key.name, "here");
         assert_eq!(here.netns.as_deref(), Some(Path::new(&format!("/proc/{}/ns/net", std::process::id()))));

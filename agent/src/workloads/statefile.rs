@@ -54,6 +54,9 @@ struct RawState {
     /// Services with a virtual IP and their endpoints (what a Service and its EndpointSlices say).
     #[serde(default)]
     services: Vec<RawService>,
+    /// Each node's zone (its `topology.kubernetes.io/zone` label): node name → zone.
+    #[serde(default)]
+    zones: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -69,6 +72,12 @@ struct RawService {
     session_affinity: Option<String>,
     #[serde(default)]
     publish_not_ready_addresses: bool,
+    /// `Cluster` (default) or `Local` (this node's endpoints only).
+    #[serde(default)]
+    internal_traffic_policy: Option<String>,
+    /// `PreferClose`: endpoints in the caller's zone first.
+    #[serde(default)]
+    traffic_distribution: Option<String>,
     #[serde(default)]
     endpoints: Vec<RawEndpoint>,
 }
@@ -100,6 +109,15 @@ struct RawEndpoint {
     /// Named ports the endpoint serves: name → port.
     #[serde(default)]
     ports: BTreeMap<String, u16>,
+    /// The node of an endpoint that is not a listed pod (a pod's is its own).
+    #[serde(default)]
+    node_name: Option<String>,
+    /// The endpoint's zone (default: its node's, from `zones`).
+    #[serde(default)]
+    zone: Option<String>,
+    /// Topology hints: the zones it should serve.
+    #[serde(default)]
+    for_zones: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -136,6 +154,12 @@ pub fn load(path: &Path) -> Result<Directory, Error> {
 }
 
 pub fn parse(path: &Path, text: &str) -> Result<Directory, Error> {
+    parse_after(path, text, None)
+}
+
+/// [`parse`], for a directory that replaces one whose Services were `prev` (their endpoints'
+/// load counts carry over).
+fn parse_after(path: &Path, text: &str, prev: Option<&super::services::ServiceMap>) -> Result<Directory, Error> {
     let raw: RawState = serde_yaml::from_str(text).map_err(|source| Error::Parse { path: path.into(), source })?;
     let invalid = |msg: String| Error::Invalid { path: path.into(), msg };
     let trust_domain = TrustDomain::new(&raw.trust_domain).map_err(|e| invalid(format!("trustDomain: {e}")))?;
@@ -185,23 +209,26 @@ pub fn parse(path: &Path, text: &str) -> Result<Directory, Error> {
         unreadable: Vec::new(),
     })
     .map_err(|e| invalid(e.to_string()))?;
-    let pods: std::collections::HashMap<PodKey, Vec<IpAddr>> =
-        workloads.iter().map(|w| (w.key.clone(), w.ips.clone())).collect();
-    let services = services(raw.services, &pods).map_err(invalid)?;
+    let pods: std::collections::HashMap<PodKey, (Vec<IpAddr>, String)> =
+        workloads.iter().map(|w| (w.key.clone(), (w.ips.clone(), w.node.clone()))).collect();
+    let services = services(raw.services, &pods, &raw.zones).map_err(invalid)?;
+    let here = super::services::Here { node: raw.node.clone(), zone: raw.zones.get(&raw.node).cloned() };
     let dir =
         Directory::new(trust_domain, raw.node, raw.cgroup_parent, workloads, policies).map_err(|e| invalid(e.0))?;
-    Ok(dir.with_services(&services))
+    Ok(dir.with_services(&services, here, prev))
 }
 
 /// The `services:` section, checked: unique names, a VIP each that is no pod's address, ports
 /// 1-65535, endpoints that are listed pods of the Service's namespace or give addresses.
 fn services(
     raw: Vec<RawService>,
-    pods: &std::collections::HashMap<PodKey, Vec<IpAddr>>,
+    pods: &std::collections::HashMap<PodKey, (Vec<IpAddr>, String)>,
+    zones: &BTreeMap<String, String>,
 ) -> Result<Vec<super::services::Service>, String> {
     use super::services::{Endpoint, Service, ServiceKey, ServicePort, TargetPort};
     let mut seen = HashSet::new();
-    let pod_ips: HashSet<IpAddr> = pods.values().flatten().map(|ip| crate::policy::canonical(*ip)).collect();
+    let pod_ips: HashSet<IpAddr> =
+        pods.values().flat_map(|(ips, _)| ips).map(|ip| crate::policy::canonical(*ip)).collect();
     let mut out = Vec::with_capacity(raw.len());
     for (i, s) in raw.into_iter().enumerate() {
         let at = format!("services[{i}] ({}/{})", s.namespace, s.name);
@@ -222,6 +249,16 @@ fn services(
             Some("ClientIP") => true,
             Some(other) => return Err(format!("{at}: sessionAffinity {other:?} is not None or ClientIP")),
         };
+        let node_local = match s.internal_traffic_policy.as_deref() {
+            None | Some("Cluster") => false,
+            Some("Local") => true,
+            Some(other) => return Err(format!("{at}: internalTrafficPolicy {other:?} is not Cluster or Local")),
+        };
+        let prefer_close = match s.traffic_distribution.as_deref() {
+            None => false,
+            Some("PreferClose") => true,
+            Some(other) => return Err(format!("{at}: trafficDistribution {other:?} is not PreferClose")),
+        };
         let mut ports = Vec::new();
         for (j, p) in s.ports.into_iter().enumerate() {
             let target = match p.target_port {
@@ -241,20 +278,26 @@ fn services(
         let mut endpoints = Vec::new();
         for (j, e) in s.endpoints.into_iter().enumerate() {
             let pod = e.pod.map(|name| PodKey { namespace: s.namespace.clone(), name });
-            let addresses = match (&pod, e.addresses.is_empty()) {
-                (Some(k), true) => {
-                    pods.get(k).cloned().ok_or_else(|| format!("{at}: endpoints[{j}]: no pod {k} is listed"))?
-                }
+            let listed = match &pod {
+                Some(k) => Some(pods.get(k).ok_or_else(|| format!("{at}: endpoints[{j}]: no pod {k} is listed"))?),
+                None => None,
+            };
+            let addresses = match (listed, e.addresses.is_empty()) {
+                (Some((ips, _)), true) => ips.clone(),
                 (_, false) => e.addresses,
                 (None, true) => return Err(format!("{at}: endpoints[{j}] needs `pod` or `addresses`")),
             };
+            let node = e.node_name.or_else(|| listed.map(|(_, node)| node.clone()));
             endpoints.push(Endpoint {
                 addresses,
                 pod,
                 ready: e.ready,
                 serving: e.serving.unwrap_or(e.ready),
                 terminating: e.terminating,
-                named_ports: e.ports,
+                named_ports: std::sync::Arc::new(e.ports),
+                zone: e.zone.or_else(|| node.as_ref().and_then(|n| zones.get(n).cloned())),
+                node,
+                for_zones: e.for_zones,
             });
         }
         out.push(Service {
@@ -263,6 +306,8 @@ fn services(
             ports,
             client_ip_affinity,
             publish_not_ready: s.publish_not_ready_addresses,
+            node_local,
+            prefer_close,
             endpoints,
         });
     }
@@ -356,7 +401,7 @@ async fn watch_file(
         }
         last = text;
         let current = tx.borrow().clone();
-        match parse(&path, &last).and_then(|d| same_node(&path, &current, d)) {
+        match parse_after(&path, &last, Some(&current.services)).and_then(|d| same_node(&path, &current, d)) {
             Ok(dir) => {
                 info!(path = %path.display(), pods = dir.len(), "state file changed; applying it");
                 log_partial(&dir);
@@ -502,12 +547,26 @@ pods:
             [("10.0.0.1:8080".into(), Some("d/a".into())), ("10.0.0.9:9090".into(), None)],
             "the ready endpoints, named port per endpoint, pods by targetRef"
         );
+        // Zones: this node's from `zones`; an endpoint's from its pod's node, or its own word.
+        let zoned = format!(
+            "{}zones: {{n: z1, m: z2}}\n",
+            svc("clusterIPs: [10.96.0.1], ports: [{port: 80}], trafficDistribution: PreferClose, endpoints: \
+                 [{pod: a}, {addresses: [10.0.0.9], nodeName: o, zone: z1}]")
+        );
+        let front = parse_str(&zoned).unwrap().services.get("10.96.0.1:80".parse().unwrap()).unwrap().clone();
+        assert_eq!((front.near, front.backends[0].addr.to_string()), (1, "10.0.0.9:80".to_string()), "this zone first");
+        let local =
+            svc("clusterIPs: [10.96.0.1], ports: [{port: 80}], internalTrafficPolicy: Local, endpoints: [{pod: a}]");
+        let local = parse_str(&local).unwrap();
+        assert!(local.services.get("10.96.0.1:80".parse().unwrap()).unwrap().backends.is_empty(), "a is on node m");
         for (rest, wanted) in [
             ("clusterIPs: [], ports: [{port: 80}]", "needs a virtual IP"),
             ("clusterIPs: [10.0.0.1], ports: [{port: 80}]", "is a pod's address"),
             ("clusterIPs: [10.96.0.1], ports: [{port: 80, targetPort: 70000}]", "targetPort 70000"),
             ("clusterIPs: [10.96.0.1], ports: [{port: 80}, {port: 80}]", "listed twice"),
             ("clusterIPs: [10.96.0.1], ports: [{port: 80}], sessionAffinity: Sticky", "sessionAffinity"),
+            ("clusterIPs: [10.96.0.1], ports: [{port: 80}], internalTrafficPolicy: local", "internalTrafficPolicy"),
+            ("clusterIPs: [10.96.0.1], ports: [{port: 80}], trafficDistribution: Near", "trafficDistribution"),
             ("clusterIPs: [10.96.0.1], ports: [{port: 80}], endpoints: [{pod: zz}]", "no pod d/zz"),
             ("clusterIPs: [10.96.0.1], ports: [{port: 80}], endpoints: [{ready: true}]", "needs `pod` or `addresses`"),
         ] {
