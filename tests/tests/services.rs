@@ -1,7 +1,10 @@
 //! Services: a meshed pod's call to a Service's virtual IP goes to one of its endpoints over the
 //! mesh (no kube-proxy in the testbed: the mesh alone makes the VIP work), load balanced,
 //! authorized at each endpoint with the caller's identity, skipping endpoints that are not ready
-//! or fail; endpoints outside the mesh get plaintext as a call to their address would.
+//! or fail; endpoints outside the mesh get plaintext as a call to their address would. With a
+//! kube-proxy-like DNAT rule on the nodes the result is the same: the agent resolves the VIP in
+//! the pod, before the packet could reach the node's rule. Locality (`PreferClose`) and
+//! `internalTrafficPolicy: Local` choose as kube-proxy would.
 
 mod support;
 
@@ -18,13 +21,19 @@ const WEB_VIP6: &str = "fd6d:6c00:c8::10";
 const LEGACY_VIP: &str = "198.19.200.11";
 const STICKY_VIP: &str = "198.19.200.12";
 const DRAINING_VIP: &str = "198.19.200.13";
+const NEAR_VIP: &str = "198.19.200.14";
+const LOCAL_VIP: &str = "198.19.200.15";
+const ELSEWHERE_VIP: &str = "198.19.200.16";
 
 /// The `services:` section: `web` (backends A on node 2, port 8080, and B on node 1, port 8081,
 /// both by the named port `http`; B ready or not), `legacy` (one endpoint outside the mesh),
-/// `sticky` (A and B with ClientIP affinity) and `draining` (neither ready; B still serving).
+/// `sticky` (A and B with ClientIP affinity), `draining` (neither ready; B still serving),
+/// `near` (A and B, PreferClose: node 1 is in zone z1 with B, node 2 in z2), `local` (A and B,
+/// internalTrafficPolicy Local) and `elsewhere` (A only, Local).
 fn services(b_ready: bool) -> String {
     format!(
         r#"
+zones: {{node1: z1, node2: z2}}
 services:
   - name: web
     namespace: default
@@ -53,6 +62,28 @@ services:
     endpoints:
       - {{pod: pod1-n2, ready: false, serving: false, terminating: true, ports: {{http: 8080}}}}
       - {{pod: pod2-n1, ready: false, serving: true, terminating: true, ports: {{http: 8081}}}}
+  - name: near
+    namespace: default
+    clusterIPs: ["{NEAR_VIP}"]
+    ports: [{{port: 80, targetPort: http}}]
+    trafficDistribution: PreferClose
+    endpoints:
+      - {{pod: pod1-n2, ports: {{http: 8080}}}}
+      - {{pod: pod2-n1, ports: {{http: 8081}}}}
+  - name: local
+    namespace: default
+    clusterIPs: ["{LOCAL_VIP}"]
+    ports: [{{port: 80, targetPort: http}}]
+    internalTrafficPolicy: Local
+    endpoints:
+      - {{pod: pod1-n2, ports: {{http: 8080}}}}
+      - {{pod: pod2-n1, ports: {{http: 8081}}}}
+  - name: elsewhere
+    namespace: default
+    clusterIPs: ["{ELSEWHERE_VIP}"]
+    ports: [{{port: 80, targetPort: http}}]
+    internalTrafficPolicy: Local
+    endpoints: [{{pod: pod1-n2, ports: {{http: 8080}}}}]
 "#
     )
 }
@@ -102,10 +133,25 @@ fn calls_to_a_service_go_over_the_mesh_to_ready_endpoints_balanced_and_authorize
         wait_listening(&p.netns, port).unwrap();
     }
 
-    // 200 calls: all answered, by both endpoints, nothing in clear on the link between nodes.
+    // kube-proxy's part, played by one DNAT rule on each node: the VIP to B alone.
+    let dnat = format!(
+        "nft add table ip kubeproxy && \
+         nft add chain ip kubeproxy services '{{ type nat hook prerouting priority -100; }}' && \
+         nft add rule ip kubeproxy services ip daddr {WEB_VIP} tcp dport 80 dnat to {}:8081",
+        b.ipv4
+    );
+    for node in [1, 2] {
+        tb.node(node).netns.sh(&dnat).expect("a DNAT rule in the node's namespace (nftables)");
+    }
+
+    // 200 calls: all answered, by both endpoints (the node's DNAT rule, which knows B alone,
+    // never saw them: the agent resolved the VIP first), nothing in clear between the nodes.
     let dump = Dump::start(&tb, 1, "node1-eth0").unwrap();
     let (from_a, from_b) = spread(client, 200, "svc-marker-5be1");
     assert!(from_a > 20 && from_b > 20, "both endpoints serve: A {from_a}, B {from_b}");
+    // Control: the rule is live. A pod outside the mesh reaches the VIP through it, B alone.
+    let through_rule: Vec<_> = (0..5).map(|i| curl(legacy, &format!("http://{WEB_VIP}/dnat-{i}"))).collect();
+    assert!(through_rule.iter().all(|r| r.as_deref() == Ok("backend-b")), "the DNAT rule: {through_rule:?}");
     // The app's getpeername() shows the VIP it dialed, not the endpoint or the agent.
     let vip = format!("{WEB_VIP}:80");
     let (_, out, err) =
@@ -141,6 +187,11 @@ fn calls_to_a_service_go_over_the_mesh_to_ready_endpoints_balanced_and_authorize
     let sticky = bodies(STICKY_VIP, 20);
     assert!(sticky.iter().all(|b| b == &sticky[0]) && sticky[0].starts_with("backend-"), "{sticky:?}");
     assert!(bodies(DRAINING_VIP, 20).iter().all(|b| b == "backend-b"), "only the serving terminating endpoint");
+    // PreferClose: B, in the client's zone. internalTrafficPolicy Local: B, on the client's node;
+    // none when only another node has endpoints (refused, as kube-proxy drops it).
+    assert!(bodies(NEAR_VIP, 20).iter().all(|b| b == "backend-b"), "PreferClose: the endpoint in this zone");
+    assert!(bodies(LOCAL_VIP, 20).iter().all(|b| b == "backend-b"), "Local: the endpoint on this node");
+    assert!(curl(client, &format!("http://{ELSEWHERE_VIP}/")).is_err(), "Local, no endpoint here: refused");
 
     // A DENY on the caller's principal stops calls through the Service too.
     let deny = r#"

@@ -188,14 +188,17 @@ pub fn run(bins: &Bins, args: Args) -> Result<()> {
 /// The Kubernetes source at scale: 100 000 synthetic pods on 5 000 nodes through the agent's watch
 /// mirror and directory builder (`agent/benches/directory.rs`, built with the `synthetic` feature,
 /// never part of the agent), each size in a fresh process: the time from the first listed object
-/// to the finished directory, and the memory it keeps.
+/// to the finished directory, and the memory it keeps. At the larger size, 10 000 Services with
+/// 100 000 endpoints too: their build, one EndpointSlice change applied, the longest pause of the
+/// runtime meanwhile, and the memory per endpoint.
 fn directory_scale() -> Result<()> {
-    for (pods, nodes) in [(10_000, 500), (100_000, 5_000)] {
+    for (pods, nodes, services) in [(10_000, 500, 0), (100_000, 5_000, 10_000)] {
         eprintln!("xtask: the Kubernetes directory with {pods} pods on {nodes} nodes (synthetic)");
         let out = run_ok(
             super::cargo()
                 .args(["bench", "-q", "-p", "meshless-agent", "--features", "synthetic", "--bench", "directory", "--"])
                 .args(["--pods", &pods.to_string(), "--nodes", &nodes.to_string()])
+                .args(["--services", &services.to_string(), "--endpoints", &(services * 10).to_string()])
                 // The directory code only: the bench profile need not build the kernel programs.
                 .env("AYA_BUILD_SKIP", "1"),
         )?;
@@ -211,6 +214,22 @@ fn directory_scale() -> Result<()> {
             v["in_directory"],
             v["local"]
         );
+        if services > 0 {
+            let s = &v["services"];
+            println!(
+                "kubernetes services, {} Services / {} endpoints: built in {:.0} ms, one EndpointSlice change \
+                 applied in {:.2} ms (median; the first after the list {:.2} ms; longest timer lateness on \
+                 the runtime meanwhile {:.2} ms, {:.2} ms with nothing applying), {:.0} bytes per endpoint",
+                s["services"],
+                s["endpoints"],
+                num(s, "build_ms")?,
+                num(s, "apply_ms")?,
+                num(s, "first_apply_ms")?,
+                num(s, "max_pause_ms")?,
+                num(s, "idle_pause_ms")?,
+                num(s, "bytes_per_endpoint")?
+            );
+        }
     }
     Ok(())
 }

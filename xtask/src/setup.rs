@@ -13,6 +13,8 @@ use anyhow::{bail, Context, Result};
 /// - util-linux: `nsenter`, used by the demo's printed hints.
 /// - protobuf-compiler, libprotobuf-dev: protoc and the well-known types, for the gRPC code the
 ///   agent generates (issuer, SPIFFE Workload API).
+/// - nftables: the Services test installs a kube-proxy-like DNAT rule in a node's namespace (to
+///   show the mesh resolves a virtual IP before it); meshless itself never uses netfilter.
 /// - make, rsync: the kube-apiserver build (see `kube.rs`, which also fetches kubectl 1.20 into its
 ///   private root: a machine may already have another kubectl in /usr/bin).
 const APT_PACKAGES: &[&str] = &[
@@ -27,6 +29,7 @@ const APT_PACKAGES: &[&str] = &[
     "python3-venv",
     "protobuf-compiler",
     "libprotobuf-dev",
+    "nftables",
     "make",
     "rsync",
 ];
