@@ -278,13 +278,10 @@ pub struct State {
     pub local_pods: LocalPods,
 }
 
-/// The admin endpoint's listening socket on `addr`. Not shared (no SO_REUSEPORT): a successor
-/// agent takes this very socket over (`handover`), so while an agent runs nothing else can bind
-/// the port and answer for it.
+/// The admin (or metrics) endpoint's listening socket on `addr`. Not shared (no SO_REUSEPORT):
+/// a successor agent takes this very socket over (`handover`), so while an agent runs nothing
+/// else can bind the port and answer for it.
 pub fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
-    if !addr.ip().is_loopback() {
-        warn!(%addr, "the admin endpoint listens beyond loopback: anyone who can reach it can read the node's policy");
-    }
     let sock = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
     sock.set_reuse_address(true)?;
     sock.bind(&addr.into())?;
@@ -299,10 +296,6 @@ pub async fn serve(
     state: State,
     stop: tokio_util::sync::CancellationToken,
 ) -> std::io::Result<()> {
-    listener.set_nonblocking(true)?;
-    let addr = listener.local_addr()?;
-    let listener = tokio::net::TcpListener::from_std(listener)?;
-    info!(%addr, "admin endpoint serving");
     let app = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         // The endpoint itself starts only once the agent is ready and stops when it drains, so
@@ -312,10 +305,25 @@ pub async fn serve(
         .route("/policy", get(policy_handler))
         .route("/metrics", get(metrics_handler))
         .route("/status", get(status_handler))
+        .route("/api/flows", get(flows_handler))
         .with_state(state);
+    spawn_router(listener, app, "admin", stop)
+}
+
+/// Serves `app` on `listener` in a task of its own until `stop` fires.
+fn spawn_router(
+    listener: std::net::TcpListener,
+    app: Router,
+    what: &'static str,
+    stop: tokio_util::sync::CancellationToken,
+) -> std::io::Result<()> {
+    listener.set_nonblocking(true)?;
+    let addr = listener.local_addr()?;
+    let listener = tokio::net::TcpListener::from_std(listener)?;
+    info!(%addr, endpoint = what, "endpoint serving");
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(async move { stop.cancelled().await }).await {
-            warn!(error = %e, "admin endpoint stopped");
+            warn!(endpoint = what, error = %e, "endpoint stopped");
         }
     });
     Ok(())
@@ -403,35 +411,157 @@ async fn policy_handler(With(state): With<State>) -> Json<PolicyView> {
     })
 }
 
-async fn metrics_handler(With(state): With<State>) -> impl IntoResponse {
-    let mut out = String::from(
-        "# HELP meshless_inbound_decisions_total Inbound connections decided, by transport, mode, decision and what decided.\n\
-         # TYPE meshless_inbound_decisions_total counter\n",
-    );
-    for (k, n) in state.proxy.decisions.snapshot() {
-        let _ = writeln!(
-            out,
-            "meshless_inbound_decisions_total{{transport=\"{}\",mode=\"{}\",decision=\"{}\",by=\"{}\"}} {n}",
-            k.transport,
-            k.mode,
-            k.decision,
-            escape(&k.by)
-        );
-    }
-    let dir = state.proxy.store.load();
-    out.push_str(
-        "# HELP meshless_policy_objects Policy objects by how much of them is enforced (Enforced, PartiallyEnforced, FailedClosed).\n\
-         # TYPE meshless_policy_objects gauge\n",
-    );
-    for (state, n) in dir.policies.states() {
-        let _ = writeln!(out, "meshless_policy_objects{{state=\"{state}\"}} {n}");
-    }
-    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
+/// `/api/flows` filters: each, when given, must match.
+#[derive(Debug, Default, Deserialize)]
+struct FlowQuery {
+    /// The source's or the destination's namespace.
+    namespace: Option<String>,
+    /// The source's or the destination's SPIFFE ID (or a plaintext source's address).
+    identity: Option<String>,
+    /// `allow`, `deny`, `dry_run_deny`, `carried`, `failed`.
+    verdict: Option<String>,
+    /// `hbone`, `plaintext`, `passthrough`.
+    transport: Option<String>,
 }
 
-/// Prometheus label value escaping.
-fn escape(s: &str) -> String {
-    s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+#[derive(Serialize)]
+struct FlowsView {
+    capacity: usize,
+    /// Flows recorded since the agent started (the table keeps the last `capacity`).
+    total: u64,
+    /// Recent flows and aggregates held, and (an upper bound of) the memory they take.
+    held: (usize, usize),
+    bytes: usize,
+    recent: Vec<crate::flows::Flow>,
+    aggregates: Vec<crate::flows::Aggregate>,
+}
+
+/// The flow table, filtered: the recent flows (newest first) and the aggregates.
+async fn flows_handler(With(state): With<State>, Query(q): Query<FlowQuery>) -> Response {
+    let fields = [&q.namespace, &q.identity, &q.verdict, &q.transport];
+    if fields.iter().any(|f| f.as_ref().is_some_and(|v| v.len() > 512)) {
+        return (StatusCode::BAD_REQUEST, "a filter longer than 512 bytes\n").into_response();
+    }
+    let is = |want: &Option<String>, v: &str| want.as_deref().is_none_or(|w| w == v);
+    let either = |want: &Option<String>, a: &str, b: &str| want.as_deref().is_none_or(|w| w == a || w == b);
+    let table = state.proxy.telemetry.flows.lock();
+    let recent = table.recent(|f| {
+        either(&q.namespace, &f.source_namespace, &f.destination_namespace)
+            && either(&q.identity, &f.source, &f.destination)
+            && is(&q.verdict, f.verdict)
+            && is(&q.transport, f.transport)
+    });
+    let aggregates = table
+        .aggregates()
+        .into_iter()
+        .filter(|a| {
+            either(&q.namespace, &a.source_namespace, &a.destination_namespace)
+                && is(&q.identity, &a.source)
+                && is(&q.verdict, a.verdict)
+                && is(&q.transport, a.transport)
+        })
+        .collect();
+    let view = FlowsView {
+        capacity: table.capacity(),
+        total: table.total,
+        held: table.len(),
+        bytes: table.bytes(),
+        recent,
+        aggregates,
+    };
+    drop(table);
+    Json(view).into_response()
+}
+
+async fn metrics_handler(With(state): With<State>) -> impl IntoResponse {
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        metrics_text(&state),
+    )
+}
+
+/// Serves the metrics alone (`/metrics`, and `/stats/prometheus` as ztunnel and Envoy name it) on
+/// `listener` until `stop` fires: what Prometheus scrapes, apart from the admin endpoint.
+pub async fn serve_metrics(
+    listener: std::net::TcpListener,
+    state: State,
+    stop: tokio_util::sync::CancellationToken,
+) -> std::io::Result<()> {
+    let app = Router::new()
+        .route("/metrics", get(metrics_handler))
+        .route("/stats/prometheus", get(metrics_handler))
+        .with_state(state);
+    spawn_router(listener, app, "metrics", stop)
+}
+
+/// Every metric of the node: the connection metrics and the access log's (`telemetry`), the
+/// inbound decisions, policy objects, certificates, pods, handshakes refused, the process.
+fn metrics_text(state: &State) -> String {
+    use crate::telemetry::{unix_seconds, Family};
+    let decisions = state
+        .proxy
+        .decisions
+        .snapshot()
+        .into_iter()
+        .map(|(k, n)| {
+            let labels = vec![
+                ("transport", k.transport.to_string()),
+                ("mode", k.mode.to_string()),
+                ("decision", k.decision.to_string()),
+                ("by", k.by),
+            ];
+            (labels, n)
+        })
+        .collect();
+    let dir = state.proxy.store.load();
+    let objects = dir.policies.states().into_iter().map(|(s, n)| (vec![("state", s.to_string())], n as i64)).collect();
+    let pods = state.local_pods.load();
+    let expiry = pods
+        .iter()
+        .filter_map(|p| {
+            let issued = p.tls.cert.issued()?;
+            Some((vec![("identity", p.tls.id.to_string())], unix_seconds(issued.not_after)))
+        })
+        .collect();
+    let mut by_state: std::collections::BTreeMap<&str, i64> = Default::default();
+    for p in &state.status.load().pods {
+        *by_state.entry(p.state.as_str()).or_default() += 1;
+    }
+    let (rss, fds) = crate::limits::process_usage();
+    state.proxy.telemetry.render(vec![
+        Family::counter(
+            "meshless_inbound_decisions",
+            "Inbound connections decided, by transport, mode, decision and what decided.",
+            decisions,
+        ),
+        Family::gauge(
+            "meshless_policy_objects",
+            "Policy objects by how much of them is enforced (Enforced, PartiallyEnforced, FailedClosed).",
+            objects,
+        ),
+        Family::gauge(
+            "istio_cert_expiry_seconds",
+            "When each local workload's certificate expires (not-after, Unix seconds).",
+            expiry,
+        ),
+        Family::gauge(
+            "meshless_pods",
+            "This node's pods by state (enrolled, outside_mesh, failing).",
+            by_state.into_iter().map(|(s, n)| (vec![("state", s.to_string())], n)).collect(),
+        ),
+        Family::counter(
+            "meshless_tls_handshakes_refused",
+            "Inbound TLS handshakes refused by the handshake caps (node-wide and per source).",
+            vec![(vec![], state.proxy.handshakes.refused())],
+        ),
+        Family::gauge(
+            "meshless_hbone_streams",
+            "Streams open on pooled HBONE connections (outbound).",
+            vec![(vec![], state.proxy.pool.entries().iter().map(|e| e.streams as i64).sum())],
+        ),
+        Family::gauge("process_resident_memory_bytes", "Resident memory of the agent.", vec![(vec![], rss)]),
+        Family::gauge("process_open_fds", "Open file descriptors of the agent.", vec![(vec![], fds)]),
+    ])
 }
 
 /// Asks the admin endpoint at `addr` (host:port) to explain `q` (`meshless policy … --agent`).

@@ -60,7 +60,8 @@ struct Running {
     successors: tokio::sync::mpsc::Receiver<handover::Request>,
     admin_stop: CancellationToken,
     /// The admin endpoint's listener, handed over to a successor with the pods' listeners.
-    admin: Option<(handover::ListenerSpec, std::net::TcpListener)>,
+    admin: Vec<(handover::ListenerSpec, std::net::TcpListener)>,
+    telemetry: Arc<crate::telemetry::Telemetry>,
 }
 
 /// Start-up: the first directory, the certificates, the kernel programs, the predecessor's
@@ -92,9 +93,10 @@ async fn start(config: Arc<AgentConfig>, deps: Deps) -> Result<Running, Error> {
         None => (Inherited::default(), None),
     };
     let own = netns::current_cookie().map_err(|e| Error::Io("reading the agent's netns cookie".into(), e))?;
-    let inherited_admin = inherited.take(&handover::node_key(), own).and_then(|handover::Listeners(ls)| {
-        ls.into_iter().find(|(spec, _)| spec.role == handover::Role::Admin).map(|(_, l)| l)
-    });
+    let inherited_admin: Vec<_> = inherited
+        .take(&handover::node_key(), own)
+        .map(|handover::Listeners(ls)| ls.into_iter().map(|(spec, l)| (spec.role, l)).collect())
+        .unwrap_or_default();
 
     let store = Arc::new(Store::new(first.clone()));
     let proxy = Arc::new(proxy::Inputs {
@@ -104,6 +106,11 @@ async fn start(config: Arc<AgentConfig>, deps: Deps) -> Result<Running, Error> {
         pool: Pool::new(config.tunnel.clone()),
         handshakes: HandshakeLimiter::new(config.tunnel.max_handshakes, config.tunnel.max_handshakes_per_source),
         decisions: Default::default(),
+        telemetry: crate::telemetry::Telemetry::new(
+            config.telemetry,
+            crate::telemetry::AccessLogLimits { rate: config.access_log_rate, burst: config.access_log_burst },
+            config.flow_table,
+        ),
     });
     let workload_identities = identities.clone();
     let deps = pods::Deps {
@@ -139,7 +146,8 @@ async fn start(config: Arc<AgentConfig>, deps: Deps) -> Result<Running, Error> {
     let admin = serve_admin(&config, inherited_admin, admin_state, admin_stop.clone()).await?;
     let (enrolled, known, failing) = manager.counts();
     info!(node = %first.node, enrolled, known, failing, stale_removed = stale, "agent ready");
-    Ok(Running { manager, store, updates, successors, admin_stop, admin })
+    let telemetry = proxy.telemetry.clone();
+    Ok(Running { manager, store, updates, successors, admin_stop, admin, telemetry })
 }
 
 /// The pods' certificate store, checked to serve the directory's trust domain, renewing.
@@ -181,30 +189,45 @@ fn remove_stale(capture: &Capture, ours: HashSet<u64>) -> usize {
     stale.len()
 }
 
-/// Serves the admin endpoint on the listener the previous agent handed over (if it listened on
-/// the same address) or a new one; returns the listener, described for the next hand-over.
+/// Serves the admin endpoint and the metrics endpoint, each on the listener the previous agent
+/// handed over (if it listened on the same address) or a new one; returns the listeners,
+/// described for the next hand-over.
 async fn serve_admin(
     config: &AgentConfig,
-    inherited: Option<std::net::TcpListener>,
+    mut inherited: Vec<(handover::Role, std::net::TcpListener)>,
     state: admin::State,
     stop: CancellationToken,
-) -> Result<Option<(handover::ListenerSpec, std::net::TcpListener)>, Error> {
-    if config.admin_addr == "none" {
-        return Ok(None);
+) -> Result<Vec<(handover::ListenerSpec, std::net::TcpListener)>, Error> {
+    let mut kept = Vec::new();
+    for (role, flag, value) in [
+        (handover::Role::Admin, "--admin-addr", &config.admin_addr),
+        (handover::Role::Metrics, "--metrics-addr", &config.metrics_addr),
+    ] {
+        if value == "none" {
+            continue;
+        }
+        let addr: std::net::SocketAddr =
+            value.parse().map_err(|e| Error::Io(format!("{flag} {value:?}"), std::io::Error::other(e)))?;
+        let io = |e| Error::Io(format!("{flag} {addr}"), e);
+        if role == handover::Role::Admin && !addr.ip().is_loopback() {
+            warn!(%addr, "the admin endpoint listens beyond loopback: anyone who can reach it can read the node's policy");
+        }
+        let handed = inherited.iter().position(|(r, l)| *r == role && l.local_addr().is_ok_and(|a| a == addr));
+        let listener = match handed {
+            Some(i) => inherited.swap_remove(i).1,
+            None => bind_admin(addr).await.map_err(io)?,
+        };
+        kept.push((
+            handover::ListenerSpec { pod: handover::node_key(), role, addr },
+            listener.try_clone().map_err(io)?,
+        ));
+        match role {
+            handover::Role::Admin => admin::serve(listener, state.clone(), stop.clone()).await,
+            _ => admin::serve_metrics(listener, state.clone(), stop.clone()).await,
+        }
+        .map_err(io)?;
     }
-    let addr: std::net::SocketAddr = config
-        .admin_addr
-        .parse()
-        .map_err(|e| Error::Io(format!("--admin-addr {:?}", config.admin_addr), std::io::Error::other(e)))?;
-    let io = |e| Error::Io(format!("admin endpoint on {addr}"), e);
-    let listener = match inherited.filter(|l| l.local_addr().is_ok_and(|a| a == addr)) {
-        Some(l) => l,
-        None => bind_admin(addr).await.map_err(io)?,
-    };
-    let kept = listener.try_clone().map_err(io)?;
-    admin::serve(listener, state, stop).await.map_err(io)?;
-    let spec = handover::ListenerSpec { pod: handover::node_key(), role: handover::Role::Admin, addr };
-    Ok(Some((spec, kept)))
+    Ok(kept)
 }
 
 /// How long a starting agent waits for the admin port to be free: a predecessor that did not
@@ -228,15 +251,19 @@ async fn bind_admin(addr: std::net::SocketAddr) -> std::io::Result<std::net::Tcp
     }
 }
 
+/// Every this many seconds, metric series of pods gone are dropped.
+const FORGET_EVERY: u64 = 30;
+
 impl Running {
     /// Serves until told to stop or a successor took over: applies directory changes, retries
     /// failing pods, gives memory back after bursts, answers a successor. Returns why it stopped.
     async fn serve(self, shutdown: impl Future<Output = ()>) -> (&'static str, Manager<Node>, CancellationToken) {
-        let Running { mut manager, store, mut updates, mut successors, admin_stop, admin } = self;
+        let Running { mut manager, store, mut updates, mut successors, admin_stop, admin, telemetry } = self;
         tokio::pin!(shutdown);
         let mut adopted: Option<oneshot::Receiver<()>> = None;
         let mut memory = tokio::time::interval(std::time::Duration::from_secs(1));
         let mut trimmer = crate::limits::Trimmer::new(TRIM_AFTER_DROP);
+        let mut ticks = 0u64;
         let why = loop {
             let retry = manager.next_retry();
             tokio::select! {
@@ -255,10 +282,14 @@ impl Running {
                     if trimmer.observe(manager.live_connections()) {
                         crate::limits::release_free_memory();
                     }
+                    ticks += 1;
+                    if ticks.is_multiple_of(FORGET_EVERY) {
+                        telemetry.forget_gone(&store.load());
+                    }
                 }
                 Some(req) = successors.recv() => {
                     let mut listeners = manager.handover_listeners();
-                    if let Some((spec, l)) = &admin {
+                    for (spec, l) in &admin {
                         match l.try_clone() {
                             Ok(l) => listeners.push((spec.clone(), l)),
                             Err(e) => warn!(error = %e, "cannot duplicate the admin listener for the successor"),

@@ -100,7 +100,17 @@ impl Stats {
 }
 
 /// Logs `outcome` as one structured line and counts it.
-pub fn record(stats: &Stats, req: &Request<'_>, mode: Mode, outcome: &Outcome) {
+/// What [`record`] logged of a decision, for the connection's access log line.
+pub struct Verdict {
+    /// `allow`, `deny`, or `dry_run_deny`.
+    pub decision: &'static str,
+    /// The deciding policy (`namespace/name`), empty when no rule decided.
+    pub policy: String,
+    /// The deciding rule's index, -1 when no rule decided.
+    pub rule: i64,
+}
+
+pub fn record(stats: &Stats, req: &Request<'_>, mode: Mode, outcome: &Outcome) -> Verdict {
     let (transport, src_id) = match &req.peer {
         Peer::Authenticated { id, .. } => ("hbone", id.to_string()),
         Peer::Plaintext { .. } => ("plaintext", String::new()),
@@ -134,6 +144,7 @@ pub fn record(stats: &Stats, req: &Request<'_>, mode: Mode, outcome: &Outcome) {
             policy, rule = rule_index, reason = %outcome.why, audited, caveats, "inbound decision");
     }
     stats.count(DecisionKey { transport, mode: mode.as_str(), decision, by });
+    Verdict { decision, policy, rule: rule_index }
 }
 
 fn reason_kind(d: &Decision) -> &'static str {

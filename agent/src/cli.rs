@@ -37,6 +37,15 @@ enum Cmd {
         #[command(subcommand)]
         cmd: PolicyCmd,
     },
+    /// What this node's traffic says (from its agent's flow table, status and policy): mTLS
+    /// coverage per namespace and identity pair, plaintext sources STRICT would refuse, denials
+    /// with their rule, certificates, modes and policies. Markdown, or JSON with --json.
+    Report {
+        #[arg(long, env = "MESHLESS_ADMIN_ADDR", default_value = "127.0.0.1:15000")]
+        agent: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// Exit 0 if this node's agent is ready (capture attached, pods synced), 1 if not: the
     /// DaemonSet's readiness probe (the admin endpoint listens on loopback only).
     Ready {
@@ -206,6 +215,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Agent(cfg) => agent(*cfg),
+        Cmd::Report { agent, json } => {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let get = |path: &'static str| -> anyhow::Result<serde_json::Value> {
+                let body = rt.block_on(crate::admin::get_path(&agent, path))?;
+                serde_json::from_slice(&body).with_context(|| format!("{path} from {agent}: not JSON"))
+            };
+            let report = crate::report::Report::build(&get("/api/flows")?, &get("/status")?, &get("/policy")?);
+            match json {
+                true => println!("{}", serde_json::to_string_pretty(&report)?),
+                false => print!("{}", report.markdown()),
+            }
+            Ok(())
+        }
         Cmd::Ready { agent } => {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             let body = rt.block_on(crate::admin::get_path(&agent, "/readyz"))?;

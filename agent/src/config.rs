@@ -53,6 +53,23 @@ pub struct AgentConfig {
     /// node's): loopback by default, so pods cannot reach it. `none` turns it off.
     #[arg(long, env = "MESHLESS_ADMIN_ADDR", default_value = "127.0.0.1:15000")]
     pub admin_addr: String,
+    /// Where Prometheus scrapes the metrics (`/metrics`, `/stats/prometheus`; ztunnel's port),
+    /// also served on the admin endpoint. `none` turns it off. In a cluster, an address
+    /// Prometheus reaches (the DaemonSet sets `0.0.0.0:15020`).
+    #[arg(long, env = "MESHLESS_METRICS_ADDR", default_value = "127.0.0.1:15020")]
+    pub metrics_addr: String,
+    /// Per-connection telemetry: connection metrics and the access log (`false`: neither).
+    #[arg(long, env = "MESHLESS_TELEMETRY", default_value_t = true, action = clap::ArgAction::Set)]
+    pub telemetry: bool,
+    /// Access log lines per second (one per connection as it ends; 0: no access log) and the
+    /// burst allowed above that; lines beyond are dropped and counted.
+    #[arg(long, env = "MESHLESS_ACCESS_LOG_RATE", default_value_t = 1000)]
+    pub access_log_rate: u32,
+    #[arg(long, env = "MESHLESS_ACCESS_LOG_BURST", default_value_t = 10_000)]
+    pub access_log_burst: u32,
+    /// The flow table's capacity: this many recent flows, and as many aggregates (0: off).
+    #[arg(long, env = "MESHLESS_FLOW_TABLE", default_value_t = crate::flows::DEFAULT_CAPACITY)]
+    pub flow_table: usize,
     #[command(flatten)]
     pub tunnel: TunnelLimits,
 }

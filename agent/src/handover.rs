@@ -66,6 +66,8 @@ pub enum Role {
     /// handed over rather than shared with SO_REUSEPORT, so no other process of the node's user
     /// can bind beside it and answer `/readyz` for the agent.
     Admin,
+    /// The metrics endpoint (15020), handed over like the admin endpoint.
+    Metrics,
 }
 
 /// The key the agent's own (not a pod's) listeners are filed under.

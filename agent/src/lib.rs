@@ -25,7 +25,10 @@
 //! | `handover` | upgrades: listening sockets passed to a successor agent |
 //! | `admin` | the node-local admin endpoint: policy explain, per-pod modes, node status, decision metrics |
 //! | `workload_api` | the SPIFFE Workload API for the pods of this node (unix socket) |
+//! | `telemetry` | connection metrics with Istio's names, the agent's own metrics, the access log |
+//! | `flows` | the flow table: recent flows and aggregates, bounded (leaf) |
 //! | `limits` | handshake caps, open-files limit |
+//! | `report` | `meshless report`: coverage, plaintext sources, denials, certificates, from the admin endpoint's JSON (leaf) |
 //! | `netns` | network namespaces and the agent's sockets in them (the `unsafe` lives here) |
 
 pub(crate) mod admin;
@@ -36,6 +39,7 @@ pub(crate) mod cgroup;
 pub mod cli;
 pub(crate) mod config;
 pub(crate) mod csi;
+pub(crate) mod flows;
 pub(crate) mod handover;
 pub mod identity;
 pub(crate) mod issuer;
@@ -48,7 +52,9 @@ pub(crate) mod pods;
 pub(crate) mod pool;
 pub(crate) mod proto;
 pub(crate) mod proxy;
+pub(crate) mod report;
 pub(crate) mod status;
+pub(crate) mod telemetry;
 pub(crate) mod tunnel;
 pub(crate) mod workload_api;
 pub mod workloads;

@@ -122,6 +122,18 @@ impl Drop for HandshakePermit {
     }
 }
 
+/// The process's resident memory (bytes) and open file descriptors, from `/proc/self`
+/// (0 when unreadable).
+pub fn process_usage() -> (i64, i64) {
+    let rss = std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<i64>().ok())
+        .map(|pages| pages * 4096)
+        .unwrap_or(0);
+    let fds = std::fs::read_dir("/proc/self/fd").map(|d| d.count() as i64).unwrap_or(0);
+    (rss, fds)
+}
+
 /// Gives memory that is free inside the allocator back to the kernel (glibc keeps freed heap
 /// pages mapped; after a burst of connections that can be tens of MiB). Called when the number of
 /// live connections has fallen well below its peak; it walks the free lists, well under a

@@ -678,6 +678,7 @@ mod tests {
             pool: Pool::new(TunnelLimits::default()),
             handshakes: HandshakeLimiter::new(8, 8),
             decisions: Default::default(),
+            telemetry: crate::telemetry::Telemetry::new(false, Default::default(), 0),
         });
         let fake = Arc::new(Fake::default());
         let status = Published::default();

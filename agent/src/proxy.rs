@@ -23,6 +23,7 @@ use crate::local::{LiveGuard, LocalPod, OwnedPeer};
 use crate::netns::{self, Netns};
 use crate::policy::Peer;
 use crate::pool::{Pool, PoolKey};
+use crate::telemetry::{Conn, ConnLabels, Detail, End, Flags, Party, Reporter, Security};
 use crate::tunnel::{self, ActivityGuard, Ended, Inbound};
 use crate::workloads::{canonical, Store, Workload};
 
@@ -37,6 +38,8 @@ pub struct Inputs {
     pub handshakes: Arc<HandshakeLimiter>,
     /// Inbound decisions, counted.
     pub decisions: Arc<authorize::Stats>,
+    /// Connection metrics and the access log.
+    pub telemetry: Arc<crate::telemetry::Telemetry>,
 }
 
 /// Source address of deliveries into a pod (the app sees connections from 127.0.0.6).
@@ -74,7 +77,7 @@ pub fn serve_pod(
                 pod.conns.spawn(plaintext_connection(inputs.clone(), pod.clone(), sock, peer).instrument(span));
             })),
             // Never a pod's: filed under the node's key, taken by the admin endpoint.
-            Role::Admin => continue,
+            Role::Admin | Role::Metrics => continue,
         };
     }
     Ok(())
@@ -156,20 +159,32 @@ async fn outbound(inputs: Arc<Inputs>, pod: Arc<LocalPod>, app: TcpStream, peer:
         return;
     }
     let dst = SocketAddr::new(canonical(dst.ip()), dst.port());
+    // The app's socket was redirected to the outbound listener on loopback: its address as the
+    // access log names it is the pod's (of the destination's family), with the app's port.
+    let peer = app_addr(&pod, dst, peer);
     let dir = inputs.store.load();
     let dst_pod = dir.pod_by_ip(dst.ip()).filter(|p| p.mesh).cloned();
     let Some(dst_pod) = dst_pod else {
         // A Service's virtual IP: one of its endpoints.
         if let Some(front) = dir.pod_by_ip(dst.ip()).is_none().then(|| dir.services.get(dst).cloned()).flatten() {
             drop(dir);
-            return to_service(inputs, pod, app, dst, front).await;
+            return to_service(inputs, pod, app, peer, dst, front).await;
         }
         // Not a mesh destination: pass through, in plaintext, from the pod's own netns.
         debug!(dst_addr = %dst, "passthrough (destination is not in the mesh)");
+        let destination = dir.pod_by_ip(dst.ip()).map(|w| Party::pod(w)).unwrap_or_else(Party::unknown);
+        drop(dir);
+        let labels = |flags| outbound_labels(&pod, destination.clone(), None, flags, Security::None);
+        let detail =
+            || Detail { src_addr: Some(peer), dst_addr: Some(dst), transport: "passthrough", ..Detail::default() };
         match connect_from(&inputs.home, &pod.netns, None, dst).await {
-            Ok(up) => passthrough(app, up, &pod.stop).await,
+            Ok(up) => {
+                let conn = inputs.telemetry.open(labels(Flags::None), detail());
+                passthrough(app, up, &pod.stop, conn).await
+            }
             Err(e) => {
                 warn!(dst_addr = %dst, error = %e, "passthrough connect failed");
+                inputs.telemetry.refused(labels(Flags::Connect), detail());
                 tunnel::reset(app);
             }
         }
@@ -177,17 +192,69 @@ async fn outbound(inputs: Arc<Inputs>, pod: Arc<LocalPod>, app: TcpStream, peer:
     };
     drop(dir);
     let src_id = pod.tls.id.clone();
+    let labels = |flags| outbound_labels(&pod, Party::pod(&dst_pod), None, flags, Security::MutualTls);
+    let detail = || Detail { src_addr: Some(peer), dst_addr: Some(dst), transport: "hbone", ..Detail::default() };
     match hbone_stream(&inputs, &pod, dst, &dst_pod, None).await {
         Ok(pooled) => {
             info!(src_id = %src_id, dst_id = %dst_pod.identity, dst_addr = %dst, "outbound connection over HBONE");
+            let conn = inputs.telemetry.open(labels(Flags::None), detail());
             let ended = pooled.stream.splice(app, &pod.stop).await;
             log_end("outbound", &ended);
+            close(conn, &ended, Reporter::Source);
         }
         Err(e) => {
             warn!(src_id = %src_id, dst_id = %dst_pod.identity, dst_addr = %dst, error = %e,
                 "HBONE connect failed; resetting the app's connection");
+            inputs.telemetry.refused(labels(flags(&e)), detail());
             tunnel::reset(app);
         }
+    }
+}
+
+/// The address of the app's end of a captured connection: the pod's address of `dst`'s family,
+/// and the port of the app's socket (`peer`, on loopback).
+fn app_addr(pod: &LocalPod, dst: SocketAddr, peer: SocketAddr) -> SocketAddr {
+    let ips = pod.workload().ips.clone();
+    let ip = ips.iter().find(|ip| ip.is_ipv4() == dst.is_ipv4()).or(ips.first()).copied().unwrap_or(peer.ip());
+    SocketAddr::new(ip, peer.port())
+}
+
+/// The labels of a connection `pod` opens to `destination`.
+fn outbound_labels(
+    pod: &LocalPod,
+    destination: Party,
+    service: Option<Arc<str>>,
+    flags: Flags,
+    security: Security,
+) -> ConnLabels {
+    ConnLabels {
+        reporter: Reporter::Source,
+        source: Party::pod(&pod.workload()),
+        destination,
+        service,
+        flags,
+        security,
+    }
+}
+
+/// Istio's response flag for a connection a tunnel error ended.
+fn flags(e: &tunnel::Error) -> Flags {
+    match e {
+        tunnel::Error::Tls(_) | tunnel::Error::PeerId(_) => Flags::TlsFailure,
+        _ => Flags::Connect,
+    }
+}
+
+/// Counts a spliced connection's end. `up` (the app's side to the tunnel) is from the source on
+/// the source's node and from the destination on the destination's.
+fn close(conn: Option<Conn>, ended: &Ended, reporter: Reporter) {
+    let Some(conn) = conn else { return };
+    match ended {
+        Ended::Clean(up, down) => match reporter {
+            Reporter::Source => conn.close(*up, *down, End::Fin),
+            Reporter::Destination => conn.close(*down, *up, End::Fin),
+        },
+        Ended::Reset(_) | Ended::Cancelled => conn.close(0, 0, End::Rst),
     }
 }
 
@@ -207,7 +274,10 @@ async fn hbone_stream(
             let tcp = connect_from(&inputs.home, &pod.netns, None, tunnel_addr).await.map_err(tunnel::Error::Tcp)?;
             let _ = netns::tunnel_keepalive(&tcp);
             let tls = pod.tls.client(&dst_pod.identity).map_err(|e| tunnel::Error::Connect(e.to_string()))?;
-            let conn = tunnel::handshake(tcp, tls, tunnel_addr, &inputs.limits).await?;
+            let started = std::time::Instant::now();
+            let shaken = tunnel::handshake(tcp, tls, tunnel_addr, &inputs.limits).await;
+            inputs.telemetry.handshake("client", shaken.as_ref().map(|_| started.elapsed()).map_err(|e| e.kind()));
+            let conn = shaken?;
             // A resumed session shows the certificate of its first handshake; once that one has
             // expired, shake hands in full to see the peer's current one.
             if conn.peer_not_after > std::time::SystemTime::now() || fresh {
@@ -232,10 +302,22 @@ async fn to_service(
     inputs: Arc<Inputs>,
     pod: Arc<LocalPod>,
     app: TcpStream,
+    peer: SocketAddr,
     vip: SocketAddr,
     front: Arc<crate::workloads::services::Frontend>,
 ) {
     let client = pod.workload().ips.first().copied().unwrap_or(vip.ip());
+    let host = crate::telemetry::service_host(&front.service.namespace, &front.service.name);
+    let labels = |dst: Option<&Workload>, flags, security| {
+        let destination = dst.map(Party::pod).unwrap_or_else(Party::unknown);
+        outbound_labels(&pod, destination, Some(host.clone()), flags, security)
+    };
+    let detail = |dst: SocketAddr, transport| Detail {
+        src_addr: Some(peer),
+        dst_addr: Some(dst),
+        transport,
+        ..Detail::default()
+    };
     let mut tried = Vec::new();
     while tried.len() < SERVICE_ATTEMPTS {
         let Some(backend) = front.pick(client, &tried) else { break };
@@ -253,8 +335,12 @@ async fn to_service(
                     Ok((stream, _guard)) => {
                         info!(src_id = %pod.tls.id, dst_id = %dst_pod.identity, %service, %vip, dst_addr = %endpoint,
                               "outbound connection to a Service over HBONE");
+                        let conn = inputs
+                            .telemetry
+                            .open(labels(Some(dst_pod), Flags::None, Security::MutualTls), detail(endpoint, "hbone"));
                         let ended = stream.splice(app, &pod.stop).await;
                         log_end("outbound", &ended);
+                        close(conn, &ended, Reporter::Source);
                         return;
                     }
                     Err(e) => {
@@ -265,7 +351,11 @@ async fn to_service(
             None => match connect_from(&inputs.home, &pod.netns, None, endpoint).await {
                 Ok(up) => {
                     info!(%service, %vip, dst_addr = %endpoint, "outbound connection to a Service endpoint outside the mesh (plaintext)");
-                    passthrough(app, up, &pod.stop).await;
+                    let conn = inputs.telemetry.open(
+                        labels(backend.pod.as_deref(), Flags::None, Security::None),
+                        detail(endpoint, "passthrough"),
+                    );
+                    passthrough(app, up, &pod.stop, conn).await;
                     return;
                 }
                 Err(e) => warn!(%service, dst_addr = %endpoint, error = %e, "Service endpoint failed; trying another"),
@@ -273,6 +363,7 @@ async fn to_service(
         }
     }
     warn!(service = %front.service, %vip, tried = tried.len(), "no endpoint of the Service could be reached; resetting");
+    inputs.telemetry.refused(labels(None, Flags::Connect, Security::MutualTls), detail(vip, "hbone"));
     tunnel::reset(app);
 }
 
@@ -292,9 +383,24 @@ async fn plaintext_connection(inputs: Arc<Inputs>, pod: Arc<LocalPod>, tcp: TcpS
     let workload = pod.workload();
     let policy = pod.policy();
     let req = Request { peer: Peer::Plaintext { ip: from.ip() }, dst: &workload, target, from, service: None };
-    let outcome = authorize::decide(&req, &policy, inputs.store.load().policies.settings.dry_run);
-    authorize::record(&inputs.decisions, &req, policy.mode_for(target.port()), &outcome);
+    let dir = inputs.store.load();
+    let outcome = authorize::decide(&req, &policy, dir.policies.settings.dry_run);
+    let mode = policy.mode_for(target.port());
+    let verdict = authorize::record(&inputs.decisions, &req, mode, &outcome);
+    // The source as a workload when a pod has its address; its identity is unknown (plaintext).
+    let source = dir.pod_by_ip(from.ip()).map(|w| Party::peer(Some(w), "unknown")).unwrap_or_else(Party::unknown);
+    drop(dir);
+    let labels = |flags| ConnLabels {
+        reporter: Reporter::Destination,
+        source: source.clone(),
+        destination: Party::pod(&workload),
+        service: None,
+        flags,
+        security: Security::None,
+    };
+    let detail = || inbound_detail(from, target, "plaintext", mode.as_str(), &verdict, &outcome.why);
     if !outcome.admit {
+        inputs.telemetry.refused(labels(Flags::Deny), detail());
         tunnel::reset(tcp);
         return;
     }
@@ -302,12 +408,35 @@ async fn plaintext_connection(inputs: Arc<Inputs>, pod: Arc<LocalPod>, tcp: TcpS
         Ok(app) => app,
         Err(e) => {
             warn!(src_addr = %from, dst_addr = %target, error = %e, "delivery to the app failed");
+            inputs.telemetry.refused(labels(Flags::Connect), detail());
             tunnel::reset(tcp);
             return;
         }
     };
     let live = pod.track(OwnedPeer::Plaintext { ip: from.ip() }, target);
-    passthrough(tcp, app, &live.cancel).await;
+    let conn = inputs.telemetry.open(labels(Flags::None), detail());
+    passthrough(tcp, app, &live.cancel, conn).await;
+}
+
+/// An inbound connection's access log detail: the decision made for it.
+fn inbound_detail(
+    from: SocketAddr,
+    target: SocketAddr,
+    transport: &'static str,
+    mode: &'static str,
+    verdict: &authorize::Verdict,
+    why: &str,
+) -> Detail {
+    Detail {
+        src_addr: Some(from),
+        dst_addr: Some(target),
+        transport,
+        mode: Some(mode),
+        decision: Some(verdict.decision),
+        policy: Some(verdict.policy.clone()),
+        rule: Some(verdict.rule),
+        reason: Some(why.to_string()),
+    }
 }
 
 /// Where deliveries into the pod come from: 127.0.0.6 for IPv4 (so the app can tell the mesh's
@@ -330,16 +459,27 @@ fn log_end(what: &'static str, ended: &Ended) {
     }
 }
 
-/// Copies both ways between two plain TCP connections; a failure on one side resets the other.
-async fn passthrough(mut a: TcpStream, mut b: TcpStream, stop: &CancellationToken) {
+/// Copies both ways between two plain TCP connections (`a`, the side the connection came from:
+/// the app's on the source node, the peer's on the destination node); a failure on one side
+/// resets the other. The end is counted on `conn`.
+async fn passthrough(mut a: TcpStream, mut b: TcpStream, stop: &CancellationToken, conn: Option<Conn>) {
     let copied = tokio::select! {
         r = tokio::io::copy_bidirectional(&mut a, &mut b) => r,
         _ = stop.cancelled() => Err(std::io::Error::other("drain deadline")),
     };
     match copied {
-        Ok((tx, rx)) => debug!(bytes_out = tx, bytes_in = rx, "passthrough closed"),
+        Ok((tx, rx)) => {
+            debug!(bytes_out = tx, bytes_in = rx, "passthrough closed");
+            // a → b is from the source on either node (the source's app, or the peer).
+            if let Some(c) = conn {
+                c.close(tx, rx, End::Fin);
+            }
+        }
         Err(e) => {
             debug!(error = %e, "passthrough reset");
+            if let Some(c) = conn {
+                c.close(0, 0, End::Rst);
+            }
             tunnel::reset(a);
             tunnel::reset(b);
         }
@@ -364,12 +504,21 @@ async fn tunnel_connection(inputs: Arc<Inputs>, pod: Arc<LocalPod>, tcp: TcpStre
         }
     };
     let limits = &inputs.limits;
-    let done = move || {
-        permit.established();
-        drop(permit);
+    let (started, shaken) = (std::time::Instant::now(), Arc::new(std::sync::atomic::AtomicBool::new(false)));
+    let done = {
+        let (telemetry, shaken) = (inputs.telemetry.clone(), shaken.clone());
+        move || {
+            permit.established();
+            drop(permit);
+            shaken.store(true, std::sync::atomic::Ordering::Relaxed);
+            telemetry.handshake("server", Ok(started.elapsed()));
+        }
     };
     let served = tunnel::serve(tcp, pod.tls.server.clone(), limits, done, pod.draining.clone(), &pod.conns, handler);
     if let Err(e) = served.await {
+        if !shaken.load(std::sync::atomic::Ordering::Relaxed) {
+            inputs.telemetry.handshake("server", Err(e.kind()));
+        }
         warn!(error = %e, "inbound tunnel connection refused or failed");
     }
 }
@@ -411,9 +560,26 @@ async fn inbound_stream(
         from,
         service: service.as_deref(),
     };
-    let outcome = authorize::decide(&req, &policy, inputs.store.load().policies.settings.dry_run);
-    authorize::record(&inputs.decisions, &req, policy.mode_for(target.port()), &outcome);
+    let dir = inputs.store.load();
+    let outcome = authorize::decide(&req, &policy, dir.policies.settings.dry_run);
+    let mode = policy.mode_for(target.port());
+    let verdict = authorize::record(&inputs.decisions, &req, mode, &outcome);
+    // The source's workload from the address its tunnel came from; its identity from its
+    // certificate.
+    let source = Party::peer(dir.pod_by_ip(from.ip()).map(|w| &**w), &src.to_string());
+    drop(dir);
+    let host = service.as_deref().and_then(|s| s.split_once('/')).map(|(ns, n)| crate::telemetry::service_host(ns, n));
+    let labels = |flags| ConnLabels {
+        reporter: Reporter::Destination,
+        source: source.clone(),
+        destination: Party::pod(&workload),
+        service: host.clone(),
+        flags,
+        security: Security::MutualTls,
+    };
+    let detail = || inbound_detail(from, target, "hbone", mode.as_str(), &verdict, &outcome.why);
     if !outcome.admit {
+        inputs.telemetry.refused(labels(Flags::Deny), detail());
         inbound.refuse(outcome.status);
         return;
     }
@@ -434,6 +600,7 @@ async fn inbound_stream(
         Ok(app) => app,
         Err(e) => {
             warn!(src_id = %src, dst_addr = %target, error = %e, "delivery to the app failed");
+            inputs.telemetry.refused(labels(Flags::Connect), detail());
             inbound.refuse(StatusCode::SERVICE_UNAVAILABLE);
             return;
         }
@@ -442,8 +609,10 @@ async fn inbound_stream(
         Ok(stream) => {
             debug!(src_id = %src, dst_id = %pod.tls.id, dst_addr = %target, "inbound connection delivered");
             let live: LiveGuard = pod.track(OwnedPeer::Authenticated { id: src.clone(), ip: from.ip() }, target);
+            let conn = inputs.telemetry.open(labels(Flags::None), detail());
             let ended = stream.splice(app, &live.cancel).await;
             log_end("inbound", &ended);
+            close(conn, &ended, Reporter::Destination);
         }
         Err(e) => {
             debug!(error = %e, "client went away before the CONNECT answer");

@@ -91,6 +91,16 @@ pub enum PodState {
     Failing,
 }
 
+impl PodState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PodState::Enrolled => "enrolled",
+            PodState::OutsideMesh => "outside_mesh",
+            PodState::Failing => "failing",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct PodStatus {
     pub pod: PodKey,

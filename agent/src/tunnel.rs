@@ -62,6 +62,21 @@ pub enum Error {
 }
 
 impl Error {
+    /// The kind of failure, as a metric label.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Error::Tcp(_) => "tcp",
+            Error::Connect(_) => "connect",
+            Error::Tls(_) => "tls",
+            Error::Timeout => "timeout",
+            Error::NoRequest => "no_request",
+            Error::H2(_) => "h2",
+            Error::PeerId(_) => "peer_identity",
+            Error::Request(_) => "request",
+            Error::KeepaliveTimeout => "keepalive_timeout",
+        }
+    }
+
     /// Whether the CONNECT was certainly not processed by the peer, so it may be sent again on
     /// another connection: the connection was going away or gone before the stream started.
     pub fn retryable(&self) -> bool {
