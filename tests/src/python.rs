@@ -1,6 +1,7 @@
-//! Independent SPIFFE clients in Python: PyPI's `spiffe` package (grpcio underneath) in a
-//! virtualenv the tests create once per machine (`~/.cache/meshless/py-spiffe-<version>`, built
-//! aside and renamed into place, so a failed or concurrent install never leaves half a venv).
+//! Independent clients in Python: PyPI's `spiffe` package (grpcio underneath) and the Prometheus
+//! project's `prometheus-client` (its OpenMetrics parser), each in a virtualenv the tests create
+//! once per machine (`~/.cache/meshless/py-<package>-<version>`, built aside and renamed into
+//! place, so a failed or concurrent install never leaves half a venv).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -9,11 +10,23 @@ use anyhow::{bail, Context, Result};
 
 /// The `spiffe` release the tests use (its grpcio comes with it).
 const SPIFFE: &str = "spiffe==0.3.2";
+/// The Prometheus project's Python client, for its OpenMetrics parser.
+const PROMETHEUS: &str = "prometheus-client==0.20.0";
 
 /// The venv's python, with `spiffe` installed.
 pub fn spiffe_python() -> Result<PathBuf> {
+    python_with(SPIFFE)
+}
+
+/// The venv's python, with `prometheus-client` installed.
+pub fn prometheus_python() -> Result<PathBuf> {
+    python_with(PROMETHEUS)
+}
+
+/// A virtualenv's python with `package` (`name==version`) installed.
+fn python_with(package: &str) -> Result<PathBuf> {
     let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/root"));
-    let venv = home.join(".cache/meshless").join(format!("py-{}", SPIFFE.replace("==", "-")));
+    let venv = home.join(".cache/meshless").join(format!("py-{}", package.replace("==", "-")));
     let python = venv.join("bin/python");
     if python.exists() {
         return Ok(python);
@@ -25,8 +38,8 @@ pub fn spiffe_python() -> Result<PathBuf> {
         "python3 -m venv (is python3-venv installed? `cargo xtask setup`)",
     )?;
     run(
-        Command::new(building.join("bin/pip")).args(["install", "--quiet", "--disable-pip-version-check", SPIFFE]),
-        &format!("pip install {SPIFFE} (PyPI must be reachable)"),
+        Command::new(building.join("bin/pip")).args(["install", "--quiet", "--disable-pip-version-check", package]),
+        &format!("pip install {package} (PyPI must be reachable)"),
     )?;
     // A venv's scripts name its own path: move it only as a whole, then check it runs from there.
     if let Err(e) = std::fs::rename(&building, &venv) {
