@@ -418,7 +418,7 @@ struct FlowQuery {
     namespace: Option<String>,
     /// The source's or the destination's SPIFFE ID (or a plaintext source's address).
     identity: Option<String>,
-    /// `allow`, `deny`, `dry_run_deny`, `carried`, `failed`.
+    /// `allow`, `deny`, `dry_run_deny`, `carried`, `failed`, `refused`.
     verdict: Option<String>,
     /// `hbone`, `plaintext`, `passthrough`.
     transport: Option<String>,
@@ -444,15 +444,21 @@ async fn flows_handler(With(state): With<State>, Query(q): Query<FlowQuery>) -> 
     }
     let is = |want: &Option<String>, v: &str| want.as_deref().is_none_or(|w| w == v);
     let either = |want: &Option<String>, a: &str, b: &str| want.as_deref().is_none_or(|w| w == a || w == b);
+    // Copied under the lock (every connection's end takes it), filtered and sorted after.
     let table = state.proxy.telemetry.flows.lock();
-    let recent = table.recent(|f| {
-        either(&q.namespace, &f.source_namespace, &f.destination_namespace)
-            && either(&q.identity, &f.source, &f.destination)
-            && is(&q.verdict, f.verdict)
-            && is(&q.transport, f.transport)
-    });
-    let aggregates = table
-        .aggregates()
+    let (capacity, total, held, bytes) = (table.capacity(), table.total, table.len(), table.bytes());
+    let (recent, aggregates) = (table.recent(|_| true), table.aggregates_unsorted());
+    drop(table);
+    let recent = recent
+        .into_iter()
+        .filter(|f| {
+            either(&q.namespace, &f.source_namespace, &f.destination_namespace)
+                && either(&q.identity, &f.source, &f.destination)
+                && is(&q.verdict, f.verdict)
+                && is(&q.transport, f.transport)
+        })
+        .collect();
+    let mut aggregates: Vec<crate::flows::Aggregate> = aggregates
         .into_iter()
         .filter(|a| {
             either(&q.namespace, &a.source_namespace, &a.destination_namespace)
@@ -461,15 +467,8 @@ async fn flows_handler(With(state): With<State>, Query(q): Query<FlowQuery>) -> 
                 && is(&q.transport, a.transport)
         })
         .collect();
-    let view = FlowsView {
-        capacity: table.capacity(),
-        total: table.total,
-        held: table.len(),
-        bytes: table.bytes(),
-        recent,
-        aggregates,
-    };
-    drop(table);
+    aggregates.sort_by_key(|a| std::cmp::Reverse(a.last_ms));
+    let view = FlowsView { capacity, total, held, bytes, recent, aggregates };
     Json(view).into_response()
 }
 
@@ -516,13 +515,14 @@ fn metrics_text(state: &State) -> String {
     let dir = state.proxy.store.load();
     let objects = dir.policies.states().into_iter().map(|(s, n)| (vec![("state", s.to_string())], n as i64)).collect();
     let pods = state.local_pods.load();
-    let expiry = pods
-        .iter()
-        .filter_map(|p| {
-            let issued = p.tls.cert.issued()?;
-            Some((vec![("identity", p.tls.id.to_string())], unix_seconds(issued.not_after)))
-        })
-        .collect();
+    // One sample per identity (replicas share one): the soonest expiry.
+    let mut soonest: std::collections::BTreeMap<String, i64> = Default::default();
+    for p in pods.iter() {
+        let Some(issued) = p.tls.cert.issued() else { continue };
+        let at = unix_seconds(issued.not_after);
+        soonest.entry(p.tls.id.to_string()).and_modify(|t| *t = (*t).min(at)).or_insert(at);
+    }
+    let expiry = soonest.into_iter().map(|(id, at)| (vec![("identity", id)], at)).collect();
     let mut by_state: std::collections::BTreeMap<&str, i64> = Default::default();
     for p in &state.status.load().pods {
         *by_state.entry(p.state.as_str()).or_default() += 1;

@@ -109,7 +109,7 @@ async fn start(config: Arc<AgentConfig>, deps: Deps) -> Result<Running, Error> {
         telemetry: crate::telemetry::Telemetry::new(
             config.telemetry,
             crate::telemetry::AccessLogLimits { rate: config.access_log_rate, burst: config.access_log_burst },
-            config.flow_table,
+            config.flow_table as usize,
         ),
     });
     let workload_identities = identities.clone();
@@ -213,9 +213,18 @@ async fn serve_admin(
             warn!(%addr, "the admin endpoint listens beyond loopback: anyone who can reach it can read the node's policy");
         }
         let handed = inherited.iter().position(|(r, l)| *r == role && l.local_addr().is_ok_and(|a| a == addr));
-        let listener = match handed {
-            Some(i) => inherited.swap_remove(i).1,
-            None => bind_admin(addr).await.map_err(io)?,
+        let listener = match (handed, role) {
+            (Some(i), _) => inherited.swap_remove(i).1,
+            (None, handover::Role::Admin) => bind_admin(addr).await.map_err(io)?,
+            // The metrics port is no reason not to serve: without it, the admin endpoint's
+            // /metrics still answers.
+            (None, _) => match bind_admin(addr).await {
+                Ok(l) => l,
+                Err(e) => {
+                    warn!(%addr, error = %e, "cannot listen for metrics; they are on the admin endpoint only");
+                    continue;
+                }
+            },
         };
         kept.push((
             handover::ListenerSpec { pod: handover::node_key(), role, addr },

@@ -68,8 +68,9 @@ pub struct AgentConfig {
     #[arg(long, env = "MESHLESS_ACCESS_LOG_BURST", default_value_t = 10_000)]
     pub access_log_burst: u32,
     /// The flow table's capacity: this many recent flows, and as many aggregates (0: off).
-    #[arg(long, env = "MESHLESS_FLOW_TABLE", default_value_t = crate::flows::DEFAULT_CAPACITY)]
-    pub flow_table: usize,
+    #[arg(long, env = "MESHLESS_FLOW_TABLE", default_value_t = crate::flows::DEFAULT_CAPACITY as u32,
+          value_parser = clap::value_parser!(u32).range(0..=100_000))]
+    pub flow_table: u32,
     #[command(flatten)]
     pub tunnel: TunnelLimits,
 }

@@ -28,7 +28,8 @@ pub struct Flow {
     pub port: u16,
     /// `hbone`, `plaintext` or `passthrough`.
     pub transport: &'static str,
-    /// `allow`, `deny`, `dry_run_deny` (inbound decisions), `carried` or `failed` (outbound).
+    /// `allow`, `deny`, `dry_run_deny` (inbound decisions), `carried`, `failed` or `refused`
+    /// (outbound; refused: the destination answered the CONNECT with an error).
     pub verdict: &'static str,
     #[serde(skip_serializing_if = "str::is_empty")]
     pub policy: Arc<str>,
@@ -176,10 +177,16 @@ impl FlowTable {
     }
 
     /// The aggregates, most recently seen first.
+    #[cfg(test)]
     pub fn aggregates(&self) -> Vec<Aggregate> {
-        let mut out: Vec<Aggregate> = self.aggregates.values().cloned().collect();
+        let mut out = self.aggregates_unsorted();
         out.sort_by_key(|a| std::cmp::Reverse(a.last_ms));
         out
+    }
+
+    /// The aggregates, in no order (a copy: sort it outside the table's lock).
+    pub fn aggregates_unsorted(&self) -> Vec<Aggregate> {
+        self.aggregates.values().cloned().collect()
     }
 
     pub fn capacity(&self) -> usize {

@@ -79,6 +79,10 @@ pub fn node_key() -> PodKey {
 enum Message {
     Hello {
         version: u32,
+        /// The successor takes the metrics listener too (an older successor does not say so,
+        /// and is not sent a listener role it cannot read).
+        #[serde(default)]
+        metrics: bool,
     },
     /// The sockets of this message, in order, described.
     Listeners {
@@ -148,7 +152,7 @@ pub fn receive(path: &Path) -> Result<Option<(Inherited, Predecessor)>, Error> {
         Err(e) => return Err(err(e)),
     }
     set_timeout(&fd).map_err(err)?;
-    send(&fd, &Message::Hello { version: VERSION }, &[])?;
+    send(&fd, &Message::Hello { version: VERSION, metrics: true }, &[])?;
     let mut inherited = Inherited::default();
     loop {
         let (msg, fds) = recv(&fd)?;
@@ -233,16 +237,17 @@ fn serve_one(conn: &OwnedFd, tx: &mpsc::Sender<Request>) -> Result<(), Error> {
         )));
     }
     set_timeout(conn).map_err(|e| Error::Protocol(e.to_string()))?;
-    match recv(conn)?.0 {
-        Message::Hello { version: VERSION } => {}
-        Message::Hello { version } => return Err(Error::Protocol(format!("successor speaks version {version}"))),
+    let metrics = match recv(conn)?.0 {
+        Message::Hello { version: VERSION, metrics } => metrics,
+        Message::Hello { version, .. } => return Err(Error::Protocol(format!("successor speaks version {version}"))),
         _ => return Err(Error::Protocol("expected hello".into())),
-    }
+    };
     let (listeners_tx, listeners_rx) = oneshot::channel();
     let (adopted_tx, adopted) = oneshot::channel();
     tx.blocking_send(Request { listeners: listeners_tx, adopted })
         .map_err(|_| Error::Protocol("agent is shutting down".into()))?;
-    let listeners = listeners_rx.blocking_recv().map_err(|_| Error::Protocol("agent is shutting down".into()))?;
+    let mut listeners = listeners_rx.blocking_recv().map_err(|_| Error::Protocol("agent is shutting down".into()))?;
+    listeners.retain(|(spec, _)| metrics || spec.role != Role::Metrics);
     info!(listeners = listeners.len(), "handing the listeners over to a successor");
     let mut chunks = listeners.chunks(FDS_PER_MESSAGE).peekable();
     if chunks.peek().is_none() {

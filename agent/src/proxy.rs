@@ -254,6 +254,9 @@ fn close(conn: Option<Conn>, ended: &Ended, reporter: Reporter) {
             Reporter::Source => conn.close(*up, *down, End::Fin),
             Reporter::Destination => conn.close(*down, *up, End::Fin),
         },
+        // The destination refused the CONNECT (policy, or no app): counted on the label set it
+        // opened with (counters only grow), its flow and log line say refused and why.
+        Ended::Reset(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => conn.refused_by_peer(e.to_string()),
         Ended::Reset(_) | Ended::Cancelled => conn.close(0, 0, End::Rst),
     }
 }
@@ -567,8 +570,14 @@ async fn inbound_stream(
     // The source's workload from the address its tunnel came from; its identity from its
     // certificate.
     let source = Party::peer(dir.pod_by_ip(from.ip()).map(|w| &**w), &src.to_string());
-    drop(dir);
-    let host = service.as_deref().and_then(|s| s.split_once('/')).map(|(ns, n)| crate::telemetry::service_host(ns, n));
+    // The Service the caller says it called (its baggage), as a label only if this pod is one of
+    // that Service's endpoints: a caller cannot make up label values.
+    let host = service
+        .as_deref()
+        .and_then(|s| s.split_once('/'))
+        .map(|(ns, n)| crate::workloads::services::ServiceKey { namespace: ns.into(), name: n.into() })
+        .filter(|k| dir.services.selects(k, &workload.key))
+        .map(|k| crate::telemetry::service_host(&k.namespace, &k.name));
     let labels = |flags| ConnLabels {
         reporter: Reporter::Destination,
         source: source.clone(),
@@ -577,6 +586,7 @@ async fn inbound_stream(
         flags,
         security: Security::MutualTls,
     };
+    drop(dir);
     let detail = || inbound_detail(from, target, "hbone", mode.as_str(), &verdict, &outcome.why);
     if !outcome.admit {
         inputs.telemetry.refused(labels(Flags::Deny), detail());

@@ -27,6 +27,9 @@ use crate::workloads::{Directory, Workload};
 /// The value of a label meshless does not know.
 const UNKNOWN: &str = "unknown";
 
+/// Connection label sets a node keeps at most (each is four series).
+const MAX_LABEL_SETS: usize = 20_000;
+
 /// Which side of a connection reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Reporter {
@@ -215,6 +218,13 @@ impl Conn {
         self.finish(sent, received, end);
     }
 
+    /// Ends it as refused by the peer (its CONNECT answered with an error status).
+    pub fn refused_by_peer(mut self, why: String) {
+        self.detail.decision = Some("refused");
+        self.detail.reason = Some(why);
+        self.finish(0, 0, End::Rst);
+    }
+
     fn finish(&mut self, sent: u64, received: u64, end: End) {
         if std::mem::replace(&mut self.closed, true) {
             return;
@@ -317,6 +327,10 @@ impl AccessLog {
     }
 
     fn log(&self, l: &ConnLabels, d: &Detail, sent: u64, received: u64, took: Duration, end: End) {
+        // A log filter that leaves the access log out: nothing written, nothing counted.
+        if !tracing::enabled!(target: "access", tracing::Level::INFO) {
+            return;
+        }
         if !self.admit() {
             if self.limits.rate > 0 {
                 self.dropped.fetch_add(1, Ordering::Relaxed);
@@ -389,6 +403,8 @@ struct Histogram {
 /// The agent's telemetry: one per agent, shared by the data path.
 pub struct Telemetry {
     conns: Mutex<HashMap<Arc<ConnLabels>, Arc<ConnCounters>>>,
+    /// Connections whose new label set was not kept (the cap was reached).
+    overflow: AtomicU64,
     access: AccessLog,
     /// The last flows and their aggregates.
     pub flows: Mutex<FlowTable>,
@@ -402,6 +418,7 @@ impl Telemetry {
         let access = if enabled { access } else { AccessLogLimits { rate: 0, burst: 0 } };
         Arc::new(Telemetry {
             conns: Mutex::default(),
+            overflow: AtomicU64::new(0),
             access: AccessLog::new(access),
             flows: Mutex::new(FlowTable::new(if enabled { flows } else { 0 })),
             handshakes: Handshakes::default(),
@@ -420,7 +437,13 @@ impl Telemetry {
                 Some((l, c)) => (l.clone(), c.clone()),
                 None => {
                     let (l, c) = (Arc::new(labels), Arc::new(ConnCounters::default()));
-                    conns.insert(l.clone(), c.clone());
+                    // Beyond the cap a new label set is not kept (its connection is still logged
+                    // and in the flow table): counted, so the cap is visible.
+                    if conns.len() < MAX_LABEL_SETS {
+                        conns.insert(l.clone(), c.clone());
+                    } else {
+                        self.overflow.fetch_add(1, Ordering::Relaxed);
+                    }
                     (l, c)
                 }
             }
@@ -462,10 +485,10 @@ impl Telemetry {
 
     /// Drops label sets of pods no longer in `dir` that no connection holds.
     pub fn forget_gone(&self, dir: &Directory) {
-        let mut conns = self.conns.lock();
-        if conns.is_empty() {
+        if self.conns.lock().is_empty() {
             return;
         }
+        // Built before the lock is taken: connections open meanwhile.
         let known: HashSet<(Arc<str>, Arc<str>)> = dir
             .pods()
             .map(|w| {
@@ -473,8 +496,12 @@ impl Telemetry {
                 (p.namespace, p.workload)
             })
             .collect();
+        let services: HashSet<Arc<str>> = dir.services.keys().map(|k| service_host(&k.namespace, &k.name)).collect();
         let here = |p: &Party| &*p.workload == UNKNOWN || known.contains(&(p.namespace.clone(), p.workload.clone()));
-        conns.retain(|l, c| Arc::strong_count(c) > 1 || (here(&l.source) && here(&l.destination)));
+        let service = |s: &Option<Arc<str>>| s.as_ref().is_none_or(|s| services.contains(s));
+        self.conns.lock().retain(|l, c| {
+            Arc::strong_count(c) > 1 || (here(&l.source) && here(&l.destination) && service(&l.service))
+        });
     }
 
     /// The metrics, in the OpenMetrics text format, with the node's `extra` families.
@@ -517,6 +544,11 @@ impl Telemetry {
         ));
         let durations = self.handshakes.durations.lock().clone();
         let access = &self.access;
+        families.push(Family::counter(
+            "meshless_metric_label_sets_overflow",
+            "Connections whose label set was not kept: the node holds as many as it may.",
+            vec![(vec![], self.overflow.load(Ordering::Relaxed))],
+        ));
         families.push(Family::counter(
             "meshless_access_log_lines",
             "Access log lines written.",
@@ -751,7 +783,34 @@ mod tests {
     }
 
     #[test]
+    fn label_sets_are_capped_and_service_labels_of_services_gone_are_dropped() {
+        let t = Telemetry::new(true, AccessLogLimits::default(), 0);
+        for i in 0..MAX_LABEL_SETS + 10 {
+            let mut l = labels(Flags::None);
+            l.service = Some(service_host("shop", &format!("svc-{i}")));
+            t.refused(l, Detail::default());
+        }
+        assert_eq!(t.conns.lock().len(), MAX_LABEL_SETS);
+        assert!(t.render(Vec::new()).contains("meshless_metric_label_sets_overflow_total 10"));
+        // The pods are here, the Services are not: every set goes.
+        let td = TrustDomain::new("cluster.local").unwrap();
+        let dir = Directory::new(
+            td,
+            "node1".into(),
+            "/x".into(),
+            [pod("web-1", "web"), pod("db-1", "db")],
+            crate::policy::Policies::default(),
+        )
+        .unwrap();
+        t.forget_gone(&dir);
+        assert!(t.conns.lock().is_empty());
+    }
+
+    #[test]
     fn the_access_log_keeps_to_its_rate_and_counts_what_it_drops() {
+        // A subscriber that takes the access log (to nowhere): without one, nothing is logged.
+        let subscriber = tracing_subscriber::fmt().with_writer(std::io::sink).finish();
+        let _guard = tracing::subscriber::set_default(subscriber);
         let t = Telemetry::new(true, AccessLogLimits { rate: 10, burst: 20 }, crate::flows::DEFAULT_CAPACITY);
         for _ in 0..200 {
             t.refused(labels(Flags::None), Detail::default());

@@ -195,6 +195,19 @@ impl Mesh {
         Ok((pid, log))
     }
 
+    /// Replaces node `node`'s agent with one started with `args` (a hand-over, as an upgrade
+    /// does): waits until it is ready, then stops the one it took over from.
+    pub fn restart_with(&mut self, tb: &Testbed, bins: &Bins, node: usize, args: Vec<String>) -> Result<u32> {
+        let old = self.agents[node - 1];
+        self.args[node - 1] = args;
+        let (pid, _) = self.spawn_agent(tb, bins, node)?;
+        tb.signal(old, libc::SIGTERM);
+        if tb.wait_exit(old, Duration::from_secs(40)).is_none() {
+            bail!("node{node}'s previous agent (pid {old}) did not exit after the hand-over");
+        }
+        Ok(pid)
+    }
+
     fn launch(&mut self, tb: &Testbed, bins: &Bins, node: usize) -> Result<(u32, PathBuf)> {
         self.launch_in(tb, bins, node, None)
     }

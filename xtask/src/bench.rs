@@ -9,7 +9,9 @@
 //!
 //! Then, meshless only: the agents' RSS at rest, per idle connection with `--connections` held,
 //! and at rest after each of `--churn` rounds of `--connections` connections opened and closed;
-//! and the policy engine's criterion benchmark (decision time with 10 and 10 000 policies).
+//! then the same agents restarted with `--telemetry false` (no connection metrics, access log or
+//! flow table): the speed runs and the idle connections again, for telemetry's own cost; and the
+//! policy engine's criterion benchmark (decision time with 10 and 10 000 policies).
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Stdio};
@@ -89,7 +91,7 @@ pub fn run(bins: &Bins, args: Args) -> Result<()> {
     };
     // The production log level: one access log line per connection and side.
     let info = |_| vec!["--log".to_string(), "info".to_string()];
-    let mesh = Mesh::start_with(&tb, bins, &|_| Some(true), &info)?;
+    let mut mesh = Mesh::start_with(&tb, bins, &|_| Some(true), &info)?;
     std::thread::sleep(Duration::from_millis(500));
     let rss_rest = rss_all(&mesh)?;
     let meshed = if args.memory_only {
@@ -122,6 +124,29 @@ pub fn run(bins: &Bins, args: Args) -> Result<()> {
         churn.push(rss_all(&mesh)?);
     }
 
+    // The same agents without per-connection telemetry: its cost, measured in this run.
+    for node in [1, 2] {
+        let args = ["--log", "info", "--telemetry", "false"].map(String::from).to_vec();
+        mesh.restart_with(&tb, bins, node, args)?;
+    }
+    settle();
+    let rss_rest_off = rss_all(&mesh)?;
+    let off = if args.memory_only {
+        Figures::default()
+    } else {
+        measure(bins, client, &ports, &args, "meshless with --telemetry false")?
+    };
+    settle();
+    let before_off = rss_all(&mesh)?;
+    let held_off = hold(bins, client, &ports.echo, args.connections)?;
+    settle();
+    let per_conn_off: Vec<f64> = rss_all(&mesh)?
+        .iter()
+        .zip(&before_off)
+        .map(|(h, b)| (*h as f64 - *b as f64) / args.connections as f64)
+        .collect();
+    release(held_off)?;
+
     let ratio = |m: f64, p: f64| m / p;
     println!();
     println!(
@@ -141,6 +166,20 @@ pub fn run(bins: &Bins, args: Args) -> Result<()> {
     row(format!("storm of {} connects, completion p99 (us)", args.storm), plain.storm_p99, meshed.storm_p99);
     println!("{:<44} {:>12} {:>12.1}", "added req/resp p50 (us)", "", meshed.rr_p50 - plain.rr_p50);
     println!("{:<44} {:>12} {:>12.1}", "added connect+request p50 (us)", "", meshed.crr_p50 - plain.crr_p50);
+    println!();
+    println!("telemetry's cost: meshless as above, and again with --telemetry false");
+    println!("{:<44} {:>12} {:>12} {:>10}", "", "off", "on", "on / off");
+    let row = |name: &str, off: f64, on: f64| println!("{:<44} {:>12.2} {:>12.2} {:>9.3}x", name, off, on, on / off);
+    row("1 stream throughput (Gbit/s)", off.gbit, meshed.gbit);
+    row("connect+request+close p50 (us)", off.crr_p50, meshed.crr_p50);
+    row("sequential connections per second", off.conn_per_s, meshed.conn_per_s);
+    row(&format!("{} B req/resp p50 (us)", args.size), off.rr_p50, meshed.rr_p50);
+    for (i, (on, off)) in per_conn.iter().zip(&per_conn_off).enumerate() {
+        row(&format!("node{} per idle connection (KiB)", i + 1), *off, *on);
+    }
+    for (i, (on, off)) in rss_rest.iter().zip(&rss_rest_off).enumerate() {
+        row(&format!("node{} RSS at rest (MiB)", i + 1), *off as f64 / 1024.0, *on as f64 / 1024.0);
+    }
     if let (Some(full), Some(resumed)) = (handshakes["full_per_s"].as_f64(), handshakes["resumed_per_s"].as_f64()) {
         println!(
             "{:<44} {:>12.0} full, {:.0} resumed ({:.0} % resumed)",
@@ -170,6 +209,8 @@ pub fn run(bins: &Bins, args: Args) -> Result<()> {
         let v = json!({
             "plaintext": figs(&plain),
             "meshless": figs(&meshed),
+            "meshless_telemetry_off": figs(&off),
+            "telemetry_off_rss_kib": {"rest": rss_rest_off, "per_idle_connection": per_conn_off},
             "ratio": {"throughput": meshed.gbit / plain.gbit, "rr_p50": meshed.rr_p50 / plain.rr_p50,
                       "crr_p50": meshed.crr_p50 / plain.crr_p50, "conn_per_s": meshed.conn_per_s / plain.conn_per_s},
             "agent_rss_kib": {"rest": rss_rest, "held": rss_held, "per_idle_connection": per_conn, "after_churn": churn},

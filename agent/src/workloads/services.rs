@@ -210,6 +210,18 @@ impl ServiceMap {
         }
     }
 
+    /// The Services the map holds.
+    pub fn keys(&self) -> impl Iterator<Item = &ServiceKey> {
+        self.by_service.keys().map(|k| &**k)
+    }
+
+    /// Whether `pod` is one of `service`'s endpoints.
+    pub fn selects(&self, service: &ServiceKey, pod: &PodKey) -> bool {
+        self.by_service.get(service).is_some_and(|e| {
+            e.fronts.iter().flat_map(|(_, f)| &f.backends).any(|b| b.pod.as_ref().is_some_and(|p| &p.key == pod))
+        })
+    }
+
     /// How many Services the map holds.
     pub fn services(&self) -> usize {
         self.by_service.len()
