@@ -699,6 +699,13 @@ mod tests {
         }
     }
 
+    /// A directory with both pods of [`labels`].
+    fn both_pods() -> Directory {
+        let td = TrustDomain::new("cluster.local").unwrap();
+        let pods = [pod("web-1", "web"), pod("db-1", "db")];
+        Directory::new(td, "node1".into(), "/x".into(), pods, crate::policy::Policies::default()).unwrap()
+    }
+
     fn labels(flags: Flags) -> ConnLabels {
         ConnLabels {
             reporter: Reporter::Source,
@@ -768,15 +775,7 @@ mod tests {
         held.close(0, 0, End::Fin);
         t.forget_gone(&dir);
         assert!(t.conns.lock().is_empty());
-        let td = TrustDomain::new("cluster.local").unwrap();
-        let dir = Directory::new(
-            td,
-            "node1".into(),
-            "/x".into(),
-            [pod("web-1", "web"), pod("db-1", "db")],
-            crate::policy::Policies::default(),
-        )
-        .unwrap();
+        let dir = both_pods();
         t.refused(labels(Flags::None), Detail::default());
         t.forget_gone(&dir);
         assert_eq!(t.conns.lock().len(), 1, "both pods are here: kept");
@@ -793,15 +792,7 @@ mod tests {
         assert_eq!(t.conns.lock().len(), MAX_LABEL_SETS);
         assert!(t.render(Vec::new()).contains("meshless_metric_label_sets_overflow_total 10"));
         // The pods are here, the Services are not: every set goes.
-        let td = TrustDomain::new("cluster.local").unwrap();
-        let dir = Directory::new(
-            td,
-            "node1".into(),
-            "/x".into(),
-            [pod("web-1", "web"), pod("db-1", "db")],
-            crate::policy::Policies::default(),
-        )
-        .unwrap();
+        let dir = both_pods();
         t.forget_gone(&dir);
         assert!(t.conns.lock().is_empty());
     }
