@@ -32,32 +32,33 @@ fn an_upgrade_under_load_loses_no_new_connection_and_keeps_the_established_ones(
             json_lines(&new_log).into_iter().find(|l| l["message"] == "took over the listeners of the running agent");
         assert_eq!(
             took.as_ref().map(|l| l["listeners"].as_u64()),
-            Some(Some(5)),
-            "the successor takes the pod's four listeners (15001 on 127.0.0.1 and ::1, 15006, 15008) and the \
-             admin endpoint's: {took:?}"
+            Some(Some(6)),
+            "the successor takes the pod's four listeners (15001 on 127.0.0.1 and ::1, 15006, 15008), the \
+             admin endpoint's and the metrics endpoint's: {took:?}"
         );
-        // The admin port is the agents' alone: not shared, so another process of the node's user
-        // cannot bind beside them and answer /readyz.
-        let squat = tb
-            .node(node)
-            .netns
-            .command("python3", None)
-            .unwrap()
-            .args([
-                "-c",
-                &format!(
-                    "import socket\ns = socket.socket()\ns.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)\n\
-                 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\ns.bind(('127.0.0.1', {}))",
-                    meshless_tests::ADMIN_PORT
-                ),
-            ])
-            .output()
-            .unwrap();
-        assert!(
-            !squat.status.success() && String::from_utf8_lossy(&squat.stderr).contains("Address already in use"),
-            "a process bound the admin port beside the agents: {}",
-            String::from_utf8_lossy(&squat.stderr)
-        );
+        // The admin and metrics ports are the agents' alone: not shared, so another process of
+        // the node's user cannot bind beside them and answer /readyz or /metrics.
+        for port in [meshless_tests::ADMIN_PORT, 15020] {
+            let squat = tb
+                .node(node)
+                .netns
+                .command("python3", None)
+                .unwrap()
+                .args([
+                    "-c",
+                    &format!(
+                        "import socket\ns = socket.socket()\ns.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)\n\
+                     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\ns.bind(('127.0.0.1', {port}))"
+                    ),
+                ])
+                .output()
+                .unwrap();
+            assert!(
+                !squat.status.success() && String::from_utf8_lossy(&squat.stderr).contains("Address already in use"),
+                "a process bound port {port} beside the agents: {}",
+                String::from_utf8_lossy(&squat.stderr)
+            );
+        }
         tb.signal(old_pid, libc::SIGTERM);
         // The old agent has handed over (it no longer accepts: only the successor can serve
         // what comes next), and the established connection it carries still carries data.

@@ -28,12 +28,16 @@ const ELSEWHERE_VIP: &str = "198.19.200.16";
 /// The `services:` section: `web` (backends A on node 2, port 8080, and B on node 1, port 8081,
 /// both by the named port `http`; B ready or not), `legacy` (one endpoint outside the mesh),
 /// `sticky` (A and B with ClientIP affinity), `draining` (neither ready; B still serving),
+/// A is STRICT (a PeerAuthentication selecting it), B PERMISSIVE,
 /// `near` (A and B, PreferClose: node 1 is in zone z1 with B, node 2 in z2), `local` (A and B,
 /// internalTrafficPolicy Local) and `elsewhere` (A only, Local).
 fn services(b_ready: bool) -> String {
     format!(
         r#"
 zones: {{node1: z1, node2: z2}}
+peerAuthentications:
+  - metadata: {{name: a-strict, namespace: default}}
+    spec: {{selector: {{matchLabels: {{app: pod1-n2}}}}, mtls: {{mode: STRICT}}}}
 services:
   - name: web
     namespace: default
@@ -152,6 +156,8 @@ fn calls_to_a_service_go_over_the_mesh_to_ready_endpoints_balanced_and_authorize
     // Control: the rule is live. A pod outside the mesh reaches the VIP through it, B alone.
     let through_rule: Vec<_> = (0..5).map(|i| curl(legacy, &format!("http://{WEB_VIP}/dnat-{i}"))).collect();
     assert!(through_rule.iter().all(|r| r.as_deref() == Ok("backend-b")), "the DNAT rule: {through_rule:?}");
+    // A is STRICT: plaintext to it is refused, so the calls it answered came over the mesh.
+    assert!(curl(legacy, &format!("http://{}:8080/plain-to-strict", a.ipv4)).is_err(), "STRICT A took plaintext");
     // The app's getpeername() shows the VIP it dialed, not the endpoint or the agent.
     let vip = format!("{WEB_VIP}:80");
     let (_, out, err) =
