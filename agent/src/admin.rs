@@ -307,7 +307,39 @@ pub async fn serve(
         .route("/status", get(status_handler))
         .route("/api/flows", get(flows_handler))
         .with_state(state);
+    let own = listener.local_addr()?;
+    // A page on another site must not read the node's policy through the user's browser (DNS
+    // rebinding): a Host that is not this endpoint's address or a loopback name is refused.
+    let app = app.layer(axum::middleware::from_fn(move |req: axum::extract::Request, next: axum::middleware::Next| {
+        let allowed =
+            req.headers().get(http::header::HOST).and_then(|h| h.to_str().ok()).is_some_and(|h| local_host(h, own));
+        async move {
+            if !allowed {
+                return (StatusCode::FORBIDDEN, "the admin endpoint answers to its own address only\n").into_response();
+            }
+            let mut resp = next.run(req).await;
+            let h = resp.headers_mut();
+            h.insert(http::header::CONTENT_SECURITY_POLICY, http::HeaderValue::from_static("default-src 'self'"));
+            h.insert(http::header::X_CONTENT_TYPE_OPTIONS, http::HeaderValue::from_static("nosniff"));
+            resp
+        }
+    }));
     spawn_router(listener, app, "admin", stop)
+}
+
+/// Whether `host` (a Host header) names this endpoint: its own address, or a loopback name or
+/// address, with any port.
+fn local_host(host: &str, own: SocketAddr) -> bool {
+    let name = match host.rsplit_once(':') {
+        // `[::1]:15000`, `127.0.0.1:15000`, `localhost:15000`; not `::1` alone (no brackets).
+        Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) && !name.ends_with(':') => name,
+        _ => host,
+    };
+    let name = name.trim_start_matches('[').trim_end_matches(']');
+    if name.eq_ignore_ascii_case("localhost") {
+        return true;
+    }
+    name.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback() || ip == own.ip())
 }
 
 /// Serves `app` on `listener` in a task of its own until `stop` fires.
@@ -594,4 +626,22 @@ pub async fn get_path(addr: &str, path: &str) -> Result<bytes::Bytes, AskError> 
         return Err(AskError::Refused { status, message: String::from_utf8_lossy(&body).trim().to_string() });
     }
     Ok(body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_this_endpoints_own_address_or_loopback_names_it() {
+        let own: SocketAddr = "127.0.0.1:15000".parse().unwrap();
+        for ok in ["127.0.0.1:15000", "127.0.0.1", "localhost:15000", "LOCALHOST", "[::1]:15000", "127.0.0.2:80"] {
+            assert!(local_host(ok, own), "{ok}");
+        }
+        for bad in ["evil.example", "evil.example:15000", "10.0.0.5:15000", "127.0.0.1.evil.example", "", "[::1]x"] {
+            assert!(!local_host(bad, own), "{bad}");
+        }
+        let node: SocketAddr = "10.0.0.5:15000".parse().unwrap();
+        assert!(local_host("10.0.0.5:15000", node), "its own (non-loopback) address");
+    }
 }

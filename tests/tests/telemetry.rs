@@ -227,6 +227,28 @@ fn metrics_follow_traffic_and_the_access_log_says_each_connection() {
     let inbound = lines(2);
     assert!(inbound.iter().all(|l| l["direction"] == "inbound" && l["decision"] == "allow"), "{:?}", inbound.first());
     let _ = admin_get(&tb, 1, "/metrics").expect("the admin endpoint serves the metrics too");
+    // DNS rebinding: a page of another site reaching 15000 through a browser names its own host.
+    let curl = |host: &str, method: &str| {
+        meshless_tests::mesh::run_ok(tb.node(1).netns.command("curl", None).unwrap().args([
+            "-sS",
+            "-o",
+            "/dev/null",
+            "-D",
+            "-",
+            "--max-time",
+            "5",
+            "-X",
+            method,
+            "-H",
+            &format!("Host: {host}"),
+            "http://127.0.0.1:15000/api/flows",
+        ]))
+        .unwrap()
+    };
+    assert!(curl("evil.example:15000", "GET").starts_with("HTTP/1.1 403"), "a foreign Host was answered");
+    let own = curl("127.0.0.1:15000", "GET");
+    assert!(own.starts_with("HTTP/1.1 200") && own.contains("default-src 'self'"), "{own}");
+    assert!(curl("127.0.0.1:15000", "POST").starts_with("HTTP/1.1 405"), "the admin endpoint is read-only");
 
     // `meshless report`: the plaintext source is one STRICT would refuse; under STRICT, its
     // attempts are denials with the reason.
