@@ -95,6 +95,15 @@ pub enum Security {
     None,
 }
 
+impl Security {
+    fn as_str(self) -> &'static str {
+        match self {
+            Security::MutualTls => "mutual_tls",
+            Security::None => "none",
+        }
+    }
+}
+
 /// Istio's `response_flags` for TCP.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Flags {
@@ -133,10 +142,7 @@ pub struct ConnLabels {
 
 impl ConnLabels {
     fn encode(&self) -> [(&'static str, &str); 13] {
-        let security = match self.security {
-            Security::MutualTls => "mutual_tls",
-            Security::None => "none",
-        };
+        let security = self.security.as_str();
         [
             ("reporter", self.reporter.as_str()),
             ("source_workload", &self.source.workload),
@@ -342,10 +348,7 @@ impl AccessLog {
         let (src_addr, dst_addr) = (addr(d.src_addr), addr(d.dst_addr));
         let (src, dst) = (&l.source, &l.destination);
         let service = l.service.as_deref().unwrap_or("");
-        let security = match l.security {
-            Security::MutualTls => "mutual_tls",
-            Security::None => "none",
-        };
+        let security = l.security.as_str();
         let duration = format!("{}ms", took.as_millis());
         let (mode, decision) = (d.mode.unwrap_or(""), d.decision.unwrap_or(""));
         let (policy, rule, reason) =
@@ -802,6 +805,9 @@ mod tests {
         // A subscriber that takes the access log (to nowhere): without one, nothing is logged.
         let subscriber = tracing_subscriber::fmt().with_writer(std::io::sink).finish();
         let _guard = tracing::subscriber::set_default(subscriber);
+        // Another test's thread may have met the access log's callsite first, with no subscriber:
+        // its cached interest (never) would outlive this one's arrival.
+        tracing::callsite::rebuild_interest_cache();
         let t = Telemetry::new(true, AccessLogLimits { rate: 10, burst: 20 }, crate::flows::DEFAULT_CAPACITY);
         for _ in 0..200 {
             t.refused(labels(Flags::None), Detail::default());
