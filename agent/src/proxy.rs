@@ -214,8 +214,8 @@ async fn outbound(inputs: Arc<Inputs>, pod: Arc<LocalPod>, app: TcpStream, peer:
 /// The address of the app's end of a captured connection: the pod's address of `dst`'s family,
 /// and the port of the app's socket (`peer`, on loopback).
 fn app_addr(pod: &LocalPod, dst: SocketAddr, peer: SocketAddr) -> SocketAddr {
-    let ips = pod.workload().ips.clone();
-    let ip = ips.iter().find(|ip| ip.is_ipv4() == dst.is_ipv4()).or(ips.first()).copied().unwrap_or(peer.ip());
+    let w = pod.workload();
+    let ip = w.ips.iter().find(|ip| ip.is_ipv4() == dst.is_ipv4()).or(w.ips.first()).copied().unwrap_or(peer.ip());
     SocketAddr::new(ip, peer.port())
 }
 
@@ -235,6 +235,17 @@ fn outbound_labels(
         flags,
         security,
     }
+}
+
+/// The labels of a connection from `source` that `pod` (this node's) receives.
+fn inbound_labels(
+    source: Party,
+    pod: &Workload,
+    service: Option<Arc<str>>,
+    flags: Flags,
+    security: Security,
+) -> ConnLabels {
+    ConnLabels { reporter: Reporter::Destination, source, destination: Party::pod(pod), service, flags, security }
 }
 
 /// Istio's response flag for a connection a tunnel error ended.
@@ -393,14 +404,7 @@ async fn plaintext_connection(inputs: Arc<Inputs>, pod: Arc<LocalPod>, tcp: TcpS
     // The source as a workload when a pod has its address; its identity is unknown (plaintext).
     let source = dir.pod_by_ip(from.ip()).map(|w| Party::peer(Some(w), "unknown")).unwrap_or_else(Party::unknown);
     drop(dir);
-    let labels = |flags| ConnLabels {
-        reporter: Reporter::Destination,
-        source: source.clone(),
-        destination: Party::pod(&workload),
-        service: None,
-        flags,
-        security: Security::None,
-    };
+    let labels = |flags| inbound_labels(source.clone(), &workload, None, flags, Security::None);
     let detail = || inbound_detail(from, target, "plaintext", mode.as_str(), &verdict, &outcome.why);
     if !outcome.admit {
         inputs.telemetry.refused(labels(Flags::Deny), detail());
@@ -578,14 +582,7 @@ async fn inbound_stream(
         .map(|(ns, n)| crate::workloads::services::ServiceKey { namespace: ns.into(), name: n.into() })
         .filter(|k| dir.services.selects(k, &workload.key))
         .map(|k| crate::telemetry::service_host(&k.namespace, &k.name));
-    let labels = |flags| ConnLabels {
-        reporter: Reporter::Destination,
-        source: source.clone(),
-        destination: Party::pod(&workload),
-        service: host.clone(),
-        flags,
-        security: Security::MutualTls,
-    };
+    let labels = |flags| inbound_labels(source.clone(), &workload, host.clone(), flags, Security::MutualTls);
     drop(dir);
     let detail = || inbound_detail(from, target, "hbone", mode.as_str(), &verdict, &outcome.why);
     if !outcome.admit {

@@ -189,91 +189,86 @@ impl Report {
         let _ = writeln!(
             out,
             "# meshless report\n\nWindow: the flow table's inbound aggregates, {} → {} (Unix ms); {} flows recorded since \
-             the agent started, at most {} aggregates kept.\n",
+             the agent started, at most {} aggregates kept.",
             w.from_ms, w.to_ms, w.flows_total, w.capacity
         );
-        let _ = writeln!(
-            out,
-            "## mTLS coverage by namespace\n\n| namespace | connections | mTLS | share |\n|---|---|---|---|"
+        let s = |v: &dyn std::fmt::Display| v.to_string();
+        table(
+            &mut out,
+            "mTLS coverage by namespace",
+            &["namespace", "connections", "mTLS", "share"],
+            self.namespaces.iter().map(|n| {
+                vec![
+                    s(&n.namespace),
+                    s(&n.connections),
+                    s(&n.mtls_connections),
+                    format!("{:.0} %", n.mtls_share * 100.0),
+                ]
+            }),
         );
-        for n in &self.namespaces {
-            let _ = writeln!(
-                out,
-                "| {} | {} | {} | {:.0} % |",
-                cell(&n.namespace),
-                n.connections,
-                n.mtls_connections,
-                n.mtls_share * 100.0
-            );
-        }
-        let _ = writeln!(
-            out,
-            "\n## Identity pairs\n\n| source | destination | port | transport | verdict | connections |\n|---|---|---|---|---|---|"
+        table(
+            &mut out,
+            "Identity pairs",
+            &["source", "destination", "port", "transport", "verdict", "connections"],
+            self.pairs.iter().map(|p| {
+                vec![s(&p.source), s(&p.destination), s(&p.port), s(&p.transport), s(&p.verdict), s(&p.connections)]
+            }),
         );
-        for p in &self.pairs {
-            let _ = writeln!(
-                out,
-                "| {} | {} | {} | {} | {} | {} |",
-                cell(&p.source),
-                cell(&p.destination),
-                p.port,
-                p.transport,
-                p.verdict,
-                p.connections
-            );
-        }
-        let _ = writeln!(
-            out,
-            "\n## Plaintext sources (what STRICT would refuse)\n\n| source | destination | port | connections | refused under STRICT |\n|---|---|---|---|---|"
+        table(
+            &mut out,
+            "Plaintext sources (what STRICT would refuse)",
+            &["source", "destination", "port", "connections", "refused under STRICT"],
+            self.plaintext_sources.iter().map(|p| {
+                let refused = if p.refused_under_strict { "yes" } else { "no" };
+                vec![s(&p.source), s(&p.destination), s(&p.port), s(&p.connections), s(&refused)]
+            }),
         );
-        for p in &self.plaintext_sources {
-            let _ = writeln!(
-                out,
-                "| {} | {} | {} | {} | {} |",
-                cell(&p.source),
-                cell(&p.destination),
-                p.port,
-                p.connections,
-                if p.refused_under_strict { "yes" } else { "no" }
-            );
-        }
-        let _ = writeln!(
-            out,
-            "\n## Denied\n\n| source | destination | port | transport | connections | policy | rule | reason |\n|---|---|---|---|---|---|---|---|"
+        table(
+            &mut out,
+            "Denied",
+            &["source", "destination", "port", "transport", "connections", "policy", "rule", "reason"],
+            self.denied.iter().map(|d| {
+                let (port, connections, rule) = (s(&d.port), s(&d.connections), s(&d.rule));
+                vec![
+                    s(&d.source),
+                    s(&d.destination),
+                    port,
+                    s(&d.transport),
+                    connections,
+                    s(&d.policy),
+                    rule,
+                    s(&d.reason),
+                ]
+            }),
         );
-        for d in &self.denied {
-            let _ = writeln!(
-                out,
-                "| {} | {} | {} | {} | {} | {} | {} | {} |",
-                cell(&d.source),
-                cell(&d.destination),
-                d.port,
-                d.transport,
-                d.connections,
-                cell(&d.policy),
-                d.rule,
-                cell(&d.reason)
-            );
-        }
-        let _ =
-            writeln!(out, "\n## Certificates\n\n| pod | identity | serial | not after (Unix s) |\n|---|---|---|---|");
-        for c in &self.certificates {
-            let _ =
-                writeln!(out, "| {} | {} | {} | {} |", cell(&c.pod), cell(&c.identity), cell(&c.serial), c.not_after);
-        }
-        let _ = writeln!(out, "\n## Modes\n\n| pod | mode | from | policies |\n|---|---|---|---|");
-        for p in &self.policies.pods {
-            let s = |k: &str| cell(p[k].as_str().unwrap_or(""));
-            let _ = writeln!(
-                out,
-                "| {} | {} | {} | {} |",
-                s("pod"),
-                s("mode"),
-                s("mode_source"),
-                p["authorization_policies"]
-            );
-        }
+        table(
+            &mut out,
+            "Certificates",
+            &["pod", "identity", "serial", "not after (Unix s)"],
+            self.certificates.iter().map(|c| vec![s(&c.pod), s(&c.identity), s(&c.serial), s(&c.not_after)]),
+        );
+        table(
+            &mut out,
+            "Modes",
+            &["pod", "mode", "from", "policies"],
+            self.policies.pods.iter().map(|p| {
+                let f = |k: &str| p[k].as_str().unwrap_or("").to_string();
+                vec![f("pod"), f("mode"), f("mode_source"), p["authorization_policies"].to_string()]
+            }),
+        );
         out
+    }
+}
+
+/// A Markdown section: its title, then a table of `headers` and `rows` (each cell escaped).
+fn table(out: &mut String, title: &str, headers: &[&str], rows: impl Iterator<Item = Vec<String>>) {
+    use std::fmt::Write as _;
+    let line = |cells: &mut dyn Iterator<Item = String>| format!("| {} |", cells.collect::<Vec<_>>().join(" | "));
+    let _ = writeln!(out, "\n## {title}\n");
+    let _ = writeln!(out, "{}", line(&mut headers.iter().map(|h| h.to_string())));
+    let _ = writeln!(out, "|{}", "---|".repeat(headers.len()));
+    for row in rows {
+        let _ = writeln!(out, "{}", line(&mut row.iter().map(|c| cell(c))));
     }
 }
 
