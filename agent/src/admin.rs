@@ -40,7 +40,7 @@ pub struct Question {
     /// A SPIFFE ID (an authenticated source), an IP address (plaintext), or `namespace/pod` (that
     /// pod: its identity and address if it is in the mesh, its address in plaintext if not).
     pub from: String,
-    /// `namespace/pod`.
+    /// `namespace/pod`, or a pod's address.
     pub to: String,
     pub port: u16,
 }
@@ -157,8 +157,10 @@ pub fn explain(dir: &Directory, q: &Question) -> Result<Explanation, ExplainErro
         return explain_service(dir, q, service);
     }
     let missing = |what: &str| ExplainError::NotFound(format!("no pod {what} in the workload directory"));
-    let to = pod_key(&q.to)?;
-    let dst = dir.get(&to).ok_or_else(|| missing(&q.to))?;
+    let dst = match q.to.parse::<IpAddr>() {
+        Ok(ip) => dir.pod_by_ip(ip).ok_or_else(|| missing(&format!("with address {ip}")))?,
+        Err(_) => dir.get(&pod_key(&q.to)?).ok_or_else(|| missing(&q.to))?,
+    };
     if !dst.mesh {
         return Err(ExplainError::NotMeshed(q.to.clone()));
     }
@@ -276,6 +278,12 @@ pub struct State {
     pub proxy: Arc<proxy::Inputs>,
     pub status: Published,
     pub local_pods: LocalPods,
+    /// The pods' certificates (for their counters).
+    pub identities: Arc<crate::identity::store::Identities>,
+    /// When this agent started.
+    pub started: std::time::SystemTime,
+    /// The dashboard's live streams (few: each holds a permit).
+    pub streams: Arc<tokio::sync::Semaphore>,
 }
 
 /// The admin (or metrics) endpoint's listening socket on `addr`. Not shared (no SO_REUSEPORT):
@@ -290,10 +298,12 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
 }
 
 /// Serves the admin endpoint on `listener` (bound by [`bind`], or handed over by the previous
-/// agent, which stops accepting on it once this one serves) until `stop` fires.
+/// agent, which stops accepting on it once this one serves) until `stop` fires, with `pages`
+/// (the dashboard, which reads this module's state) beside its own routes.
 pub async fn serve(
     listener: std::net::TcpListener,
     state: State,
+    pages: Router<State>,
     stop: tokio_util::sync::CancellationToken,
 ) -> std::io::Result<()> {
     let app = Router::new()
@@ -302,10 +312,11 @@ pub async fn serve(
         // answering at all is the honest readiness signal.
         .route("/readyz", get(readyz_handler))
         .route("/policy/explain", get(explain_handler))
-        .route("/policy", get(policy_handler))
+        .route("/api/policy", get(policy_handler))
         .route("/metrics", get(metrics_handler))
         .route("/status", get(status_handler))
         .route("/api/flows", get(flows_handler))
+        .merge(pages)
         .with_state(state);
     let own = listener.local_addr()?;
     // A page on another site must not read the node's policy through the user's browser (DNS
@@ -351,7 +362,11 @@ fn spawn_router(
 ) -> std::io::Result<()> {
     listener.set_nonblocking(true)?;
     let addr = listener.local_addr()?;
-    let listener = tokio::net::TcpListener::from_std(listener)?;
+    // A reader that stops reading (a live dashboard stream, a scrape) holds at most the kernel's
+    // socket buffers, and is cut once its zero window has lasted 30 s.
+    let listener = axum::serve::ListenerExt::tap_io(tokio::net::TcpListener::from_std(listener)?, |tcp| {
+        let _ = socket2::SockRef::from(&*tcp).set_tcp_user_timeout(Some(std::time::Duration::from_secs(30)));
+    });
     info!(%addr, endpoint = what, "endpoint serving");
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(async move { stop.cancelled().await }).await {
@@ -402,6 +417,11 @@ async fn readyz_handler(With(state): With<State>) -> String {
 }
 
 async fn status_handler(With(state): With<State>) -> Json<crate::status::NodeStatus> {
+    Json(node_status(&state))
+}
+
+/// The node status with its live parts and the policy objects' states.
+pub fn node_status(state: &State) -> crate::status::NodeStatus {
     let mut status = state.status.load().with_live(&state.local_pods.load(), &state.proxy.pool);
     let dir = state.proxy.store.load();
     let policies = &dir.policies;
@@ -409,7 +429,7 @@ async fn status_handler(With(state): With<State>) -> Json<crate::status::NodeSta
     status.policy_objects = policies.states();
     status.policy_problems =
         policies.objects().iter().filter(|o| o.enforcement != crate::policy::Enforcement::Enforced).cloned().collect();
-    Json(status)
+    status
 }
 
 async fn policy_handler(With(state): With<State>) -> Json<PolicyView> {
@@ -443,17 +463,55 @@ async fn policy_handler(With(state): With<State>) -> Json<PolicyView> {
     })
 }
 
-/// `/api/flows` filters: each, when given, must match.
-#[derive(Debug, Default, Deserialize)]
-struct FlowQuery {
+/// `/api/flows` (and the dashboard's `/flows`) filters: each, when given, must match.
+#[derive(Debug, Default, Clone, Deserialize)]
+pub struct FlowQuery {
     /// The source's or the destination's namespace.
-    namespace: Option<String>,
+    pub namespace: Option<String>,
     /// The source's or the destination's SPIFFE ID (or a plaintext source's address).
-    identity: Option<String>,
+    pub identity: Option<String>,
     /// `allow`, `deny`, `dry_run_deny`, `carried`, `failed`, `refused`.
-    verdict: Option<String>,
+    pub verdict: Option<String>,
     /// `hbone`, `plaintext`, `passthrough`.
-    transport: Option<String>,
+    pub transport: Option<String>,
+}
+
+impl FlowQuery {
+    /// Refuses a filter longer than 512 bytes.
+    pub fn check(&self) -> Result<(), &'static str> {
+        let fields = [&self.namespace, &self.identity, &self.verdict, &self.transport];
+        match fields.iter().any(|f| f.as_ref().is_some_and(|v| v.len() > 512)) {
+            true => Err("a filter longer than 512 bytes\n"),
+            false => Ok(()),
+        }
+    }
+
+    pub fn keeps(&self, f: &crate::flows::Flow) -> bool {
+        either(&self.namespace, &f.source_namespace, &f.destination_namespace)
+            && either(&self.identity, &f.source, &f.destination)
+            && is(&self.verdict, f.verdict)
+            && is(&self.transport, f.transport)
+    }
+
+    pub fn keeps_aggregate(&self, a: &crate::flows::Aggregate) -> bool {
+        either(&self.namespace, &a.source_namespace, &a.destination_namespace)
+            && is(&self.identity, &a.source)
+            && is(&self.verdict, a.verdict)
+            && is(&self.transport, a.transport)
+    }
+
+    /// Whether no filter is set.
+    pub fn is_empty(&self) -> bool {
+        [&self.namespace, &self.identity, &self.verdict, &self.transport].iter().all(|f| f.is_none())
+    }
+}
+
+fn is(want: &Option<String>, v: &str) -> bool {
+    want.as_deref().is_none_or(|w| w == v)
+}
+
+fn either(want: &Option<String>, a: &str, b: &str) -> bool {
+    want.as_deref().is_none_or(|w| w == a || w == b)
 }
 
 #[derive(Serialize)]
@@ -470,35 +528,17 @@ struct FlowsView {
 
 /// The flow table, filtered: the recent flows (newest first) and the aggregates.
 async fn flows_handler(With(state): With<State>, Query(q): Query<FlowQuery>) -> Response {
-    let fields = [&q.namespace, &q.identity, &q.verdict, &q.transport];
-    if fields.iter().any(|f| f.as_ref().is_some_and(|v| v.len() > 512)) {
-        return (StatusCode::BAD_REQUEST, "a filter longer than 512 bytes\n").into_response();
+    if let Err(e) = q.check() {
+        return (StatusCode::BAD_REQUEST, e).into_response();
     }
-    let is = |want: &Option<String>, v: &str| want.as_deref().is_none_or(|w| w == v);
-    let either = |want: &Option<String>, a: &str, b: &str| want.as_deref().is_none_or(|w| w == a || w == b);
     // Copied under the lock (every connection's end takes it), filtered and sorted after.
     let table = state.proxy.telemetry.flows.lock();
     let (capacity, total, held, bytes) = (table.capacity(), table.total, table.len(), table.bytes());
     let (recent, aggregates) = (table.recent(|_| true), table.aggregates_unsorted());
     drop(table);
-    let recent = recent
-        .into_iter()
-        .filter(|f| {
-            either(&q.namespace, &f.source_namespace, &f.destination_namespace)
-                && either(&q.identity, &f.source, &f.destination)
-                && is(&q.verdict, f.verdict)
-                && is(&q.transport, f.transport)
-        })
-        .collect();
-    let mut aggregates: Vec<crate::flows::Aggregate> = aggregates
-        .into_iter()
-        .filter(|a| {
-            either(&q.namespace, &a.source_namespace, &a.destination_namespace)
-                && is(&q.identity, &a.source)
-                && is(&q.verdict, a.verdict)
-                && is(&q.transport, a.transport)
-        })
-        .collect();
+    let recent = recent.into_iter().filter(|f| q.keeps(f)).collect();
+    let mut aggregates: Vec<crate::flows::Aggregate> =
+        aggregates.into_iter().filter(|a| q.keeps_aggregate(a)).collect();
     aggregates.sort_by_key(|a| std::cmp::Reverse(a.last_ms));
     let view = FlowsView { capacity, total, held, bytes, recent, aggregates };
     Json(view).into_response()
@@ -590,6 +630,26 @@ fn metrics_text(state: &State) -> String {
             "meshless_hbone_streams",
             "Streams open on pooled HBONE connections (outbound).",
             vec![(vec![], state.proxy.pool.entries().iter().map(|e| e.streams as i64).sum())],
+        ),
+        Family::counter(
+            "meshless_certificates_signed",
+            "Workload certificates signed for this node's pods (first ones and renewals).",
+            vec![(vec![], state.identities.counts.signed.load(std::sync::atomic::Ordering::Relaxed))],
+        ),
+        Family::counter(
+            "meshless_certificate_rotations",
+            "Workload certificates renewed before they expired.",
+            vec![(vec![], state.identities.counts.rotations.load(std::sync::atomic::Ordering::Relaxed))],
+        ),
+        Family::counter(
+            "meshless_certificate_issuance_errors",
+            "Certificate requests that failed (the issuer unreachable, or its answer refused).",
+            vec![(vec![], state.identities.counts.errors.load(std::sync::atomic::Ordering::Relaxed))],
+        ),
+        Family::gauge(
+            "meshless_agent_takeovers",
+            "Agents on this node that took over from a running one, up to this agent (restarts without a dropped connection).",
+            vec![(vec![], crate::handover::takeovers() as i64)],
         ),
         Family::gauge("process_resident_memory_bytes", "Resident memory of the agent.", vec![(vec![], rss)]),
         Family::gauge("process_open_fds", "Open file descriptors of the agent.", vec![(vec![], fds)]),

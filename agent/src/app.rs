@@ -121,8 +121,14 @@ async fn start(config: Arc<AgentConfig>, deps: Deps) -> Result<Running, Error> {
         status: deps.status,
         drain_timeout: config.drain_timeout,
     };
-    let admin_state =
-        admin::State { proxy: proxy.clone(), status: deps.status.clone(), local_pods: deps.local_pods.clone() };
+    let admin_state = admin::State {
+        proxy: proxy.clone(),
+        status: deps.status.clone(),
+        local_pods: deps.local_pods.clone(),
+        identities: workload_identities.clone(),
+        started: std::time::SystemTime::now(),
+        streams: Arc::new(tokio::sync::Semaphore::new(crate::dashboard::MAX_STREAMS)),
+    };
     // hostNetwork pods live in the node's netns: known, left alone.
     capture.bypass(own)?;
     // Pods first (listeners, certificates, kernel entries), then the programs: a pod is never
@@ -231,7 +237,9 @@ async fn serve_admin(
             listener.try_clone().map_err(io)?,
         ));
         match role {
-            handover::Role::Admin => admin::serve(listener, state.clone(), stop.clone()).await,
+            handover::Role::Admin => {
+                admin::serve(listener, state.clone(), crate::dashboard::routes(), stop.clone()).await
+            }
             _ => admin::serve_metrics(listener, state.clone(), stop.clone()).await,
         }
         .map_err(io)?;

@@ -221,7 +221,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 let body = rt.block_on(crate::admin::get_path(&agent, path))?;
                 serde_json::from_slice(&body).with_context(|| format!("{path} from {agent}: not JSON"))
             };
-            let report = crate::report::Report::build(&get("/api/flows")?, &get("/status")?, &get("/policy")?);
+            let report = crate::report::Report::build(&get("/api/flows")?, &get("/status")?, &get("/api/policy")?);
             match json {
                 true => println!("{}", serde_json::to_string_pretty(&report)?),
                 false => print!("{}", report.markdown()),

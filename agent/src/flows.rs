@@ -1,9 +1,12 @@
 //! The flow table: what this node's connections did, in bounded memory. The last flows (each
 //! connection as it ended, with its decision) in a ring, and aggregates per (source, destination
 //! workload, port, transport, verdict) with counts and first/last seen, the least recently seen
-//! aggregate evicted when the table is full. It feeds the `/flows` JSON of the admin endpoint.
+//! aggregate evicted when the table is full; and per minute of the last hour, how many
+//! connections and bytes went over mTLS. It feeds the `/api/flows` JSON of the admin endpoint,
+//! the dashboard and `meshless report`.
 
 use std::collections::{HashMap, VecDeque};
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use serde::Serialize;
@@ -25,6 +28,9 @@ pub struct Flow {
     pub destination: Arc<str>,
     pub destination_workload: Arc<str>,
     pub destination_namespace: Arc<str>,
+    /// The destination's address (what the dashboard's why-denied view asks the policy about).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub destination_addr: Option<IpAddr>,
     pub port: u16,
     /// `hbone`, `plaintext` or `passthrough`.
     pub transport: &'static str,
@@ -77,12 +83,36 @@ pub struct Aggregate {
     pub last_ms: u64,
 }
 
+/// Connections and bytes over a span of time, and how many of them went over mTLS.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Share {
+    pub connections: u64,
+    pub mtls_connections: u64,
+    pub bytes: u64,
+    pub mtls_bytes: u64,
+}
+
+impl Share {
+    fn add(&mut self, o: &Share) {
+        self.connections += o.connections;
+        self.mtls_connections += o.mtls_connections;
+        self.bytes += o.bytes;
+        self.mtls_bytes += o.mtls_bytes;
+    }
+}
+
+/// Minutes of history kept for [`FlowTable::share`].
+pub const WINDOW_MINUTES: usize = 60;
+
 /// The table: `capacity` recent flows and as many aggregates (0: off).
 pub struct FlowTable {
     capacity: usize,
     recent: VecDeque<Flow>,
     aggregates: HashMap<Key, Aggregate>,
-    /// Flows recorded since start (the table holds the last `capacity`).
+    /// Per minute (Unix minute, its figures), a ring indexed by minute modulo its length.
+    minutes: [(u64, Share); WINDOW_MINUTES],
+    /// Flows recorded since start (the table holds the last `capacity`): the newest flow's
+    /// sequence number, the first being 1.
     pub total: u64,
 }
 
@@ -92,6 +122,7 @@ impl FlowTable {
             capacity,
             recent: VecDeque::with_capacity(capacity.min(1024)),
             aggregates: HashMap::new(),
+            minutes: [(0, Share::default()); WINDOW_MINUTES],
             total: 0,
         }
     }
@@ -101,6 +132,18 @@ impl FlowTable {
             return;
         }
         self.total += 1;
+        let minute = flow.at_ms / 60_000;
+        let slot = &mut self.minutes[minute as usize % WINDOW_MINUTES];
+        if slot.0 != minute {
+            *slot = (minute, Share::default());
+        }
+        let (bytes, mtls) = (flow.bytes_sent + flow.bytes_recv, flow.transport == "hbone");
+        slot.1.add(&Share {
+            connections: 1,
+            mtls_connections: mtls as u64,
+            bytes,
+            mtls_bytes: if mtls { bytes } else { 0 },
+        });
         let key = Key {
             direction: flow.direction,
             source: flow.source.clone(),
@@ -174,6 +217,29 @@ impl FlowTable {
     /// The recent flows, newest first, that `keep` keeps.
     pub fn recent(&self, keep: impl Fn(&Flow) -> bool) -> Vec<Flow> {
         self.recent.iter().rev().filter(|f| keep(f)).cloned().collect()
+    }
+
+    /// The flows recorded after sequence number `after` (oldest first; the newest `max` of them
+    /// when more are held), each with its sequence number.
+    pub fn since(&self, after: u64, max: usize) -> Vec<(u64, Flow)> {
+        let first = self.total + 1 - self.recent.len() as u64;
+        let start = after.saturating_add(1).max(first).max((self.total + 1).saturating_sub(max as u64));
+        let skip = (start - first) as usize;
+        self.recent.iter().enumerate().skip(skip).map(|(i, f)| (first + i as u64, f.clone())).collect()
+    }
+
+    /// Connections ended in the last `minutes` minutes up to `now_ms` (whole minutes: the
+    /// current one and the `minutes - 1` before it), and their mTLS share.
+    pub fn share(&self, now_ms: u64, minutes: usize) -> Share {
+        let now = now_ms / 60_000;
+        let oldest = now.saturating_sub(minutes.min(WINDOW_MINUTES) as u64 - 1);
+        let mut out = Share::default();
+        for (minute, s) in &self.minutes {
+            if (oldest..=now).contains(minute) && *minute != 0 {
+                out.add(s);
+            }
+        }
+        out
     }
 
     /// The aggregates, most recently seen first.
@@ -250,6 +316,7 @@ mod tests {
             destination: s("spiffe://cluster.local/ns/shop/sa/api".into()),
             destination_workload: s("api".into()),
             destination_namespace: s("shop".into()),
+            destination_addr: None,
             port: 8080,
             transport: "hbone",
             verdict: if i.is_multiple_of(3) { "deny" } else { "allow" },
@@ -290,8 +357,68 @@ mod tests {
         assert_eq!((a.connections, a.bytes, a.first_ms, a.last_ms), (5, 1500, 0, 4));
         assert_eq!(t.recent(|f| f.verdict == "deny").len(), 0);
         assert_eq!(t.recent(|f| f.verdict == "allow").len(), 5);
+        // Sequence numbers: five flows, 1 to 5.
+        let seqs = |after, max| t.since(after, max).iter().map(|(n, _)| *n).collect::<Vec<_>>();
+        assert_eq!(seqs(0, 10), [1, 2, 3, 4, 5]);
+        assert_eq!(seqs(3, 10), [4, 5]);
+        assert_eq!(seqs(0, 2), [4, 5], "the newest when more are held");
+        assert_eq!(seqs(5, 10), Vec::<u64>::new());
         let mut off = FlowTable::new(0);
         off.record(flow(1));
         assert_eq!((off.len(), off.total), ((0, 0), 0));
+    }
+}
+
+#[cfg(test)]
+mod window_tests {
+    use super::tests_support::flow_at;
+    use super::*;
+
+    #[test]
+    fn the_mtls_share_counts_the_minutes_asked_for_and_forgets_older_ones() {
+        let mut t = FlowTable::new(8);
+        let minute = 60_000;
+        let base = 1_000 * minute;
+        t.record(flow_at(base, "hbone", 100));
+        t.record(flow_at(base + 2 * minute, "plaintext", 50));
+        t.record(flow_at(base + 4 * minute + 1, "hbone", 10));
+        let now = base + 4 * minute + 5;
+        assert_eq!(t.share(now, 5), Share { connections: 3, mtls_connections: 2, bytes: 160, mtls_bytes: 110 });
+        assert_eq!(t.share(now, 3), Share { connections: 2, mtls_connections: 1, bytes: 60, mtls_bytes: 10 });
+        // An hour on, the ring's slot is reused: the old minute is gone.
+        t.record(flow_at(base + 60 * minute, "plaintext", 1));
+        assert_eq!(
+            t.share(base + 60 * minute, 60),
+            Share { connections: 3, mtls_connections: 1, bytes: 61, mtls_bytes: 10 }
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests_support {
+    use super::*;
+
+    pub fn flow_at(at_ms: u64, transport: &'static str, bytes: u64) -> Flow {
+        let s: Arc<str> = Arc::from("x");
+        Flow {
+            at_ms,
+            direction: "inbound",
+            source: s.clone(),
+            source_workload: s.clone(),
+            source_namespace: s.clone(),
+            destination: s.clone(),
+            destination_workload: s.clone(),
+            destination_namespace: s.clone(),
+            destination_addr: None,
+            port: 1,
+            transport,
+            verdict: "allow",
+            policy: s.clone(),
+            rule: -1,
+            reason: s,
+            bytes_sent: bytes,
+            bytes_recv: 0,
+            duration_ms: 0,
+        }
     }
 }

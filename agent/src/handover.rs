@@ -88,11 +88,23 @@ enum Message {
     Listeners {
         specs: Vec<ListenerSpec>,
         last: bool,
+        /// How many hand-overs came before the sender's own start (an older sender does not say).
+        #[serde(default)]
+        takeovers: u64,
     },
     Adopted,
 }
 
 const VERSION: u32 = 1;
+
+/// How many times an agent on this node took over from a running one, up to this agent: the
+/// node's agent restarts without a dropped connection (set once, by [`receive`]).
+static TAKEOVERS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// This node's agent hand-overs, up to and including this agent's own start.
+pub fn takeovers() -> u64 {
+    TAKEOVERS.load(std::sync::atomic::Ordering::Relaxed)
+}
 
 /// Listeners received from a predecessor, waiting to be claimed by their pods.
 #[derive(Default)]
@@ -156,9 +168,10 @@ pub fn receive(path: &Path) -> Result<Option<(Inherited, Predecessor)>, Error> {
     let mut inherited = Inherited::default();
     loop {
         let (msg, fds) = recv(&fd)?;
-        let Message::Listeners { specs, last } = msg else {
+        let Message::Listeners { specs, last, takeovers } = msg else {
             return Err(Error::Protocol("expected listeners".into()));
         };
+        TAKEOVERS.store(takeovers + 1, std::sync::atomic::Ordering::Relaxed);
         if specs.len() != fds.len() {
             return Err(Error::Protocol(format!("{} listeners described, {} sent", specs.len(), fds.len())));
         }
@@ -251,12 +264,12 @@ fn serve_one(conn: &OwnedFd, tx: &mpsc::Sender<Request>) -> Result<(), Error> {
     info!(listeners = listeners.len(), "handing the listeners over to a successor");
     let mut chunks = listeners.chunks(FDS_PER_MESSAGE).peekable();
     if chunks.peek().is_none() {
-        send(conn, &Message::Listeners { specs: vec![], last: true }, &[])?;
+        send(conn, &Message::Listeners { specs: vec![], last: true, takeovers: takeovers() }, &[])?;
     }
     while let Some(chunk) = chunks.next() {
         let specs = chunk.iter().map(|(s, _)| s.clone()).collect();
         let fds: Vec<RawFd> = chunk.iter().map(|(_, l)| l.as_raw_fd()).collect();
-        send(conn, &Message::Listeners { specs, last: chunks.peek().is_none() }, &fds)?;
+        send(conn, &Message::Listeners { specs, last: chunks.peek().is_none(), takeovers: takeovers() }, &fds)?;
     }
     // The successor enrolls, attaches and starts serving before it answers.
     match recv(conn)?.0 {

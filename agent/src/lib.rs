@@ -26,6 +26,7 @@
 //! | `admin` | the node-local admin endpoint: policy explain, per-pod modes, node status, decision metrics |
 //! | `workload_api` | the SPIFFE Workload API for the pods of this node (unix socket) |
 //! | `telemetry` | connection metrics with Istio's names, the agent's own metrics, the access log |
+//! | `dashboard` | the node dashboard: server-rendered pages and live updates on the admin endpoint |
 //! | `flows` | the flow table: recent flows and aggregates, bounded (leaf) |
 //! | `limits` | handshake caps, open-files limit |
 //! | `report` | `meshless report`: coverage, plaintext sources, denials, certificates, from the admin endpoint's JSON (leaf) |
@@ -39,6 +40,7 @@ pub(crate) mod cgroup;
 pub mod cli;
 pub(crate) mod config;
 pub(crate) mod csi;
+pub(crate) mod dashboard;
 pub(crate) mod flows;
 pub(crate) mod handover;
 pub mod identity;

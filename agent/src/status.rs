@@ -135,6 +135,8 @@ pub struct CertificateStatus {
     pub serial: String,
     /// Seconds since the Unix epoch.
     pub not_after: u64,
+    /// When this agent installed it (the last rotation), seconds since the Unix epoch.
+    pub installed: u64,
     /// Bumped on every renewal.
     pub generation: u64,
 }
@@ -155,6 +157,7 @@ impl NodeStatus {
             p.certificate = local.tls.cert.issued().map(|i| CertificateStatus {
                 serial: i.serial.clone(),
                 not_after: i.not_after.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or_default(),
+                installed: i.installed.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or_default(),
                 generation: local.tls.cert.generation(),
             });
         }

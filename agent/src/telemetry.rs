@@ -265,6 +265,7 @@ impl Conn {
             destination: name(&l.destination, d.dst_addr, false),
             destination_workload: l.destination.workload.clone(),
             destination_namespace: l.destination.namespace.clone(),
+            destination_addr: d.dst_addr.map(|a| a.ip()),
             port: d.dst_addr.map(|a| a.port()).unwrap_or(0),
             transport: d.transport,
             verdict: d.decision.unwrap_or(if end == End::Error { "failed" } else { "carried" }),
@@ -470,6 +471,13 @@ impl Telemetry {
     }
 
     /// A TLS handshake on `side` (`client`, `server`) that took `took`, or failed for `reason`.
+    /// Handshake failures so far, by (side, reason).
+    pub fn handshake_failures(&self) -> Vec<((&'static str, &'static str), u64)> {
+        let mut out: Vec<_> = self.handshakes.failures.lock().iter().map(|(k, n)| (*k, *n)).collect();
+        out.sort();
+        out
+    }
+
     pub fn handshake(&self, side: &'static str, result: Result<Duration, &'static str>) {
         match result {
             Ok(took) => {
@@ -803,10 +811,10 @@ mod tests {
     #[test]
     fn the_access_log_keeps_to_its_rate_and_counts_what_it_drops() {
         // A subscriber that takes the access log (to nowhere): without one, nothing is logged.
+        // The process-wide default, not this thread's: tracing caches a callsite's interest
+        // across threads, and other tests' threads (with no subscriber) would cache it as never.
         let subscriber = tracing_subscriber::fmt().with_writer(std::io::sink).finish();
-        let _guard = tracing::subscriber::set_default(subscriber);
-        // Another test's thread may have met the access log's callsite first, with no subscriber:
-        // its cached interest (never) would outlive this one's arrival.
+        let _ = tracing::subscriber::set_global_default(subscriber);
         tracing::callsite::rebuild_interest_cache();
         let t = Telemetry::new(true, AccessLogLimits { rate: 10, burst: 20 }, crate::flows::DEFAULT_CAPACITY);
         for _ in 0..200 {

@@ -500,6 +500,18 @@ impl Names {
 }
 
 /// What applies to one pod: its mode and the authorization policies that select it.
+/// One authorization policy selecting a pod, as the dashboard lists it.
+#[derive(Debug, Clone, Serialize)]
+pub struct PolicySummary {
+    pub policy: PolicyRef,
+    /// `DENY`, `ALLOW` or `AUDIT`.
+    pub action: &'static str,
+    /// How many rules it has (`rules[0]` … in decisions).
+    pub rules: usize,
+    /// Why it is not enforced as written (`None`: it is).
+    pub caveat: Option<String>,
+}
+
 #[derive(Debug)]
 pub struct PodPolicy {
     pub mode: ModeChoice,
@@ -587,6 +599,25 @@ impl PodPolicy {
             Mode::Disable if self.authorizes() => Mode::Permissive,
             m => m,
         }
+    }
+
+    /// The authorization policies that select the pod: DENY, then ALLOW, then AUDIT, as they are
+    /// evaluated.
+    pub fn policies(&self) -> Vec<PolicySummary> {
+        let each = |ps: &[Arc<CompiledPolicy>], action: &'static str| {
+            ps.iter()
+                .map(|p| PolicySummary {
+                    policy: p.reference.clone(),
+                    action,
+                    rules: p.rules.len(),
+                    caveat: p.caveat.clone(),
+                })
+                .collect::<Vec<_>>()
+        };
+        let mut out = each(&self.deny, "DENY");
+        out.extend(each(&self.allow, "ALLOW"));
+        out.extend(each(&self.audit, "AUDIT"));
+        out
     }
 
     /// How many authorization policies select the pod.

@@ -238,7 +238,7 @@ fn port_level_mtls_is_enforced_per_port_with_and_without_an_agent() {
     assert_eq!((d["mode"].as_str(), d["decision"].as_str()), (Some("STRICT"), Some("deny")), "{d}");
     assert!(decisions(&mesh, 2, "pod1-n2", 9000).is_empty(), "the DISABLE port never reaches the agent");
     let view: serde_json::Value =
-        serde_json::from_str(&meshless_tests::mesh::admin_get(&tb, 2, "/policy").unwrap()).unwrap();
+        serde_json::from_str(&meshless_tests::mesh::admin_get(&tb, 2, "/api/policy").unwrap()).unwrap();
     let pods = view["pods"].as_array().unwrap();
     let of = |name: &str| pods.iter().find(|p| p["pod"] == name).map(|p| p["port_modes"].clone());
     assert_eq!(of("default/pod1-n2"), Some(serde_json::json!({"9000": "DISABLE"})), "{view}");

@@ -46,6 +46,8 @@ pub struct Issued {
     pub key: Arc<CertifiedKey>,
     pub not_after: SystemTime,
     pub serial: String,
+    /// When this agent took it (the pod's last rotation).
+    pub installed: SystemTime,
 }
 
 /// One pod's identity: its current certificate (none once expired), swapped in place.
@@ -98,6 +100,16 @@ pub struct Identities {
     wake: Notify,
     /// JWT-SVIDs handed out, per (identity, audiences), with when to sign a new one.
     jwts: Mutex<HashMap<JwtKey, (String, SystemTime)>>,
+    /// What the metrics count of certificates.
+    pub counts: CertCounts,
+}
+
+/// Certificates signed (first ones and renewals), renewals, and requests that failed.
+#[derive(Debug, Default)]
+pub struct CertCounts {
+    pub signed: std::sync::atomic::AtomicU64,
+    pub rotations: std::sync::atomic::AtomicU64,
+    pub errors: std::sync::atomic::AtomicU64,
 }
 
 /// A JWT-SVID's identity and its sorted, deduplicated audiences.
@@ -129,6 +141,7 @@ impl Identities {
             live: Mutex::new(Vec::new()),
             wake: Notify::new(),
             jwts: Mutex::new(HashMap::new()),
+            counts: CertCounts::default(),
         }))
     }
 
@@ -202,6 +215,16 @@ impl Identities {
     }
 
     async fn sign(&self, id: &SpiffeId) -> Result<Issued, Error> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let result = self.sign_checked(id).await;
+        match &result {
+            Ok(_) => self.counts.signed.fetch_add(1, Relaxed),
+            Err(_) => self.counts.errors.fetch_add(1, Relaxed),
+        };
+        result
+    }
+
+    async fn sign_checked(&self, id: &SpiffeId) -> Result<Issued, Error> {
         let (key, csr) = key_and_csr(id)?;
         let (chain, bundle) = self.source.sign(id, &csr).await?;
         self.follow(&bundle);
@@ -216,7 +239,13 @@ impl Identities {
         }
         let svid = Svid::new(id.clone(), chain, key);
         let certified = svid.certified_key(self.trust.provider())?;
-        Ok(Issued { not_after: svid.not_after(), serial: svid.serial(), key: certified, svid })
+        Ok(Issued {
+            not_after: svid.not_after(),
+            serial: svid.serial(),
+            key: certified,
+            svid,
+            installed: SystemTime::now(),
+        })
     }
 
     /// Takes a bundle from the source; a new signing CA makes every certificate renew soon.
@@ -320,6 +349,7 @@ impl Identities {
                 s.failures = 0;
                 s.expired = false;
                 info!(pod = %cert.pod, id = %cert.id, serial = %issued.serial, recovered, "certificate renewed");
+                self.counts.rotations.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 cert.current.store(Some(Arc::new(issued)));
                 cert.generation.send_modify(|g| *g += 1);
             }

@@ -1,7 +1,8 @@
 //! `meshless-wlclient <endpoint>`: a workload fetching its X.509-SVID from the SPIFFE Workload API
 //! with the `spiffe` crate's own client (`X509Source`), as an application in a pod would. Prints
 //! one JSON line: the SPIFFE ID, the leaf's serial, the number of roots of its trust domain, or
-//! the error. Bounded to 10 s.
+//! the error. Bounded to 10 s. `meshless-wlclient <endpoint> with-key` adds the private key
+//! (`key_der_b64`): what the dashboard security test searches the agent's output for.
 //!
 //! `meshless-wlclient orphan <socket path> <go file>`: the PID-reuse attack. Connects, hands the
 //! connection to a child it starts, prints `{"parent": <pid>}` and exits. The child waits (30 s at
@@ -36,7 +37,13 @@ async fn main() {
                     .map(|(_, c)| c.raw_serial_as_string())
                     .unwrap_or_default();
                 let roots = bundles.get(svid.spiffe_id().trust_domain()).map(|b| b.authorities().len()).unwrap_or(0);
-                json!({"spiffe_id": svid.spiffe_id().to_string(), "serial": serial, "roots": roots, "chain": svid.cert_chain().len()})
+                let mut out = json!({"spiffe_id": svid.spiffe_id().to_string(), "serial": serial, "roots": roots, "chain": svid.cert_chain().len()});
+                if args.get(2).map(String::as_str) == Some("with-key") {
+                    use base64::Engine as _;
+                    out["key_der_b64"] =
+                        base64::engine::general_purpose::STANDARD.encode(svid.private_key().as_ref()).into();
+                }
+                out
             }
             (Err(e), _) | (_, Err(e)) => json!({"error": e.to_string()}),
         },
