@@ -28,6 +28,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 
 pub mod bpf;
+pub mod forward;
 pub mod kube;
 pub mod mesh;
 pub mod pcap;

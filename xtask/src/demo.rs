@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use meshless_tests::forward::Forward;
 use meshless_tests::mesh::{run_ok, wait_listening, Bins, Mesh, TRUST_DOMAIN};
 use meshless_tests::{pcap, sockaddr, wait_for, Layout, Pod, Testbed};
 
@@ -207,11 +208,23 @@ pub fn run(bins: &Bins, args: Args) -> Result<()> {
             println!("     node2 $ meshless policy explain: {line}");
         }
     }
+    // Each node's dashboard (127.0.0.1:15000 in the node's namespace) on a host loopback port,
+    // as `kubectl port-forward` opens it in a cluster.
+    let mut forwards = Vec::new();
+    for i in 1..=tb.nodes.len() {
+        let preferred = format!("127.0.0.1:{}", 15000 + 100 + i).parse()?;
+        let f = Forward::start(&tb.node(i).netns, 15000, preferred)
+            .or_else(|_| Forward::start(&tb.node(i).netns, 15000, "127.0.0.1:0".parse()?))?;
+        println!("dashboard node{i}: http://{}/", f.addr);
+        forwards.push(f);
+    }
     if args.once {
         println!("== done (--once); cleaning up");
         return Ok(());
     }
-    println!("== the cluster stays up; try it yourself, then press Ctrl-C to clean up:");
+    println!("== the cluster stays up, with traffic every 2 s: the frontend's call (allowed), batch's");
+    println!("   (denied by policy) and legacy's plaintext (refused under STRICT), for the dashboards.");
+    println!("   Try it yourself, then press Ctrl-C to clean up:");
     // The shell must join the pod's cgroup too: capture is attached to the pods' cgroups.
     println!(
         "   sh -c 'echo $$ > {}/cgroup.procs && exec nsenter --net={} curl -sS http://{}:8080/'",
@@ -230,9 +243,21 @@ pub fn run(bins: &Bins, args: Args) -> Result<()> {
         mesh.states[0].display(),
         mesh.states[1].display()
     );
+    // Bounded: one round every 2 s for an hour at most (each call 2 s at most), then quiet.
+    let url = format!("http://{}/", sockaddr(backend.ipv4.into(), 8080));
+    let mut last = std::time::Instant::now() - Duration::from_secs(2);
+    let mut rounds = 0;
     while !stop.load(Ordering::SeqCst) {
+        if rounds < 1800 && last.elapsed() >= Duration::from_secs(2) {
+            last = std::time::Instant::now();
+            rounds += 1;
+            for from in [frontend, batch, legacy] {
+                let _ = from.command("curl")?.args(["-s", "-o", "/dev/null", "--max-time", "2", &url]).status();
+            }
+        }
         std::thread::sleep(Duration::from_millis(200));
     }
+    drop(forwards);
     println!("\n== cleaning up");
     Ok(())
 }

@@ -15,6 +15,11 @@ use anyhow::{bail, Context, Result};
 ///   agent generates (issuer, SPIFFE Workload API).
 /// - nftables: the Services test installs a kube-proxy-like DNAT rule in a node's namespace (to
 ///   show the mesh resolves a virtual IP before it); meshless itself never uses netfilter.
+/// - chromium, chromium-driver: the dashboard test drives the node dashboard in a real browser
+///   through WebDriver.
+/// - prometheus: the Grafana-queries test scrapes the testbed's agents with the real Prometheus
+///   and runs the PromQL of Istio's dashboards against it (started by the test, never as a
+///   service).
 /// - make, rsync: the kube-apiserver build (see `kube.rs`, which also fetches kubectl 1.20 into its
 ///   private root: a machine may already have another kubectl in /usr/bin).
 const APT_PACKAGES: &[&str] = &[
@@ -30,6 +35,9 @@ const APT_PACKAGES: &[&str] = &[
     "protobuf-compiler",
     "libprotobuf-dev",
     "nftables",
+    "chromium",
+    "chromium-driver",
+    "prometheus",
     "make",
     "rsync",
 ];
