@@ -304,6 +304,7 @@ pub async fn serve(
     listener: std::net::TcpListener,
     state: State,
     pages: Router<State>,
+    token: Option<Arc<Token>>,
     stop: tokio_util::sync::CancellationToken,
 ) -> std::io::Result<()> {
     let app = Router::new()
@@ -324,9 +325,18 @@ pub async fn serve(
     let app = app.layer(axum::middleware::from_fn(move |req: axum::extract::Request, next: axum::middleware::Next| {
         let allowed =
             req.headers().get(http::header::HOST).and_then(|h| h.to_str().ok()).is_some_and(|h| local_host(h, own));
+        let authorized = token.as_ref().is_none_or(|t| t.admits(req.headers().get(http::header::AUTHORIZATION)));
         async move {
             if !allowed {
                 return (StatusCode::FORBIDDEN, "the admin endpoint answers to its own address only\n").into_response();
+            }
+            if !authorized {
+                return (
+                    StatusCode::UNAUTHORIZED,
+                    [(http::header::WWW_AUTHENTICATE, "Bearer")],
+                    "this admin endpoint needs Authorization: Bearer <the token of --admin-token-file>\n",
+                )
+                    .into_response();
             }
             let mut resp = next.run(req).await;
             let h = resp.headers_mut();
@@ -336,6 +346,42 @@ pub async fn serve(
         }
     }));
     spawn_router(listener, app, "admin", stop)
+}
+
+/// The admin endpoint's bearer token (`--admin-token-file`); never logged or shown.
+pub struct Token(zeroize::Zeroizing<Vec<u8>>);
+
+impl Token {
+    /// Whether `header` is `Bearer <this token>` (compared in constant time).
+    fn admits(&self, header: Option<&http::HeaderValue>) -> bool {
+        let Some(given) = header.and_then(|h| h.as_bytes().strip_prefix(b"Bearer ")) else {
+            return false;
+        };
+        let want = &self.0;
+        given.len() == want.len() && given.iter().zip(want.iter()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+    }
+}
+
+/// The admin endpoint serves beyond loopback only behind a token: the node's policy, flows and
+/// identities are not for whoever reaches the node.
+pub fn check_exposure(addr: SocketAddr, token: bool) -> std::io::Result<()> {
+    match addr.ip().is_loopback() || token {
+        true => Ok(()),
+        false => Err(std::io::Error::other(
+            "the admin endpoint listens beyond loopback only with --admin-token-file (a bearer token every request \
+             must carry)",
+        )),
+    }
+}
+
+/// Reads the admin token from `path`: one line, 16 characters at least, no spaces.
+pub fn read_token(path: &std::path::Path) -> std::io::Result<Arc<Token>> {
+    let text = zeroize::Zeroizing::new(std::fs::read_to_string(path)?);
+    let token = text.trim();
+    if token.len() < 16 || token.bytes().any(|b| b.is_ascii_whitespace() || b.is_ascii_control()) {
+        return Err(std::io::Error::other("the token must be one line of 16 characters at least, without spaces"));
+    }
+    Ok(Arc::new(Token(zeroize::Zeroizing::new(token.as_bytes().to_vec()))))
 }
 
 /// Whether `host` (a Host header) names this endpoint: its own address, or a loopback name or
@@ -691,6 +737,34 @@ pub async fn get_path(addr: &str, path: &str) -> Result<bytes::Bytes, AskError> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_token_admits_only_its_own_bearer_header() {
+        let dir = std::env::temp_dir().join(format!("meshless-token-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("token");
+        std::fs::write(&path, "short\n").unwrap();
+        assert!(read_token(&path).is_err(), "a short token");
+        std::fs::write(&path, "0123456789abcdef-token\n").unwrap();
+        let t = read_token(&path).unwrap();
+        let h = |v: &str| http::HeaderValue::from_str(v).unwrap();
+        assert!(t.admits(Some(&h("Bearer 0123456789abcdef-token"))));
+        for bad in [
+            "Bearer 0123456789abcdef-tokeN",
+            "Bearer 0123456789abcdef-token2",
+            "bearer 0123456789abcdef-token",
+            "0123456789abcdef-token",
+            "Bearer ",
+        ] {
+            assert!(!t.admits(Some(&h(bad))), "{bad}");
+        }
+        assert!(!t.admits(None));
+        let (lo, node): (SocketAddr, SocketAddr) =
+            ("127.0.0.1:15000".parse().unwrap(), "10.0.0.1:15000".parse().unwrap());
+        assert!(check_exposure(lo, false).is_ok() && check_exposure(node, true).is_ok());
+        assert!(check_exposure(node, false).is_err(), "beyond loopback without a token");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn only_this_endpoints_own_address_or_loopback_names_it() {

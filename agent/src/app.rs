@@ -204,6 +204,12 @@ async fn serve_admin(
     state: admin::State,
     stop: CancellationToken,
 ) -> Result<Vec<(handover::ListenerSpec, std::net::TcpListener)>, Error> {
+    let token = match &config.admin_token_file {
+        None => None,
+        Some(path) => {
+            Some(admin::read_token(path).map_err(|e| Error::Io(format!("--admin-token-file {}", path.display()), e))?)
+        }
+    };
     let mut kept = Vec::new();
     for (role, flag, value) in [
         (handover::Role::Admin, "--admin-addr", &config.admin_addr),
@@ -215,8 +221,8 @@ async fn serve_admin(
         let addr: std::net::SocketAddr =
             value.parse().map_err(|e| Error::Io(format!("{flag} {value:?}"), std::io::Error::other(e)))?;
         let io = |e| Error::Io(format!("{flag} {addr}"), e);
-        if role == handover::Role::Admin && !addr.ip().is_loopback() {
-            warn!(%addr, "the admin endpoint listens beyond loopback: anyone who can reach it can read the node's policy");
+        if role == handover::Role::Admin {
+            admin::check_exposure(addr, token.is_some()).map_err(|e| Error::Io(format!("{flag} {addr}"), e))?;
         }
         let handed = inherited.iter().position(|(r, l)| *r == role && l.local_addr().is_ok_and(|a| a == addr));
         let listener = match (handed, role) {
@@ -238,7 +244,7 @@ async fn serve_admin(
         ));
         match role {
             handover::Role::Admin => {
-                admin::serve(listener, state.clone(), crate::dashboard::routes(), stop.clone()).await
+                admin::serve(listener, state.clone(), crate::dashboard::routes(), token.clone(), stop.clone()).await
             }
             _ => admin::serve_metrics(listener, state.clone(), stop.clone()).await,
         }

@@ -53,6 +53,11 @@ pub struct AgentConfig {
     /// node's): loopback by default, so pods cannot reach it. `none` turns it off.
     #[arg(long, env = "MESHLESS_ADMIN_ADDR", default_value = "127.0.0.1:15000")]
     pub admin_addr: String,
+    /// A file holding a bearer token (16 characters at least): every request to the admin
+    /// endpoint must then carry `Authorization: Bearer <token>`. Required for an admin address
+    /// beyond loopback; without it the agent refuses to start there.
+    #[arg(long, env = "MESHLESS_ADMIN_TOKEN_FILE")]
+    pub admin_token_file: Option<std::path::PathBuf>,
     /// Where Prometheus scrapes the metrics (`/metrics`, `/stats/prometheus`; ztunnel's port),
     /// also served on the admin endpoint. `none` turns it off. In a cluster, an address
     /// Prometheus reaches (the DaemonSet sets `0.0.0.0:15020`).
