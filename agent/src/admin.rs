@@ -323,9 +323,14 @@ pub async fn serve(
     // A page on another site must not read the node's policy through the user's browser (DNS
     // rebinding): a Host that is not this endpoint's address or a loopback name is refused.
     let app = app.layer(axum::middleware::from_fn(move |req: axum::extract::Request, next: axum::middleware::Next| {
-        let allowed =
-            req.headers().get(http::header::HOST).and_then(|h| h.to_str().ok()).is_some_and(|h| local_host(h, own));
-        let authorized = token.as_ref().is_none_or(|t| t.admits(req.headers().get(http::header::AUTHORIZATION)));
+        // Behind a token on a wildcard address, any Host: a browser led there by another site
+        // (DNS rebinding) has no token to send.
+        let allowed = (token.is_some() && own.ip().is_unspecified())
+            || req.headers().get(http::header::HOST).and_then(|h| h.to_str().ok()).is_some_and(|h| local_host(h, own));
+        // Health and readiness answer without the token: kubelet's probes (`meshless ready`).
+        let open = matches!(req.uri().path(), "/healthz" | "/readyz");
+        let authorized =
+            open || token.as_ref().is_none_or(|t| t.admits(req.headers().get(http::header::AUTHORIZATION)));
         async move {
             if !allowed {
                 return (StatusCode::FORBIDDEN, "the admin endpoint answers to its own address only\n").into_response();
@@ -354,9 +359,12 @@ pub struct Token(zeroize::Zeroizing<Vec<u8>>);
 impl Token {
     /// Whether `header` is `Bearer <this token>` (compared in constant time).
     fn admits(&self, header: Option<&http::HeaderValue>) -> bool {
-        let Some(given) = header.and_then(|h| h.as_bytes().strip_prefix(b"Bearer ")) else {
+        let Some((scheme, given)) = header.and_then(|h| h.as_bytes().split_at_checked(7)) else {
             return false;
         };
+        if !scheme.eq_ignore_ascii_case(b"bearer ") {
+            return false;
+        }
         let want = &self.0;
         given.len() == want.len() && given.iter().zip(want.iter()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
     }
@@ -721,10 +729,18 @@ pub async fn get_path(addr: &str, path: &str) -> Result<bytes::Bytes, AskError> 
         .await
         .map_err(|e| protocol(e.to_string()))?;
     tokio::spawn(conn);
-    let req = http::Request::get(path)
-        .header(http::header::HOST, addr)
-        .body(http_body_util::Empty::<bytes::Bytes>::new())
-        .map_err(|e| protocol(e.to_string()))?;
+    let mut req = http::Request::get(path).header(http::header::HOST, addr);
+    // The agent's own token, when its admin endpoint wants one (the same variable the agent reads).
+    if let Some(file) = std::env::var_os("MESHLESS_ADMIN_TOKEN_FILE") {
+        let token = read_token(std::path::Path::new(&file))
+            .map_err(|e| protocol(format!("MESHLESS_ADMIN_TOKEN_FILE {}: {e}", file.to_string_lossy())))?;
+        let mut value = zeroize::Zeroizing::new(b"Bearer ".to_vec());
+        value.extend_from_slice(&token.0);
+        let mut value = http::HeaderValue::from_bytes(&value).map_err(|e| protocol(e.to_string()))?;
+        value.set_sensitive(true);
+        req = req.header(http::header::AUTHORIZATION, value);
+    }
+    let req = req.body(http_body_util::Empty::<bytes::Bytes>::new()).map_err(|e| protocol(e.to_string()))?;
     let resp = sender.send_request(req).await.map_err(|e| protocol(e.to_string()))?;
     let status = resp.status();
     let body = resp.into_body().collect().await.map_err(|e| protocol(e.to_string()))?.to_bytes();
@@ -749,12 +765,14 @@ mod tests {
         let t = read_token(&path).unwrap();
         let h = |v: &str| http::HeaderValue::from_str(v).unwrap();
         assert!(t.admits(Some(&h("Bearer 0123456789abcdef-token"))));
+        assert!(t.admits(Some(&h("bearer 0123456789abcdef-token"))), "the scheme is case-insensitive");
         for bad in [
             "Bearer 0123456789abcdef-tokeN",
             "Bearer 0123456789abcdef-token2",
-            "bearer 0123456789abcdef-token",
+            "Basic! 0123456789abcdef-token",
             "0123456789abcdef-token",
             "Bearer ",
+            "Bear",
         ] {
             assert!(!t.admits(Some(&h(bad))), "{bad}");
         }

@@ -12,8 +12,11 @@
 //! | `/policy` | each workload's policies beside what happened: rules used, ALLOW rules never used, denied attempts, and the plaintext sources STRICT would cut |
 //! | `/why-denied?from=&to=&port=` | the decision of `meshless policy explain`, in its words |
 //!
-//! Live streams are few ([`MAX_STREAMS`]), each event bounded, and a reader that stops reading is
-//! dropped: its stream ends once a tick waited [`SLOW_READER`] to be written.
+//! Live streams are few ([`MAX_STREAMS`]), each event bounded ([`FLOWS_PER_EVENT`]), and a
+//! reader that stops reading is dropped: the kernel cuts a connection whose zero window lasted
+//! 30 s (`TCP_USER_TIMEOUT` on every admin connection), which ends its stream and frees its
+//! place; a stream that could not hand over an event for [`SLOW_READER`] past its tick ends at
+//! its next turn; a reader gone is noticed at the next keep-alive (5 s).
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -30,6 +33,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::admin::{self, FlowQuery, Question, State};
 use crate::flows::{Aggregate, Flow};
+use crate::policy::{canonical, Mode};
 use crate::status::PodState;
 
 /// Live streams served at once; more get 503 (the page still reads, without updates).
@@ -429,9 +433,7 @@ async fn policy(With(state): With<State>) -> Html<String> {
         }
         @for w in &pods {
             @let p = dir.policy_for(w);
-            @let party = crate::telemetry::Party::pod(w);
-            @let mine: Vec<&Aggregate> = aggregates.iter().filter(|a| a.direction == "inbound"
-                && *a.destination_namespace == *party.namespace && *a.destination_workload == *party.workload).collect();
+            @let mine: Vec<&Aggregate> = aggregates.iter().filter(|a| a.direction == "inbound" && is_pod(a, w)).collect();
             section.workload {
                 h2 { (w.key) }
                 p { span.id { (w.identity) } " · mode " strong { (p.mode.to_string()) }
@@ -470,14 +472,16 @@ async fn policy(With(state): With<State>) -> Html<String> {
                                     td { (a.source) } td { (a.port) } td { (a.transport) }
                                     td { (rule(&a.policy, a.rule, &a.reason)) } td.num { (a.connections) }
                                     td { (time(a.last_ms / 1000)) }
-                                    td { @if let Some(why) = why_link(&a.source, w.ips.first().copied(), a.port, a.verdict) { a href=(why) { "why denied" } } }
+                                    td { @if let Some(why) = why_link(&a.source, a.destination_addr.or(w.ips.first().copied()), a.port, a.verdict) { a href=(why) { "why denied" } } }
                                 }
                             }
                         }
                     }
                 }
-                @if p.mode.mode == crate::policy::Mode::Permissive {
-                    @let plain: Vec<&&Aggregate> = mine.iter().filter(|a| a.transport == "plaintext" && a.verdict == "allow").collect();
+                @if p.mode.mode == Mode::Permissive || p.port_modes.values().any(|m| *m == Mode::Permissive) {
+                    @let plain: Vec<&&Aggregate> = mine.iter()
+                        .filter(|a| a.transport == "plaintext" && a.verdict == "allow" && p.mode_for(a.port) == Mode::Permissive)
+                        .collect();
                     h3 { "Plaintext sources STRICT would cut" }
                     @if plain.is_empty() { p { "None held: STRICT would refuse no source seen." } } @else {
                         table.plaintext {
@@ -491,6 +495,18 @@ async fn policy(With(state): With<State>) -> Html<String> {
         @if pods.is_empty() { p { "No pod of this node is in the mesh." } }
     };
     page(&state, "Policy", None, body)
+}
+
+/// Whether `a` is a connection to the pod `w` (by its address; by its workload's name when the
+/// flow has no address).
+fn is_pod(a: &Aggregate, w: &crate::workloads::Workload) -> bool {
+    match a.destination_addr {
+        Some(ip) => w.ips.iter().any(|p| canonical(*p) == canonical(ip)),
+        None => {
+            let party = crate::telemetry::Party::pod(w);
+            *a.destination_namespace == *party.namespace && *a.destination_workload == *party.workload
+        }
+    }
 }
 
 /// The why-denied view's question, as the links give it.

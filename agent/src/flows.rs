@@ -1,6 +1,7 @@
 //! The flow table: what this node's connections did, in bounded memory. The last flows (each
 //! connection as it ended, with its decision) in a ring, and aggregates per (source, destination
-//! workload, port, transport, verdict) with counts and first/last seen, the least recently seen
+//! workload and address, port, transport, verdict, deciding policy and rule) with counts and
+//! first/last seen, the least recently seen
 //! aggregate evicted when the table is full; and per minute of the last hour, how many
 //! connections and bytes went over mTLS. It feeds the `/api/flows` JSON of the admin endpoint,
 //! the dashboard and `meshless report`.
@@ -54,9 +55,12 @@ struct Key {
     source: Arc<str>,
     destination_namespace: Arc<str>,
     destination_workload: Arc<str>,
+    destination_addr: Option<IpAddr>,
     port: u16,
     transport: &'static str,
     verdict: &'static str,
+    policy: Arc<str>,
+    rule: i64,
 }
 
 /// Flows of one key.
@@ -68,10 +72,13 @@ pub struct Aggregate {
     pub source_namespace: Arc<str>,
     pub destination_workload: Arc<str>,
     pub destination_namespace: Arc<str>,
+    /// The destination pod's address (replicas of one workload are told apart).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub destination_addr: Option<IpAddr>,
     pub port: u16,
     pub transport: &'static str,
     pub verdict: &'static str,
-    /// The deciding policy, rule and reason of the last flow.
+    /// The deciding policy and rule, and the reason of the last flow.
     #[serde(skip_serializing_if = "str::is_empty")]
     pub policy: Arc<str>,
     pub rule: i64,
@@ -149,17 +156,18 @@ impl FlowTable {
             source: flow.source.clone(),
             destination_namespace: flow.destination_namespace.clone(),
             destination_workload: flow.destination_workload.clone(),
+            destination_addr: flow.destination_addr,
             port: flow.port,
             transport: flow.transport,
             verdict: flow.verdict,
+            policy: flow.policy.clone(),
+            rule: flow.rule,
         };
         match self.aggregates.get_mut(&key) {
             Some(a) => {
                 a.connections += 1;
                 a.bytes += flow.bytes_sent + flow.bytes_recv;
                 a.last_ms = flow.at_ms;
-                a.policy = flow.policy.clone();
-                a.rule = flow.rule;
                 a.reason = flow.reason.clone();
             }
             None => {
@@ -175,6 +183,7 @@ impl FlowTable {
                         source_namespace: flow.source_namespace.clone(),
                         destination_workload: flow.destination_workload.clone(),
                         destination_namespace: flow.destination_namespace.clone(),
+                        destination_addr: flow.destination_addr,
                         port: flow.port,
                         transport: flow.transport,
                         verdict: flow.verdict,
@@ -232,7 +241,7 @@ impl FlowTable {
     /// current one and the `minutes - 1` before it), and their mTLS share.
     pub fn share(&self, now_ms: u64, minutes: usize) -> Share {
         let now = now_ms / 60_000;
-        let oldest = now.saturating_sub(minutes.min(WINDOW_MINUTES) as u64 - 1);
+        let oldest = now.saturating_sub(minutes.clamp(1, WINDOW_MINUTES) as u64 - 1);
         let mut out = Share::default();
         for (minute, s) in &self.minutes {
             if (oldest..=now).contains(minute) && *minute != 0 {

@@ -166,12 +166,13 @@ pub fn receive(path: &Path) -> Result<Option<(Inherited, Predecessor)>, Error> {
     set_timeout(&fd).map_err(err)?;
     send(&fd, &Message::Hello { version: VERSION, metrics: true }, &[])?;
     let mut inherited = Inherited::default();
+    let mut before: u64;
     loop {
         let (msg, fds) = recv(&fd)?;
         let Message::Listeners { specs, last, takeovers } = msg else {
             return Err(Error::Protocol("expected listeners".into()));
         };
-        TAKEOVERS.store(takeovers + 1, std::sync::atomic::Ordering::Relaxed);
+        before = takeovers;
         if specs.len() != fds.len() {
             return Err(Error::Protocol(format!("{} listeners described, {} sent", specs.len(), fds.len())));
         }
@@ -186,7 +187,12 @@ pub fn receive(path: &Path) -> Result<Option<(Inherited, Predecessor)>, Error> {
             break;
         }
     }
-    info!(listeners = inherited.len(), "took over the listeners of the running agent");
+    TAKEOVERS.store(before.saturating_add(1), std::sync::atomic::Ordering::Relaxed);
+    info!(
+        listeners = inherited.len(),
+        takeovers = before.saturating_add(1),
+        "took over the listeners of the running agent"
+    );
     Ok(Some((inherited, Predecessor(fd))))
 }
 

@@ -19,12 +19,15 @@ use crate::Netns;
 /// Connections a forward carries at once (a browser opens a handful); more are closed.
 const MAX_CONNECTIONS: usize = 64;
 
+/// A carried connection: the client's stream and, once connected, the upstream one.
+type Carried = (TcpStream, Option<TcpStream>);
+
 /// A running forward; stops (and closes what it carries) when dropped.
 pub struct Forward {
     /// The host address to open: `127.0.0.1:<port>`.
     pub addr: SocketAddr,
     stop: Arc<AtomicBool>,
-    open: Arc<Mutex<Vec<TcpStream>>>,
+    open: Arc<Mutex<Vec<Carried>>>,
     accept: Option<JoinHandle<()>>,
 }
 
@@ -36,7 +39,7 @@ impl Forward {
         let listener = TcpListener::bind(listen).with_context(|| format!("binding {listen}"))?;
         let addr = listener.local_addr()?;
         let stop = Arc::new(AtomicBool::new(false));
-        let open: Arc<Mutex<Vec<TcpStream>>> = Default::default();
+        let open: Arc<Mutex<Vec<Carried>>> = Default::default();
         let accept = {
             let (stop, open) = (stop.clone(), open.clone());
             std::thread::spawn(move || {
@@ -44,10 +47,14 @@ impl Forward {
                     if stop.load(Ordering::SeqCst) {
                         break;
                     }
-                    let Ok(client) = client else { continue };
-                    let (ns, open) = (ns.clone(), open.clone());
+                    let Ok(client) = client else {
+                        // Out of descriptors, say: not a reason to spin.
+                        std::thread::sleep(std::time::Duration::from_millis(50));
+                        continue;
+                    };
+                    let (ns, open, stop) = (ns.clone(), open.clone(), stop.clone());
                     std::thread::spawn(move || {
-                        let _ = carry(&ns, port, client, &open);
+                        let _ = carry(&ns, port, client, &open, &stop);
                     });
                 }
             })
@@ -61,15 +68,23 @@ impl Forward {
     }
 }
 
-/// Connects to `127.0.0.1:port` from inside `ns` and copies between it and `client`.
-fn carry(ns: &File, port: u16, client: TcpStream, open: &Mutex<Vec<TcpStream>>) -> std::io::Result<()> {
+/// Connects to `127.0.0.1:port` from inside `ns` and copies between it and `client`. Every
+/// stream it opens is listed in `open` (under the lock, and only while not stopped), so the
+/// forward's drop shuts them all.
+fn carry(
+    ns: &File,
+    port: u16,
+    client: TcpStream,
+    open: &Mutex<Vec<Carried>>,
+    stop: &AtomicBool,
+) -> std::io::Result<()> {
     {
         let mut open = open.lock().unwrap();
-        open.retain(|s| s.peer_addr().is_ok());
-        if open.len() >= MAX_CONNECTIONS {
+        open.retain(|(s, _)| s.peer_addr().is_ok());
+        if open.len() >= MAX_CONNECTIONS || stop.load(Ordering::SeqCst) {
             return Ok(());
         }
-        open.push(client.try_clone()?);
+        open.push((client.try_clone()?, None));
     }
     // SAFETY: setns(2) on a descriptor this thread holds open; it moves this thread only, which
     // does nothing else afterwards but copy.
@@ -77,7 +92,16 @@ fn carry(ns: &File, port: u16, client: TcpStream, open: &Mutex<Vec<TcpStream>>) 
         return Err(std::io::Error::last_os_error());
     }
     let upstream = TcpStream::connect(("127.0.0.1", port))?;
-    open.lock().unwrap().push(upstream.try_clone()?);
+    {
+        let mut open = open.lock().unwrap();
+        if stop.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        let me = client.peer_addr().ok();
+        if let Some(entry) = open.iter_mut().find(|(s, _)| s.peer_addr().ok() == me) {
+            entry.1 = Some(upstream.try_clone()?);
+        }
+    }
     let (mut up_read, mut client_write) = (upstream.try_clone()?, client.try_clone()?);
     let back = std::thread::spawn(move || {
         let _ = copy(&mut up_read, &mut client_write);
@@ -110,8 +134,11 @@ impl Drop for Forward {
         if let Some(t) = self.accept.take() {
             let _ = t.join();
         }
-        for s in self.open.lock().unwrap().drain(..) {
-            let _ = s.shutdown(Shutdown::Both);
+        for (client, upstream) in self.open.lock().unwrap().drain(..) {
+            let _ = client.shutdown(Shutdown::Both);
+            if let Some(u) = upstream {
+                let _ = u.shutdown(Shutdown::Both);
+            }
         }
     }
 }

@@ -445,6 +445,18 @@ fn dashboard_security() {
     };
     assert_eq!(with("Authorization: Bearer dashboard-test-token-0123456789"), "200");
     assert_eq!(with("Authorization: Bearer dashboard-test-token-012345678"), "401", "a wrong token");
+    // kubelet's probes need no token; the CLI sends the agent's own (the same variable).
+    assert_eq!(status_of(&tb, "/readyz", None), "200", "readiness behind a token");
+    let report = run_ok(
+        tb.node(2)
+            .netns
+            .command(&bins.meshless, None)
+            .unwrap()
+            .env("MESHLESS_ADMIN_TOKEN_FILE", &token_file)
+            .args(["report", "--json"]),
+    )
+    .expect("meshless report with the agent's token");
+    assert!(report.contains("\"plaintext_sources\""), "{report}");
 }
 
 fn base64_decode(s: &str) -> Vec<u8> {
