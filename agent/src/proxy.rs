@@ -59,6 +59,8 @@ pub fn serve_pod(
         let (inputs, pod, accepting) = (inputs.clone(), pod.clone(), accepting.clone());
         match spec.role {
             Role::Outbound => tokio::spawn(accept_loop(l, accepting, "outbound", move |sock, peer| {
+                // The app's connection: from here on, the agent dying resets it.
+                tunnel::arm_reset(&sock);
                 if over_budget(&inputs, &pod, "outbound") {
                     return tunnel::reset(sock);
                 }
@@ -70,6 +72,7 @@ pub fn serve_pod(
                 pod.conns.spawn(tunnel_connection(inputs.clone(), pod.clone(), sock, peer).instrument(span));
             })),
             Role::Inbound => tokio::spawn(accept_loop(l, accepting, "plaintext", move |sock, peer| {
+                tunnel::arm_reset(&sock);
                 if over_budget(&inputs, &pod, "plaintext") {
                     return tunnel::reset(sock);
                 }
@@ -470,6 +473,9 @@ fn log_end(what: &'static str, ended: &Ended) {
 /// the app's on the source node, the peer's on the destination node); a failure on one side
 /// resets the other. The end is counted on `conn`.
 async fn passthrough(mut a: TcpStream, mut b: TcpStream, stop: &CancellationToken, conn: Option<Conn>) {
+    use tunnel::AppSide as _;
+    a.arm_reset();
+    b.arm_reset();
     let copied = tokio::select! {
         r = tokio::io::copy_bidirectional(&mut a, &mut b) => r,
         _ = stop.cancelled() => Err(std::io::Error::other("drain deadline")),
@@ -477,6 +483,8 @@ async fn passthrough(mut a: TcpStream, mut b: TcpStream, stop: &CancellationToke
     match copied {
         Ok((tx, rx)) => {
             debug!(bytes_out = tx, bytes_in = rx, "passthrough closed");
+            a.disarm_reset();
+            b.disarm_reset();
             // a → b is from the source on either node (the source's app, or the peer).
             if let Some(c) = conn {
                 c.close(tx, rx, End::Fin);

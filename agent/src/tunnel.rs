@@ -500,6 +500,7 @@ impl H2Stream {
 
     pub async fn splice<A: AppSide>(self, tcp: A, cancel: &CancellationToken) -> Ended {
         let H2Stream { mut send, recv } = self;
+        tcp.arm_reset();
         let result = tokio::select! {
             r = async { tokio::try_join!(upload(&tcp, &mut send), download(&tcp, recv)) } => r,
             _ = cancel.cancelled() => {
@@ -509,7 +510,10 @@ impl H2Stream {
             }
         };
         match result {
-            Ok((up, down)) => Ended::Clean(up, down),
+            Ok((up, down)) => {
+                tcp.disarm_reset();
+                Ended::Clean(up, down)
+            }
             Err(e) => {
                 send.send_reset(Reason::CANCEL);
                 tcp.reset();
@@ -531,6 +535,12 @@ pub trait AppSide: Send + Sync {
     fn shutdown_write(&self) -> io::Result<()>;
     /// Ends the connection so the application sees a failure, not a clean end (TCP RST).
     fn reset(self);
+    /// From now on, until [`AppSide::disarm_reset`], a close this side did not choose (the agent
+    /// killed, OOM-killed) resets the connection: the application never takes a cut connection
+    /// for a complete one.
+    fn arm_reset(&self) {}
+    /// Both directions ended cleanly: closing is a clean end again (FIN after the data).
+    fn disarm_reset(&self) {}
 }
 
 impl AppSide for TcpStream {
@@ -551,6 +561,12 @@ impl AppSide for TcpStream {
     }
     fn reset(self) {
         reset(self)
+    }
+    fn arm_reset(&self) {
+        arm_reset(self)
+    }
+    fn disarm_reset(&self) {
+        let _ = socket2::SockRef::from(self).set_linger(None);
     }
 }
 
@@ -657,6 +673,14 @@ async fn write_all<A: AppSide>(tcp: &A, mut data: &[u8]) -> io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Makes the kernel reset `tcp` (RST) if it is closed before [`AppSide::disarm_reset`]: SO_LINGER
+/// with a zero timeout, which the kernel applies also when it closes the descriptors of an agent
+/// that died. One setsockopt; the app's socket is the other end, so it sees ECONNRESET, never a
+/// clean EOF, when the agent carrying its connection is gone.
+pub fn arm_reset(tcp: &TcpStream) {
+    let _ = socket2::SockRef::from(tcp).set_linger(Some(Duration::ZERO));
 }
 
 /// Closes `tcp` with a reset (RST), so the application sees a failure, not a clean end.

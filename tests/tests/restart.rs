@@ -1,13 +1,14 @@
 //! Restarts and upgrades, as root on the namespace testbed with real agents and eBPF: an upgrade
 //! (a second agent started while the first runs, then the first told to stop) loses no connection,
 //! new or established; after kill -9 nothing leaves an enrolled pod in plaintext, the connections
-//! that agent carried end, and a restarted agent adopts the pinned state and serves again.
+//! that agent carried end, and a restarted agent adopts the pinned state and serves again; the
+//! apps on both sides of a connection whose agent was killed see it reset, never a clean end.
 
 mod support;
 
 use std::time::Duration;
 
-use meshless_tests::mesh::{json_lines, TRUST_DOMAIN};
+use meshless_tests::mesh::{json_lines, wait_listening, TRUST_DOMAIN};
 use meshless_tests::pcap::{seen, Dump};
 use meshless_tests::wait_for;
 use support::{background, echo_pair, finish, run, LongLived, Pair};
@@ -126,7 +127,7 @@ fn after_kill_9_nothing_leaves_in_plaintext_and_a_restarted_agent_serves_again()
     // The connection that agent carried ends (it held its sockets).
     let (ok, _, _, err) = long.finish();
     assert!(!ok, "a connection carried by a killed agent cannot go on");
-    assert!(err.contains("round"), "it ends with an error in mid-conversation: {err}");
+    assert!(err.contains("Connection reset by peer"), "it ends with a reset, never a clean end: {err}");
     // While no agent runs, the pinned programs still capture: the connect is refused, nothing
     // leaves the pod in plaintext.
     for marker in ["gap-marker-a4e", "gap-marker-b71"] {
@@ -156,4 +157,61 @@ fn after_kill_9_nothing_leaves_in_plaintext_and_a_restarted_agent_serves_again()
         segs.iter().any(|s| (s.dst_port == 15008 || s.src_port == 15008) && s.payload.starts_with(&[0x17, 3, 3])),
         "control: the capture holds the tunnel's TLS records"
     );
+}
+
+/// How many established TCP connections to `port` the pod's netns holds (the app's side).
+fn established(pod: &meshless_tests::Pod, port: u16) -> usize {
+    let (_, out, _) = run(pod
+        .netns
+        .command("ss", None)
+        .unwrap()
+        .args(["-Htn", "state", "established"])
+        .arg(format!("( sport = :{port} )")));
+    out.lines().filter(|l| !l.trim().is_empty()).count()
+}
+
+#[test]
+fn a_killed_agent_resets_the_apps_connections_on_either_side_never_a_clean_end() {
+    let Some(bins) = support::privileged("kill9_reset") else {
+        return;
+    };
+    let Pair { tb, mut mesh, .. } = echo_pair("kill9rst", &bins, &[]);
+    let (client, server) = (tb.pod(1, 1), tb.pod(2, 1));
+    // The server app says how each connection ended.
+    let ends = tb.dir.join("watch-serve.out");
+    tb.spawn(
+        server
+            .command(&bins.testbin)
+            .unwrap()
+            .args(["watch-serve", "7300"])
+            .stdout(std::fs::File::create(&ends).unwrap()),
+    )
+    .unwrap();
+    wait_listening(&server.netns, 7300).unwrap();
+    let to = meshless_tests::sockaddr(server.ipv4.into(), 7300);
+    for (round, node) in [1, 2].into_iter().enumerate() {
+        // A request sent, no answer yet: the client app reads to end-of-stream.
+        let waiting = background(client.command(&bins.testbin).unwrap().args(["wait-end", &to, "half-a-request"]));
+        let up = wait_for(Duration::from_secs(10), || (established(server, 7300) == 1).then_some(()));
+        assert!(up.is_some(), "round {round}: the connection never reached the server app");
+        let killed = mesh.agents[node - 1];
+        tb.signal(killed, libc::SIGKILL);
+        assert!(tb.wait_exit(killed, Duration::from_secs(10)).is_some(), "node{node}'s agent did not die");
+        let (_, client_end, out, err) = finish(waiting);
+        assert_eq!(
+            client_end["end"], "reset",
+            "node{node}'s agent killed: the client app must see a reset, not a clean end: {out} {err}"
+        );
+        let server_end = wait_for(Duration::from_secs(10), || json_lines(&ends).get(round).cloned());
+        let server_end =
+            server_end.unwrap_or_else(|| panic!("round {round}: the server app never saw its connection end"));
+        assert_eq!(
+            (server_end["end"].as_str(), server_end["got"].as_str()),
+            (Some("reset"), Some("half-a-request")),
+            "node{node}'s agent killed: the server app must see a reset after the request"
+        );
+        if node == 1 {
+            mesh.spawn_agent(&tb, &bins, 1).expect("node1's agent restarted");
+        }
+    }
 }

@@ -13,6 +13,7 @@
 //! meshless-testbin peer <addr> <text>            as send, but first prints getpeername() and a newline
 //! meshless-testbin end <addr> <text>             as send, then says how the reply ended: {"end":"eof|reset|…","reply":…}
 //! meshless-testbin send-rst <addr> <text>        sends text, then resets the connection (RST)
+//! meshless-testbin wait-end <addr> <text>        sends text (no half-close), says how the other side ended it (20 s at most)
 //! meshless-testbin send-mptcp <addr> <text>      as send, over an MPTCP socket
 //! meshless-testbin send-marked <addr> <text> <mark>  as send, the socket marked <mark> (SO_MARK) first
 //! meshless-testbin watch-serve <port>            per connection, prints how it ended: {"end":"eof|reset|…","got":…}
@@ -75,6 +76,7 @@ fn main() {
         "send" => send(a(1), a(2), false),
         "peer" => send(a(1), a(2), true),
         "end" => end(a(1), a(2)),
+        "wait-end" => wait_end(a(1), a(2)),
         "send-mptcp" => send_mptcp(a(1), a(2)),
         "send-marked" => send_marked(a(1), a(2), a(3)),
         "send-rst" => connect(a(1)).and_then(|mut s| {
@@ -300,6 +302,18 @@ fn end(addr: &str, text: &str) -> std::io::Result<()> {
         Ok(mut s) => read_to_end_or_reset(&mut s),
     };
     println!("{}", serde_json::json!({"end": how, "reply": String::from_utf8_lossy(&out)}));
+    Ok(())
+}
+
+/// Connects, sends `text` without ending its side, and waits (20 s at most) for the other side to
+/// end: prints `{"end": "eof" | "reset" | "error: …"}` — how an app reading to end-of-stream
+/// would see its connection end.
+fn wait_end(addr: &str, text: &str) -> std::io::Result<()> {
+    let mut s = connect(addr)?;
+    s.write_all(text.as_bytes())?;
+    s.set_read_timeout(Some(Duration::from_secs(20)))?;
+    let (how, got) = read_to_end_or_reset(&mut s);
+    println!("{}", serde_json::json!({"end": how, "got": String::from_utf8_lossy(&got)}));
     Ok(())
 }
 
