@@ -270,8 +270,13 @@ fn close(conn: Option<Conn>, ended: &Ended, reporter: Reporter) {
         },
         // The destination refused the CONNECT (policy, or no app): counted on the label set it
         // opened with (counters only grow), its flow and log line say refused and why.
-        Ended::Reset(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => conn.refused_by_peer(e.to_string()),
-        Ended::Reset(_) | Ended::Cancelled => conn.close(0, 0, End::Rst),
+        Ended::Reset(e, ..) if e.kind() == std::io::ErrorKind::ConnectionRefused => conn.refused_by_peer(e.to_string()),
+        // What was carried until the reset counts (as on a clean end).
+        Ended::Reset(_, up, down) => match reporter {
+            Reporter::Source => conn.close(*up, *down, End::Rst),
+            Reporter::Destination => conn.close(*down, *up, End::Rst),
+        },
+        Ended::Cancelled => conn.close(0, 0, End::Rst),
     }
 }
 
@@ -461,10 +466,12 @@ fn delivery_source(target: SocketAddr) -> Option<SocketAddr> {
 fn log_end(what: &'static str, ended: &Ended) {
     match ended {
         Ended::Clean(up, down) => debug!(what, bytes_up = up, bytes_down = down, "connection closed"),
-        Ended::Reset(e) if matches!(e.kind(), std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::TimedOut) => {
+        Ended::Reset(e, ..)
+            if matches!(e.kind(), std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::TimedOut) =>
+        {
             warn!(what, error = %e, "the destination's agent refused or did not answer; the app's connection was reset")
         }
-        Ended::Reset(e) => debug!(what, error = %e, "connection reset"),
+        Ended::Reset(e, up, down) => debug!(what, error = %e, bytes_up = up, bytes_down = down, "connection reset"),
         Ended::Cancelled => debug!(what, "connection reset at the drain deadline"),
     }
 }

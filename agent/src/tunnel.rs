@@ -479,8 +479,9 @@ pub enum Ended {
     /// Both directions finished cleanly (FIN / END_STREAM both ways); bytes (TCP→tunnel,
     /// tunnel→TCP).
     Clean(u64, u64),
-    /// One side failed or was reset: the other side was reset too.
-    Reset(io::Error),
+    /// One side failed or was reset: the other side was reset too; the bytes carried until then
+    /// (TCP→tunnel, tunnel→TCP).
+    Reset(io::Error, u64, u64),
     /// Stopped from outside (drain deadline): both sides were reset.
     Cancelled,
 }
@@ -501,8 +502,10 @@ impl H2Stream {
     pub async fn splice<A: AppSide>(self, tcp: A, cancel: &CancellationToken) -> Ended {
         let H2Stream { mut send, recv } = self;
         tcp.arm_reset();
+        // Counted as they go, so a connection that ends in a reset still says what it carried.
+        let (mut up, mut down) = (0u64, 0u64);
         let result = tokio::select! {
-            r = async { tokio::try_join!(upload(&tcp, &mut send), download(&tcp, recv)) } => r,
+            r = async { tokio::try_join!(upload(&tcp, &mut send, &mut up), download(&tcp, recv, &mut down)) } => r,
             _ = cancel.cancelled() => {
                 send.send_reset(Reason::CANCEL);
                 tcp.reset();
@@ -510,14 +513,14 @@ impl H2Stream {
             }
         };
         match result {
-            Ok((up, down)) => {
+            Ok(((), ())) => {
                 tcp.disarm_reset();
                 Ended::Clean(up, down)
             }
             Err(e) => {
                 send.send_reset(Reason::CANCEL);
                 tcp.reset();
-                Ended::Reset(e)
+                Ended::Reset(e, up, down)
             }
         }
     }
@@ -594,9 +597,8 @@ impl AppSide for UnixStream {
     }
 }
 
-/// Application → tunnel.
-async fn upload<A: AppSide>(tcp: &A, send: &mut SendStream<Bytes>) -> io::Result<u64> {
-    let mut total = 0u64;
+/// Application → tunnel; `total` counts the bytes read from the app.
+async fn upload<A: AppSide>(tcp: &A, send: &mut SendStream<Bytes>, total: &mut u64) -> io::Result<()> {
     let mut chunk = MIN_CHUNK;
     loop {
         tokio::select! {
@@ -614,9 +616,9 @@ async fn upload<A: AppSide>(tcp: &A, send: &mut SendStream<Bytes>) -> io::Result
         };
         if n == 0 {
             send.send_data(Bytes::new(), true).map_err(h2_io)?;
-            return Ok(total);
+            return Ok(());
         }
-        total += n as u64;
+        *total += n as u64;
         chunk = if n == chunk {
             (chunk * 2).min(MAX_CHUNK)
         } else if n < chunk / 4 {
@@ -647,20 +649,19 @@ async fn upload<A: AppSide>(tcp: &A, send: &mut SendStream<Bytes>) -> io::Result
     }
 }
 
-/// Tunnel → application.
-async fn download<A: AppSide>(tcp: &A, recv: Recv) -> io::Result<u64> {
+/// Tunnel → application; `total` counts the bytes written to the app.
+async fn download<A: AppSide>(tcp: &A, recv: Recv, total: &mut u64) -> io::Result<()> {
     let mut recv = recv.ready().await?;
-    let mut total = 0u64;
     while let Some(data) = recv.data().await {
         let data = data.map_err(h2_io)?;
         // The data is ours now: give the window back so the peer may send more meanwhile.
         let _ = recv.flow_control().release_capacity(data.len());
         write_all(tcp, &data).await?;
-        total += data.len() as u64;
+        *total += data.len() as u64;
     }
     // The peer's END_STREAM: a clean end of this direction, passed on as FIN.
     tcp.shutdown_write()?;
-    Ok(total)
+    Ok(())
 }
 
 async fn write_all<A: AppSide>(tcp: &A, mut data: &[u8]) -> io::Result<()> {
@@ -981,7 +982,8 @@ mod tests {
         let mut buf = Vec::new();
         let err = app.read_to_end(&mut buf).await.expect_err("the app must see an error, not a clean EOF");
         assert_eq!(err.kind(), io::ErrorKind::ConnectionReset, "{err}");
-        assert!(matches!(splice.await.unwrap(), Ended::Reset(_)));
+        // The 4 bytes reached the server's app before it reset: counted all the same.
+        assert!(matches!(splice.await.unwrap(), Ended::Reset(_, 4, _)));
         assert!(next(&mut ends, "the server's end").await.starts_with("Reset"), "the server side saw its app's reset");
     }
 
@@ -993,7 +995,7 @@ mod tests {
         let (s, _conn) = client_stream(&p, addr, "127.0.0.1:1").await.unwrap();
         let (agent_end, mut app) = tcp_pair().await;
         match s.splice(agent_end, &CancellationToken::new()).await {
-            Ended::Reset(e) => {
+            Ended::Reset(e, ..) => {
                 assert_eq!(e.kind(), io::ErrorKind::ConnectionRefused);
                 assert!(e.to_string().contains("status 503"), "{e}");
             }

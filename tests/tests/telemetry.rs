@@ -283,3 +283,27 @@ fn metrics_follow_traffic_and_the_access_log_says_each_connection() {
         meshless_tests::mesh::run_ok(tb.node(2).netns.command(&bins.meshless, None).unwrap().arg("report")).unwrap();
     assert!(markdown.contains("## Plaintext sources") && markdown.contains(&plain_ip), "{markdown}");
 }
+
+#[test]
+fn a_connection_that_ends_in_a_reset_still_counts_what_it_carried() {
+    let Some(bins) = support::privileged("reset_bytes") else {
+        return;
+    };
+    let support::Pair { tb, mesh: _mesh, .. } = support::echo_pair("rstbytes", &bins, &[]);
+    let (client, server) = (tb.pod(1, 1), tb.pod(2, 1));
+    // Reads the 4 bytes, answers "ok", then resets.
+    tb.spawn(server.command(&bins.testbin).unwrap().args(["reset-serve", "7100"])).unwrap();
+    wait_listening(&server.netns, 7100).unwrap();
+    let _ = support::run(client.command(&bins.testbin).unwrap().args([
+        "send",
+        &sockaddr(server.ipv4.into(), 7100),
+        "abcd",
+    ]));
+    let flow = wait_for(Duration::from_secs(10), || {
+        let flows: Value = serde_json::from_str(&admin_get(&tb, 2, "/api/flows").ok()?).ok()?;
+        flows["recent"].as_array()?.iter().find(|f| f["port"] == 7100).cloned()
+    });
+    let flow = flow.expect("node2 never recorded the reset connection");
+    assert_eq!(flow["bytes_sent"], 4, "the request reached the app before it reset: counted ({flow})");
+    assert!(flow["bytes_recv"].as_u64().is_some_and(|b| b <= 2), "{flow}");
+}
