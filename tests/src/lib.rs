@@ -12,7 +12,9 @@
 //! traffic can leave the testbed or loopback.
 //!
 //! Names carry the creating process id (`ml-<pid>-<label>-…`); everything is removed on drop (and
-//! so on panic), and [`Testbed::new`] first removes leftovers of earlier runs whose process died.
+//! so on panic), [`Testbed::new`] first removes leftovers of earlier runs whose process died, and
+//! a long-running command interrupted (SIGINT, SIGTERM) removes its own with
+//! [`clean_up_on_interrupt`].
 
 use std::fmt::Write as _;
 use std::fs::{self, File};
@@ -515,12 +517,77 @@ fn collect_dirs(path: &Path, out: &mut Vec<PathBuf>) {
 
 /// Removes namespaces and cgroups of earlier testbeds whose creating process is gone.
 fn cleanup_leftovers() {
+    remove_testbeds(&|pid| !Path::new(&format!("/proc/{pid}")).exists());
+}
+
+/// Makes SIGINT and SIGTERM end this process cleanly, as a long-running command (the bench) must:
+/// every process it started (agents, apps, capture) is killed, every testbed it made is removed
+/// (namespaces, cgroups, pinned programs, files), then it exits with status 130.
+pub fn clean_up_on_interrupt() -> Result<()> {
+    ctrlc::set_handler(|| abandon()).context("installing the SIGINT/SIGTERM handler")
+}
+
+/// Ends this process at once, leaving nothing behind: kills every process it started, removes
+/// every testbed it made, exits with status 130 (what [`clean_up_on_interrupt`] does on a signal).
+pub fn abandon() -> ! {
+    eprintln!("interrupted: stopping what this run started and removing its testbeds");
+    let me = std::process::id();
+    kill_descendants(me);
+    remove_testbeds(&|pid| pid == me);
+    std::process::exit(130);
+}
+
+/// Kills every process below `root` (children first found, then theirs) and waits (5 s at most)
+/// until they are gone, so their cgroups can be removed.
+fn kill_descendants(root: u32) {
+    let parent_of = |pid: u32| -> Option<u32> {
+        let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // `pid (comm) state ppid …`: comm may hold spaces and parentheses; the last ')' ends it.
+        stat.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse().ok()
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let all: Vec<u32> = fs::read_dir("/proc")
+            .map(|rd| rd.flatten().filter_map(|e| e.file_name().to_str()?.parse().ok()).collect())
+            .unwrap_or_default();
+        let mut below = vec![root];
+        let mut grew = true;
+        while grew {
+            grew = false;
+            for &pid in &all {
+                if !below.contains(&pid) && parent_of(pid).is_some_and(|p| below.contains(&p)) {
+                    below.push(pid);
+                    grew = true;
+                }
+            }
+        }
+        below.retain(|&p| {
+            p != root
+                && !fs::read_to_string(format!("/proc/{p}/stat"))
+                    .is_ok_and(|s| s.rsplit_once(')').is_some_and(|(_, r)| r.trim_start().starts_with('Z')))
+        });
+        if below.is_empty() || Instant::now() > deadline {
+            return;
+        }
+        for &pid in &below {
+            // SAFETY: kill(2) on a process below this one; at worst it is already gone (ESRCH).
+            unsafe {
+                libc::kill(pid as i32, libc::SIGKILL);
+            }
+        }
+        // Reap the direct children (zombies hold no cgroup, but keep the table tidy).
+        // SAFETY: waitpid(2) with WNOHANG on any child of this process; never blocks.
+        while unsafe { libc::waitpid(-1, std::ptr::null_mut(), libc::WNOHANG) } > 0 {}
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Removes the namespaces, cgroups, pinned programs and files of the testbeds whose creating
+/// process `pick` chooses.
+fn remove_testbeds(pick: &dyn Fn(u32) -> bool) {
     let dead = |name: &str| -> bool {
         let pid = name.strip_prefix(PREFIX).and_then(|r| r.split('-').next()).and_then(|p| p.parse::<u32>().ok());
-        match pid {
-            Some(pid) => !Path::new(&format!("/proc/{pid}")).exists(),
-            None => false,
-        }
+        pid.is_some_and(pick)
     };
     if let Ok(rd) = fs::read_dir(NETNS_DIR) {
         for e in rd.flatten() {

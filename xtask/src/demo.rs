@@ -72,11 +72,23 @@ pub fn print_service_route(l: &serde_json::Value) {
     );
 }
 
+/// Set once the cluster is held open for the user (Ctrl-C then ends the wait, not the process).
+pub static HOLDING: AtomicBool = AtomicBool::new(false);
+
 pub fn run(bins: &Bins, args: Args) -> Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
     {
         let stop = stop.clone();
-        ctrlc::set_handler(move || stop.store(true, Ordering::SeqCst)).context("installing the Ctrl-C handler")?;
+        // While the cluster is held open, Ctrl-C (or SIGTERM) ends the wait and the demo cleans up
+        // as it returns; before that (the show), it stops at once and removes what it made.
+        ctrlc::set_handler(move || {
+            if HOLDING.load(Ordering::SeqCst) {
+                stop.store(true, Ordering::SeqCst)
+            } else {
+                meshless_tests::abandon()
+            }
+        })
+        .context("installing the Ctrl-C handler")?;
     }
     if args.kube {
         let kube = crate::kube::ensure()?;
@@ -247,6 +259,7 @@ pub fn run(bins: &Bins, args: Args) -> Result<()> {
     let url = format!("http://{}/", sockaddr(backend.ipv4.into(), 8080));
     let mut last = std::time::Instant::now() - Duration::from_secs(2);
     let mut rounds = 0;
+    HOLDING.store(true, Ordering::SeqCst);
     while !stop.load(Ordering::SeqCst) {
         if rounds < 1800 && last.elapsed() >= Duration::from_secs(2) {
             last = std::time::Instant::now();

@@ -143,6 +143,7 @@ pub fn run(bins: &Bins, kube: KubeBins, once: bool, stop: Arc<AtomicBool>) -> Re
         api.admin.display()
     );
     println!("   ip netns exec {} curl -s {url}", frontend.netns.name);
+    crate::demo::HOLDING.store(true, Ordering::SeqCst);
     while !stop.load(Ordering::SeqCst) {
         std::thread::sleep(Duration::from_millis(200));
     }

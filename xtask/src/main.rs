@@ -65,6 +65,8 @@ fn main() -> Result<()> {
             test(&args)
         }
         Cmd::Bench(args) => {
+            // Interrupted, it leaves nothing behind: its processes, namespaces, cgroups, pins.
+            meshless_tests::clean_up_on_interrupt()?;
             setup::run()?;
             let bins = build()?;
             bench::run(&bins, args)
