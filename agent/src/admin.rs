@@ -548,10 +548,10 @@ impl FlowQuery {
     }
 
     pub fn keeps_aggregate(&self, a: &crate::flows::Aggregate) -> bool {
-        either(&self.namespace, &a.source_namespace, &a.destination_namespace)
-            && is(&self.identity, &a.source)
-            && is(&self.verdict, a.verdict)
-            && is(&self.transport, a.transport)
+        either(&self.namespace, &a.seen.source_namespace, &a.key.destination_namespace)
+            && is(&self.identity, &a.key.source)
+            && is(&self.verdict, a.key.verdict)
+            && is(&self.transport, a.key.transport)
     }
 
     /// Whether no filter is set.
@@ -593,7 +593,7 @@ async fn flows_handler(With(state): With<State>, Query(q): Query<FlowQuery>) -> 
     let recent = recent.into_iter().filter(|f| q.keeps(f)).collect();
     let mut aggregates: Vec<crate::flows::Aggregate> =
         aggregates.into_iter().filter(|a| q.keeps_aggregate(a)).collect();
-    aggregates.sort_by_key(|a| std::cmp::Reverse(a.last_ms));
+    aggregates.sort_by_key(|a| std::cmp::Reverse(a.seen.last_ms));
     let view = FlowsView { capacity, total, held, bytes, recent, aggregates };
     Json(view).into_response()
 }

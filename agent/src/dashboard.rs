@@ -374,7 +374,7 @@ async fn flows(With(state): With<State>, Query(q): Query<FlowQuery>) -> Response
     let rows: Vec<FlowRow> =
         recent.iter().rev().filter(|(_, f)| q.keeps(f)).take(ROWS).map(|(n, f)| flow_row(*n, f)).collect();
     let mut aggregates: Vec<Aggregate> = aggregates.into_iter().filter(|a| q.keeps_aggregate(a)).collect();
-    aggregates.sort_by_key(|a| std::cmp::Reverse(a.last_ms));
+    aggregates.sort_by_key(|a| std::cmp::Reverse(a.seen.last_ms));
     aggregates.truncate(ROWS);
     let field = |name: &'static str, label: &'static str, value: &Option<String>, hint: &'static str| {
         html! { label { (label) " " input name=(name) value=(value.as_deref().unwrap_or("")) placeholder=(hint); } }
@@ -406,11 +406,11 @@ async fn flows(With(state): With<State>, Query(q): Query<FlowQuery>) -> Response
             } }
             tbody {
                 @for a in &aggregates {
-                    tr.{ "verdict-" (a.verdict) } {
-                        td { (a.source) } td { (workload(&a.destination_namespace, &a.destination_workload)) }
-                        td { (a.port) } td { (a.transport) } td { (a.verdict) } td { (rule(&a.policy, a.rule, &a.reason)) }
-                        td.num { (a.connections) } td.num { (a.bytes) }
-                        td { (time(a.first_ms / 1000)) } td { (time(a.last_ms / 1000)) }
+                    tr.{ "verdict-" (a.key.verdict) } {
+                        td { (a.key.source) } td { (workload(&a.key.destination_namespace, &a.key.destination_workload)) }
+                        td { (a.key.port) } td { (a.key.transport) } td { (a.key.verdict) } td { (rule(&a.key.policy, a.key.rule, &a.seen.reason)) }
+                        td.num { (a.seen.connections) } td.num { (a.seen.bytes) }
+                        td { (time(a.seen.first_ms / 1000)) } td { (time(a.seen.last_ms / 1000)) }
                     }
                 }
             }
@@ -433,7 +433,7 @@ async fn policy(With(state): With<State>) -> Html<String> {
         }
         @for w in &pods {
             @let p = dir.policy_for(w);
-            @let mine: Vec<&Aggregate> = aggregates.iter().filter(|a| a.direction == "inbound" && is_pod(a, w)).collect();
+            @let mine: Vec<&Aggregate> = aggregates.iter().filter(|a| a.key.direction == "inbound" && is_pod(a, w)).collect();
             section.workload {
                 h2 { (w.key) }
                 p { span.id { (w.identity) } " · mode " strong { (p.mode.to_string()) }
@@ -448,7 +448,7 @@ async fn policy(With(state): With<State>) -> Html<String> {
                             @for s in &policies {
                                 @let name = s.policy.to_string();
                                 @for r in 0..s.rules.max(1) {
-                                    @let used: u64 = mine.iter().filter(|a| *a.policy == *name && a.rule == r as i64).map(|a| a.connections).sum();
+                                    @let used: u64 = mine.iter().filter(|a| *a.key.policy == *name && a.key.rule == r as i64).map(|a| a.seen.connections).sum();
                                     tr {
                                         td { (name) @if let Some(c) = &s.caveat { br; small.warning { (c) } } }
                                         td { (s.action) }
@@ -461,7 +461,7 @@ async fn policy(With(state): With<State>) -> Html<String> {
                         }
                     }
                 }
-                @let denied: Vec<&&Aggregate> = mine.iter().filter(|a| matches!(a.verdict, "deny" | "dry_run_deny")).collect();
+                @let denied: Vec<&&Aggregate> = mine.iter().filter(|a| matches!(a.key.verdict, "deny" | "dry_run_deny")).collect();
                 h3 { "Denied attempts" }
                 @if denied.is_empty() { p { "None held." } } @else {
                     table.denied {
@@ -469,10 +469,10 @@ async fn policy(With(state): With<State>) -> Html<String> {
                         tbody {
                             @for a in &denied {
                                 tr {
-                                    td { (a.source) } td { (a.port) } td { (a.transport) }
-                                    td { (rule(&a.policy, a.rule, &a.reason)) } td.num { (a.connections) }
-                                    td { (time(a.last_ms / 1000)) }
-                                    td { @if let Some(why) = why_link(&a.source, a.destination_addr.or(w.ips.first().copied()), a.port, a.verdict) { a href=(why) { "why denied" } } }
+                                    td { (a.key.source) } td { (a.key.port) } td { (a.key.transport) }
+                                    td { (rule(&a.key.policy, a.key.rule, &a.seen.reason)) } td.num { (a.seen.connections) }
+                                    td { (time(a.seen.last_ms / 1000)) }
+                                    td { @if let Some(why) = why_link(&a.key.source, a.key.destination_addr.or(w.ips.first().copied()), a.key.port, a.key.verdict) { a href=(why) { "why denied" } } }
                                 }
                             }
                         }
@@ -480,13 +480,13 @@ async fn policy(With(state): With<State>) -> Html<String> {
                 }
                 @if p.mode.mode == Mode::Permissive || p.port_modes.values().any(|m| *m == Mode::Permissive) {
                     @let plain: Vec<&&Aggregate> = mine.iter()
-                        .filter(|a| a.transport == "plaintext" && a.verdict == "allow" && p.mode_for(a.port) == Mode::Permissive)
+                        .filter(|a| a.key.transport == "plaintext" && a.key.verdict == "allow" && p.mode_for(a.key.port) == Mode::Permissive)
                         .collect();
                     h3 { "Plaintext sources STRICT would cut" }
                     @if plain.is_empty() { p { "None held: STRICT would refuse no source seen." } } @else {
                         table.plaintext {
                             thead { tr { th { "source" } th { "port" } th.num { "connections" } th { "last seen" } } }
-                            tbody { @for a in &plain { tr { td { (a.source) } td { (a.port) } td.num { (a.connections) } td { (time(a.last_ms / 1000)) } } } }
+                            tbody { @for a in &plain { tr { td { (a.key.source) } td { (a.key.port) } td.num { (a.seen.connections) } td { (time(a.seen.last_ms / 1000)) } } } }
                         }
                     }
                 }
@@ -500,11 +500,11 @@ async fn policy(With(state): With<State>) -> Html<String> {
 /// Whether `a` is a connection to the pod `w` (by its address; by its workload's name when the
 /// flow has no address).
 fn is_pod(a: &Aggregate, w: &crate::workloads::Workload) -> bool {
-    match a.destination_addr {
+    match a.key.destination_addr {
         Some(ip) => w.ips.iter().any(|p| canonical(*p) == canonical(ip)),
         None => {
             let party = crate::telemetry::Party::pod(w);
-            *a.destination_namespace == *party.namespace && *a.destination_workload == *party.workload
+            *a.key.destination_namespace == *party.namespace && *a.key.destination_workload == *party.workload
         }
     }
 }

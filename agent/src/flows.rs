@@ -49,45 +49,62 @@ pub struct Flow {
 }
 
 /// What flows are aggregated by.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-struct Key {
-    direction: &'static str,
-    source: Arc<str>,
-    destination_namespace: Arc<str>,
-    destination_workload: Arc<str>,
-    destination_addr: Option<IpAddr>,
-    port: u16,
-    transport: &'static str,
-    verdict: &'static str,
-    policy: Arc<str>,
-    rule: i64,
-}
-
-/// Flows of one key.
-#[derive(Debug, Clone, Serialize)]
-pub struct Aggregate {
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+pub struct FlowKey {
     pub direction: &'static str,
     pub source: Arc<str>,
-    pub source_workload: Arc<str>,
-    pub source_namespace: Arc<str>,
-    pub destination_workload: Arc<str>,
     pub destination_namespace: Arc<str>,
+    pub destination_workload: Arc<str>,
     /// The destination pod's address (replicas of one workload are told apart).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub destination_addr: Option<IpAddr>,
     pub port: u16,
     pub transport: &'static str,
     pub verdict: &'static str,
-    /// The deciding policy and rule, and the reason of the last flow.
+    /// The deciding policy and rule.
     #[serde(skip_serializing_if = "str::is_empty")]
     pub policy: Arc<str>,
     pub rule: i64,
+}
+
+impl FlowKey {
+    fn of(f: &Flow) -> FlowKey {
+        FlowKey {
+            direction: f.direction,
+            source: f.source.clone(),
+            destination_namespace: f.destination_namespace.clone(),
+            destination_workload: f.destination_workload.clone(),
+            destination_addr: f.destination_addr,
+            port: f.port,
+            transport: f.transport,
+            verdict: f.verdict,
+            policy: f.policy.clone(),
+            rule: f.rule,
+        }
+    }
+}
+
+/// What the flows of one key add up to.
+#[derive(Debug, Clone, Serialize)]
+pub struct Seen {
+    pub source_workload: Arc<str>,
+    pub source_namespace: Arc<str>,
+    /// The reason of the last flow.
     #[serde(skip_serializing_if = "str::is_empty")]
     pub reason: Arc<str>,
     pub connections: u64,
     pub bytes: u64,
     pub first_ms: u64,
     pub last_ms: u64,
+}
+
+/// Flows of one key (one JSON object: the key's fields and what they add up to).
+#[derive(Debug, Clone, Serialize)]
+pub struct Aggregate {
+    #[serde(flatten)]
+    pub key: FlowKey,
+    #[serde(flatten)]
+    pub seen: Seen,
 }
 
 /// Connections and bytes over a span of time, and how many of them went over mTLS.
@@ -115,7 +132,7 @@ pub const WINDOW_MINUTES: usize = 60;
 pub struct FlowTable {
     capacity: usize,
     recent: VecDeque<Flow>,
-    aggregates: HashMap<Key, Aggregate>,
+    aggregates: HashMap<FlowKey, Seen>,
     /// Per minute (Unix minute, its figures), a ring indexed by minute modulo its length.
     minutes: [(u64, Share); WINDOW_MINUTES],
     /// Flows recorded since start (the table holds the last `capacity`): the newest flow's
@@ -151,18 +168,7 @@ impl FlowTable {
             bytes,
             mtls_bytes: if mtls { bytes } else { 0 },
         });
-        let key = Key {
-            direction: flow.direction,
-            source: flow.source.clone(),
-            destination_namespace: flow.destination_namespace.clone(),
-            destination_workload: flow.destination_workload.clone(),
-            destination_addr: flow.destination_addr,
-            port: flow.port,
-            transport: flow.transport,
-            verdict: flow.verdict,
-            policy: flow.policy.clone(),
-            rule: flow.rule,
-        };
+        let key = FlowKey::of(&flow);
         match self.aggregates.get_mut(&key) {
             Some(a) => {
                 a.connections += 1;
@@ -176,19 +182,9 @@ impl FlowTable {
                 }
                 self.aggregates.insert(
                     key,
-                    Aggregate {
-                        direction: flow.direction,
-                        source: flow.source.clone(),
+                    Seen {
                         source_workload: flow.source_workload.clone(),
                         source_namespace: flow.source_namespace.clone(),
-                        destination_workload: flow.destination_workload.clone(),
-                        destination_namespace: flow.destination_namespace.clone(),
-                        destination_addr: flow.destination_addr,
-                        port: flow.port,
-                        transport: flow.transport,
-                        verdict: flow.verdict,
-                        policy: flow.policy.clone(),
-                        rule: flow.rule,
                         reason: flow.reason.clone(),
                         connections: 1,
                         bytes: flow.bytes_sent + flow.bytes_recv,
@@ -255,13 +251,13 @@ impl FlowTable {
     #[cfg(test)]
     pub fn aggregates(&self) -> Vec<Aggregate> {
         let mut out = self.aggregates_unsorted();
-        out.sort_by_key(|a| std::cmp::Reverse(a.last_ms));
+        out.sort_by_key(|a| std::cmp::Reverse(a.seen.last_ms));
         out
     }
 
     /// The aggregates, in no order (a copy: sort it outside the table's lock).
     pub fn aggregates_unsorted(&self) -> Vec<Aggregate> {
-        self.aggregates.values().cloned().collect()
+        self.aggregates.iter().map(|(k, s)| Aggregate { key: k.clone(), seen: s.clone() }).collect()
     }
 
     pub fn capacity(&self) -> usize {
@@ -287,26 +283,18 @@ impl FlowTable {
                 + text(&f.policy)
                 + text(&f.reason)
         };
-        let aggregate = |a: &Aggregate| {
-            std::mem::size_of::<Aggregate>()
-                + std::mem::size_of::<Key>()
-                + 8
-                + [&a.source, &a.source_workload, &a.source_namespace, &a.destination_workload]
-                    .iter()
-                    .map(|s| text(s))
-                    .sum::<usize>()
-                + text(&a.destination_namespace)
-                + text(&a.policy)
-                + text(&a.reason)
+        let entry = std::mem::size_of::<FlowKey>() + std::mem::size_of::<Seen>() + 8;
+        let aggregate = |(k, s): (&FlowKey, &Seen)| {
+            [&k.source, &k.destination_namespace, &k.destination_workload, &k.policy]
+                .iter()
+                .chain([&s.source_workload, &s.source_namespace, &s.reason].iter())
+                .map(|s| text(s))
+                .sum::<usize>()
         };
         self.recent.capacity() * std::mem::size_of::<Flow>()
             + self.recent.iter().map(|f| flow(f) - std::mem::size_of::<Flow>()).sum::<usize>()
-            + self.aggregates.capacity() * (std::mem::size_of::<Aggregate>() + std::mem::size_of::<Key>() + 8)
-            + self
-                .aggregates
-                .values()
-                .map(|a| aggregate(a) - std::mem::size_of::<Aggregate>() - std::mem::size_of::<Key>() - 8)
-                .sum::<usize>()
+            + self.aggregates.capacity() * entry
+            + self.aggregates.iter().map(aggregate).sum::<usize>()
     }
 }
 
@@ -351,7 +339,7 @@ mod tests {
         assert_eq!(t.total, 1_000_000);
         // The newest are kept: the last flow is there, in both views.
         assert_eq!(t.recent(|_| true)[0].at_ms, 999_999);
-        assert_eq!(t.aggregates()[0].last_ms, 999_999);
+        assert_eq!(t.aggregates()[0].seen.last_ms, 999_999);
     }
 
     #[test]
@@ -363,7 +351,7 @@ mod tests {
             t.record(f.clone());
         }
         let a = &t.aggregates()[0];
-        assert_eq!((a.connections, a.bytes, a.first_ms, a.last_ms), (5, 1500, 0, 4));
+        assert_eq!((a.seen.connections, a.seen.bytes, a.seen.first_ms, a.seen.last_ms), (5, 1500, 0, 4));
         assert_eq!(t.recent(|f| f.verdict == "deny").len(), 0);
         assert_eq!(t.recent(|f| f.verdict == "allow").len(), 5);
         // Sequence numbers: five flows, 1 to 5.
