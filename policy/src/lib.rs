@@ -1424,4 +1424,6 @@ fn compile_condition(c: &model::Condition, at: &str) -> Result<Option<Condition>
 }
 
 #[cfg(test)]
+mod properties;
+#[cfg(test)]
 mod tests;
